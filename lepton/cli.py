@@ -1,0 +1,164 @@
+"""The ``lepton`` command: a thin layer over the Python API. User errors print one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LeptonError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lepton", description="Distributed data-parallel training.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a job with a local coordinator and K local workers")
+    t.add_argument("job", nargs="?", help="job YAML (optional with --resume: the run's job.yaml is used)")
+    t.add_argument("--workers", type=int, help="number of local workers (default: cluster.workers)")
+    t.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    c = sub.add_parser("coordinator", help="run only the coordinator; workers join with `lepton worker`")
+    c.add_argument("job", nargs="?")
+    c.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT for the API and the rendezvous store")
+    c.add_argument("--run-dir")
+    c.add_argument("--workers", type=int, help="start training when this many workers joined")
+    c.add_argument("--resume", action="store_true")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    w = sub.add_parser("worker", help="run one worker that joins a coordinator")
+    w.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.1:7000")
+    w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
+    w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
+    w.add_argument("--threads", type=int, help="torch intra-op threads")
+
+    s = sub.add_parser("status", help="show a running job and its workers")
+    s.add_argument("url")
+    s.add_argument("--token-file")
+    s.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict raw CSV/Parquet rows with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--output", required=True)
+    return p
+
+
+def _cpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
+    return out
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LeptonError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def cmd_train(a) -> int:
+    from . import api
+    from .console import console, out, summary_table
+    if not a.job and not a.resume:
+        raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
+    res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
+                    progress=not a.no_progress, threads=a.threads)
+    return _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table)
+
+
+def _finish(status, reason, summary, run_dir, console, out, summary_table) -> int:
+    if status == "completed":
+        out.print(summary_table(summary, str(run_dir)))
+        return 0
+    console.print(f"[red]run {status}[/red]: {reason}", highlight=False)
+    console.print(f"resume with: lepton train --resume --run-dir {run_dir}", highlight=False)
+    return EXIT_INTERRUPTED if status == "stopped" else EXIT_FAILED
+
+
+def cmd_coordinator(a) -> int:
+    from .api import _as_job
+    from .console import console, out, summary_table
+    from .launcher import open_run, start_coordinator
+    host, port = _split_bind(a.bind)
+    if not a.job and not a.resume:
+        raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
+    overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
+    job = None if a.resume else _as_job(a.job, overrides)
+    opened = open_run(job, a.run_dir, a.resume, a.workers)
+    try:
+        server = start_coordinator(opened, host, port, workers=opened.job.cluster.workers)
+    except OSError as e:
+        raise LeptonError(f"--bind {a.bind}: {e.strerror or e}") from None
+    print(f"coordinator listening on {server.url}", flush=True)
+    print(f"token file: {opened.run.token_file}", flush=True)
+    print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
+          f" --token-file {opened.run.token_file}", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        with server.lock:
+            server.coord.stop("interrupted (Ctrl-C)")
+    server.stop(linger_s=1.0)
+    c = server.coord
+    return _finish(c.phase.value, c.reason, c.summary, opened.run.root, console, out, summary_table)
+
+
+def cmd_worker(a) -> int:
+    from .client import read_token
+    from .worker.agent import run_worker
+    return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads)
+
+
+def cmd_status(a) -> int:
+    import json
+    from .client import CoordinatorClient, read_token
+    from .console import out, status_table
+    st = CoordinatorClient(a.url, read_token(a.token_file)).status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    out.print(status_table(st))
+    for ev in st["events"][-5:]:
+        out.print(f"  {ev['kind']}: {ev['reason']}", highlight=False)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .predict import load
+    p = load(a.run_dir)
+    result = p.predict_file(a.input)
+    p.write_csv(result, a.output)
+    print(f"{len(result['prediction'])} predictions written to {a.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    handler = {"train": cmd_train, "coordinator": cmd_coordinator, "worker": cmd_worker,
+               "status": cmd_status, "predict": cmd_predict}[a.cmd]
+    try:
+        return handler(a)
+    except LeptonError as e:
+        print(f"lepton {a.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""HTTP client for the coordinator's control API (workers and ``lepton status`` use it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from .errors import LeptonError
+from .protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
+
+
+def read_token(token_file: str | None) -> str:
+    """The bearer token from ``--token-file`` or ``LEPTON_TOKEN``."""
+    if token_file:
+        p = Path(token_file)
+        if not p.is_file():
+            raise LeptonError(f"{p}: token file not found")
+        return p.read_text().strip()
+    token = os.environ.get("LEPTON_TOKEN")
+    if not token:
+        raise LeptonError("no token: pass --token-file FILE (RUN_DIR/token) or set LEPTON_TOKEN")
+    return token.strip()
+
+
+class CoordinatorClient:
+    def __init__(self, url: str, token: str, timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def _call(self, method: str, path: str, **kw) -> dict:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise LeptonError(f"cannot reach the coordinator at {self.url}: {e}") from None
+        if r.status_code == 401:
+            raise LeptonError(f"the coordinator at {self.url} refused the token (401)")
+        if r.status_code >= 400:
+            raise LeptonError(f"coordinator {method} {path}: HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def register(self, req: RegisterRequest) -> RegisterResponse:
+        return RegisterResponse.model_validate(self._call("POST", "/v1/register", json=req.model_dump()))
+
+    def plan(self, worker_id: str) -> PlanResponse:
+        return PlanResponse.model_validate(self._call("GET", "/v1/plan", params={"worker_id": worker_id}))
+
+    def heartbeat(self, hb: Heartbeat) -> HeartbeatResponse:
+        return HeartbeatResponse.model_validate(self._call("POST", "/v1/heartbeat", json=hb.model_dump()))
+
+    def report(self, r: Report) -> None:
+        self._call("POST", "/v1/report", json=r.model_dump(mode="json"))
+
+    def status(self) -> dict:
+        return self._call("GET", "/v1/status")
+
+    def close(self) -> None:
+        self._http.close()

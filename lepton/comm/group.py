@@ -1,0 +1,81 @@
+"""The reconfigurable process-group seam.
+
+A generation is one membership with its own process group, rendezvoused in a fresh ``PrefixStore``
+namespace (``gen-<id>/``) on the coordinator's TCPStore. Leaving a generation destroys the group;
+joining the next one builds a new group. Everything above this module talks to it only through
+``join``/``leave``/``allreduce``/``broadcast_bytes``; every collective error becomes ``CommError`` so
+the worker loop can report it and wait for the next generation.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class CommError(RuntimeError):
+    """A collective failed or timed out: a peer died, hung, or the group was torn down."""
+
+
+class GenerationGroup:
+    def __init__(self, store_host: str, store_port: int, timeout_s: float):
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
+        self.generation: int | None = None
+        self.rank = 0
+        self.world = 1
+        if store_host in ("127.0.0.1", "localhost", "::1") and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # all peers are on this host: keep gloo on loopback instead of the hostname's address
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+    def join(self, generation: int, rank: int, world: int, backend: str = "gloo") -> None:
+        self.leave()
+        store = dist.PrefixStore(f"gen-{generation}/", self._client)
+        try:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise CommError(f"joining generation {generation} failed: {e}") from e
+        self.generation, self.rank, self.world = generation, rank, world
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except RuntimeError:
+                pass  # the group is already broken; nothing more to release
+        self.generation = None
+
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum in place across the generation."""
+        if self.world == 1:
+            return t
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise CommError(str(e).splitlines()[0]) from e
+        return t
+
+    def broadcast_state(self, state: dict | None, src: int) -> dict:
+        """``state`` (a torch-serialisable dict, only needed on ``src``) delivered to every rank."""
+        if self.world == 1:
+            return state
+        try:
+            if self.rank == src:
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                payload = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+                size = torch.tensor([payload.numel()], dtype=torch.int64)
+            else:
+                size = torch.zeros(1, dtype=torch.int64)
+            dist.broadcast(size, src)
+            if self.rank != src:
+                payload = torch.empty(int(size.item()), dtype=torch.uint8)
+            dist.broadcast(payload, src)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise CommError(str(e).splitlines()[0]) from e
+        if self.rank == src:
+            return state
+        return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)

@@ -1,0 +1,83 @@
+"""What a person sees: the live progress bar and the final tables (rich)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+class TrainingProgress:
+    """A progress bar fed with the coordinator's status snapshots."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+            TextColumn("workers {task.fields[workers]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, st: dict) -> None:
+        live = sum(1 for w in st["workers"] if w["state"] in ("training", "finished"))
+        fields = {"loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
+                  "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
+                  "workers": f"{live}/{st['target_workers']}"}
+        desc = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}" if st["status"] == "running"
+                else st["status"])
+        if self.task is None:
+            self.task = self.progress.add_task(desc, total=st.get("total_steps") or None, **fields)
+        self.progress.update(self.task, description=desc, completed=st["step"],
+                             total=st.get("total_steps") or None, **fields)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def summary_table(summary: dict, run_dir: str) -> Table:
+    splits = [s for s in ("train", "val", "test") if summary.get(s, {}).get("count")]
+    names = [k for k in ("loss", "accuracy", "mse", "mae", "r2") if any(k in summary[s] for s in splits)]
+    t = Table(title=f"Lepton run {summary.get('status', '')}", show_header=True)
+    t.add_column("metric")
+    for s in splits:
+        t.add_column(s, justify="right")
+    for n in names:
+        t.add_row(n, *[_fmt(summary[s].get(n)) for s in splits])
+    t.add_row("rows", *[str(summary[s]["count"]) for s in splits])
+    t.add_section()
+    t.add_row("steps", str(summary.get("steps")))
+    t.add_row("epochs", str(summary.get("epochs")))
+    t.add_row("workers", str(summary.get("workers")))
+    sps = summary.get("samples_per_s")
+    t.add_row("samples/s", f"{sps:,.0f}" if sps else "-")
+    t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s")
+    t.add_row("run directory", run_dir)
+    return t
+
+
+def status_table(st: dict) -> Table:
+    t = Table(title=f"{st['name']}: {st['status']}  step {st['step']}/{st.get('total_steps') or '?'}"
+                    f"  epoch {st['epoch']}  generation {st['generation']}")
+    for col in ("worker", "host", "pid", "state", "rank", "step", "samples/s", "share", "last seen"):
+        t.add_column(col)
+    total = sum(w["share"] or 0 for w in st["workers"]) or 1
+    for w in st["workers"]:
+        share = f"{w['share'] / total:.0%}" if w["share"] is not None else "-"
+        t.add_row(w["worker_id"], w["host"], str(w["pid"]), w["state"], _fmt(w["rank"]), str(w["step"]),
+                  f"{w['samples_per_s']:,.0f}", share, f"{w['last_seen_s']:.1f} s ago")
+    return t

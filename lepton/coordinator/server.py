@@ -1,0 +1,137 @@
+"""The coordinator's network face: the HTTP control API (FastAPI/uvicorn) and the TCPStore.
+
+Every endpoint except ``GET /healthz`` requires ``Authorization: Bearer <token>`` (invariant 6).
+The TCPStore and gloo have no authentication of their own (PyTorch's security model): the store is
+bound to the same interface as the HTTP API, so bind both to the cluster's private interface.
+All calls into the state machine hold one lock; the machine itself never blocks.
+"""
+from __future__ import annotations
+
+import datetime
+import hmac
+import logging
+import socket
+import threading
+import time
+
+import torch.distributed as dist
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException
+
+from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
+from .machine import Coordinator
+
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: int,
+              factory_pickle: str | None) -> FastAPI:
+    app = FastAPI(title="Lepton coordinator", docs_url=None, redoc_url=None)
+
+    def auth(authorization: str | None = Header(default=None)) -> None:
+        expected = f"Bearer {token}"
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.post("/v1/register", dependencies=[Depends(auth)])
+    def register(req: RegisterRequest) -> RegisterResponse:
+        with lock:
+            wid = coord.register(req)
+            job = coord.job.to_yaml_dict()
+        return RegisterResponse(worker_id=wid, job=job, run_dir=str(coord.run.root), store_port=store_port,
+                                factory_pickle=factory_pickle, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+
+    @app.post("/v1/heartbeat", dependencies=[Depends(auth)])
+    def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
+        with lock:
+            return coord.heartbeat(hb)
+
+    @app.get("/v1/plan", dependencies=[Depends(auth)])
+    def plan(worker_id: str) -> PlanResponse:
+        with lock:
+            return coord.plan(worker_id)
+
+    @app.post("/v1/report", dependencies=[Depends(auth)])
+    def report(r: Report) -> dict:
+        with lock:
+            coord.report(r)
+        return {"ok": True}
+
+    @app.get("/v1/status", dependencies=[Depends(auth)])
+    def status() -> dict:
+        with lock:
+            return coord.status()
+
+    return app
+
+
+class CoordinatorServer:
+    """Runs the HTTP API and hosts the TCPStore on ``host``; ``port=0`` picks free ports."""
+
+    def __init__(self, coord: Coordinator, token: str, host: str = "127.0.0.1", port: int = 0,
+                 factory_pickle: str | None = None):
+        self.coord = coord
+        self.lock = threading.Lock()
+        self.host = host
+        # the store listens on a socket we bind ourselves, so it is on the same interface as the API
+        self._store_sock = socket.create_server((host, 0), backlog=1024)
+        self.store = dist.TCPStore(host, self._store_sock.getsockname()[1], None, True,
+                                   datetime.timedelta(seconds=60), wait_for_workers=False,
+                                   master_listen_fd=self._store_sock.fileno())
+        self._http_sock = socket.create_server((host, port), backlog=1024)
+        self.port = self._http_sock.getsockname()[1]
+        app = build_app(coord, token, self.lock, self._store_sock.getsockname()[1], factory_pickle)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._http_sock]},
+                                        name="lepton-http", daemon=True)
+        self._ticker = threading.Thread(target=self._tick_loop, name="lepton-tick", daemon=True)
+        self._stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "CoordinatorServer":
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        self._thread.start()
+        self._ticker.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the coordinator's HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(0.2):
+            with self.lock:
+                self.coord.tick()
+
+    def wait(self, poll_s: float = 0.2, on_poll=None) -> None:
+        """Block until the job reaches a final phase; ``on_poll(status)`` e.g. drives a progress bar."""
+        while True:
+            with self.lock:
+                final = self.coord.phase.final
+                snapshot = self.coord.status() if on_poll else None
+            if on_poll:
+                on_poll(snapshot)
+            if final:
+                return
+            time.sleep(poll_s)
+
+    def stop(self, linger_s: float = 1.0) -> None:
+        """Stop serving; ``linger_s`` leaves workers time to hear 'exit' from their next poll."""
+        if linger_s:
+            time.sleep(linger_s)
+        self._stopping.set()
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._http_sock.close()
+        self._store_sock.close()

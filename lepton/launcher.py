@@ -1,0 +1,143 @@
+"""Starting a job: validate, prepare the run directory, start the coordinator, supervise local workers.
+
+``lepton train`` = ``open_run`` + ``CoordinatorServer`` + K ``lepton worker`` subprocesses.
+``lepton coordinator`` = the same without the subprocesses. Bad input is refused by ``open_run``
+before anything is written (invariant 4).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .coordinator.machine import Coordinator
+from .coordinator.server import CoordinatorServer
+from .errors import LeptonError
+from .spec import JobSpec, parse_job
+from .storage.prepared import cached, fingerprint, prepare
+from .storage.rundir import RunDir, atomic_write_bytes
+
+
+@dataclass
+class OpenRun:
+    job: JobSpec
+    run: RunDir
+    token: str
+    train_rows: int
+    resume_checkpoint: dict | None
+    factory_pickle: str | None
+
+
+def default_run_dir(job: JobSpec) -> Path:
+    return Path("runs") / f"{job.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, workers: int | None = None) -> OpenRun:
+    """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one."""
+    if resume:
+        if run_dir is None:
+            raise LeptonError("--resume needs --run-dir DIR (the run to continue)")
+        run = RunDir(run_dir)
+        if not run.holds_run():
+            raise LeptonError(f"{run.root}: no run to resume here (no job.yaml / state.json)")
+        state = run.read_state()
+        if state.get("status") == "completed":
+            raise LeptonError(f"{run.root}: this run already completed; nothing to resume")
+        overrides = [f"cluster.workers={workers}"] if workers else []
+        job = parse_job(run.read_job_dict(), source=str(run.job_yaml), overrides=overrides)
+        if run.factory_pickle.exists():
+            import cloudpickle
+            job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
+        if not cached(run, job):
+            prepare(job).write(run, fingerprint(job))
+        manifest = _manifest(run)
+        ckpt = state.get("latest_checkpoint")
+        if ckpt and not Path(ckpt["path"]).exists():
+            raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
+        return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run))
+
+    assert job is not None
+    run = RunDir(run_dir or default_run_dir(job))
+    if run.holds_run():
+        raise LeptonError(f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir")
+    prepared = prepare(job)                 # every data error surfaces here, before any write
+    run.root.mkdir(parents=True, exist_ok=True)
+    factory = job.model.factory
+    if callable(factory):
+        import cloudpickle
+        atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
+    run.write_job(job.to_yaml_dict())
+    prepared.write(run, fingerprint(job))
+    return OpenRun(job, run, run.create_token(), prepared.report["train_rows"], None, _factory_path(run))
+
+
+def _manifest(run: RunDir) -> dict:
+    import json
+    return json.loads((run.data_dir / "manifest.json").read_text())
+
+
+def _factory_path(run: RunDir) -> str | None:
+    return str(run.factory_pickle) if run.factory_pickle.exists() else None
+
+
+def start_coordinator(opened: OpenRun, host: str = "127.0.0.1", port: int = 0,
+                      workers: int | None = None) -> CoordinatorServer:
+    target = workers or opened.job.cluster.workers
+    coord = Coordinator(opened.job, opened.run, target, train_rows=opened.train_rows,
+                        resume_checkpoint=opened.resume_checkpoint)
+    return CoordinatorServer(coord, opened.token, host, port, opened.factory_pickle).start()
+
+
+class LocalWorkers:
+    """K ``lepton worker`` subprocesses of this machine, each logging to RUN_DIR/logs/worker-K.log."""
+
+    def __init__(self, url: str, run: RunDir, count: int, threads: int | None = None):
+        self.logs = run.root / "logs"
+        self.logs.mkdir(exist_ok=True)
+        threads = threads or max(1, (os.cpu_count() or 1) // count)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs: list[subprocess.Popen] = []
+        for k in range(count):
+            log = open(self.logs / f"worker-{k}.log", "ab")
+            cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url,
+                   "--token-file", str(run.token_file), "--threads", str(threads)]
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               stdin=subprocess.DEVNULL))
+            log.close()
+        self._reported: set[int] = set()
+
+    def newly_exited(self) -> list[tuple[int, int]]:
+        """(pid, exit code) of processes that ended since the last call."""
+        out = []
+        for p in self.procs:
+            if p.pid not in self._reported and p.poll() is not None:
+                self._reported.add(p.pid)
+                out.append((p.pid, p.returncode))
+        return out
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the first log of a failed worker, to show the user why."""
+        for k, p in enumerate(self.procs):
+            if p.poll() not in (None, 0):
+                text = (self.logs / f"worker-{k}.log").read_text(errors="replace").splitlines()
+                return f"worker-{k}.log:\n" + "\n".join(text[-lines:])
+        return ""
+
+    def wait(self, timeout_s: float = 15.0) -> None:
+        """Wait for the workers to exit on their own, then terminate, then kill what is left."""
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

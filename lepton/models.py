@@ -1,0 +1,114 @@
+"""Model construction from the spec: ``mlp`` (Keras-style Dense stack), ``cnn``, or a user factory.
+
+Every replica builds its model the same way after ``torch.manual_seed(job.seed)``, so replicas start
+identical even before the generation's state broadcast (which makes that a no-op check, and is what
+a joining worker relies on).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+from .spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
+
+_ACT: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU, "linear": nn.Identity,
+}
+
+
+def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
+    width = math.prod(input_shape)
+    mods: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
+    for layer in spec.layers:
+        mods += [nn.Linear(width, layer.units), _ACT[layer.activation]()]
+        width = layer.units
+    mods.append(nn.Linear(width, out))
+    return nn.Sequential(*mods)
+
+
+def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
+    if len(input_shape) == 2:
+        input_shape = (1,) + input_shape
+    if len(input_shape) != 3:
+        raise SpecError(f"model.type 'cnn' needs data.shape [channels, height, width] (got {list(input_shape)})")
+    channels = input_shape[0]
+    mods: list[nn.Module] = []
+    flat = False
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, ConvLayer):
+            if flat:
+                raise SpecError(f"model.layers[{i}]: a conv layer cannot follow a dense layer")
+            pad = layer.kernel // 2 if layer.padding == "same" else 0
+            mods += [nn.Conv2d(channels, layer.filters, layer.kernel, layer.stride, pad), _ACT[layer.activation]()]
+            channels = layer.filters
+        elif isinstance(layer, PoolLayer):
+            if flat:
+                raise SpecError(f"model.layers[{i}]: a pooling layer cannot follow a dense layer")
+            mods.append((nn.MaxPool2d if layer.type == "maxpool" else nn.AvgPool2d)(layer.size))
+        else:
+            assert isinstance(layer, DenseLayer)
+            if not flat:
+                mods.append(nn.Flatten())
+                flat = True
+            mods += [nn.LazyLinear(layer.units), _ACT[layer.activation]()]
+    if not flat:
+        mods.append(nn.Flatten())
+    mods.append(nn.LazyLinear(out))
+    model = nn.Sequential(*mods)
+    with torch.no_grad():           # materialise the lazy layers with the real shapes
+        try:
+            model(torch.zeros((1,) + tuple(input_shape)))
+        except RuntimeError as e:
+            raise SpecError(f"model.layers do not fit the input shape {list(input_shape)}: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def resolve_factory(ref) -> Callable[..., nn.Module]:
+    if callable(ref):
+        return ref
+    module, _, name = str(ref).partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"model.factory {ref!r}: cannot import it ({e})") from None
+    if not callable(obj):
+        raise SpecError(f"model.factory {ref!r} is not callable")
+    return obj
+
+
+def build_model(job: JobSpec, input_shape: tuple[int, ...], num_outputs: int, factory=None) -> nn.Module:
+    """The model for ``job``, seeded by ``job.seed``; ``factory`` overrides ``job.model.factory``
+    (used when a worker received a pickled callable from the Python API)."""
+    torch.manual_seed(job.seed)
+    spec = job.model
+    if spec.type == "mlp":
+        return _mlp(spec, input_shape, num_outputs)
+    if spec.type == "cnn":
+        return _cnn(spec, input_shape, num_outputs)
+    fn = resolve_factory(factory or spec.factory)
+    model = fn(tuple(input_shape), num_outputs)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def build_optimizer(job: JobSpec, params) -> torch.optim.Optimizer:
+    o = job.train.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def num_outputs(task: str, classes: list | None) -> int:
+    return len(classes) if task == "classification" else 1

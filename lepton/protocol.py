@@ -1,0 +1,69 @@
+"""Control-plane messages between workers and the coordinator (JSON over HTTP, bearer token).
+
+One typed module for every message so both ends agree; the data plane (torch.distributed) never
+carries any of these.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class Resources(BaseModel):
+    cpus: int = 1                      # CPU cores this worker may use
+    threads: int = 1                   # torch intra-op threads
+    gpus: list[str] = Field(default_factory=list)
+    memory_gb: float = 0.0
+
+
+class RegisterRequest(BaseModel):
+    host: str
+    pid: int
+    resources: Resources = Field(default_factory=Resources)
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    job: dict[str, Any]
+    run_dir: str
+    store_port: int
+    factory_pickle: Optional[str] = None   # path of a cloudpickled model factory (Python API)
+    heartbeat_interval_s: float
+
+
+class Generation(BaseModel):
+    """One membership: who is in it, with which rank and share, starting from which state."""
+    id: int
+    rank: int
+    world: int
+    shares: list[float]
+    members: list[str]
+    resume_checkpoint: Optional[str] = None   # rank 0 loads it before broadcasting state
+    backend: Literal["gloo", "nccl"] = "gloo"
+
+
+class PlanResponse(BaseModel):
+    action: Literal["wait", "run", "exit"]
+    generation: Optional[Generation] = None
+    reason: str = ""
+
+
+class Heartbeat(BaseModel):
+    worker_id: str
+    state: str = "training"
+    step: int = 0
+    generation: Optional[int] = None
+    samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
+
+
+class HeartbeatResponse(BaseModel):
+    action: Literal["continue", "exit"] = "continue"
+
+
+class Report(BaseModel):
+    """Something a worker tells the coordinator: ``metrics`` (records for metrics.jsonl),
+    ``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``failed`` (an error)."""
+    worker_id: str
+    kind: Literal["metrics", "checkpoint", "finished", "failed"]
+    payload: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,276 @@
+"""The job spec: typed, validated, with errors that name the field to change.
+
+The YAML file and the Python API (``lepton.train(dict_or_JobSpec)``) go through the same classes.
+Every section forbids unknown keys so that a typo is an error, not a silently ignored option.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "linear"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class SplitSpec(_Strict):
+    """Fractions of the (cleaned) rows for each split; the permutation is seeded by the job seed."""
+
+    train: float = Field(0.8, gt=0, le=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0 (got {total:g})")
+        return self
+
+
+class PreprocessSpec(_Strict):
+    """Cleaning and scaling; every statistic is fitted on the training split only."""
+
+    missing: Literal["drop", "mean", "median", "most_frequent", "error"] = "drop"
+    dedupe: bool = True
+    normalize: Literal["standard", "minmax", "none"] = "standard"
+
+
+class DataSpec(_Strict):
+    path: str = Field(description="local path or fsspec URL of a .csv, .parquet or .npz file")
+    target: str
+    features: Union[Literal["all"], list[str]] = "all"
+    categorical: list[str] = Field(default_factory=list,
+                                   description="feature columns to one-hot encode even if numeric")
+    classes: Optional[list[Union[int, str]]] = Field(
+        None, description="the model's class labels; labels outside this list are an error")
+    shape: Optional[list[Annotated[int, Field(gt=0)]]] = Field(
+        None, description="reshape each row's features to this shape, e.g. [1, 8, 8] for a cnn")
+    format: Optional[Literal["csv", "parquet", "npz"]] = None
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+
+
+class DenseLayer(_Strict):
+    type: Literal["dense"] = "dense"
+    units: int = Field(gt=0)
+    activation: Activation = "relu"
+
+
+class ConvLayer(_Strict):
+    type: Literal["conv"]
+    filters: int = Field(gt=0)
+    kernel: int = Field(3, gt=0)
+    stride: int = Field(1, gt=0)
+    padding: Literal["same", "valid"] = "same"
+    activation: Activation = "relu"
+
+
+class PoolLayer(_Strict):
+    type: Literal["maxpool", "avgpool"]
+    size: int = Field(2, gt=0)
+
+
+CnnLayer = Annotated[Union[ConvLayer, PoolLayer, DenseLayer], Field(discriminator="type")]
+
+
+class ModelSpec(_Strict):
+    """``mlp``: Dense layers (a Keras Sequential); ``cnn``: conv/pool then dense layers;
+    ``factory``: ``"module:function"`` (or a callable from the Python API) called as
+    ``build(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module``.
+    The output layer (classes, or 1 for regression) is added by Lepton for mlp and cnn."""
+
+    type: Literal["mlp", "cnn", "factory"]
+    layers: list[Any] = Field(default_factory=list)
+    factory: Any = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "factory":
+            if self.factory is None:
+                raise ValueError("model.type 'factory' needs model.factory ('module:function')")
+            if isinstance(self.factory, str) and ":" not in self.factory:
+                raise ValueError(f"model.factory must look like 'module:function' (got {self.factory!r})")
+        elif self.factory is not None:
+            raise ValueError(f"model.factory is only allowed with type 'factory' (type is {self.type!r})")
+        item = DenseLayer if self.type == "mlp" else CnnLayer
+        from pydantic import TypeAdapter
+        self.layers = TypeAdapter(list[item]).validate_python(self.layers)
+        return self
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0, description="the global batch B, split across workers")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    log_every_steps: int = Field(10, gt=0)
+
+
+class EvalSpec(_Strict):
+    every: Union[Literal["epoch", "never"], Annotated[int, Field(gt=0)]] = "epoch"
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int = Field(200, ge=0, description="0: only at the end")
+    keep: int = Field(2, gt=0, description="how many checkpoints to keep")
+
+
+class ClusterSpec(_Strict):
+    workers: int = Field(2, gt=0)
+    min_workers: int = Field(1, gt=0)
+    shares: Optional[list[Annotated[float, Field(gt=0)]]] = Field(
+        None, description="fixed relative shares of the global batch, one per worker (default equal)")
+    collective_timeout_s: float = Field(60.0, gt=0)
+    heartbeat_timeout_s: float = Field(10.0, gt=0)
+
+
+class JobSpec(_Strict):
+    name: str = "job"
+    seed: int = 0
+    task: Literal["classification", "regression"] = "classification"
+    data: DataSpec
+    model: ModelSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0"):
+            raise ValueError("must be a non-empty name without path separators")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        c = self.cluster
+        if c.workers > self.train.batch_size:
+            raise ValueError(
+                f"cluster.workers ({c.workers}) is larger than train.batch_size ({self.train.batch_size}):"
+                " every worker needs at least one sample of each global batch")
+        if c.shares is not None and len(c.shares) != c.workers:
+            raise ValueError(f"cluster.shares has {len(c.shares)} entries for {c.workers} workers")
+        if self.model.type == "cnn" and not self.data.shape:
+            raise ValueError("model.type 'cnn' needs data.shape (e.g. [1, 8, 8])")
+        return self
+
+    def to_yaml_dict(self) -> dict:
+        """The resolved spec as plain data (a callable factory is written as its qualified name)."""
+        d = self.model_dump(mode="python")
+        f = d["model"].get("factory")
+        if callable(f):
+            d["model"]["factory"] = f"{getattr(f, '__module__', '?')}:{getattr(f, '__qualname__', '?')}"
+        return d
+
+
+def _format_loc(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("function-after", "function-before") or str(p).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _allowed_fields(loc: tuple) -> list[str]:
+    model: Any = JobSpec
+    for p in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            return []
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = _format_loc(e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(e["loc"])
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            msgs.append(f"unknown field '{loc}'{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            tail = f" (got {got!r})" if e["type"] != "value_error" and not isinstance(got, (dict, list)) else ""
+            msgs.append(f"{loc}: {msg}{tail}" if loc else msg)
+    return f"{source}: " + "; ".join(msgs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``--set train.epochs=3`` style overrides; values are parsed as YAML scalars/lists."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: '{p}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: job file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: a job file must be a YAML mapping (name:, data:, model:, ...)")
+    return raw
+
+
+def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | None = None,
+              base_dir: Path | None = None) -> JobSpec:
+    """Validate a job; relative ``data.path`` is resolved against ``base_dir`` (the YAML's folder)."""
+    if isinstance(raw, JobSpec):
+        raw = raw.model_dump(mode="python")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        job = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None
+    if base_dir is not None and "://" not in job.data.path and not Path(job.data.path).is_absolute():
+        # a relative data path means "next to the job file", whatever the current directory is
+        job.data.path = str((base_dir / job.data.path).resolve())
+    return job
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    p = Path(path)
+    return parse_job(read_yaml(p), source=str(p), overrides=overrides, base_dir=p.resolve().parent)

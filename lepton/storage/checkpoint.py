@@ -1,0 +1,97 @@
+"""Checkpoints and the final model, written so that a crash at any instant leaves a usable run.
+
+A checkpoint is written into a hidden temporary folder and renamed to ``checkpoints/step-N`` once
+complete; older ones are deleted only after the new one exists (the last good checkpoint is never
+overwritten in place, invariant 4). Saving runs on a background thread after the state has been
+copied to host memory, so training stalls only for that copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .rundir import RunDir, atomic_write_json
+
+STATE_FILE = "state.pt"
+MODEL_WEIGHTS = "weights.safetensors"
+MODEL_META = "lepton.json"
+
+
+def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
+    final = run.checkpoint_dir(step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    atomic_write_json(tmp / "meta.json", {"step": step})
+    if final.exists():            # the same step saved again (e.g. the final save): replace whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    done = sorted(p for p in run.checkpoints_dir.glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+class AsyncCheckpointer:
+    """One save in flight at a time; ``save`` copies the state now and writes it in the background."""
+
+    def __init__(self, run: RunDir, keep: int, on_saved: Callable[[int, Path], None]):
+        self.run, self.keep, self.on_saved = run, keep, on_saved
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, step: int, state: dict) -> None:
+        self.wait()
+        snapshot = copy.deepcopy(state)       # the only part that stalls training
+
+        def work():
+            try:
+                path = write_checkpoint(self.run, step, snapshot, self.keep)
+                self.on_saved(step, path)
+            except BaseException as e:   # surfaced by wait(): a failed save must not pass silently
+                self.error = e
+
+        self._thread = threading.Thread(target=work, name="lepton-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+def write_model(model_dir: Path, state_dict: dict, meta: dict, extra_files: dict[str, Path] | None = None) -> None:
+    """``model/`` = weights (safetensors) + lepton.json, replaced as a whole."""
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / MODEL_WEIGHTS))
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    atomic_write_json(tmp / MODEL_META, meta)
+    old = model_dir.with_name(f".{model_dir.name}.old")
+    if model_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        model_dir.rename(old)
+    tmp.rename(model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_model(model_dir: Path) -> tuple[dict, dict]:
+    meta = json.loads((model_dir / MODEL_META).read_text())
+    return load_file(str(model_dir / MODEL_WEIGHTS)), meta

@@ -1,0 +1,205 @@
+"""Column typing, cleaning and scaling, fitted on the training split and saved with the model.
+
+``Preprocessor`` is the single place that turns raw columns into the float32 feature matrix, both
+while preparing the training cache and when ``lepton predict`` / ``lepton.load`` receive raw rows, so
+a model always sees its inputs transformed exactly as in training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import DataError
+
+# A string column where at least this fraction of values parse as numbers is a numeric column with
+# bad values (an error that names the row), not a categorical column.
+NUMERIC_MAJORITY = 0.9
+
+
+def _row_ref(row: int, csv: bool) -> str:
+    """1-based data row; for CSV also the file line (the header is line 1)."""
+    return f"row {row + 1} (line {row + 2})" if csv else f"row {row + 1}"
+
+
+def _is_numeric_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+
+
+def _parse_float(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def looks_numeric(col: pa.ChunkedArray) -> bool:
+    if _is_numeric_type(col.type):
+        return True
+    values = [v for v in col.to_pylist() if v is not None]
+    if not values:
+        return True
+    ok = sum(_parse_float(v) is not None for v in values)
+    return ok >= NUMERIC_MAJORITY * len(values)
+
+
+def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndarray:
+    """float64 values with NaN for missing; a value that is not a number is an error naming the row."""
+    if _is_numeric_type(col.type):
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    out = np.empty(len(col), dtype=np.float64)
+    for i, v in enumerate(col.to_pylist()):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            out[i] = np.nan
+            continue
+        f = _parse_float(v)
+        if f is None:
+            raise DataError(f"{source}: column '{name}', {_row_ref(i, csv)}: {v!r} is not a number")
+        out[i] = f
+    return out
+
+
+def to_strings(col: pa.ChunkedArray) -> np.ndarray:
+    """Object array of str with None for missing (ints in a categorical column become their text)."""
+    return np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
+
+
+@dataclass
+class ColumnStats:
+    name: str
+    kind: str                      # "numeric" | "categorical"
+    fill: Any = None               # imputation value (None: rows with missing values are refused)
+    categories: list[str] = field(default_factory=list)
+    center: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) if self.kind == "categorical" else 1
+
+
+@dataclass
+class Preprocessor:
+    """Fitted statistics. ``to_dict``/``from_dict`` round-trip through the model's lepton.json."""
+
+    columns: list[ColumnStats]
+    target: str
+    task: str
+    classes: list[Any] | None     # class labels in output order (classification)
+    shape: list[int] | None = None
+
+    # --- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], y_train: np.ndarray, *,
+            target: str, task: str, classes: list[Any] | None, missing: str, normalize: str,
+            shape: list[int] | None) -> "Preprocessor":
+        """``raw`` holds the training split's columns (float64 with NaN / object with None)."""
+        stats = []
+        for name, values in raw.items():
+            st = ColumnStats(name, kinds[name])
+            if st.kind == "numeric":
+                present = values[~np.isnan(values)]
+                if missing in ("mean", "median", "most_frequent") and present.size:
+                    if missing == "mean":
+                        st.fill = float(present.mean())
+                    elif missing == "median":
+                        st.fill = float(np.median(present))
+                    else:
+                        vals, counts = np.unique(present, return_counts=True)
+                        st.fill = float(vals[counts.argmax()])
+                filled = np.where(np.isnan(values), st.fill if st.fill is not None else 0.0, values)
+                if normalize == "standard" and filled.size:
+                    st.center, sd = float(filled.mean()), float(filled.std())
+                    st.scale = sd if sd > 0 else 1.0
+                elif normalize == "minmax" and filled.size:
+                    lo, hi = float(filled.min()), float(filled.max())
+                    st.center, st.scale = lo, (hi - lo) if hi > lo else 1.0
+            else:
+                present = [v for v in values if v is not None]
+                st.categories = sorted(set(present))
+                if missing != "drop" and missing != "error" and present:
+                    vals, counts = np.unique(np.array(present, dtype=object).astype(str), return_counts=True)
+                    st.fill = str(vals[counts.argmax()])
+            stats.append(st)
+        return cls(stats, target, task, classes, shape)
+
+    # --- applying ------------------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def num_features(self) -> int:
+        return sum(c.width for c in self.columns)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape) if self.shape else (self.num_features,)
+
+    def transform(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """Feature matrix (rows, *input_shape) float32. Missing values must already be filled or
+        the rows dropped; remaining NaN/None get the fitted fill value."""
+        n = len(next(iter(raw.values()))) if raw else 0
+        out = np.empty((n, self.num_features), dtype=np.float32)
+        j = 0
+        for st in self.columns:
+            v = raw[st.name]
+            if st.kind == "numeric":
+                if st.fill is not None:
+                    v = np.where(np.isnan(v), st.fill, v)
+                out[:, j] = (v - st.center) / st.scale
+                j += 1
+            else:
+                index = {c: i for i, c in enumerate(st.categories)}
+                onehot = np.zeros((n, st.width), dtype=np.float32)
+                for r, s in enumerate(v):
+                    s = st.fill if s is None else s
+                    k = index.get(s)
+                    if k is not None:       # a category unseen in training encodes as all zeros
+                        onehot[r, k] = 1.0
+                out[:, j:j + st.width] = onehot
+                j += st.width
+        return out.reshape((n,) + self.input_shape)
+
+    def encode_target(self, y: np.ndarray) -> np.ndarray:
+        if self.task == "regression":
+            return y.astype(np.float32)
+        index = {str(c): i for i, c in enumerate(self.classes)}
+        return np.array([index[str(v)] for v in y], dtype=np.int64)
+
+    def read_features(self, table: pa.Table, source: str, csv: bool) -> np.ndarray:
+        """Raw rows (e.g. a CSV for ``lepton predict``) to the model's input, with clear errors."""
+        missing_cols = [c for c in self.feature_names if c not in table.column_names]
+        if missing_cols:
+            raise DataError(f"{source}: missing feature column(s) {', '.join(repr(c) for c in missing_cols)}"
+                            f" (the model needs: {', '.join(self.feature_names)})")
+        raw = {}
+        for st in self.columns:
+            col = table.column(st.name)
+            v = to_float(col, st.name, source, csv) if st.kind == "numeric" else to_strings(col)
+            holes = np.isnan(v) if st.kind == "numeric" else np.array([s is None for s in v], dtype=bool)
+            if holes.any() and st.fill is None:
+                row = int(np.flatnonzero(holes)[0])
+                raise DataError(f"{source}: column '{st.name}', {_row_ref(row, csv)}: missing value"
+                                " (the run's preprocess.missing is 'drop', so no fill value was fitted)")
+            raw[st.name] = v
+        return self.transform(raw)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"target": self.target, "task": self.task, "classes": self.classes, "shape": self.shape,
+                "columns": [vars(c) for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessor":
+        return cls([ColumnStats(**c) for c in d["columns"]], d["target"], d["task"], d["classes"],
+                   d.get("shape"))
+
+
+def column_is_missing(values: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "numeric":
+        return np.isnan(values)
+    return np.array([v is None for v in values], dtype=bool)
+

@@ -1,0 +1,123 @@
+"""The run directory: the one object that owns every path of a run (design.md §4).
+
+Nothing else in Lepton builds a path inside a run directory by hand; it asks ``RunDir``. Every file
+that a crash could leave half-written is written to a temporary name and renamed (invariant 4).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Lines of a JSON-lines file; a torn last line (crash mid-append) is skipped."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+class RunDir:
+    """Paths and small-file I/O of one run. See design.md §4 for the layout (a public contract)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    # --- paths -------------------------------------------------------------------------------
+    @property
+    def job_yaml(self) -> Path: return self.root / "job.yaml"
+    @property
+    def state_json(self) -> Path: return self.root / "state.json"
+    @property
+    def events_jsonl(self) -> Path: return self.root / "events.jsonl"
+    @property
+    def metrics_jsonl(self) -> Path: return self.root / "metrics.jsonl"
+    @property
+    def data_dir(self) -> Path: return self.root / "data"
+    @property
+    def checkpoints_dir(self) -> Path: return self.root / "checkpoints"
+    @property
+    def model_dir(self) -> Path: return self.root / "model"
+    @property
+    def summary_json(self) -> Path: return self.root / "summary.json"
+    @property
+    def exports_dir(self) -> Path: return self.root / "exports"
+    @property
+    def token_file(self) -> Path: return self.root / "token"
+    @property
+    def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step:09d}"
+
+    # --- queries -----------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """True when the folder already holds a run that a new one must not overwrite."""
+        return self.state_json.exists() or self.job_yaml.exists()
+
+    def read_state(self) -> dict:
+        return json.loads(self.state_json.read_text()) if self.state_json.exists() else {}
+
+    def read_job_dict(self) -> dict:
+        return yaml.safe_load(self.job_yaml.read_text())
+
+    # --- writes ------------------------------------------------------------------------------
+    def write_job(self, job_dict: dict) -> None:
+        atomic_write_bytes(self.job_yaml, yaml.safe_dump(job_dict, sort_keys=False).encode())
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self.state_json, state)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary_json, summary)
+
+    def append_jsonl(self, path: Path, record: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+    def create_token(self) -> str:
+        """A fresh bearer token in ``token`` (mode 0600), or the existing one on resume."""
+        if self.token_file.exists():
+            return self.token_file.read_text().strip()
+        token = secrets.token_urlsafe(32)
+        atomic_write_bytes(self.token_file, (token + "\n").encode(), mode=0o600)
+        return token

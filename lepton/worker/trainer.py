@@ -1,0 +1,112 @@
+"""The per-step math of one replica: forward, backward, exact reduction, update; and evaluation.
+
+Contract with the worker loop (which touches the trainer only between steps):
+- ``train_step`` runs global step ``self.step`` and increments it; every rank of a generation must
+  call it with the same ``shares`` and the same ``self.step`` (they agree after ``load_state``);
+- ``state``/``load_state`` capture everything that defines the next step (model, optimizer, step);
+- ``evaluate`` is a collective too: every rank calls it for the same split at the same step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..comm import FlatGradients, GenerationGroup
+from ..models import build_model, build_optimizer, num_outputs
+from ..sampler import GlobalBatchSampler, split_counts
+from ..spec import JobSpec
+from ..storage.prepared import DataCache
+
+EVAL_CHUNK = 4096
+
+
+@dataclass
+class StepResult:
+    loss: float              # mean loss over the global batch
+    batch: int               # global batch size of this step
+    local: int               # samples this rank computed
+    compute_s: float         # time in forward/backward (excludes waiting in the collective)
+    wall_s: float
+
+
+class Trainer:
+    def __init__(self, job: JobSpec, cache: DataCache, factory=None):
+        self.job, self.task, self.cache = job, job.task, cache
+        pre = cache.preprocessor
+        self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
+        self.optimizer = build_optimizer(job, self.model.parameters())
+        self.grads = FlatGradients(self.model, extra_slots=2)
+        self.x, self.y = cache.get("train")
+        self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
+        self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
+        self.step = 0
+        trace = os.environ.get("LEPTON_TRACE_SAMPLES")      # test-only: which samples each step used
+        self._trace = open(f"{trace}.{os.getpid()}", "a") if trace else None
+
+    # --- state -------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.sampler.steps_per_epoch
+
+    def at_epoch_end(self) -> bool:
+        return self.step % self.sampler.steps_per_epoch == 0
+
+    # --- training ----------------------------------------------------------------------------------
+    def train_step(self, group: GenerationGroup, shares: list[float], rank: int) -> StepResult:
+        t0 = time.perf_counter()
+        idx, batch = self.sampler.worker_slice(self.step, shares, rank)
+        self.model.train()
+        self.grads.zero()
+        extra = self.grads.extra
+        if len(idx):
+            xb = torch.from_numpy(np.take(self.x, idx, axis=0))
+            yb = torch.from_numpy(np.take(self.y, idx, axis=0))
+            loss = metrics.loss_fn(self.task, self.model(xb), yb)
+            loss.backward()
+            extra[0] = loss.detach()
+            extra[1] = len(idx)
+        compute = time.perf_counter() - t0
+        group.allreduce(self.grads.flat)
+        # extra[1] now holds the global sample count; it equals ``batch`` unless a peer disagrees on
+        # the plan, which would break invariant 1, so it is checked rather than trusted.
+        if int(extra[1].item()) != batch:
+            raise RuntimeError(f"step {self.step}: the generation computed {int(extra[1].item())} samples,"
+                               f" expected {batch}")
+        self.grads.grads.div_(batch)
+        self.optimizer.step()
+        if self._trace:
+            self._trace.write(json.dumps({"step": self.step, "idx": idx.tolist()}) + "\n")
+            self._trace.flush()
+        self.step += 1
+        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, time.perf_counter() - t0)
+
+    # --- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, group: GenerationGroup, split: str) -> dict:
+        """Metrics of ``split``; each rank scores a contiguous slice and the sums are reduced exactly."""
+        x, y = self.cache.get(split)
+        counts = split_counts(len(y), [1.0] * group.world)
+        lo = sum(counts[:group.rank])
+        hi = lo + counts[group.rank]
+        self.model.eval()
+        sums = metrics.empty_sums(self.task)
+        for s in range(lo, hi, EVAL_CHUNK):
+            e = min(s + EVAL_CHUNK, hi)
+            out = self.model(torch.from_numpy(np.asarray(x[s:e])))
+            sums += metrics.batch_sums(self.task, out, torch.from_numpy(np.asarray(y[s:e])))
+        group.allreduce(sums)
+        return metrics.finish(self.task, sums)
