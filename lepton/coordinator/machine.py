@@ -74,7 +74,6 @@ class Coordinator:
     generation_members: list[str] = field(default_factory=list)
     shares: list[float] = field(default_factory=list)
     step: int = 0
-    epoch: int = 0
     total_steps: Optional[int] = None
     loss: Optional[float] = None
     samples_per_s: Optional[float] = None
@@ -92,6 +91,12 @@ class Coordinator:
         if self.resume_checkpoint:
             self.step = int(self.resume_checkpoint["step"])
         self._persist()
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed, derived from the step (the last step of an epoch completes it)."""
+        per_epoch = -(-self.train_rows // self.job.train.batch_size) if self.train_rows else 0
+        return min(self.step // per_epoch, self.job.train.epochs) if per_epoch else 0
 
     # --- inputs ----------------------------------------------------------------------------------
     def register(self, req: RegisterRequest) -> str:
@@ -139,7 +144,7 @@ class Coordinator:
             for rec in p.get("records", []):
                 self.run.append_jsonl(self.run.metrics_jsonl, rec)
                 if rec.get("kind") == "train":
-                    self.step, self.epoch = rec["step"], rec["epoch"]
+                    self.step = max(self.step, rec["step"])
                     self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
                     self.total_steps = rec.get("total_steps", self.total_steps)
             self._persist()
@@ -205,6 +210,7 @@ class Coordinator:
         summary.update(status="completed", workers=len(self.generation_members),
                        wall_s=round(self.ended_at - (self.started_at or self.ended_at), 3))
         self.summary = summary
+        self.step = summary.get("steps", self.step)
         self.run.write_summary(summary)
         self._event("completed", f"training completed at step {summary.get('steps')}")
         self._persist()

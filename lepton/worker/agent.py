@@ -23,6 +23,7 @@ from ..spec import parse_job
 from ..storage.checkpoint import AsyncCheckpointer, read_checkpoint, write_checkpoint, write_model
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
+from .faults import FaultInjector
 from .trainer import Trainer
 
 PLAN_POLL_S = 0.05
@@ -39,7 +40,7 @@ class Reporter(threading.Thread):
         self.records: list[dict] = []
         self.beat = Heartbeat(worker_id=worker_id, state="waiting")
         self.exit_requested = threading.Event()
-        self._stop = threading.Event()
+        self._closing = threading.Event()
 
     def update(self, **fields) -> None:
         with self.lock:
@@ -63,11 +64,11 @@ class Reporter(threading.Thread):
                 self.records = records + self.records
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._closing.wait(self.interval):
             self.flush()
 
     def close(self) -> None:
-        self._stop.set()
+        self._closing.set()
         self.join(timeout=5)
         self.flush()
 
@@ -102,6 +103,7 @@ class Worker:
         self.trainer = Trainer(self.job, DataCache(self.run), factory)
         self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, self.job.cluster.collective_timeout_s)
         self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
+        self.faults = FaultInjector()
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -125,6 +127,7 @@ class Worker:
                     code = 1
                     break
                 self.reporter.update(state="finished", step=self.trainer.step)
+                self.reporter.flush()           # metrics reach the coordinator before 'finished'
                 self._report("finished", {"summary": summary})
                 self._wait_for_exit()
                 break
@@ -163,6 +166,7 @@ class Worker:
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
         while t.step < t.total_steps:
+            self.faults.before_step(rank, t.step)
             r = t.train_step(self.group, gen.shares, rank)
             if not first:
                 steady_samples += r.batch

@@ -1,0 +1,114 @@
+"""Shared fixtures: small data sets, job dicts, and subprocesses that are always reaped."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_classification_csv(path: Path, rows: int = 240, features: int = 6, classes: int = 3, seed: int = 1) -> Path:
+    g = np.random.default_rng(seed)
+    centers = g.normal(scale=2.0, size=(classes, features))
+    y = g.integers(0, classes, rows)
+    x = centers[y] + g.normal(size=(rows, features))
+    header = ",".join([f"f{i}" for i in range(features)] + ["label"])
+    lines = [",".join([f"{v:.6f}" for v in row] + [f"c{label}"]) for row, label in zip(x, y)]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def csv_data(tmp_path) -> Path:
+    return make_classification_csv(tmp_path / "data.csv")
+
+
+def job_dict(data_path, **over) -> dict:
+    job = {
+        "name": "t", "seed": 3, "task": "classification",
+        "data": {"path": str(data_path), "target": "label", "split": {"train": 0.7, "val": 0.15, "test": 0.15}},
+        "model": {"type": "mlp", "layers": [{"units": 16, "activation": "relu"}, {"units": 8, "activation": "tanh"}]},
+        "train": {"epochs": 3, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.01}, "log_every_steps": 5},
+        "eval": {"every": "epoch"},
+        "checkpoint": {"every_steps": 10, "keep": 2},
+        "cluster": {"workers": 2, "heartbeat_timeout_s": 20, "collective_timeout_s": 30},
+    }
+    for key, value in over.items():
+        node = job
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return job
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "model" / "weights.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
+
+
+class Procs:
+    """Starts CLI subprocesses in their own session and kills every one of them at teardown."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def lepton(self, *args, env: dict | None = None, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "lepton", *map(str, args)], start_new_session=True,
+                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=kw.pop("cwd", REPO), **kw)
+        self.procs.append(p)
+        return p
+
+    def reap(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (p.stdout, p.stderr):
+                if stream:
+                    stream.close()
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.reap()
+
+
+def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> subprocess.CompletedProcess:
+    """Run ``lepton ARGS`` to completion in its own session; the whole group is killed on timeout."""
+    p = subprocess.Popen([sys.executable, "-m", "lepton", *map(str, args)], start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                         env={**os.environ, **(env or {})})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}")
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)     # reap any worker left in the group
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

@@ -1,0 +1,123 @@
+"""Bad input: one clear line naming the problem, a non-zero exit, no traceback, nothing written."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import job_dict, make_classification_csv, run_cli
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _write_job(tmp_path, job, name="job.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(job) if isinstance(job, dict) else job)
+    return p
+
+
+def _expect_error(tmp_path, job_file, *needles, extra=()):
+    run_dir = tmp_path / "never-created"
+    r = run_cli("train", job_file, "--run-dir", run_dir, "--no-progress", *extra, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    assert not run_dir.exists(), "a refused job must not create its run directory"
+    return lines[0]
+
+
+def test_missing_data_file(tmp_path):
+    job = _write_job(tmp_path, job_dict(tmp_path / "nope.csv"))
+    _expect_error(tmp_path, job, "nope.csv", "not found")
+
+
+def test_missing_job_file(tmp_path):
+    _expect_error(tmp_path, tmp_path / "absent.yaml", "absent.yaml", "not found")
+
+
+def test_missing_target_column(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, data__target="species"))
+    _expect_error(tmp_path, job, "target column 'species' not found", "data.csv")
+
+
+def test_non_numeric_value_names_the_row(tmp_path):
+    data = make_classification_csv(tmp_path / "d.csv", rows=60)
+    lines = data.read_text().splitlines()
+    cells = lines[17].split(",")
+    cells[2] = "abc"
+    lines[17] = ",".join(cells)
+    data.write_text("\n".join(lines) + "\n")
+    job = _write_job(tmp_path, job_dict(data))
+    _expect_error(tmp_path, job, "column 'f2'", "row 17 (line 18)", "'abc' is not a number")
+
+
+def test_all_rows_dropped(tmp_path):
+    data = tmp_path / "holes.csv"
+    data.write_text("a,b,label\n1,,x\n,2,y\n3,,x\n")
+    job = _write_job(tmp_path, job_dict(data))
+    _expect_error(tmp_path, job, "no rows left after cleaning")
+
+
+def test_label_outside_classes(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, data__classes=["c0", "c1"]))
+    _expect_error(tmp_path, job, "label 'c2' is not one of the model's classes", "data.classes")
+
+
+def test_unknown_model_type(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, model__type="transformer"))
+    _expect_error(tmp_path, job, "model.type", "'mlp', 'cnn' or 'factory'", "transformer")
+
+
+def test_unknown_optimizer(tmp_path, csv_data):
+    job = job_dict(csv_data)
+    job["train"]["optimizer"]["name"] = "lbfgs"
+    _expect_error(tmp_path, _write_job(tmp_path, job), "train.optimizer.name", "'sgd', 'adam' or 'adamw'")
+
+
+def test_unknown_field_lists_allowed(tmp_path, csv_data):
+    job = job_dict(csv_data)
+    job["train"]["epoch"] = 3
+    _expect_error(tmp_path, _write_job(tmp_path, job), "unknown field 'train.epoch'", "epochs")
+
+
+def test_malformed_yaml(tmp_path):
+    job = _write_job(tmp_path, "name: x\ndata: {path: a.csv\nmodel: [\n")
+    _expect_error(tmp_path, job, "malformed YAML", "line")
+
+
+@pytest.mark.parametrize("bs", [0, -4])
+def test_non_positive_batch_size(tmp_path, csv_data, bs):
+    job = _write_job(tmp_path, job_dict(csv_data, train__batch_size=bs))
+    _expect_error(tmp_path, job, "train.batch_size", "greater than 0")
+
+
+def test_more_workers_than_global_batch(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, train__batch_size=4))
+    _expect_error(tmp_path, job, "cluster.workers (5)", "train.batch_size (4)", extra=("--workers", "5"))
+
+
+def test_bad_override(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data))
+    _expect_error(tmp_path, job, "train.epochs", extra=("--set", "train.epochs=zero"))
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_existing_run_is_never_overwritten(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, train__epochs=1))
+    run_dir = tmp_path / "run"
+    assert run_cli("train", job, "--run-dir", run_dir, "--no-progress").returncode == 0
+    before = _snapshot(run_dir)
+    # a good job into an occupied run directory, and a bad one
+    r = run_cli("train", job, "--run-dir", run_dir, "--no-progress")
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr
+    bad = _write_job(tmp_path, job_dict(tmp_path / "missing.csv"), "bad.yaml")
+    r = run_cli("train", bad, "--run-dir", run_dir, "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert _snapshot(run_dir) == before
