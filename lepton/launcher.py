@@ -17,6 +17,7 @@ from pathlib import Path
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer
 from .errors import LeptonError
+from .models import build_model, num_outputs
 from .spec import JobSpec, parse_job
 from .storage.prepared import cached, fingerprint, prepare
 from .storage.rundir import RunDir, atomic_write_bytes
@@ -65,6 +66,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     if run.holds_run():
         raise LeptonError(f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir")
     prepared = prepare(job)                 # every data error surfaces here, before any write
+    pre = prepared.preprocessor
+    build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))   # and every model error
     run.root.mkdir(parents=True, exist_ok=True)
     factory = job.model.factory
     if callable(factory):
@@ -99,7 +102,9 @@ class LocalWorkers:
         self.logs = run.root / "logs"
         self.logs.mkdir(exist_ok=True)
         threads = threads or max(1, (os.cpu_count() or 1) // count)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # local workers import what the launching process can import (a model factory module, say)
+        path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         self.procs: list[subprocess.Popen] = []
         for k in range(count):
             log = open(self.logs / f"worker-{k}.log", "ab")

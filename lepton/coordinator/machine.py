@@ -208,7 +208,7 @@ class Coordinator:
         self.phase, self.ended_at = Phase.COMPLETED, self.clock()
         summary = dict(self.summary or {})
         summary.update(status="completed", workers=len(self.generation_members),
-                       wall_s=round(self.ended_at - (self.started_at or self.ended_at), 3))
+                       wall_s=round(self.ended_at - self.started_at, 3))
         self.summary = summary
         self.step = summary.get("steps", self.step)
         self.run.write_summary(summary)
