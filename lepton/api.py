@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .console import TrainingProgress, console
 from .errors import LeptonError
+from .coordinator.server import Listener
 from .launcher import LocalWorkers, open_run, start_coordinator
+from .storage.rundir import new_token
 from .spec import JobSpec, load_job, parse_job
 
 
@@ -46,11 +48,24 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     overrides = list(overrides or [])
     if workers is not None and not resume:
         overrides.append(f"cluster.workers={workers}")
-    spec = None if resume else _as_job(job, overrides)
-    opened = open_run(spec, run_dir, resume, workers)
-    count = opened.job.cluster.workers
-    server = start_coordinator(opened, workers=count)
-    local = LocalWorkers(server.url, opened.run, count, threads)
+    if resume:
+        opened = open_run(None, run_dir, True, workers)
+        listener = Listener()
+        local = LocalWorkers(listener.url, opened.token, opened.job.cluster.workers, threads)
+    else:
+        spec = _as_job(job, overrides)
+        token = new_token()
+        # workers start now and import torch while the data is prepared; they wait in the backlog
+        listener = Listener()
+        local = LocalWorkers(listener.url, token, spec.cluster.workers, threads)
+        try:
+            opened = open_run(spec, run_dir, False, token=token)
+        except BaseException:
+            local.wait(timeout_s=0)
+            listener.close()
+            raise
+    local.attach_logs(opened.run.root / "logs")
+    server = start_coordinator(opened, listener)
     coord = server.coord
     try:
         with TrainingProgress(enabled=progress) as bar:
@@ -64,9 +79,9 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         with server.lock:
             coord.stop("interrupted (Ctrl-C)")
     finally:
-        server.stop(linger_s=0.5)
-        local.wait()
+        local.wait()             # they hear 'exit' on their next poll and leave on their own
+        server.stop()
     reason = coord.reason
-    if coord.phase.value == "failed" and local.log_tail():
-        console.print(local.log_tail(), markup=False, highlight=False)
+    if coord.phase.value == "failed" and local.failure_output():
+        console.print(local.failure_output(), markup=False, highlight=False)
     return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason)

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
     w.add_argument("--threads", type=int, help="torch intra-op threads")
+    w.add_argument("--connect-timeout", type=float, default=120.0,
+                   help="seconds to keep retrying while the coordinator is unreachable at start")
 
     s = sub.add_parser("status", help="show a running job and its workers")
     s.add_argument("url")
@@ -93,17 +95,19 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table) -> in
 def cmd_coordinator(a) -> int:
     from .api import _as_job
     from .console import console, out, summary_table
+    from .coordinator.server import Listener
     from .launcher import open_run, start_coordinator
     host, port = _split_bind(a.bind)
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
     job = None if a.resume else _as_job(a.job, overrides)
-    opened = open_run(job, a.run_dir, a.resume, a.workers)
     try:
-        server = start_coordinator(opened, host, port, workers=opened.job.cluster.workers)
+        listener = Listener(host, port)
     except OSError as e:
         raise LeptonError(f"--bind {a.bind}: {e.strerror or e}") from None
+    opened = open_run(job, a.run_dir, a.resume, a.workers)
+    server = start_coordinator(opened, listener)
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
@@ -121,7 +125,7 @@ def cmd_coordinator(a) -> int:
 def cmd_worker(a) -> int:
     from .client import read_token
     from .worker.agent import run_worker
-    return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads)
+    return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads, a.connect_timeout)
 
 
 def cmd_status(a) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,10 @@ def read_token(token_file: str | None) -> str:
     return token.strip()
 
 
+class CoordinatorUnreachable(LeptonError):
+    """No answer from the coordinator (not started yet, restarting, or gone)."""
+
+
 class CoordinatorClient:
     def __init__(self, url: str, token: str, timeout_s: float = 10.0):
         self.url = url.rstrip("/")
@@ -32,16 +37,27 @@ class CoordinatorClient:
     def _call(self, method: str, path: str, **kw) -> dict:
         try:
             r = self._http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise LeptonError(f"cannot reach the coordinator at {self.url}: {e}") from None
+        except httpx.TransportError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
         if r.status_code == 401:
             raise LeptonError(f"the coordinator at {self.url} refused the token (401)")
         if r.status_code >= 400:
             raise LeptonError(f"coordinator {method} {path}: HTTP {r.status_code}: {r.text[:200]}")
         return r.json()
 
-    def register(self, req: RegisterRequest) -> RegisterResponse:
-        return RegisterResponse.model_validate(self._call("POST", "/v1/register", json=req.model_dump()))
+    def register(self, req: RegisterRequest, wait_s: float = 0.0) -> RegisterResponse:
+        """Register; while the coordinator is unreachable, retry with backoff for up to ``wait_s``
+        (a worker may start before its coordinator, e.g. under a cluster manager)."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.1
+        while True:
+            try:
+                return RegisterResponse.model_validate(self._call("POST", "/v1/register", json=req.model_dump()))
+            except CoordinatorUnreachable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def plan(self, worker_id: str) -> PlanResponse:
         return PlanResponse.model_validate(self._call("GET", "/v1/plan", params={"worker_id": worker_id}))

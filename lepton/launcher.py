@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .coordinator.machine import Coordinator
-from .coordinator.server import CoordinatorServer
+from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
 from .models import build_model, num_outputs
 from .spec import JobSpec, parse_job
@@ -37,7 +38,8 @@ def default_run_dir(job: JobSpec) -> Path:
     return Path("runs") / f"{job.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, workers: int | None = None) -> OpenRun:
+def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, workers: int | None = None,
+             token: str | None = None) -> OpenRun:
     """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one."""
     if resume:
         if run_dir is None:
@@ -75,7 +77,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
     run.write_job(job.to_yaml_dict())
     prepared.write(run, fingerprint(job))
-    return OpenRun(job, run, run.create_token(), prepared.report["train_rows"], None, _factory_path(run))
+    return OpenRun(job, run, run.create_token(token), prepared.report["train_rows"], None, _factory_path(run))
 
 
 def _manifest(run: RunDir) -> dict:
@@ -87,33 +89,35 @@ def _factory_path(run: RunDir) -> str | None:
     return str(run.factory_pickle) if run.factory_pickle.exists() else None
 
 
-def start_coordinator(opened: OpenRun, host: str = "127.0.0.1", port: int = 0,
-                      workers: int | None = None) -> CoordinatorServer:
+def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None = None) -> CoordinatorServer:
     target = workers or opened.job.cluster.workers
     coord = Coordinator(opened.job, opened.run, target, train_rows=opened.train_rows,
                         resume_checkpoint=opened.resume_checkpoint)
-    return CoordinatorServer(coord, opened.token, host, port, opened.factory_pickle).start()
+    return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
 
 
 class LocalWorkers:
-    """K ``lepton worker`` subprocesses of this machine, each logging to RUN_DIR/logs/worker-K.log."""
+    """K ``lepton worker`` subprocesses of this machine.
 
-    def __init__(self, url: str, run: RunDir, count: int, threads: int | None = None):
-        self.logs = run.root / "logs"
-        self.logs.mkdir(exist_ok=True)
+    They are started before the run directory exists (so their start-up overlaps data preparation);
+    each one's output is pumped by a thread into memory until ``attach_logs`` names the folder, then
+    into ``RUN_DIR/logs/worker-K.log``. The token reaches them through the environment."""
+
+    def __init__(self, url: str, token: str, count: int, threads: int | None = None):
         threads = threads or max(1, (os.cpu_count() or 1) // count)
         # local workers import what the launching process can import (a model factory module, say)
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-        self.procs: list[subprocess.Popen] = []
-        for k in range(count):
-            log = open(self.logs / f"worker-{k}.log", "ab")
-            cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url,
-                   "--token-file", str(run.token_file), "--threads", str(threads)]
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL))
-            log.close()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token}
+        cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
+        self.procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                       stdin=subprocess.DEVNULL) for _ in range(count)]
+        self.pumps = [_LogPump(p.stdout) for p in self.procs]
         self._reported: set[int] = set()
+
+    def attach_logs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, pump in enumerate(self.pumps):
+            pump.attach(folder / f"worker-{k}.log")
 
     def newly_exited(self) -> list[tuple[int, int]]:
         """(pid, exit code) of processes that ended since the last call."""
@@ -124,12 +128,12 @@ class LocalWorkers:
                 out.append((p.pid, p.returncode))
         return out
 
-    def log_tail(self, lines: int = 15) -> str:
-        """The last lines of the first log of a failed worker, to show the user why."""
+    def failure_output(self, lines: int = 15) -> str:
+        """The last lines of output of the first worker that failed, to show the user why."""
         for k, p in enumerate(self.procs):
             if p.poll() not in (None, 0):
-                text = (self.logs / f"worker-{k}.log").read_text(errors="replace").splitlines()
-                return f"worker-{k}.log:\n" + "\n".join(text[-lines:])
+                self.pumps[k].join(timeout=2)
+                return f"worker-{k} output:\n" + "\n".join(self.pumps[k].tail(lines))
         return ""
 
     def wait(self, timeout_s: float = 15.0) -> None:
@@ -146,3 +150,38 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for pump in self.pumps:
+            pump.join(timeout=5)
+
+
+class _LogPump(threading.Thread):
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.buffer: list[bytes] = []
+        self.file = None
+        self.start()
+
+    def attach(self, path: Path) -> None:
+        with self.lock:
+            self.file = open(path, "ab")
+            self.file.writelines(self.buffer)
+            self.file.flush()
+
+    def tail(self, lines: int) -> list[str]:
+        with self.lock:
+            return [b.decode(errors="replace").rstrip("\n") for b in self.buffer[-lines:]]
+
+    def run(self) -> None:
+        for line in iter(self.stream.readline, b""):
+            with self.lock:
+                self.buffer.append(line)
+                del self.buffer[:-200]          # keep a tail for failure_output
+                if self.file:
+                    self.file.write(line)
+                    self.file.flush()
+        self.stream.close()
+        with self.lock:
+            if self.file:
+                self.file.close()

@@ -70,33 +70,52 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
     return app
 
 
-class CoordinatorServer:
-    """Runs the HTTP API and hosts the TCPStore on ``host``; ``port=0`` picks free ports."""
+class Listener:
+    """The coordinator's two listening sockets (HTTP API and TCPStore) on one interface.
 
-    def __init__(self, coord: Coordinator, token: str, host: str = "127.0.0.1", port: int = 0,
-                 factory_pickle: str | None = None):
+    Bound before the coordinator exists, so that ``lepton train`` can start its workers (which spend
+    a second or more importing torch) while the data is still being prepared: their connections wait
+    in the listen backlog until the server starts answering."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.host = host
+        self.http = socket.create_server((host, port), backlog=1024)
+        self.store = socket.create_server((host, 0), backlog=1024)
+        self.port = self.http.getsockname()[1]
+        self.store_port = self.store.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        self.http.close()
+        self.store.close()
+
+
+class CoordinatorServer:
+    """Serves ``coord`` on a ``Listener``: the HTTP API on a thread, the TCPStore, a ticker thread."""
+
+    def __init__(self, coord: Coordinator, token: str, listener: Listener, factory_pickle: str | None = None):
         self.coord = coord
         self.lock = threading.Lock()
-        self.host = host
-        # the store listens on a socket we bind ourselves, so it is on the same interface as the API
-        self._store_sock = socket.create_server((host, 0), backlog=1024)
-        self.store = dist.TCPStore(host, self._store_sock.getsockname()[1], None, True,
+        self.listener = listener
+        # the store listens on the socket we bound, so it is on the same interface as the API
+        self.store = dist.TCPStore(listener.host, listener.store_port, None, True,
                                    datetime.timedelta(seconds=60), wait_for_workers=False,
-                                   master_listen_fd=self._store_sock.fileno())
-        self._http_sock = socket.create_server((host, port), backlog=1024)
-        self.port = self._http_sock.getsockname()[1]
-        app = build_app(coord, token, self.lock, self._store_sock.getsockname()[1], factory_pickle)
+                                   master_listen_fd=listener.store.fileno())
+        app = build_app(coord, token, self.lock, listener.store_port, factory_pickle)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._http_sock]},
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener.http]},
                                         name="lepton-http", daemon=True)
         self._ticker = threading.Thread(target=self._tick_loop, name="lepton-tick", daemon=True)
         self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self.listener.url
 
     def start(self) -> "CoordinatorServer":
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -126,12 +145,11 @@ class CoordinatorServer:
                 return
             time.sleep(poll_s)
 
-    def stop(self, linger_s: float = 1.0) -> None:
-        """Stop serving; ``linger_s`` leaves workers time to hear 'exit' from their next poll."""
+    def stop(self, linger_s: float = 0.0) -> None:
+        """Stop serving; ``linger_s`` leaves remote workers time to hear 'exit' from their next poll."""
         if linger_s:
             time.sleep(linger_s)
         self._stopping.set()
         self._server.should_exit = True
         self._thread.join(timeout=5)
-        self._http_sock.close()
-        self._store_sock.close()
+        self.listener.close()

@@ -64,6 +64,10 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 continue
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
 class RunDir:
     """Paths and small-file I/O of one run. See design.md §4 for the layout (a public contract)."""
 
@@ -123,10 +127,11 @@ class RunDir:
         with open(path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
-    def create_token(self) -> str:
-        """A fresh bearer token in ``token`` (mode 0600), or the existing one on resume."""
+    def create_token(self, token: str | None = None) -> str:
+        """The run's bearer token in ``token`` (mode 0600): the existing one on resume, else ``token``
+        or a fresh random one."""
         if self.token_file.exists():
             return self.token_file.read_text().strip()
-        token = secrets.token_urlsafe(32)
+        token = token or new_token()
         atomic_write_bytes(self.token_file, (token + "\n").encode(), mode=0o600)
         return token

@@ -88,11 +88,13 @@ def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
 
 
 class Worker:
-    def __init__(self, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None):
+    def __init__(self, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
+                 connect_timeout_s: float = 120.0):
         self.url = url
         self.client = CoordinatorClient(url, token)
         resources = _apply_placement(cpus, threads)
-        reg = self.client.register(RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources))
+        reg = self.client.register(RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources),
+                                   wait_s=connect_timeout_s)
         self.worker_id = reg.worker_id
         self.job = parse_job(reg.job, source="job from coordinator")
         self.run = RunDir(reg.run_dir)
@@ -220,5 +222,6 @@ class Worker:
         write_model(self.run.model_dir, self.trainer.model.state_dict(), meta, extra)
 
 
-def run_worker(url: str, token: str, cpus: list[int] | None = None, threads: int | None = None) -> int:
-    return Worker(url, token, cpus, threads).serve()
+def run_worker(url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
+               connect_timeout_s: float = 120.0) -> int:
+    return Worker(url, token, cpus, threads, connect_timeout_s).serve()
