@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
+
+    from .export.cli import add_export_commands     # export, serve (lepton/export/)
+    add_export_commands(sub)
     return p
 
 
@@ -154,7 +157,7 @@ def cmd_predict(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     handler = {"train": cmd_train, "coordinator": cmd_coordinator, "worker": cmd_worker,
-               "status": cmd_status, "predict": cmd_predict}[a.cmd]
+               "status": cmd_status, "predict": cmd_predict}.get(a.cmd) or a.handler
     try:
         return handler(a)
     except LeptonError as e:

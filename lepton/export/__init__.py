@@ -1,0 +1,1 @@
+"""Model optimisation and export (quantise, prune, ONNX/TorchScript/safetensors) and serving."""
