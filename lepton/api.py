@@ -10,6 +10,8 @@ it (it must be importable or picklable by value, as cloudpickle allows).
 """
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,63 @@ class TrainResult:
     run_dir: Path
     summary: dict | None
     reason: str = ""
+
+
+class _Interrupts:
+    """Counts SIGINT/SIGTERM while training. The handler only counts: the poll loop acts on it, so
+    the handler never needs the coordinator's lock (which the interrupted code may hold)."""
+
+    def __init__(self):
+        self.count = 0
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+class _Supervisor:
+    """Local-worker supervision for ``lepton train``: reports exits to the coordinator, restarts
+    failed workers when ``cluster.restart_failed`` (at most ``cluster.max_restarts`` times), fails the
+    job when no local worker is left, and turns interrupts into a stop (first) or a kill (second)."""
+
+    def __init__(self, server, local: LocalWorkers, job: JobSpec):
+        self.server, self.local, self.cluster = server, local, job.cluster
+        self.restarts = 0
+        self.handled_interrupts = 0
+        self.forced = False
+
+    def check(self, interrupts: int) -> None:
+        coord = self.server.coord
+        with self.server.lock:
+            for pid, code in self.local.newly_exited():
+                coord.process_exited(pid, code)
+                if code != 0 and self.cluster.restart_failed and not coord.phase.final:
+                    if self.restarts < self.cluster.max_restarts:
+                        self.restarts += 1
+                        self.local.spawn()
+                        coord.note("worker_restarted", f"restarted a local worker that exited with code {code}"
+                                   f" ({self.restarts}/{self.cluster.max_restarts})")
+            if self.local.all_exited() and not coord.phase.final:
+                why = (f"local workers keep failing ({self.restarts} restart(s), cluster.max_restarts="
+                       f"{self.cluster.max_restarts})" if self.cluster.restart_failed else "every local worker exited")
+                coord.fail(why)
+            if interrupts > self.handled_interrupts:
+                self.handled_interrupts = interrupts
+                if interrupts == 1:
+                    coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
+                else:
+                    self.forced = True
+                    coord.stop_now("interrupted twice: stopped at once (the last checkpoint is kept)")
 
 
 def _as_job(job, overrides: list[str] | None) -> JobSpec:
@@ -67,19 +126,18 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     local.attach_logs(opened.run.root / "logs")
     server = start_coordinator(opened, listener)
     coord = server.coord
+    supervisor = _Supervisor(server, local, opened.job)
     try:
-        with TrainingProgress(enabled=progress) as bar:
+        with TrainingProgress(enabled=progress) as bar, _Interrupts() as interrupts:
             def poll(status: dict) -> None:
                 bar.update(status)
-                for pid, code in local.newly_exited():
-                    with server.lock:
-                        coord.process_exited(pid, code)
+                supervisor.check(interrupts.count)
             server.wait(on_poll=poll)
-    except KeyboardInterrupt:
-        with server.lock:
-            coord.stop("interrupted (Ctrl-C)")
     finally:
-        local.wait()             # they hear 'exit' on their next poll and leave on their own
+        if supervisor.forced:
+            local.kill()
+        else:
+            local.wait()         # they hear 'exit' on their next poll and leave on their own
         server.stop()
     reason = coord.reason
     if coord.phase.value == "failed" and local.failure_output():

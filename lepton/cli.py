@@ -98,6 +98,7 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table) -> in
 def cmd_coordinator(a) -> int:
     from .api import _as_job
     from .console import console, out, summary_table
+    from .api import _Interrupts
     from .coordinator.server import Listener
     from .launcher import open_run, start_coordinator
     host, port = _split_bind(a.bind)
@@ -115,12 +116,19 @@ def cmd_coordinator(a) -> int:
     print(f"token file: {opened.run.token_file}", flush=True)
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
           f" --token-file {opened.run.token_file}", flush=True)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        with server.lock:
-            server.coord.stop("interrupted (Ctrl-C)")
-    server.stop(linger_s=1.0)
+    handled = 0
+    with _Interrupts() as interrupts:
+        def on_poll(_status) -> None:
+            nonlocal handled
+            if interrupts.count > handled:     # first: checkpoint and stop at a step boundary; second: now
+                handled = interrupts.count
+                with server.lock:
+                    if handled == 1:
+                        server.coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
+                    else:
+                        server.coord.stop_now("interrupted twice: stopped at once")
+        server.wait(on_poll=on_poll)
+    server.stop(linger_s=1.0)               # remote workers hear 'exit' on their next poll
     c = server.coord
     return _finish(c.phase.value, c.reason, c.summary, opened.run.root, console, out, summary_table)
 

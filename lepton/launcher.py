@@ -7,6 +7,7 @@ before anything is written (invariant 4).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -107,15 +108,31 @@ class LocalWorkers:
         threads = threads or max(1, (os.cpu_count() or 1) // count)
         # local workers import what the launching process can import (a model factory module, say)
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token}
-        cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
-        self.procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                       stdin=subprocess.DEVNULL) for _ in range(count)]
-        self.pumps = [_LogPump(p.stdout) for p in self.procs]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token,
+                    "LEPTON_LOCAL_WORKER": "1"}
+        self.cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
+        self.procs: list[subprocess.Popen] = []
+        self.pumps: list[_LogPump] = []
+        self.log_dir: Path | None = None
         self._reported: set[int] = set()
+        for _ in range(count):
+            self.spawn()
+
+    def spawn(self) -> None:
+        """Start one more worker (also used to restart a failed one)."""
+        p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.procs.append(p)
+        self.pumps.append(_LogPump(p.stdout))
+        if self.log_dir:
+            self.pumps[-1].attach(self.log_dir / f"worker-{len(self.procs) - 1}.log")
+
+    def all_exited(self) -> bool:
+        return all(p.poll() is not None for p in self.procs)
 
     def attach_logs(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.log_dir = folder
         for k, pump in enumerate(self.pumps):
             pump.attach(folder / f"worker-{k}.log")
 
@@ -152,6 +169,21 @@ class LocalWorkers:
                 p.wait()
         for pump in self.pumps:
             pump.join(timeout=5)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        self.wait(timeout_s=5)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a local worker must not outlive its launcher (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the worker still exits once it loses its coordinator
 
 
 class _LogPump(threading.Thread):

@@ -39,12 +39,15 @@ class Generation(BaseModel):
     world: int
     shares: list[float]
     members: list[str]
+    start_step: int = 0                       # the step the source replica (rank 0) is at
     resume_checkpoint: Optional[str] = None   # rank 0 loads it before broadcasting state
     backend: Literal["gloo", "nccl"] = "gloo"
 
 
 class PlanResponse(BaseModel):
-    action: Literal["wait", "run", "exit"]
+    """``run``: join ``generation``; ``checkpoint``: write your live state as a checkpoint (before the
+    job waits for workers or stops); ``wait``: ask again shortly; ``exit``: leave."""
+    action: Literal["wait", "run", "checkpoint", "exit"]
     generation: Optional[Generation] = None
     reason: str = ""
 
@@ -59,11 +62,16 @@ class Heartbeat(BaseModel):
 
 class HeartbeatResponse(BaseModel):
     action: Literal["continue", "exit"] = "continue"
+    # set while the coordinator wants generation N to end: the worker puts the flag into its next
+    # step's allreduce, so all members pause after the same step
+    regroup_generation: Optional[int] = None
 
 
 class Report(BaseModel):
     """Something a worker tells the coordinator: ``metrics`` (records for metrics.jsonl),
-    ``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``failed`` (an error)."""
+    ``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``paused`` (left its generation
+    at ``step``; ``reason`` regroup | collective_error | leaving), ``failed`` (an error that is not the
+    cluster's: a bug, bad data; it fails the job)."""
     worker_id: str
-    kind: Literal["metrics", "checkpoint", "finished", "failed"]
+    kind: Literal["metrics", "checkpoint", "finished", "paused", "failed"]
     payload: dict[str, Any] = Field(default_factory=dict)

@@ -131,12 +131,17 @@ class CheckpointSpec(_Strict):
 
 
 class ClusterSpec(_Strict):
-    workers: int = Field(2, gt=0)
-    min_workers: int = Field(1, gt=0)
+    workers: int = Field(2, gt=0, description="workers to wait for before training starts")
+    min_workers: int = Field(1, gt=0, description="below this many live workers training pauses")
+    max_workers: Optional[int] = Field(None, gt=0, description="workers beyond this wait as standby")
     shares: Optional[list[Annotated[float, Field(gt=0)]]] = Field(
         None, description="fixed relative shares of the global batch, one per worker (default equal)")
-    collective_timeout_s: float = Field(60.0, gt=0)
-    heartbeat_timeout_s: float = Field(10.0, gt=0)
+    collective_timeout_s: float = Field(30.0, gt=0, description="longest wait inside one collective")
+    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is lost")
+    wait_for_workers_s: float = Field(300.0, gt=0, description="how long to wait below min_workers")
+    coordinator_timeout_s: float = Field(120.0, gt=0, description="how long workers ride out a lost coordinator")
+    restart_failed: bool = Field(False, description="lepton train restarts a dead local worker")
+    max_restarts: int = Field(3, ge=0, description="restarts allowed per run with restart_failed")
 
 
 class JobSpec(_Strict):
@@ -164,6 +169,10 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"cluster.workers ({c.workers}) is larger than train.batch_size ({self.train.batch_size}):"
                 " every worker needs at least one sample of each global batch")
+        if c.min_workers > c.workers:
+            raise ValueError(f"cluster.min_workers ({c.min_workers}) is larger than cluster.workers ({c.workers})")
+        if c.max_workers is not None and c.max_workers < c.workers:
+            raise ValueError(f"cluster.max_workers ({c.max_workers}) is smaller than cluster.workers ({c.workers})")
         if c.shares is not None and len(c.shares) != c.workers:
             raise ValueError(f"cluster.shares has {len(c.shares)} entries for {c.workers} workers")
         if self.model.type == "cnn" and not self.data.shape:

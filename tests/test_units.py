@@ -113,12 +113,24 @@ def _coordinator(tmp_path, workers=2, **job_over):
     return Coordinator(job, RunDir(tmp_path / "run"), workers, train_rows=100, clock=clock), clock
 
 
+def _ready(c, pid):
+    """A fake worker: registers, then asks for its plan once its model is built."""
+    wid = c.register(RegisterRequest(host="h", pid=pid))
+    c.plan(wid)
+    return wid
+
+
+def _kinds(tmp_path):
+    return [json.loads(l)["kind"] for l in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+
+
 def test_machine_forms_generation_and_completes(tmp_path):
     c, clock = _coordinator(tmp_path, 2, cluster__shares=[1, 3])
     a = c.register(RegisterRequest(host="h", pid=1))
-    assert c.phase == Phase.WAITING and c.plan(a).action == "wait"
     b = c.register(RegisterRequest(host="h", pid=2))
-    assert c.phase == Phase.RUNNING
+    assert c.phase == Phase.WAITING                       # registered but not ready yet
+    assert c.plan(a).action == "wait"
+    assert c.plan(b).action == "run" and c.phase == Phase.RUNNING
     pa, pb = c.plan(a), c.plan(b)
     assert (pa.generation.rank, pb.generation.rank) == (0, 1)
     assert pa.generation.shares == [1, 3] and pa.generation.world == 2
@@ -135,23 +147,95 @@ def test_machine_forms_generation_and_completes(tmp_path):
     assert c.plan(a).action == "exit" and c.heartbeat(Heartbeat(worker_id=b)).action == "exit"
 
 
-def test_machine_fails_on_heartbeat_timeout(tmp_path):
-    c, clock = _coordinator(tmp_path, 2, cluster__heartbeat_timeout_s=5)
-    a = c.register(RegisterRequest(host="h", pid=1))
-    b = c.register(RegisterRequest(host="h", pid=2))
+def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):
+    c, clock = _coordinator(tmp_path, 3)
+    a, b, d = (_ready(c, pid) for pid in (1, 2, 3))
+    assert c.phase == Phase.RUNNING and c.generation == 0
+    for w in (a, b, d):
+        c.heartbeat(Heartbeat(worker_id=w, generation=0, step=6))
+    # d dies; b had completed step 7 when the collective failed, a had not
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 6}))
+    assert c.phase == Phase.REGROUPING
+    assert c.heartbeat(Heartbeat(worker_id=b, generation=0, step=7)).regroup_generation == 0
+    c.report(Report(worker_id=b, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 7}))
+    assert c.phase == Phase.REGROUPING                    # d has not answered yet
+    c.process_exited(3, -9)
+    assert c.phase == Phase.RUNNING and c.generation == 1
+    pb, pa = c.plan(b), c.plan(a)
+    assert pb.generation.rank == 0 and pa.generation.rank == 1     # the source is rank 0
+    assert pb.generation.start_step == 7 and pb.generation.resume_checkpoint is None
+    assert c.plan(d).action == "exit"
+    clock.t = 1.0
+    c.heartbeat(Heartbeat(worker_id=b, generation=1, step=8))
+    rec = [e for e in c.events if e["kind"] == "recovered"]
+    assert len(rec) == 1 and rec[0]["resumed_at_step"] == 7 and rec[0]["recovery_s"] == 1.0
+
+
+def test_machine_loses_silent_members_and_waits_for_min_workers(tmp_path):
+    c, clock = _coordinator(tmp_path, 2, cluster__heartbeat_timeout_s=5, cluster__min_workers=2,
+                            cluster__wait_for_workers_s=30)
+    a, b = _ready(c, 1), _ready(c, 2)
     clock.t = 4.0
-    c.heartbeat(Heartbeat(worker_id=a, step=3))
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=3))
     c.tick()
     assert c.phase == Phase.RUNNING and c.step == 3
     clock.t = 6.0
+    c.tick()                                              # b silent for 6 s: lost
+    assert c.phase == Phase.REGROUPING and c.members[b].state == "lost"
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3}))
+    assert c.phase == Phase.WAITING
+    assert c.plan(a).action == "checkpoint"               # keep the live state safe while waiting
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 3, "path": "/ck3"}))
+    assert c.plan(a).action == "wait"
+    clock.t = 20.0
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=3))
+    e = _ready(c, 5)                                      # a new worker arrives in time
+    assert c.phase == Phase.RUNNING and c.generation == 1
+    assert c.plan(e).generation.rank == 1 and c.plan(a).generation.start_step == 3
+    assert "worker_lost" in _kinds(tmp_path) and "waiting" in _kinds(tmp_path)
+
+
+def test_machine_gives_up_after_the_wait_deadline(tmp_path):
+    c, clock = _coordinator(tmp_path, 1, cluster__wait_for_workers_s=10, cluster__heartbeat_timeout_s=100)
+    a = _ready(c, 1)
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 4, "path": "/ck"}))
+    c.process_exited(1, 1)
+    assert c.phase == Phase.WAITING
+    clock.t = 11.0
     c.tick()
-    assert c.phase == Phase.FAILED and b in c.reason and "no heartbeat" in c.reason
-    kinds = [json.loads(l)["kind"] for l in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert kinds[-1] == "failed"
+    assert c.phase == Phase.FAILED and "cluster.min_workers=1" in c.reason and "step 4" in c.reason
 
 
-def test_machine_fails_when_a_local_worker_exits(tmp_path):
+def test_machine_join_and_stop(tmp_path):
+    c, clock = _coordinator(tmp_path, 1)
+    a = _ready(c, 1)
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=2))
+    b = _ready(c, 2)                                      # joins a running job: regroup
+    assert c.phase == Phase.REGROUPING and c.plan(b).action == "wait"
+    assert c.heartbeat(Heartbeat(worker_id=a, generation=0, step=3)).regroup_generation == 0
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "regroup", "generation": 0, "step": 4}))
+    assert c.phase == Phase.RUNNING and c.generation == 1 and len(c.generation_members) == 2
+    c.request_stop("Ctrl-C")
+    assert c.phase == Phase.REGROUPING
+    for w in (a, b):
+        c.report(Report(worker_id=w, kind="paused", payload={"reason": "regroup", "generation": 1, "step": 9}))
+    assert c.plan(a).action == "checkpoint" and c.plan(b).action == "wait"
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 9, "path": "/ck9"}))
+    assert c.phase == Phase.STOPPED and c.plan(b).action == "exit"
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["latest_checkpoint"]["step"] == 9
+
+
+def test_machine_graceful_leave(tmp_path):
+    c, _ = _coordinator(tmp_path, 2)
+    a, b = _ready(c, 1), _ready(c, 2)
+    c.report(Report(worker_id=b, kind="paused", payload={"reason": "leaving", "generation": 0, "step": 5}))
+    assert c.members[b].state == "left" and c.phase == Phase.REGROUPING
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "regroup", "generation": 0, "step": 5}))
+    assert c.phase == Phase.RUNNING and c.generation_members == [a] and not c.incidents
+
+
+def test_machine_fails_on_a_worker_error(tmp_path):
     c, _ = _coordinator(tmp_path, 1)
-    c.register(RegisterRequest(host="h", pid=42))
-    c.process_exited(42, -9)
-    assert c.phase == Phase.FAILED and "exited with code -9" in c.reason
+    a = _ready(c, 42)
+    c.report(Report(worker_id=a, kind="failed", payload={"error": "ValueError: boom"}))
+    assert c.phase == Phase.FAILED and "boom" in c.reason

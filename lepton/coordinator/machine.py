@@ -1,14 +1,26 @@
 """The coordinator as an explicit state machine.
 
-Phases: ``waiting`` (for the target number of workers) → ``running`` (a generation trains) →
-``completed`` | ``failed`` | ``stopped``. Inputs are the control-plane messages (register, heartbeat,
-plan request, report) and ``tick`` (time passing); each returns the reply for that worker. The machine
-does no network I/O: the HTTP server calls it under one lock, and tests step it against fake workers.
-Persistent effects go through ``RunDir`` (state.json, events.jsonl, metrics.jsonl, summary.json).
+Phases::
 
-Policies (here: the share plan) are plain functions returning decisions; later policies (rebalancing,
-evaluation-driven LR, elastic membership) plug in at the same points: ``_form_generation`` and
-``_on_report``.
+    waiting ──(enough workers)──▶ running ──(loss, join, leave, stop)──▶ regrouping
+       ▲                            │  ▲                                   │
+       └──(fewer than min_workers)──┼──┴───(every member paused or lost)───┘
+                                    ▼
+                       completed | failed | stopped
+
+A *generation* is one membership with its own process group. It ends when a member is lost (a
+survivor's collective failed, the process exited, or its heartbeat timed out), a worker joins or
+leaves, or a stop is requested. Ending it is agreed on the data plane: the coordinator raises a
+``regroup`` flag in heartbeat replies, every worker puts it into the step's allreduce, and all of them
+see the reduced flag at the same step, finish that step and pause (invariant 5). Survivors of a failure
+pause where their failed collective left them; they are at most one step apart, and the most advanced
+one becomes rank 0 of the next generation and the source of its state broadcast (invariant 3). No
+checkpoint is reloaded unless no live replica is left.
+
+Inputs are the control-plane messages (register, heartbeat, plan, report), ``tick`` (time passing),
+``process_exited`` (local supervision) and ``request_stop``. The machine does no network I/O: the HTTP
+server calls it under one lock, and tests step it against fake workers with a fake clock. Persistent
+effects go through ``RunDir`` (state.json, events.jsonl, metrics.jsonl, summary.json).
 """
 from __future__ import annotations
 
@@ -23,10 +35,15 @@ from ..protocol import (Generation, Heartbeat, HeartbeatResponse, PlanResponse, 
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
 
+# Once a generation is broken, a member still marked as training that has been silent this long is
+# taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
+SUSPECT_SILENCE_S = 2.0
+
 
 class Phase(str, Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    REGROUPING = "regrouping"
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -36,6 +53,9 @@ class Phase(str, Enum):
         return self in (Phase.COMPLETED, Phase.FAILED, Phase.STOPPED)
 
 
+GONE = ("lost", "left")
+
+
 @dataclass
 class Member:
     worker_id: str
@@ -43,12 +63,12 @@ class Member:
     pid: int
     resources: Resources
     last_seen: float
-    state: str = "registered"
-    step: int = 0
+    state: str = "joining"          # joining | standby | training | paused | finished | lost | left
+    step: int = 0                   # steps completed by this replica
     samples_per_s: float = 0.0
     rank: Optional[int] = None
     share: Optional[float] = None
-    finished: bool = False
+    generation: Optional[int] = None
 
 
 def equal_or_fixed_shares(job: JobSpec, members: list[Member]) -> list[float]:
@@ -62,8 +82,8 @@ def equal_or_fixed_shares(job: JobSpec, members: list[Member]) -> list[float]:
 class Coordinator:
     job: JobSpec
     run: RunDir
-    target_workers: int
-    train_rows: int = 0                           # size of the training split (for total_steps)
+    target_workers: int                          # workers needed before the first generation
+    train_rows: int = 0                          # size of the training split (for total_steps)
     resume_checkpoint: Optional[dict] = None     # {"step": int, "path": str} from state.json
     clock: Callable[[], float] = time.monotonic
     share_policy: Callable[[JobSpec, list[Member]], list[float]] = equal_or_fixed_shares
@@ -72,6 +92,7 @@ class Coordinator:
     members: dict[str, Member] = field(default_factory=dict)
     generation: Optional[int] = None
     generation_members: list[str] = field(default_factory=list)
+    generation_start_step: int = 0
     shares: list[float] = field(default_factory=list)
     step: int = 0
     total_steps: Optional[int] = None
@@ -82,6 +103,11 @@ class Coordinator:
     summary: Optional[dict] = None
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
+    stop_requested: Optional[str] = None
+    waiting_since: Optional[float] = None
+    checkpoint_from: Optional[str] = None        # worker asked to write its state as a checkpoint
+    source_is_checkpoint: bool = True            # the current generation starts from a checkpoint file
+    incidents: list[dict] = field(default_factory=list)   # failures not yet recovered from
     events: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
@@ -104,35 +130,51 @@ class Coordinator:
         self.members[wid] = Member(wid, req.host, req.pid, req.resources, self.clock())
         self._event("worker_registered", f"{wid} on {req.host} (pid {req.pid})",
                     worker=wid, host=req.host, resources=req.resources.model_dump())
-        if self.phase == Phase.WAITING and len(self.members) >= self.target_workers:
-            self._form_generation()
         return wid
+
+    def _on_ready(self, m: Member) -> None:
+        training = sum(1 for x in self.members.values() if x.state == "training")
+        if self.phase == Phase.RUNNING and training < self._max_workers():
+            self._regroup(f"worker {m.worker_id} joined")
+        else:
+            self._advance()
 
     def heartbeat(self, hb: Heartbeat) -> HeartbeatResponse:
         m = self.members.get(hb.worker_id)
-        if m is None:
+        if m is None or m.state in GONE or self.phase.final:
             return HeartbeatResponse(action="exit")
         m.last_seen = self.clock()
-        m.state, m.step, m.samples_per_s = hb.state, hb.step, hb.samples_per_s
-        if self.phase == Phase.RUNNING and hb.worker_id in self.generation_members:
+        m.samples_per_s = hb.samples_per_s
+        current = hb.generation is not None and hb.generation == self.generation
+        if current and m.state == "training":
+            m.step = hb.step
             self.step = max(self.step, hb.step)
-        return HeartbeatResponse(action="exit" if self.phase.final else "continue")
+            if self.incidents and self.phase == Phase.RUNNING and hb.step > self.generation_start_step:
+                self._recovered()
+        regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
+        return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None)
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
-        if m is None:
-            return PlanResponse(action="exit", reason="unknown worker")
+        if m is None or m.state in GONE:
+            return PlanResponse(action="exit", reason="not a member of this job (lost or left)")
         m.last_seen = self.clock()
         if self.phase.final:
             return PlanResponse(action="exit", reason=f"job {self.phase.value}")
-        if self.phase == Phase.RUNNING and worker_id in self.generation_members:
-            rank = self.generation_members.index(worker_id)
+        if m.state == "joining":              # its first plan request: model and data are loaded
+            m.state = "standby"
+            self._on_ready(m)
+        if self.checkpoint_from == worker_id:
+            return PlanResponse(action="checkpoint", reason="save the live state before waiting or stopping")
+        if self.phase == Phase.RUNNING and m.state == "training" and worker_id in self.generation_members:
+            resume = None
+            if m.rank == 0 and self.source_is_checkpoint and self.latest_checkpoint:
+                resume = self.latest_checkpoint["path"]
             return PlanResponse(action="run", generation=Generation(
-                id=self.generation, rank=rank, world=len(self.generation_members), shares=self.shares,
-                members=self.generation_members,
-                resume_checkpoint=self.resume_checkpoint["path"] if self.resume_checkpoint else None))
-        waiting = f"{len(self.members)}/{self.target_workers} workers" if self.phase == Phase.WAITING else "next generation"
-        return PlanResponse(action="wait", reason=f"waiting for {waiting}")
+                id=self.generation, rank=m.rank, world=len(self.generation_members), shares=self.shares,
+                members=self.generation_members, start_step=self.generation_start_step,
+                resume_checkpoint=resume))
+        return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
     def report(self, r: Report) -> None:
         m = self.members.get(r.worker_id)
@@ -146,83 +188,222 @@ class Coordinator:
                 if rec.get("kind") == "train":
                     self.step = max(self.step, rec["step"])
                     self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
-                    self.total_steps = rec.get("total_steps", self.total_steps)
             self._persist()
         elif r.kind == "checkpoint":
-            self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
-            self._event("checkpoint", f"checkpoint at step {p['step']}", **p)
+            if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
+                self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
+            self._event("checkpoint", f"checkpoint at step {p['step']} by {r.worker_id}", **p)
+            if self.checkpoint_from == r.worker_id:
+                self.checkpoint_from = None
             self._persist()
+            self._advance()
         elif r.kind == "finished":
-            m.finished, m.state = True, "finished"
+            m.state = "finished"
+            m.step = p.get("step", m.step)
             if p.get("summary"):
                 self.summary = p["summary"]
-            if self.phase == Phase.RUNNING and all(self.members[w].finished for w in self.generation_members):
+            if all(self.members[w].state == "finished" for w in self.generation_members):
                 self._complete()
+        elif r.kind == "paused":
+            self._on_paused(m, p)
         elif r.kind == "failed":
-            m.state = "failed"
-            self._fail(f"worker {r.worker_id} failed: {p.get('error', 'unknown error')}")
+            m.state = "lost"
+            self.fail(f"worker {r.worker_id} failed: {p.get('error', 'unknown error')}")
 
     def tick(self) -> None:
-        """Time passes: a running member silent for longer than the heartbeat timeout is lost."""
-        if self.phase != Phase.RUNNING:
+        """Time passes: silent members are lost; a wait for workers may reach its deadline."""
+        if self.phase.final:
             return
         now = self.clock()
-        for wid in self.generation_members:
-            m = self.members[wid]
-            if not m.finished and now - m.last_seen > self.job.cluster.heartbeat_timeout_s:
-                m.state = "lost"
-                self._fail(f"worker {wid} lost: no heartbeat for {now - m.last_seen:.1f} s"
-                           f" (cluster.heartbeat_timeout_s={self.job.cluster.heartbeat_timeout_s:g})")
-                return
+        timeout = self.job.cluster.heartbeat_timeout_s
+        for m in list(self.members.values()):
+            if m.state in GONE or m.state == "finished":
+                continue
+            silent = now - m.last_seen
+            if silent > timeout:
+                self._lose(m, f"heartbeat timeout ({silent:.1f} s silent,"
+                              f" cluster.heartbeat_timeout_s={timeout:g})")
+            elif self.phase == Phase.REGROUPING and m.state == "training" and silent > SUSPECT_SILENCE_S:
+                self._lose(m, f"silent for {silent:.1f} s while its generation regrouped")
+        if (self.phase == Phase.WAITING and self.waiting_since is not None and self.checkpoint_from is None
+                and now - self.waiting_since > self.job.cluster.wait_for_workers_s):
+            alive = len(self._alive())
+            self.fail(f"only {alive} worker(s) alive, fewer than cluster.min_workers="
+                      f"{self.job.cluster.min_workers}, for {self.job.cluster.wait_for_workers_s:g} s"
+                      f" (cluster.wait_for_workers_s); the last checkpoint is at step "
+                      f"{(self.latest_checkpoint or {}).get('step', 0)}")
 
     def process_exited(self, pid: int, code: int) -> None:
-        """A locally supervised worker process ended; unless it had finished, the job has lost it."""
+        """A locally supervised worker process ended."""
         for m in self.members.values():
-            if m.pid == pid and not m.finished and m.worker_id in self.generation_members:
-                m.state = "lost"
-                self._fail(f"worker {m.worker_id} (pid {pid}) exited with code {code}")
+            if m.pid == pid and m.state not in GONE and m.state != "finished":
+                self._lose(m, f"process exited with code {code}")
 
-    def stop(self, reason: str) -> None:
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary with a checkpoint of the live state, then end ``stopped``."""
+        if self.phase.final or self.stop_requested:
+            return
+        self.stop_requested = reason
+        self._event("stop_requested", reason)
+        if self.phase == Phase.RUNNING:
+            self._regroup(reason)
+        else:
+            self._advance()
+
+    def note(self, kind: str, reason: str, **details) -> None:
+        """An event from outside the machine (e.g. the launcher restarted a local worker)."""
+        self._event(kind, reason, **details)
+
+    def stop_now(self, reason: str) -> None:
         if not self.phase.final:
-            self.phase, self.reason, self.ended_at = Phase.STOPPED, reason, self.clock()
-            self._event("stopped", reason)
-            self._persist()
+            self._end(Phase.STOPPED, reason)
+
+    def fail(self, reason: str) -> None:
+        if not self.phase.final:
+            self._end(Phase.FAILED, reason)
 
     # --- transitions -----------------------------------------------------------------------------
-    def _form_generation(self) -> None:
-        chosen = list(self.members.values())[:self.target_workers]
+    def _on_paused(self, m: Member, p: dict) -> None:
+        why = p.get("reason", "regroup")
+        m.step = p.get("step", m.step)
+        if why == "leaving":
+            m.state = "left"
+            self._event("worker_left", f"{m.worker_id} left gracefully at step {m.step}", worker=m.worker_id)
+        else:
+            m.state = "paused"
+        if why == "collective_error" and self.phase == Phase.RUNNING and p.get("generation") == self.generation:
+            self._open_incident(f"collective error reported by {m.worker_id}: {p.get('error', '')}")
+            self._regroup(f"a collective failed in generation {self.generation}")
+        elif why == "leaving" and self.phase == Phase.RUNNING:
+            self._regroup(f"worker {m.worker_id} left")
+        self._advance()
+
+    def _lose(self, m: Member, how: str) -> None:
+        in_generation = m.worker_id in self.generation_members and m.state in ("training", "paused")
+        m.state = "lost"
+        if self.checkpoint_from == m.worker_id:
+            self.checkpoint_from = None
+        self._event("worker_lost", f"{m.worker_id} lost: {how}", worker=m.worker_id, detected_by=how,
+                    step=m.step)
+        if in_generation and self.phase == Phase.RUNNING:
+            self._open_incident(f"{m.worker_id}: {how}")
+            self._regroup(f"worker {m.worker_id} lost")
+        self._advance()
+
+    def _open_incident(self, detected_by: str) -> None:
+        self.incidents.append({"detected_by": detected_by, "detected_at": self.clock(),
+                               "generation": self.generation, "step_before": self.step})
+
+    def _recovered(self) -> None:
+        now = self.clock()
+        for inc in self.incidents:
+            lost = max(0, inc["step_before"] - self.generation_start_step)
+            self._event("recovered", f"recovered from '{inc['detected_by']}' in {now - inc['detected_at']:.2f} s;"
+                        f" resumed at step {self.generation_start_step}, {lost} completed step(s) lost",
+                        detected_by=inc["detected_by"], recovery_s=round(now - inc["detected_at"], 3),
+                        regroup_s=round(inc.get("formed_at", now) - inc["detected_at"], 3),
+                        resumed_at_step=self.generation_start_step, steps_lost=lost,
+                        generation=self.generation)
+        self.incidents = []
+
+    def _regroup(self, reason: str) -> None:
+        if self.phase == Phase.RUNNING:
+            for w in self.generation_members:      # a finished replica holds the final state: reuse it
+                if self.members[w].state == "finished":
+                    self.members[w].state = "paused"
+            self.phase = Phase.REGROUPING
+            self._event("regroup", reason, generation=self.generation)
+            self._persist()
+
+    def _advance(self) -> None:
+        """Move on once the current generation has wound down (or nothing is running)."""
+        if self.phase in (Phase.RUNNING,) or self.phase.final:
+            return
+        if self.phase == Phase.REGROUPING and any(
+                self.members[w].state == "training" for w in self.generation_members):
+            return                                   # still waiting for members to pause
+        if self.checkpoint_from is not None:
+            return                                   # a checkpoint of the live state is being written
+        paused = sorted((m for m in self.members.values() if m.state == "paused"), key=lambda m: -m.step)
+        best = paused[0] if paused else None
+        behind = best is not None and (not self.latest_checkpoint or self.latest_checkpoint["step"] < best.step)
+        if self.stop_requested:
+            if behind:
+                self.checkpoint_from = best.worker_id
+                return
+            self._end(Phase.STOPPED, self.stop_requested)
+            return
+        alive = self._alive()
+        needed = self.target_workers if self.generation is None else self.job.cluster.min_workers
+        if len(alive) >= max(1, needed):
+            self._form_generation(alive, best)
+            return
+        if self.phase != Phase.WAITING or (self.generation is not None and self.waiting_since is None):
+            self.phase = Phase.WAITING
+            if self.generation is not None:
+                self.waiting_since = self.clock()
+                self._event("waiting", f"{len(alive)} worker(s) alive, cluster.min_workers is "
+                                       f"{self.job.cluster.min_workers}: training paused")
+            if behind:
+                self.checkpoint_from = best.worker_id      # keep the live state safe while waiting
+            self._persist()
+
+    def _form_generation(self, alive: list[Member], source: Optional[Member]) -> None:
+        rest = [m for m in alive if m is not source]
+        rest.sort(key=lambda m: (m.state != "paused", -m.step, list(self.members).index(m.worker_id)))
+        chosen = ([source] if source else []) + rest
+        chosen = chosen[:self._max_workers()]
         self.generation = 0 if self.generation is None else self.generation + 1
         self.generation_members = [m.worker_id for m in chosen]
         self.shares = self.share_policy(self.job, chosen)
+        # the state comes from the most advanced live replica, or from the checkpoint if none is left
+        self.source_is_checkpoint = source is None
+        if source is not None:
+            self.generation_start_step = source.step
+        else:
+            self.generation_start_step = self.latest_checkpoint["step"] if self.latest_checkpoint else 0
         for rank, m in enumerate(chosen):
-            m.rank, m.share, m.state = rank, self.shares[rank], "training"
+            m.rank, m.share, m.state, m.generation = rank, self.shares[rank], "training", self.generation
+            m.step = self.generation_start_step
+        for inc in self.incidents:
+            inc.setdefault("formed_at", self.clock())
         if self.started_at is None:
             self.started_at = self.clock()
-        self.phase = Phase.RUNNING
-        self._event("generation", f"generation {self.generation} with {len(chosen)} workers",
-                    generation=self.generation, members=self.generation_members, shares=self.shares,
-                    start_step=self.step)
+        self.phase, self.waiting_since = Phase.RUNNING, None
+        self._event("generation", f"generation {self.generation} with {len(chosen)} worker(s) from step "
+                    f"{self.generation_start_step}", generation=self.generation, members=self.generation_members,
+                    shares=self.shares, start_step=self.generation_start_step,
+                    state_from="checkpoint" if source is None else source.worker_id)
         self._persist()
 
     def _complete(self) -> None:
-        self.phase, self.ended_at = Phase.COMPLETED, self.clock()
         summary = dict(self.summary or {})
+        self.ended_at = self.clock()
         summary.update(status="completed", workers=len(self.generation_members),
                        wall_s=round(self.ended_at - self.started_at, 3))
         self.summary = summary
         self.step = summary.get("steps", self.step)
         self.run.write_summary(summary)
-        self._event("completed", f"training completed at step {summary.get('steps')}")
+        self._end(Phase.COMPLETED, f"training completed at step {self.step}")
+
+    def _end(self, phase: Phase, reason: str) -> None:
+        self.phase, self.reason, self.ended_at = phase, reason, self.clock()
+        self._event(phase.value, reason)
         self._persist()
 
-    def _fail(self, reason: str) -> None:
-        if self.phase.final:
-            return
-        self.phase, self.reason, self.ended_at = Phase.FAILED, reason, self.clock()
-        self._event("failed", reason)
-        self._persist()
+    # --- helpers and views -----------------------------------------------------------------------
+    def _alive(self) -> list[Member]:
+        return [m for m in self.members.values() if m.state in ("standby", "paused")]
 
-    # --- persistence and views ---------------------------------------------------------------------
+    def _max_workers(self) -> int:
+        return self.job.cluster.max_workers or 1_000_000
+
+    def _waiting_for(self) -> str:
+        if self.phase == Phase.REGROUPING:
+            return "the current generation to pause"
+        needed = self.target_workers if self.generation is None else self.job.cluster.min_workers
+        return f"{len(self._alive())}/{needed} workers"
+
     def _event(self, kind: str, reason: str, **details) -> None:
         ev = {"time": time.time(), "kind": kind, "reason": reason, **details}
         self.events.append(ev)
@@ -245,8 +426,8 @@ class Coordinator:
             "latest_checkpoint": self.latest_checkpoint, "run_dir": str(self.run.root),
             "summary": self.summary,
             "workers": [{"worker_id": m.worker_id, "host": m.host, "pid": m.pid, "state": m.state,
-                         "rank": m.rank, "share": m.share, "step": m.step,
-                         "samples_per_s": round(m.samples_per_s, 1),
+                         "rank": m.rank if m.state == "training" else None, "share": m.share,
+                         "step": m.step, "samples_per_s": round(m.samples_per_s, 1),
                          "last_seen_s": round(now - m.last_seen, 2)} for m in self.members.values()],
             "events": self.events[-20:],
         }

@@ -1,11 +1,16 @@
-"""``lepton worker``: register, wait for a generation, train, report; the worker lifecycle of design §3.
+"""``lepton worker``: the worker lifecycle of design §3.
 
-The training loop talks to the coordinator only through a background ``Reporter`` (heartbeats and
-metric records) so that no step ever waits on HTTP; it looks at the plan only between generations.
+register → wait for a generation → join its process group → receive the state by broadcast from
+rank 0 → train → on a collective error, a regroup flag or a leave request: pause, report the step,
+and wait for the next generation. The training loop talks to the coordinator only through a
+background ``Reporter`` (heartbeats, metric records) so that no step ever waits on HTTP; it looks at
+the plan only between generations. If the coordinator is unreachable, the data plane goes on and
+control calls are retried for ``cluster.coordinator_timeout_s``.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -15,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..client import CoordinatorClient
+from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
 from ..errors import LeptonError
 from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources
@@ -31,7 +36,7 @@ PLAN_POLL_S = 0.05
 
 class Reporter(threading.Thread):
     """Sends heartbeats and queued metric records every ``interval`` seconds, off the training path.
-    A coordinator that is briefly unreachable only delays the records; they are kept and resent."""
+    While the coordinator is unreachable the records are kept and resent."""
 
     def __init__(self, client: CoordinatorClient, worker_id: str, interval: float):
         super().__init__(name="lepton-reporter", daemon=True)
@@ -39,6 +44,7 @@ class Reporter(threading.Thread):
         self.lock = threading.Lock()
         self.records: list[dict] = []
         self.beat = Heartbeat(worker_id=worker_id, state="waiting")
+        self.regroup_generation: int | None = None
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
 
@@ -57,7 +63,9 @@ class Reporter(threading.Thread):
         try:
             if records:
                 self.client.report(Report(worker_id=self.worker_id, kind="metrics", payload={"records": records}))
-            if self.client.heartbeat(beat).action == "exit":
+            reply = self.client.heartbeat(beat)
+            self.regroup_generation = reply.regroup_generation
+            if reply.action == "exit":
                 self.exit_requested.set()
         except LeptonError:
             with self.lock:
@@ -90,12 +98,21 @@ def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
 class Worker:
     def __init__(self, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
                  connect_timeout_s: float = 120.0):
+        self.faults = FaultInjector()
+        self.faults.fire("start")
         self.url = url
         self.client = CoordinatorClient(url, token)
         resources = _apply_placement(cpus, threads)
+        # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
+        # registering, while a local coordinator is still preparing the data
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         reg = self.client.register(RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources),
                                    wait_s=connect_timeout_s)
         self.worker_id = reg.worker_id
+        # heartbeats start now; the coordinator counts this worker as available from its first plan
+        # request, i.e. once the model and data below are ready
+        self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
+        self.reporter.start()
         self.job = parse_job(reg.job, source="job from coordinator")
         self.run = RunDir(reg.run_dir)
         factory = None
@@ -104,72 +121,115 @@ class Worker:
             factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
         self.trainer = Trainer(self.job, DataCache(self.run), factory)
         self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, self.job.cluster.collective_timeout_s)
-        self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
-        self.faults = FaultInjector()
+        self.generation: int | None = None
+        self.leaving = False
 
-    # --- lifecycle ---------------------------------------------------------------------------------
+    # --- signals -------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        """First SIGTERM/SIGINT: leave at the next step boundary (nothing redone). Second: now."""
+        if self.leaving:
+            os._exit(128 + signum)
+        self.leaving = True
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        # a worker started by `lepton train` shares the terminal's process group: Ctrl-C is the
+        # launcher's to handle (checkpoint and stop the whole job), not a reason to leave
+        local = os.environ.get("LEPTON_LOCAL_WORKER") == "1"
+        signal.signal(signal.SIGINT, signal.SIG_IGN if local else self._on_signal)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
     def serve(self) -> int:
-        """Run until the coordinator says exit. Returns the process exit code."""
-        self.reporter.start()
-        code = 0
+        """Run until the coordinator says exit (or this worker leaves). Returns the exit code."""
+        self._install_signals()
         try:
-            while True:
-                plan = self.client.plan(self.worker_id)
-                if plan.action == "exit" or self.reporter.exit_requested.is_set():
+            while not self.reporter.exit_requested.is_set():
+                if self.leaving:
+                    self._send("paused", {"reason": "leaving", "step": self.trainer.step})
+                    break
+                plan = self._control(self.client.plan, self.worker_id)
+                if plan.action == "exit":
                     break
                 if plan.action == "wait":
                     time.sleep(PLAN_POLL_S)
-                    continue
-                try:
-                    self.reporter.update(state="training", generation=plan.generation.id)
-                    self.group.join(plan.generation.id, plan.generation.rank, plan.generation.world)
-                    summary = self._train(plan.generation)
-                except CommError as e:
-                    self._report("failed", {"error": f"collective failed: {e}", "step": self.trainer.step})
-                    code = 1
+                elif plan.action == "checkpoint":
+                    t = self.trainer
+                    path = write_checkpoint(self.run, t.step, t.state(), self.job.checkpoint.keep)
+                    self._send("checkpoint", {"step": t.step, "path": str(path)})
+                elif self._run_generation(plan.generation) == "left":
                     break
-                self.reporter.update(state="finished", step=self.trainer.step)
-                self.reporter.flush()           # metrics reach the coordinator before 'finished'
-                self._report("finished", {"summary": summary})
-                self._wait_for_exit()
-                break
+        except LeptonError:
+            raise                                 # the coordinator is gone: nobody to tell
         except Exception as e:
-            self._report("failed", {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+            self._send("failed", {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
             raise
         finally:
             self.reporter.close()
             self.group.leave()
-        return code
+        return 0
 
-    def _wait_for_exit(self) -> None:
-        while self.client.plan(self.worker_id).action != "exit":
-            time.sleep(PLAN_POLL_S)
-
-    def _report(self, kind: str, payload: dict) -> None:
+    def _run_generation(self, gen: Generation) -> str:
+        self.generation = gen.id
+        self.reporter.update(state="training", generation=gen.id, step=gen.start_step)
         try:
-            self.client.report(Report(worker_id=self.worker_id, kind=kind, payload=payload))
-        except LeptonError:
-            pass  # the coordinator is gone; nothing more to tell it
+            self.group.join(gen.id, gen.rank, gen.world)
+            summary = self._train(gen)
+        except CommError as e:
+            self.group.leave()
+            self.reporter.update(state="paused")
+            self._send("paused", {"reason": "collective_error", "generation": gen.id, "step": self.trainer.step,
+                                  "error": str(e)[:300]})
+            return "paused"
+        self.group.leave()
+        if summary is False:                      # paused at an agreed step boundary
+            self.reporter.update(state="paused")
+            why = "leaving" if self.leaving else "regroup"
+            self._send("paused", {"reason": why, "generation": gen.id, "step": self.trainer.step})
+            return "left" if self.leaving else "paused"
+        self.reporter.update(state="finished", step=self.trainer.step)
+        self.reporter.flush()                     # metrics reach the coordinator before 'finished'
+        self._send("finished", {"summary": summary, "step": self.trainer.step})
+        return "finished"
 
-    # --- one generation ----------------------------------------------------------------------------
-    def _train(self, gen: Generation) -> dict | None:
+    def _control(self, fn, *args):
+        """A control-plane call that rides out a coordinator outage of up to coordinator_timeout_s."""
+        deadline = time.monotonic() + self.job.cluster.coordinator_timeout_s
+        while True:
+            try:
+                return fn(*args)
+            except CoordinatorUnreachable:
+                if time.monotonic() > deadline:
+                    raise LeptonError(f"lost the coordinator at {self.url} for more than "
+                                      f"{self.job.cluster.coordinator_timeout_s:g} s") from None
+                time.sleep(0.5)
+
+    def _send(self, kind: str, payload: dict) -> None:
+        self._control(self.client.report, Report(worker_id=self.worker_id, kind=kind, payload=payload))
+
+    # --- one generation ------------------------------------------------------------------------------
+    def _wants_regroup(self) -> bool:
+        return self.leaving or self.reporter.regroup_generation == self.generation
+
+    def _train(self, gen: Generation) -> dict | None | bool:
+        """Train from the broadcast state to the end (→ summary on rank 0, None elsewhere) or to an
+        agreed pause (→ False)."""
         t, job, rank = self.trainer, self.job, gen.rank
-        if rank == 0 and gen.resume_checkpoint and t.step == 0:
+        if rank == 0 and gen.resume_checkpoint:
             t.load_state(read_checkpoint(gen.resume_checkpoint))
         state = self.group.broadcast_state(t.state() if rank == 0 else None, src=0)
         if rank != 0:
             t.load_state(state)
         ckpt = AsyncCheckpointer(self.run, job.checkpoint.keep, self._on_checkpoint) if rank == 0 else None
-        every = job.checkpoint.every_steps
-        eval_every = job.eval.every
-        log_every = job.train.log_every_steps
+        every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
+        if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
+            self._validate(rank, gen.id)          # a validation interrupted by the last failure
         # throughput over the steady state: the first step of a generation (warm-up) is left out
         steady_samples, steady_s = 0, 0.0
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
         while t.step < t.total_steps:
-            self.faults.before_step(rank, t.step)
-            r = t.train_step(self.group, gen.shares, rank)
+            self.faults.fire("step", rank, t.step, gen.id)
+            r = t.train_step(self.group, gen.shares, rank, regroup=self._wants_regroup())
             if not first:
                 steady_samples += r.batch
                 steady_s += r.wall_s
@@ -181,17 +241,22 @@ class Worker:
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,
-                                    "samples_per_s": win_samples / win_s if win_s > 0 else None})
+                                    "samples_per_s": win_samples / win_s if win_s > 0 else None,
+                                    "generation": gen.id, "workers": gen.world})
                 win_loss, win_samples, win_s = 0.0, 0, 0.0
             if ckpt and every and t.step % every == 0 and t.step < t.total_steps:
                 ckpt.save(t.step, t.state())
-            due = (eval_every == "epoch" and t.at_epoch_end()) or (isinstance(eval_every, int) and t.step % eval_every == 0)
-            if due and t.step < t.total_steps:
-                self._log_eval("val", t.evaluate(self.group, "val"), rank)
+                self.faults.fire("checkpoint", rank, t.step, gen.id)
+            if self._eval_due() and t.step < t.total_steps:
+                self._validate(rank, gen.id)
+            if r.regroup and t.step < t.total_steps:
+                if ckpt:
+                    ckpt.wait()
+                return False
         if ckpt:
             ckpt.wait()
         results = {split: t.evaluate(self.group, split) for split in ("train", "val", "test")}
-        if eval_every != "never":
+        if job.eval.every != "never":
             self._log_eval("val", results["val"], rank)
         if rank != 0:
             return None
@@ -202,13 +267,22 @@ class Worker:
         return {**results, "steps": t.step, "epochs": job.train.epochs,
                 "samples_per_s": round(steady_samples / steady_s, 1) if steady_s > 0 else None}
 
+    def _eval_due(self) -> bool:
+        every, t = self.job.eval.every, self.trainer
+        return (every == "epoch" and t.at_epoch_end()) or (isinstance(every, int) and t.step % every == 0)
+
+    def _validate(self, rank: int, generation: int) -> None:
+        self.faults.fire("eval", rank, self.trainer.step, generation)
+        self._log_eval("val", self.trainer.evaluate(self.group, "val"), rank)
+        self.trainer.evaluated_step = self.trainer.step
+
     def _log_eval(self, split: str, m: dict, rank: int) -> None:
         if rank == 0 and m.get("count"):
             self.reporter.push({"kind": "eval", "split": split, "time": time.time(), "step": self.trainer.step,
                                 "epoch": self.trainer.epoch, **m})
 
     def _on_checkpoint(self, step: int, path: Path) -> None:
-        self._report("checkpoint", {"step": step, "path": str(path)})
+        self._send("checkpoint", {"step": step, "path": str(path)})
 
     def _write_model(self, results: dict) -> None:
         pre = self.trainer.cache.preprocessor

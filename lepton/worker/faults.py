@@ -1,11 +1,16 @@
 """Deterministic fault injection, a product feature for tests and chaos benchmarks (design §7).
 
-``LEPTON_FAULTS`` holds ``;``-separated rules ``ACTION:key=value:...`` applied by a worker at step
-boundaries (before running global step ``step``):
-- ``crash:rank=R:step=S``      exit at once with code 17 (like a crash; no cleanup, no report)
-- ``kill:rank=R:step=S``       SIGKILL itself
-- ``slow:rank=R:seconds=X``    sleep X seconds before every step (a slow worker); ``rank=*`` for all
-``rank`` is the rank in the current generation. A rule without ``step`` applies to every step.
+``LEPTON_FAULTS`` holds ``;``-separated rules ``ACTION:key=value:...`` that a worker applies at
+well-defined points:
+- actions: ``crash`` (exit at once with code 17, no cleanup), ``kill`` (SIGKILL itself),
+  ``hang`` (SIGSTOP itself), ``slow`` (sleep ``seconds``);
+- ``at``: ``step`` (default; before running global step ``step``), ``eval`` (as a validation at
+  ``step`` starts), ``checkpoint`` (right after rank 0 started writing the checkpoint of ``step``),
+  ``start`` (before registering: a worker that fails at start-up);
+- ``rank``: the rank in the current generation (``*``, the default, for all); ``step``: omit to
+  apply at every step; ``crash``/``kill``/``hang`` fire only in generation 0 (so the survivors that
+  redo the step are not hit again) unless ``always=1``.
+Example: ``kill:rank=1:step=5;slow:rank=2:seconds=0.01``.
 """
 from __future__ import annotations
 
@@ -14,27 +19,35 @@ import signal
 import time
 from dataclasses import dataclass
 
+ACTIONS = ("crash", "kill", "hang", "slow")
+POINTS = ("step", "eval", "checkpoint", "start")
+
 
 @dataclass
 class Fault:
     action: str
+    at: str = "step"
     rank: str = "*"
     step: int | None = None
     seconds: float = 0.0
+    always: bool = False
 
-    def applies(self, rank: int, step: int) -> bool:
-        return (self.rank == "*" or int(self.rank) == rank) and (self.step is None or self.step == step)
+    def applies(self, at: str, rank: int | None, step: int | None, generation: int | None) -> bool:
+        first_only = self.action != "slow" and not self.always
+        return (self.at == at and (self.rank == "*" or (rank is not None and int(self.rank) == rank))
+                and (self.step is None or self.step == step) and not (first_only and generation))
 
 
 def parse(text: str) -> list[Fault]:
     faults = []
     for rule in filter(None, (r.strip() for r in text.split(";"))):
         action, *pairs = rule.split(":")
-        if action not in ("crash", "kill", "slow"):
-            raise ValueError(f"LEPTON_FAULTS: unknown action {action!r} in {rule!r}")
         kw = dict(p.split("=", 1) for p in pairs)
-        faults.append(Fault(action, kw.get("rank", "*"), int(kw["step"]) if "step" in kw else None,
-                            float(kw.get("seconds", 0))))
+        if action not in ACTIONS or kw.get("at", "step") not in POINTS:
+            raise ValueError(f"LEPTON_FAULTS: cannot parse {rule!r} (actions {ACTIONS}, at {POINTS})")
+        faults.append(Fault(action, kw.get("at", "step"), kw.get("rank", "*"),
+                            int(kw["step"]) if "step" in kw else None, float(kw.get("seconds", 0)),
+                            kw.get("always") == "1"))
     return faults
 
 
@@ -42,9 +55,9 @@ class FaultInjector:
     def __init__(self, text: str | None = None):
         self.faults = parse(text if text is not None else os.environ.get("LEPTON_FAULTS", ""))
 
-    def before_step(self, rank: int, step: int) -> None:
+    def fire(self, at: str, rank: int | None = None, step: int | None = None, generation: int | None = None) -> None:
         for f in self.faults:
-            if not f.applies(rank, step):
+            if not f.applies(at, rank, step, generation):
                 continue
             if f.action == "slow":
                 time.sleep(f.seconds)
@@ -52,3 +65,5 @@ class FaultInjector:
                 os._exit(17)
             elif f.action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif f.action == "hang":
+                os.kill(os.getpid(), signal.SIGSTOP)

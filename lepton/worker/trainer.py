@@ -33,6 +33,7 @@ class StepResult:
     local: int               # samples this rank computed
     compute_s: float         # time in forward/backward (excludes waiting in the collective)
     wall_s: float
+    regroup: bool            # some rank asked to end the generation after this step (all see it)
 
 
 class Trainer:
@@ -41,22 +42,26 @@ class Trainer:
         pre = cache.preprocessor
         self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
         self.optimizer = build_optimizer(job, self.model.parameters())
-        self.grads = FlatGradients(self.model, extra_slots=2)
+        # extra slots reduced with the gradients: loss sum, sample count, regroup votes
+        self.grads = FlatGradients(self.model, extra_slots=3)
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
         self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
         self.step = 0
+        self.evaluated_step = -1          # step of the last completed periodic validation
         trace = os.environ.get("LEPTON_TRACE_SAMPLES")      # test-only: which samples each step used
         self._trace = open(f"{trace}.{os.getpid()}", "a") if trace else None
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "evaluated_step": self.evaluated_step}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.evaluated_step = int(state.get("evaluated_step", -1))
 
     @property
     def epoch(self) -> int:
@@ -66,7 +71,9 @@ class Trainer:
         return self.step % self.sampler.steps_per_epoch == 0
 
     # --- training ----------------------------------------------------------------------------------
-    def train_step(self, group: GenerationGroup, shares: list[float], rank: int) -> StepResult:
+    def train_step(self, group: GenerationGroup, shares: list[float], rank: int, regroup: bool = False) -> StepResult:
+        """One global step. ``regroup`` is this rank's vote to end the generation after the step; the
+        votes ride in the gradient allreduce, so every rank learns the same outcome at the same step."""
         t0 = time.perf_counter()
         idx, batch = self.sampler.worker_slice(self.step, shares, rank)
         self.model.train()
@@ -79,6 +86,7 @@ class Trainer:
             loss.backward()
             extra[0] = loss.detach()
             extra[1] = len(idx)
+        extra[2] = float(regroup)
         compute = time.perf_counter() - t0
         group.allreduce(self.grads.flat)
         # extra[1] now holds the global sample count; it equals ``batch`` unless a peer disagrees on
@@ -92,7 +100,8 @@ class Trainer:
             self._trace.write(json.dumps({"step": self.step, "idx": idx.tolist()}) + "\n")
             self._trace.flush()
         self.step += 1
-        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, time.perf_counter() - t0)
+        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, time.perf_counter() - t0,
+                          bool(extra[2].item() > 0))
 
     # --- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
