@@ -33,6 +33,7 @@ class OpenRun:
     train_rows: int
     resume_checkpoint: dict | None
     factory_pickle: str | None
+    previous_generation: int | None = None
 
 
 def default_run_dir(job: JobSpec) -> Path:
@@ -62,7 +63,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         ckpt = state.get("latest_checkpoint")
         if ckpt and not Path(ckpt["path"]).exists():
             raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
-        return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run))
+        return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run),
+                       state.get("generation"))
 
     assert job is not None
     run = RunDir(run_dir or default_run_dir(job))
@@ -93,7 +95,7 @@ def _factory_path(run: RunDir) -> str | None:
 def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None = None) -> CoordinatorServer:
     target = workers or opened.job.cluster.workers
     coord = Coordinator(opened.job, opened.run, target, train_rows=opened.train_rows,
-                        resume_checkpoint=opened.resume_checkpoint)
+                        resume_checkpoint=opened.resume_checkpoint, previous_generation=opened.previous_generation)
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
 
 

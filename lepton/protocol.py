@@ -40,6 +40,7 @@ class Generation(BaseModel):
     shares: list[float]
     members: list[str]
     start_step: int = 0                       # the step the source replica (rank 0) is at
+    store_port: int = 0                       # the coordinator's TCPStore (it changes if the coordinator restarts)
     resume_checkpoint: Optional[str] = None   # rank 0 loads it before broadcasting state
     backend: Literal["gloo", "nccl"] = "gloo"
 
@@ -53,10 +54,15 @@ class PlanResponse(BaseModel):
 
 
 class Heartbeat(BaseModel):
+    """Also carries who the worker is, so that a restarted coordinator can adopt a running worker."""
     worker_id: str
     state: str = "training"
     step: int = 0
     generation: Optional[int] = None
+    rank: Optional[int] = None
+    world: Optional[int] = None
+    host: str = ""
+    pid: int = 0
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
 
 

@@ -190,3 +190,31 @@ def test_sigterm_to_a_worker_leaves_gracefully(setup, procs, tmp_path):
     gens = [e for e in ev if e["kind"] == "generation"]
     assert len(gens) == 3 and len(gens[1]["members"]) == 2 and len(gens[2]["members"]) == 3
     assert s["workers"] == 3
+
+
+def test_coordinator_killed_and_restarted(setup, procs, tmp_path):
+    """Workers keep training through a coordinator outage and are adopted by its replacement."""
+    import socket
+    root, _, ref = setup
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bind = f"127.0.0.1:{port}"
+    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 2, "--bind", bind)
+    url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
+    env = {"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"}
+    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token", env=env)
+               for _ in range(2)]
+    _wait_for(lambda: _step(run_dir) >= 6, 60, "step 6")
+    os.killpg(coord.pid, signal.SIGKILL)
+    coord.wait(timeout=10)
+    time.sleep(1.0)                                   # the workers train on without it
+    coord2 = procs.lepton("coordinator", "--resume", "--run-dir", run_dir, "--bind", bind)
+    assert coord2.wait(timeout=120) == 0, coord2.stderr.read()
+    for w in workers:
+        assert w.wait(timeout=30) == 0, w.stderr.read()
+    _check_same_model(run_dir, ref)
+    k = kinds(run_dir)
+    assert k.count("worker_adopted") == 2 and "worker_lost" not in k
+    assert k.count("generation") == 1                 # no regroup, no step redone

@@ -23,6 +23,7 @@ class CommError(RuntimeError):
 class GenerationGroup:
     def __init__(self, store_host: str, store_port: int, timeout_s: float):
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.store_host, self.store_port = store_host, store_port
         self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
         self.generation: int | None = None
         self.rank = 0
@@ -31,8 +32,11 @@ class GenerationGroup:
             # all peers are on this host: keep gloo on loopback instead of the hostname's address
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
-    def join(self, generation: int, rank: int, world: int, backend: str = "gloo") -> None:
+    def join(self, generation: int, rank: int, world: int, store_port: int, backend: str = "gloo") -> None:
         self.leave()
+        if store_port != self.store_port:      # a restarted coordinator hosts a new store
+            self._client = dist.TCPStore(self.store_host, store_port, None, False, self.timeout)
+            self.store_port = store_port
         store = dist.PrefixStore(f"gen-{generation}/", self._client)
         try:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)

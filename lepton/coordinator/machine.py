@@ -85,6 +85,7 @@ class Coordinator:
     target_workers: int                          # workers needed before the first generation
     train_rows: int = 0                          # size of the training split (for total_steps)
     resume_checkpoint: Optional[dict] = None     # {"step": int, "path": str} from state.json
+    previous_generation: Optional[int] = None    # on --resume: the generation state.json last recorded
     clock: Callable[[], float] = time.monotonic
     share_policy: Callable[[JobSpec, list[Member]], list[float]] = equal_or_fixed_shares
 
@@ -92,6 +93,7 @@ class Coordinator:
     members: dict[str, Member] = field(default_factory=dict)
     generation: Optional[int] = None
     generation_members: list[str] = field(default_factory=list)
+    generation_world: int = 0
     generation_start_step: int = 0
     shares: list[float] = field(default_factory=list)
     step: int = 0
@@ -132,6 +134,29 @@ class Coordinator:
                     worker=wid, host=req.host, resources=req.resources.model_dump())
         return wid
 
+    def _adoptable(self, hb: Heartbeat) -> bool:
+        """A worker of the generation that was training when this coordinator's predecessor died
+        (``--resume`` on a live run): the data plane went on without us, so take it back as it is."""
+        return (hb.generation is not None and hb.generation == self.previous_generation and hb.rank is not None
+                and hb.state == "training" and self.phase in (Phase.WAITING, Phase.RUNNING)
+                and self.generation in (None, hb.generation))
+
+    def _adopt(self, hb: Heartbeat) -> Member:
+        now = self.clock()
+        m = Member(hb.worker_id, hb.host, hb.pid, Resources(), now, state="training", step=hb.step,
+                   rank=hb.rank, share=1.0, generation=hb.generation)
+        self.members[hb.worker_id] = m
+        if self.generation is None:
+            self.generation, self.generation_world = hb.generation, hb.world
+            self.phase, self.started_at, self.source_is_checkpoint = Phase.RUNNING, now, False
+            self.shares = [1.0] * hb.world
+        self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
+        self.step = max(self.step, hb.step)
+        self._event("worker_adopted", f"{m.worker_id} (rank {hb.rank} of generation {hb.generation}) kept training"
+                    f" while the coordinator was down; adopted at step {hb.step}", worker=m.worker_id)
+        self._persist()
+        return m
+
     def _on_ready(self, m: Member) -> None:
         training = sum(1 for x in self.members.values() if x.state == "training")
         if self.phase == Phase.RUNNING and training < self._max_workers():
@@ -141,6 +166,8 @@ class Coordinator:
 
     def heartbeat(self, hb: Heartbeat) -> HeartbeatResponse:
         m = self.members.get(hb.worker_id)
+        if m is None and self._adoptable(hb):
+            m = self._adopt(hb)
         if m is None or m.state in GONE or self.phase.final:
             return HeartbeatResponse(action="exit")
         m.last_seen = self.clock()
@@ -202,7 +229,8 @@ class Coordinator:
             m.step = p.get("step", m.step)
             if p.get("summary"):
                 self.summary = p["summary"]
-            if all(self.members[w].state == "finished" for w in self.generation_members):
+            if (len(self.generation_members) == self.generation_world
+                    and all(self.members[w].state == "finished" for w in self.generation_members)):
                 self._complete()
         elif r.kind == "paused":
             self._on_paused(m, p)
@@ -334,13 +362,13 @@ class Coordinator:
             self._end(Phase.STOPPED, self.stop_requested)
             return
         alive = self._alive()
-        needed = self.target_workers if self.generation is None else self.job.cluster.min_workers
+        needed = self.target_workers if self.started_at is None else self.job.cluster.min_workers
         if len(alive) >= max(1, needed):
             self._form_generation(alive, best)
             return
-        if self.phase != Phase.WAITING or (self.generation is not None and self.waiting_since is None):
+        if self.phase != Phase.WAITING or (self.started_at is not None and self.waiting_since is None):
             self.phase = Phase.WAITING
-            if self.generation is not None:
+            if self.started_at is not None:
                 self.waiting_since = self.clock()
                 self._event("waiting", f"{len(alive)} worker(s) alive, cluster.min_workers is "
                                        f"{self.job.cluster.min_workers}: training paused")
@@ -353,8 +381,10 @@ class Coordinator:
         rest.sort(key=lambda m: (m.state != "paused", -m.step, list(self.members).index(m.worker_id)))
         chosen = ([source] if source else []) + rest
         chosen = chosen[:self._max_workers()]
-        self.generation = 0 if self.generation is None else self.generation + 1
+        last = self.generation if self.generation is not None else self.previous_generation
+        self.generation = 0 if last is None else last + 1
         self.generation_members = [m.worker_id for m in chosen]
+        self.generation_world = len(chosen)
         self.shares = self.share_policy(self.job, chosen)
         # the state comes from the most advanced live replica, or from the checkpoint if none is left
         self.source_is_checkpoint = source is None
@@ -401,7 +431,7 @@ class Coordinator:
     def _waiting_for(self) -> str:
         if self.phase == Phase.REGROUPING:
             return "the current generation to pause"
-        needed = self.target_workers if self.generation is None else self.job.cluster.min_workers
+        needed = self.target_workers if self.started_at is None else self.job.cluster.min_workers
         return f"{len(self._alive())}/{needed} workers"
 
     def _event(self, kind: str, reason: str, **details) -> None:

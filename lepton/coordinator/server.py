@@ -54,7 +54,10 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
     @app.get("/v1/plan", dependencies=[Depends(auth)])
     def plan(worker_id: str) -> PlanResponse:
         with lock:
-            return coord.plan(worker_id)
+            reply = coord.plan(worker_id)
+        if reply.generation is not None:
+            reply.generation.store_port = store_port
+        return reply
 
     @app.post("/v1/report", dependencies=[Depends(auth)])
     def report(r: Report) -> dict:

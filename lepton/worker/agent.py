@@ -112,6 +112,7 @@ class Worker:
         # heartbeats start now; the coordinator counts this worker as available from its first plan
         # request, i.e. once the model and data below are ready
         self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
+        self.reporter.update(host=socket.gethostname(), pid=os.getpid())
         self.reporter.start()
         self.job = parse_job(reg.job, source="job from coordinator")
         self.run = RunDir(reg.run_dir)
@@ -170,9 +171,9 @@ class Worker:
 
     def _run_generation(self, gen: Generation) -> str:
         self.generation = gen.id
-        self.reporter.update(state="training", generation=gen.id, step=gen.start_step)
+        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank, world=gen.world)
         try:
-            self.group.join(gen.id, gen.rank, gen.world)
+            self.group.join(gen.id, gen.rank, gen.world, gen.store_port)
             summary = self._train(gen)
         except CommError as e:
             self.group.leave()
@@ -187,7 +188,6 @@ class Worker:
             self._send("paused", {"reason": why, "generation": gen.id, "step": self.trainer.step})
             return "left" if self.leaving else "paused"
         self.reporter.update(state="finished", step=self.trainer.step)
-        self.reporter.flush()                     # metrics reach the coordinator before 'finished'
         self._send("finished", {"summary": summary, "step": self.trainer.step})
         return "finished"
 
@@ -204,11 +204,13 @@ class Worker:
                 time.sleep(0.5)
 
     def _send(self, kind: str, payload: dict) -> None:
+        self.reporter.flush()      # a heartbeat first: a restarted coordinator adopts us before the report
         self._control(self.client.report, Report(worker_id=self.worker_id, kind=kind, payload=payload))
 
     # --- one generation ------------------------------------------------------------------------------
     def _wants_regroup(self) -> bool:
-        return self.leaving or self.reporter.regroup_generation == self.generation
+        return (self.leaving or self.reporter.regroup_generation == self.generation
+                or self.reporter.exit_requested.is_set())
 
     def _train(self, gen: Generation) -> dict | None | bool:
         """Train from the broadcast state to the end (→ summary on rank 0, None elsewhere) or to an
