@@ -29,6 +29,7 @@ class TrainResult:
     run_dir: Path
     summary: dict | None
     reason: str = ""
+    export: dict | None = None          # the export report when the job has an ``export:`` section
 
 
 class _Interrupts:
@@ -142,4 +143,9 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     reason = coord.reason
     if coord.phase.value == "failed" and local.failure_output():
         console.print(local.failure_output(), markup=False, highlight=False)
-    return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason)
+    report = None
+    if coord.phase.value == "completed" and opened.job.export is not None:
+        from .export.pipeline import run_export
+        report = run_export(opened.run.root, opened.job.export,
+                            log=lambda m: console.print(m, markup=False, highlight=False))
+    return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason, report)

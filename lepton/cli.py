@@ -83,7 +83,11 @@ def cmd_train(a) -> int:
         raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
     res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
                     progress=not a.no_progress, threads=a.threads)
-    return _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table)
+    code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table)
+    if res.export:
+        from .export.report import print_report
+        print_report(res.export, out)
+    return code
 
 
 def _finish(status, reason, summary, run_dir, console, out, summary_table) -> int:

@@ -76,9 +76,13 @@ class Predictor:
 
 
 def load(path: str | Path) -> Predictor:
-    """A predictor from a run directory (its ``model/``) or a model directory itself."""
+    """A predictor from a run directory (its ``model/``), a model directory, or an exported artifact
+    file (ONNX through onnxruntime, TorchScript, safetensors) with the same interface."""
     p = Path(path)
     if not p.exists():
         raise LeptonError(f"{p}: no such run or model directory")
+    if p.is_file():                                  # an exported artifact (lepton export)
+        from .export.artifacts import load_artifact
+        return load_artifact(p)
     model_dir = RunDir(p).model_dir if (p / "model").is_dir() or (p / "state.json").exists() else p
     return Predictor(model_dir)

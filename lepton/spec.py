@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .export.spec import ExportSpec
 
 Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "linear"]
 
@@ -154,6 +155,7 @@ class JobSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    export: Optional[ExportSpec] = Field(None, description="run lepton export with these options after training")
 
     @field_validator("name")
     @classmethod
@@ -207,6 +209,8 @@ def _allowed_fields(loc: tuple) -> list[str]:
         if field is None:
             return []
         model = field.annotation
+        if getattr(model, "__args__", None):          # Optional[Section]
+            model = next((a for a in model.__args__ if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
     return list(getattr(model, "model_fields", {}))

@@ -1,6 +1,73 @@
-"""CLI subcommands of the export phase (placeholder until the export phase lands)."""
+"""CLI subcommands of the export phase: ``lepton export`` and ``lepton serve``.
+
+``add_export_commands(sub)`` registers both on the ``lepton`` subparsers; each parser sets
+``handler=`` (a function taking the parsed args, returning an exit code). Handlers raise
+``LeptonError`` for bad input, which ``lepton.cli`` prints as one line before exiting 2.
+Heavy imports (torch, ONNX Runtime, FastAPI) happen inside the handlers so that ``lepton --help``
+stays fast.
+"""
+from __future__ import annotations
+
+import json
 
 
 def add_export_commands(sub) -> None:
     """Register ``lepton export`` and ``lepton serve`` on the ``lepton`` subparsers; each parser
     sets ``handler=`` (a function taking the parsed args, returning an exit code)."""
+    e = sub.add_parser("export", help="prune / quantize / export a trained run's model and report on it",
+                       description="Write artifacts into RUN_DIR/exports/ and a report (exports/report.json"
+                                   " and a table): size, test metrics next to the fp32 model's, CPU latency"
+                                   " p50/p95 at batch 1 and 64, throughput, max output difference.")
+    e.add_argument("run_dir", help="a completed run directory")
+    e.add_argument("--format", action="append", metavar="FORMAT",
+                   help="onnx (default), torchscript or safetensors; repeat or comma-separate for several")
+    e.add_argument("--quantize", choices=["int8", "fp16", "bf16"],
+                   help="int8: ONNX Runtime dynamic quantization (onnx only); fp16/bf16: 16-bit weights")
+    e.add_argument("--prune", type=float, metavar="AMOUNT",
+                   help="fraction (0..1) of Linear/Conv weights to set to zero by L1 magnitude")
+    e.add_argument("--prune-scope", choices=["global", "layer"], default="global",
+                   help="global: smallest weights over all layers (default); layer: AMOUNT of each layer")
+    e.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                   help="fine-tune the pruned model for N epochs on the run's training split (single process)")
+    e.add_argument("--latency-runs", type=int, default=200, metavar="N",
+                   help="timed calls per batch size in the report (default 200; 0 skips timing)")
+    e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    e.set_defaults(handler=cmd_export)
+
+    s = sub.add_parser("serve", help="serve predictions over HTTP from a run or an exported model",
+                       description="POST /v1/predict {\"rows\": [{column: value, ...}]} → predictions;"
+                                   " GET /healthz. Input is validated against the model's feature columns.")
+    s.add_argument("target", help="run directory, or an exported file such as RUN_DIR/exports/model.int8.onnx")
+    s.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0 picks a free one; default %(default)s)")
+    s.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest request body accepted (default 1 MiB; larger gets 413)")
+    s.set_defaults(handler=cmd_serve)
+
+
+def cmd_export(a) -> int:
+    from ..console import console, out
+    from .pipeline import as_spec, run_export
+    from .report import print_report
+    raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize, "prune": a.prune,
+           "prune_scope": a.prune_scope, "finetune_epochs": a.finetune_epochs, "latency_runs": a.latency_runs}
+    spec = as_spec(raw, source="options")
+
+    def log(msg: str) -> None:
+        console.print(msg, markup=False, highlight=False)
+
+    report = run_export(a.run_dir, spec, log=None if a.json else log)
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print_report(report, out)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from ..cli import _split_bind
+    from ..errors import LeptonError
+    from .serve import serve
+    if a.max_body <= 0:
+        raise LeptonError(f"--max-body {a.max_body}: must be a positive number of bytes")
+    host, port = _split_bind(a.bind)
+    return serve(a.target, host, port, a.max_body)

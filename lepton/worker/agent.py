@@ -232,6 +232,9 @@ class Worker:
         while t.step < t.total_steps:
             self.faults.fire("step", rank, t.step, gen.id)
             r = t.train_step(self.group, gen.shares, rank, regroup=self._wants_regroup())
+            if first and rank == 0:     # when a generation's first step completed (recovery time)
+                self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
+                                    "time": time.time()})
             if not first:
                 steady_samples += r.batch
                 steady_s += r.wall_s

@@ -1,0 +1,168 @@
+"""The export phase: prune → fine-tune → export → compress → check, ending in ``exports/report.json``.
+
+    from lepton.export import ExportSpec, run_export
+    report = run_export("runs/x", ExportSpec(format="onnx", quantize="int8"))   # or a dict
+
+Contract of ``run_export(run_dir, spec)``:
+- reads the run's final model (``model/``) and its prepared test split (``data/test_*.npy``); a run
+  without them is a ``LeptonError`` that says what is missing;
+- when ``spec.prune`` is set, prunes a copy of the model (``prune.prune_model``), fine-tuning it for
+  ``spec.finetune_epochs`` first; the run's own ``model/`` is never modified;
+- writes one artifact per format into ``RUN_DIR/exports/`` (names from ``artifacts.artifact_name``,
+  replaced atomically when they exist). An ONNX artifact in int8/fp16/bf16 is made from the fp32 ONNX
+  export, which is written too (``model[.pruned].onnx``) so the report shows what the compression cost;
+- loads every artifact back through ``load_artifact`` (what ``lepton predict``/``serve`` will run) and
+  measures it against the fp32 torch model (``report`` module doc); writes ``exports/report.json`` and
+  returns the same dict.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from ..errors import LeptonError, SpecError
+from ..predict import Predictor
+from ..storage.checkpoint import MODEL_WEIGHTS
+from ..storage.rundir import RunDir, atomic_write_json
+from .artifacts import TorchRunner, artifact_name, load_artifact, write_onnx, write_safetensors, write_torchscript
+from .meta import artifact_meta
+from .report import Candidate, measure
+from .spec import ExportSpec
+
+REPORT_NAME = "report.json"
+REPORT_FORMAT = "lepton-export-report/1"
+
+Log = Callable[[str], None]
+
+
+def as_spec(spec: ExportSpec | dict | None, source: str = "export") -> ExportSpec:
+    if spec is None:
+        return ExportSpec()
+    if isinstance(spec, ExportSpec):
+        return spec
+    try:
+        return ExportSpec.model_validate(spec)
+    except ValidationError as e:
+        from ..spec import format_validation_error
+        raise SpecError(format_validation_error(e, source)) from None
+
+
+def _eval_split(run: RunDir) -> tuple[str, np.ndarray, np.ndarray]:
+    """The test split, or the validation split when the job kept no test rows."""
+    for split in ("test", "val"):
+        xp, yp = run.data_dir / f"{split}_x.npy", run.data_dir / f"{split}_y.npy"
+        if not (xp.is_file() and yp.is_file()):
+            continue
+        try:
+            x, y = np.load(xp), np.load(yp)
+        except (OSError, ValueError) as e:
+            raise LeptonError(f"{xp}: cannot read the prepared {split} split ({e})") from None
+        if len(y):
+            return split, x, y
+    raise LeptonError(f"{run.data_dir}: no prepared test (or validation) rows to check the artifacts on"
+                      " (expected data/test_x.npy and data/test_y.npy from `lepton train`)")
+
+
+def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pruning: dict | None,
+           run: RunDir, log: Log) -> tuple[list[tuple[str, str, Path]], list[str]]:
+    """Write the artifact(s) of one format; returns [(format, precision, path)] and report notes."""
+    pruned = pruning is not None
+    shape = tuple(base_meta["input_shape"])
+    src = str(run.root)
+    path = run.exports_dir / artifact_name(fmt, precision, pruned)
+    notes: list[str] = []
+    if fmt == "torchscript":
+        log(f"tracing TorchScript ({precision}) → {path.name}")
+        notes += write_torchscript(model, shape, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path)
+        return [(fmt, precision, path)], notes
+    if fmt == "safetensors":
+        log(f"writing safetensors ({precision}) → {path.name}")
+        write_safetensors(model, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path)
+        return [(fmt, precision, path)], notes
+    from .onnx_format import export_onnx, quantize_int8, store_weights_as
+    fp32_path = run.exports_dir / artifact_name("onnx", "fp32", pruned)
+    log(f"exporting ONNX (fp32, dynamic batch) → {fp32_path.name}")
+    proto = export_onnx(model, shape, artifact_meta(base_meta, "onnx", "fp32", pruning, src))
+    write_onnx(proto, fp32_path)
+    out = [("onnx", "fp32", fp32_path)]
+    if precision == "int8":
+        log(f"quantizing int8 (ONNX Runtime dynamic quantization) → {path.name}")
+        q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src))
+        write_onnx(q, path)
+        notes.append("int8: ONNX Runtime dynamic quantization (int8 weights with one scale per tensor,"
+                     " activations quantized per batch at run time; input and output stay float32)")
+        if any(n.op_type == "ConvInteger" for n in q.graph.node):
+            notes.append("int8 convolutions run as ConvInteger, which ONNX Runtime's CPU provider computes"
+                         " more slowly than float Conv at larger batches: compare the b64 columns")
+        out.append(("onnx", "int8", path))
+    elif precision in ("fp16", "bf16"):
+        log(f"storing ONNX weights as {precision} → {path.name}")
+        write_onnx(store_weights_as(proto, precision, artifact_meta(base_meta, "onnx", precision, pruning, src)), path)
+        notes.append(f"onnx {precision}: weights stored in {precision}, computed in float32 by ONNX Runtime"
+                     " (its CPU provider lacks 16-bit Gemm/Conv kernels)")
+        out.append(("onnx", precision, path))
+    return out, notes
+
+
+def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: Log | None = None) -> dict:
+    """Run the export phase on a completed run (see module doc); returns the report."""
+    spec = as_spec(spec)
+    log = log or (lambda msg: None)
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise LeptonError(f"{run.root}: no such run directory")
+    base = Predictor(run.model_dir)               # LeptonError when the run has no final model
+    split, x, y = _eval_split(run)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+
+    model = copy.deepcopy(base.model).eval()
+    pruning = None
+    if spec.prune is not None:
+        from .prune import prune_model
+        pruning = prune_model(model, run, spec.prune, spec.prune_scope, spec.finetune_epochs, log)
+
+    run.exports_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, str, Path]] = []
+    notes: list[str] = []
+    for fmt in spec.formats:
+        files, more = _write(fmt, spec.precision, model, base.meta, pruning, run, log)
+        written += [f for f in files if f not in written]
+        notes += more
+    if pruning is not None:
+        notes.append("pruning is unstructured: the zeros are stored densely, so it shrinks files only"
+                     " together with compression; its effect shows in the pruned rows' metrics")
+
+    candidates = [Candidate(f"{MODEL_WEIGHTS} (fp32 torch eager)", TorchRunner(base.model), "torch", "fp32",
+                            run.model_dir / MODEL_WEIGHTS)]
+    if pruning is not None:
+        candidates.append(Candidate("pruned model (fp32 torch eager)", TorchRunner(model), "torch", "fp32",
+                                    None, True))
+    for fmt, precision, path in written:
+        p = load_artifact(path, threads=threads)      # measure what was shipped, loaded as users load it
+        candidates.append(Candidate(path.name, p.runner, fmt, precision, path, pruning is not None))
+
+    log(f"measuring {len(candidates)} candidates on the {split} split ({len(y)} rows, {threads} threads)")
+    baseline_size = (run.model_dir / MODEL_WEIGHTS).stat().st_size
+    rows, ref = [], None
+    for c in candidates:
+        row, out = measure(c, base.task, x, y, ref, baseline_size, spec.latency_runs)
+        if ref is None:
+            ref = out              # the fp32 torch model's outputs: every difference is measured from it
+        rows.append(row)
+
+    import onnxruntime
+    report = {"format": REPORT_FORMAT, "name": base.meta.get("name", "model"), "run_dir": str(run.root),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": base.task, "split": split,
+              "test_rows": int(len(y)), "threads": threads, "spec": spec.model_dump(mode="json"),
+              "pruning": pruning, "artifacts": [str(p) for _, _, p in written], "rows": rows, "notes": notes,
+              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+              "wall_s": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(run.exports_dir / REPORT_NAME, report)
+    return report

@@ -1,0 +1,406 @@
+"""The export phase: ONNX/TorchScript/safetensors artifacts, int8/fp16/bf16, pruning, loading artifacts
+for prediction, bad artifacts and bad input, and `lepton serve`.
+
+Two runs are trained once per module (the bundled breast-cancer MLP and digits CNN, with fewer epochs)
+and exported a few times; every test reads those artifacts. No test asserts a timing.
+"""
+import csv
+import json
+import queue
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.csv as pacsv
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lepton
+from conftest import REPO, job_dict, make_classification_csv, run_cli
+from lepton.errors import DataError, LeptonError, SpecError
+from lepton.export import ExportSpec, run_export
+from lepton.export.artifacts import ArtifactPredictor, load_artifact
+
+pytestmark = pytest.mark.timeout(300)
+
+BREAST = REPO / "examples" / "breast_cancer_mlp.yaml"
+BREAST_CSV = REPO / "examples" / "data" / "breast_cancer.csv"
+DIGITS = REPO / "examples" / "digits_cnn.yaml"
+RUNS = 10          # timed calls per batch size: the report's shape is tested, never its timings
+
+
+def _train(yaml_path: Path, run_dir: Path, epochs: int) -> Path:
+    res = lepton.train(str(yaml_path), workers=1, run_dir=run_dir, overrides=[f"train.epochs={epochs}"])
+    assert res.status == "completed", res.reason
+    return res.run_dir
+
+
+@pytest.fixture(scope="module")
+def breast(tmp_path_factory):
+    """The breast-cancer run, exported as fp32 in every format, as int8 ONNX, and as fp16/bf16."""
+    run = _train(BREAST, tmp_path_factory.mktemp("breast") / "run", epochs=12)
+    reports = {
+        "fp32": run_export(run, {"format": ["onnx", "torchscript", "safetensors"], "latency_runs": RUNS}),
+        "int8": run_export(run, {"format": "onnx", "quantize": "int8", "latency_runs": RUNS}),
+        "fp16": run_export(run, {"format": ["onnx", "safetensors", "torchscript"], "quantize": "fp16",
+                                 "latency_runs": 0}),
+        "bf16": run_export(run, {"format": ["onnx", "safetensors"], "quantize": "bf16", "latency_runs": 0}),
+    }
+    return run, reports
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    run = _train(DIGITS, tmp_path_factory.mktemp("digits") / "run", epochs=4)
+    return run, run_export(run, {"format": "onnx", "quantize": "int8", "latency_runs": RUNS})
+
+
+def _row(report: dict, name: str) -> dict:
+    return next(r for r in report["rows"] if r["name"] == name)
+
+
+def _test_split(run: Path):
+    return np.load(run / "data" / "test_x.npy"), np.load(run / "data" / "test_y.npy")
+
+
+# --- ONNX and int8 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["breast", "digits"])
+def test_fp32_onnx_matches_torch(which, request):
+    run = request.getfixturevalue(which)[0]
+    x, _ = _test_split(run)
+    torch_out = lepton.load(run).model(torch.from_numpy(x)).detach().numpy()
+    onnx_out = load_artifact(run / "exports" / "model.onnx").runner(x)
+    assert onnx_out.shape == torch_out.shape
+    assert np.abs(onnx_out - torch_out).max() <= 1e-5
+    # the batch axis is dynamic: one row and many rows both run
+    assert load_artifact(run / "exports" / "model.onnx").runner(x[:1]).shape == (1, torch_out.shape[1])
+
+
+@pytest.mark.parametrize("which", ["breast", "digits"])
+def test_int8_accuracy_within_one_point(which, request):
+    run, report = request.getfixturevalue(which)
+    if which == "breast":
+        report = report["int8"]
+    fp32, int8 = report["rows"][0], _row(report, "model.int8.onnx")
+    assert int8["metrics"]["accuracy"] >= fp32["metrics"]["accuracy"] - 0.01, (fp32["metrics"], int8["metrics"])
+    # the report's number is what a user gets from the artifact
+    x, y = _test_split(run)
+    pred = load_artifact(run / "exports" / "model.int8.onnx").runner(x).argmax(1)
+    assert abs((pred == y).mean() - int8["metrics"]["accuracy"]) < 1e-9
+    assert int8["size_bytes"] < _row(report, "model.onnx")["size_bytes"]
+
+
+def test_report_contents(breast):
+    run, reports = breast
+    saved = json.loads((run / "exports" / "report.json").read_text())
+    assert saved["rows"][0]["name"].startswith("weights.safetensors")   # the last export's report
+    rep = reports["int8"]
+    assert rep["task"] == "classification" and rep["test_rows"] == len(_test_split(run)[1])
+    assert [r["name"] for r in rep["rows"]][1:] == ["model.onnx", "model.int8.onnx"]
+    for row in rep["rows"]:
+        assert row["size_bytes"] > 0 and 0 <= row["metrics"]["accuracy"] <= 1
+        for b in ("batch_1", "batch_64"):
+            lat = row["latency_ms"][b]
+            assert 0 < lat["p50"] <= lat["p95"]
+        assert row["throughput_rows_s"] > 0
+    assert rep["rows"][0]["max_abs_diff"] is None and _row(rep, "model.onnx")["max_abs_diff"] <= 1e-5
+    assert _row(rep, "model.int8.onnx")["agreement"] > 0.9
+    assert any("dynamic quantization" in n for n in rep["notes"])
+
+
+# --- pruning ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruned_model_reaches_sparsity(breast, scope):
+    run, _ = breast
+    before = (run / "model" / "weights.safetensors").read_bytes()
+    rep = run_export(run, {"format": "safetensors", "prune": 0.6, "prune_scope": scope, "finetune_epochs": 2,
+                           "latency_runs": 0})
+    assert rep["pruning"]["sparsity"] >= 0.6 - 1e-3 and len(rep["pruning"]["finetune_loss"]) == 2
+    w = load_file(str(run / "exports" / "model.pruned.safetensors"))
+    layers = [k for k in w if k.endswith("weight")]
+    zeros = sum(int((w[k] == 0).sum()) for k in layers)
+    total = sum(w[k].numel() for k in layers)
+    assert zeros / total >= 0.6 - 1e-3          # fine-tuning kept the mask: the zeros are still there
+    if scope == "layer":
+        for k in layers:
+            assert float((w[k] == 0).float().mean()) == pytest.approx(0.6, abs=1.0 / w[k].numel() + 1e-6)
+    assert (run / "model" / "weights.safetensors").read_bytes() == before, "the run's model must not change"
+    pruned = _row(rep, "model.pruned.safetensors")
+    assert pruned["metrics"]["accuracy"] > 0.8   # fine-tuned: still a working classifier
+
+
+def test_pruned_int8_onnx(breast):
+    run, _ = breast
+    rep = run_export(run, {"format": "onnx", "quantize": "int8", "prune": 0.5, "latency_runs": 0})
+    names = [r["name"] for r in rep["rows"]]
+    assert names[1:] == ["pruned model (fp32 torch eager)", "model.pruned.onnx", "model.pruned.int8.onnx"]
+    assert rep["pruning"]["finetune_epochs"] == 0 and rep["pruning"]["sparsity"] >= 0.5 - 1e-3
+    p = load_artifact(run / "exports" / "model.pruned.int8.onnx")
+    assert p.meta["artifact"]["pruning"]["amount"] == 0.5
+
+
+# --- every format gives the same predictions ------------------------------------------------------
+
+def test_every_format_agrees(breast):
+    run, _ = breast
+    ref = lepton.load(run).predict_file(str(BREAST_CSV))
+    exports = run / "exports"
+    for name in ("model.onnx", "model.torchscript", "model.safetensors"):
+        got = load_artifact(exports / name).predict_file(str(BREAST_CSV))
+        assert got["prediction"] == ref["prediction"], name
+        np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-5, err_msg=name)
+    for name in ("model.int8.onnx", "model.fp16.onnx", "model.fp16.safetensors", "model.fp16.torchscript",
+                 "model.bf16.onnx", "model.bf16.safetensors"):
+        got = load_artifact(exports / name).predict_file(str(BREAST_CSV))
+        agree = np.mean([a == b for a, b in zip(got["prediction"], ref["prediction"])])
+        assert agree >= 0.97, (name, agree)
+
+
+def test_artifact_predictor_interface(breast, tmp_path):
+    run, _ = breast
+    p = load_artifact(run / "exports" / "model.int8.onnx")
+    assert isinstance(p, ArtifactPredictor) and isinstance(p, lepton.Predictor)
+    rows = _raw_rows(3)
+    by_rows = p.predict_rows(rows)
+    assert len(by_rows["prediction"]) == 3 and by_rows["probabilities"].shape == (3, 2)
+    result = p.predict_file(str(BREAST_CSV))
+    p.write_csv(result, str(tmp_path / "out.csv"))
+    table = pacsv.read_csv(tmp_path / "out.csv")
+    assert table.column_names == ["prediction", "prob_benign", "prob_malignant"]
+    assert table.column("prediction").to_pylist()[:3] == by_rows["prediction"]
+
+
+def test_regression_artifacts(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.05 * g.normal(size=200)
+    path = tmp_path / "reg.csv"
+    path.write_text("a,b,c,y\n" + "\n".join(",".join(f"{v:.6f}" for v in [*r, t]) for r, t in zip(x, y)) + "\n")
+    res = lepton.train(job_dict(path, task="regression", data__target="y", train__epochs=4), workers=1,
+                       run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    rep = run_export(res.run_dir, {"format": ["onnx", "safetensors"], "latency_runs": 0})
+    assert {"mse", "r2"} <= rep["rows"][1]["metrics"].keys()
+    ref = lepton.load(res.run_dir).predict_file(str(path))["prediction"]
+    for name in ("model.onnx", "model.safetensors"):
+        got = load_artifact(res.run_dir / "exports" / name).predict_file(str(path))
+        assert "probabilities" not in got
+        np.testing.assert_allclose(got["prediction"], ref, atol=1e-5)
+
+
+def test_factory_model_artifacts_ship_standalone(tmp_path):
+    def build(input_shape, num_outputs):          # a closure: only the run's cloudpickle can rebuild it
+        return torch.nn.Sequential(torch.nn.Linear(input_shape[0], 10), torch.nn.ReLU(),
+                                   torch.nn.Linear(10, num_outputs))
+
+    data = make_classification_csv(tmp_path / "data.csv")
+    job = job_dict(data, train__epochs=3)
+    job["model"] = {"type": "factory", "factory": build}
+    res = lepton.train(job, workers=1, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    run_export(res.run_dir, {"format": ["onnx", "torchscript", "safetensors"], "latency_runs": 0})
+    ref = lepton.load(res.run_dir).predict_file(str(data))
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in ("model.onnx", "model.torchscript", "model.safetensors"):
+        src = res.run_dir / "exports" / name
+        got = load_artifact(src).predict_file(str(data))
+        assert got["prediction"] == ref["prediction"], name
+        (shipped / name).write_bytes(src.read_bytes())
+    # copied away from the run: onnx and torchscript carry the whole graph ...
+    for name in ("model.onnx", "model.torchscript"):
+        assert load_artifact(shipped / name).predict_file(str(data))["prediction"] == ref["prediction"]
+    # ... a safetensors file of a callable-built model cannot rebuild it, and says why
+    with pytest.raises(LeptonError, match="model_factory.pkl"):
+        load_artifact(shipped / "model.safetensors")
+
+
+# --- bad artifacts and bad input ------------------------------------------------------------------
+
+def test_missing_and_corrupt_artifacts(breast, tmp_path):
+    run, _ = breast
+    with pytest.raises(LeptonError, match="no such exported model file"):
+        load_artifact(tmp_path / "absent.onnx")
+    good = (run / "exports" / "model.onnx").read_bytes()
+    cases = {"truncated.onnx": good[: len(good) // 2], "garbage.onnx": b"\x00not a model\xff" * 10,
+             "empty.onnx": b"",
+             "truncated.safetensors": (run / "exports" / "model.safetensors").read_bytes()[:100],
+             "truncated.torchscript": (run / "exports" / "model.torchscript").read_bytes()[:200]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(LeptonError, match=name.replace(".", r"\.")):
+            load_artifact(tmp_path / name)
+    # an ONNX model that did not come from `lepton export`: its preprocessing is unknown
+    import onnx
+    proto = onnx.load_from_string(good)
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(LeptonError, match="no Lepton metadata"):
+        load_artifact(tmp_path / "foreign.onnx")
+
+
+def test_bad_input_to_an_artifact(breast, tmp_path):
+    run, _ = breast
+    p = load_artifact(run / "exports" / "model.onnx")
+    lines = BREAST_CSV.read_text().splitlines()
+    header = lines[0].split(",")
+    drop = header.index("mean_texture")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("\n".join(",".join(v for j, v in enumerate(l.split(",")) if j != drop) for l in lines) + "\n")
+    with pytest.raises(DataError, match="missing feature column\\(s\\) 'mean_texture'"):
+        p.predict_file(str(missing))
+    wrong = tmp_path / "wrong.csv"
+    cells = [l.split(",") for l in lines[:6]]
+    cells[3][header.index("mean_area")] = "large"
+    wrong.write_text("\n".join(",".join(c) for c in cells) + "\n")
+    with pytest.raises(DataError, match="column 'mean_area', row 3 \\(line 4\\): 'large' is not a number"):
+        p.predict_file(str(wrong))
+    with pytest.raises(LeptonError, match="must be numeric"):
+        p.predict_array(np.array([["a"] * 30], dtype=object))
+    with pytest.raises(LeptonError, match="shape"):
+        p.predict_array(np.zeros((2, 7), dtype=np.float32))
+
+
+def _expect_cli_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_cli_errors(breast, tmp_path):
+    run, _ = breast
+    (tmp_path / "bad.onnx").write_bytes(b"garbage" * 20)
+    _expect_cli_error(run_cli("serve", tmp_path / "bad.onnx", "--bind", "127.0.0.1:0", timeout=60),
+                      "lepton serve: error:", "bad.onnx", "not a readable ONNX model")
+    _expect_cli_error(run_cli("serve", tmp_path / "absent.onnx", "--bind", "127.0.0.1:0", timeout=60),
+                      "absent.onnx", "no such")
+    _expect_cli_error(run_cli("export", run, "--format", "safetensors", "--quantize", "int8", timeout=60),
+                      "lepton export: error:", "needs format onnx")
+    _expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "prune")
+    _expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
+    with pytest.raises(SpecError, match="unknown field 'bogus'"):
+        run_export(run, {"bogus": 1})
+    with pytest.raises(SpecError, match="finetune_epochs"):
+        run_export(run, {"finetune_epochs": 2})
+
+
+def test_export_spec():
+    assert ExportSpec().formats == ["onnx"] and ExportSpec().precision == "fp32"
+    spec = ExportSpec.model_validate({"format": "onnx,safetensors,onnx", "quantize": "bf16", "prune": 0.3})
+    assert spec.formats == ["onnx", "safetensors"] and spec.precision == "bf16"
+    assert ExportSpec.model_validate({"format": ["torchscript"]}).formats == ["torchscript"]
+    for bad in ({"format": "tflite"}, {"prune": 0}, {"quantize": "int4"}, {"extra": 1},
+                {"format": ["onnx", "torchscript"], "quantize": "int8"}):
+        with pytest.raises(ValueError):
+            ExportSpec.model_validate(bad)
+
+
+def test_predict_cli_with_artifact(breast, tmp_path):
+    """`lepton predict EXPORT` once lepton.predict.load dispatches files to load_artifact."""
+    run, _ = breast
+    artifact = run / "exports" / "model.int8.onnx"
+    try:
+        lepton.load(artifact)
+    except LeptonError:
+        pytest.skip("lepton.predict.load does not dispatch exported files to load_artifact yet")
+    r = run_cli("predict", artifact, "--input", BREAST_CSV, "--output", tmp_path / "o.csv", timeout=60)
+    assert r.returncode == 0, r.stderr
+    expected = load_artifact(artifact).predict_file(str(BREAST_CSV))["prediction"]
+    assert pacsv.read_csv(tmp_path / "o.csv").column("prediction").to_pylist() == expected
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mean_radius,foo\n1,2\n")
+    _expect_cli_error(run_cli("predict", artifact, "--input", bad, "--output", tmp_path / "x.csv", timeout=60),
+                      "missing feature column(s)")
+    (tmp_path / "corrupt.onnx").write_bytes(b"nope" * 10)
+    _expect_cli_error(run_cli("predict", tmp_path / "corrupt.onnx", "--input", BREAST_CSV, "--output",
+                              tmp_path / "y.csv", timeout=60), "not a readable ONNX model")
+
+
+def test_export_cli_prints_table(breast):
+    run, _ = breast
+    r = run_cli("export", run, "--format", "onnx", "--quantize", "fp16", "--latency-runs", "5", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "model.fp16.onnx" in r.stdout and "report:" in r.stdout
+    saved = json.loads((run / "exports" / "report.json").read_text())
+    assert saved["spec"]["quantize"] == "fp16"
+
+
+# --- lepton serve ---------------------------------------------------------------------------------
+
+def _raw_rows(n: int, drop_target: bool = True) -> list[dict]:
+    rows = list(csv.DictReader(open(BREAST_CSV)))[:n]
+    for row in rows:
+        if drop_target:
+            del row["diagnosis"]
+        for k in row:
+            if k != "diagnosis":
+                row[k] = float(row[k])
+    return rows
+
+
+def _first_line(proc, timeout: float = 90) -> str:
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: q.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = q.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError("lepton serve printed nothing") from None
+    assert line.startswith("serving on http://"), (line, proc.poll())
+    return line.split()[-1]
+
+
+@pytest.mark.parametrize("target", ["exports/model.onnx", "."])
+def test_serve_predictions_equal_lepton_predict(breast, procs, tmp_path, target):
+    run, _ = breast
+    out = tmp_path / "pred.csv"
+    r = run_cli("predict", run, "--input", BREAST_CSV, "--output", out, timeout=60)
+    assert r.returncode == 0, r.stderr
+    expected = pacsv.read_csv(out)
+    n = 40
+    proc = procs.lepton("serve", run / target, "--bind", "127.0.0.1:0")
+    url = _first_line(proc)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        body = c.post("/v1/predict", json={"rows": _raw_rows(n)})
+        assert body.status_code == 200, body.text
+        got = body.json()
+    assert got["predictions"] == expected.column("prediction").to_pylist()[:n]
+    probs = np.stack([expected.column(f"prob_{c}").to_numpy()[:n] for c in got["classes"]], 1)
+    np.testing.assert_allclose(np.array(got["probabilities"]), probs, atol=1e-5)
+
+
+def test_serve_rejects_bad_requests_and_keeps_serving(breast, procs):
+    run, _ = breast
+    proc = procs.lepton("serve", run / "exports" / "model.int8.onnx", "--bind", "127.0.0.1:0")
+    url = _first_line(proc)
+    good = {"rows": _raw_rows(2)}
+    wrong_cols = {"rows": [{**_raw_rows(1)[0], "unexpected": 1.0}]}
+    missing_col = {"rows": [{k: v for k, v in _raw_rows(1)[0].items() if k != "mean_radius"}]}
+    not_number = {"rows": [{**_raw_rows(1)[0], "mean_area": "large"}]}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/v1/predict", json=good).status_code == 200
+        cases = [
+            (c.post("/v1/predict", content=b'{"rows": [', headers={"content-type": "application/json"}),
+             400, "malformed JSON"),
+            (c.post("/v1/predict", json=wrong_cols), 422, "unknown column(s) 'unexpected'"),
+            (c.post("/v1/predict", json=missing_col), 422, "missing feature column(s) 'mean_radius'"),
+            (c.post("/v1/predict", json=not_number), 422, "rows[0].mean_area: expected a number, got 'large'"),
+            (c.post("/v1/predict", json={"rows": []}), 422, "non-empty list"),
+            (c.post("/v1/predict", json=["not", "an", "object"]), 422, "expected a JSON object"),
+            (c.post("/v1/predict", content=b" " * (1 << 20) + b"{}"), 413, "larger than 1048576 bytes"),
+            (c.post("/v1/predict", json={"rows": _raw_rows(1) * 3000}), 413, "larger than"),
+        ]
+        for resp, status, needle in cases:
+            assert resp.status_code == status, (needle, resp.status_code, resp.text)
+            assert needle in resp.json()["error"], (needle, resp.json())
+        # still serving, and still right
+        again = c.post("/v1/predict", json=good)
+        assert again.status_code == 200 and len(again.json()["predictions"]) == 2
+        assert c.get("/healthz").status_code == 200
+    assert proc.poll() is None
