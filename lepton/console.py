@@ -17,7 +17,8 @@ class TrainingProgress:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
-            TextColumn("workers {task.fields[workers]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TextColumn("workers {task.fields[workers]}"), TextColumn("{task.fields[shares]}"),
+            TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
         self.task = None
 
@@ -30,7 +31,10 @@ class TrainingProgress:
 
     def update(self, st: dict) -> None:
         live = sum(1 for w in st["workers"] if w["state"] in ("training", "finished"))
-        fields = {"loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
+        training = sorted((w for w in st["workers"] if w["state"] == "training" and w["share"]),
+                          key=lambda w: w["rank"])
+        total = sum(w["share"] for w in training) or 1
+        fields = {"shares": "shares " + "/".join(f"{w['share'] / total:.0%}" for w in training) if training else "","loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
                   "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
                   "workers": f"{live}/{st['target_workers']}"}
         desc = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}" if st["status"] == "running"

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 class Resources(BaseModel):
     cpus: int = 1                      # CPU cores this worker may use
+    cpu_list: list[int] = Field(default_factory=list)   # which ones (its affinity)
     threads: int = 1                   # torch intra-op threads
     gpus: list[str] = Field(default_factory=list)
     memory_gb: float = 0.0
@@ -63,7 +64,17 @@ class Heartbeat(BaseModel):
     world: Optional[int] = None
     host: str = ""
     pid: int = 0
+    plan_version: int = 0               # the share plan this worker trains with
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
+    # samples per second of processor time (CPU seconds of this process, or wall time on a GPU):
+    # unlike samples_per_s it does not drop when the OS time-shares a core between workers
+    core_speed: float = 0.0
+
+
+class SharePlan(BaseModel):
+    """Shares of the global batch by rank. Version v+1 is issued only after every member applied v."""
+    version: int
+    shares: list[float]
 
 
 class HeartbeatResponse(BaseModel):
@@ -71,6 +82,8 @@ class HeartbeatResponse(BaseModel):
     # set while the coordinator wants generation N to end: the worker puts the flag into its next
     # step's allreduce, so all members pause after the same step
     regroup_generation: Optional[int] = None
+    # a newer share plan for the current generation: applied at the first step every member knows it
+    plan: Optional[SharePlan] = None
 
 
 class Report(BaseModel):

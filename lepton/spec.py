@@ -141,8 +141,17 @@ class ClusterSpec(_Strict):
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is lost")
     wait_for_workers_s: float = Field(300.0, gt=0, description="how long to wait below min_workers")
     coordinator_timeout_s: float = Field(120.0, gt=0, description="how long workers ride out a lost coordinator")
+    balance: Literal["on", "off"] = Field("on", description="shares follow measured speed (off: equal)")
+    rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans")
+    max_micro_batch: Optional[int] = Field(None, gt=0, description="split a larger share into micro-batches")
     restart_failed: bool = Field(False, description="lepton train restarts a dead local worker")
     max_restarts: int = Field(3, ge=0, description="restarts allowed per run with restart_failed")
+
+    @field_validator("balance", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare `on`/`off` as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class JobSpec(_Strict):

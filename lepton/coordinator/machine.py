@@ -31,7 +31,8 @@ from enum import Enum
 from typing import Callable, Optional
 
 from ..protocol import (Generation, Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest,
-                        Report, Resources)
+                        Report, Resources, SharePlan)
+from . import balance
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
 
@@ -69,13 +70,22 @@ class Member:
     rank: Optional[int] = None
     share: Optional[float] = None
     generation: Optional[int] = None
+    speed: Optional[float] = None   # smoothed core speed (samples per second of processor time)
+    capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
+    plan_version: int = 0           # the share plan it has applied
 
 
-def equal_or_fixed_shares(job: JobSpec, members: list[Member]) -> list[float]:
-    """The share policy of the core: the spec's fixed ``cluster.shares`` or equal shares."""
+def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
+    """Shares of a new generation: the spec's fixed ``cluster.shares``; with balancing off, equal;
+    else proportional to effective speed when every member's is known from an earlier generation,
+    or to capacity (its resources) when not."""
     if job.cluster.shares and len(job.cluster.shares) == len(members):
         return list(job.cluster.shares)
-    return [1.0] * len(members)
+    if job.cluster.balance == "off" or not members:
+        return [1.0] * len(members)
+    if all(m.speed for m in members):
+        return [round(s, 4) for s in balance.normalise([m.speed * m.capacity for m in members])]
+    return [round(s, 4) for s in balance.normalise([m.capacity for m in members])]
 
 
 @dataclass
@@ -87,7 +97,7 @@ class Coordinator:
     resume_checkpoint: Optional[dict] = None     # {"step": int, "path": str} from state.json
     previous_generation: Optional[int] = None    # on --resume: the generation state.json last recorded
     clock: Callable[[], float] = time.monotonic
-    share_policy: Callable[[JobSpec, list[Member]], list[float]] = equal_or_fixed_shares
+    share_policy: Callable[[JobSpec, list[Member]], list[float]] = initial_shares
 
     phase: Phase = Phase.WAITING
     members: dict[str, Member] = field(default_factory=dict)
@@ -96,6 +106,8 @@ class Coordinator:
     generation_world: int = 0
     generation_start_step: int = 0
     shares: list[float] = field(default_factory=list)
+    plan_version: int = 0                        # share plans issued within the current generation
+    plan_step: int = 0                           # step at which the last re-plan was considered
     step: int = 0
     total_steps: Optional[int] = None
     loss: Optional[float] = None
@@ -173,13 +185,21 @@ class Coordinator:
         m.last_seen = self.clock()
         m.samples_per_s = hb.samples_per_s
         current = hb.generation is not None and hb.generation == self.generation
+        plan = None
         if current and m.state == "training":
             m.step = hb.step
+            m.plan_version = hb.plan_version
+            if hb.core_speed > 0:
+                m.speed = balance.smooth(m.speed, hb.core_speed)
             self.step = max(self.step, hb.step)
             if self.incidents and self.phase == Phase.RUNNING and hb.step > self.generation_start_step:
                 self._recovered()
+            self._maybe_replan()
+            if m.plan_version < self.plan_version:
+                plan = SharePlan(version=self.plan_version, shares=self.shares)
         regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
-        return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None)
+        return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
+                                 plan=plan)
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
@@ -334,6 +354,32 @@ class Coordinator:
                         generation=self.generation)
         self.incidents = []
 
+    def _maybe_replan(self) -> None:
+        """The balancing policy's decision point: every ``cluster.rebalance_every_steps`` steps, once
+        every member applied the last plan and reported a speed, shares follow the speeds (with
+        hysteresis). The plan reaches workers in heartbeat replies and is applied at an agreed step."""
+        c = self.job.cluster
+        if self.phase != Phase.RUNNING or c.balance == "off" or c.shares:
+            return
+        members = [self.members[w] for w in self.generation_members]
+        if (self.step - self.plan_step < c.rebalance_every_steps
+                or any(m.plan_version != self.plan_version or not m.speed for m in members)):
+            return
+        self.plan_step = self.step
+        speeds = [m.speed * m.capacity for m in members]
+        new = balance.propose(self.shares, speeds)
+        if new is None:
+            return
+        self.plan_version += 1
+        self.shares = new
+        for m, share in zip(members, new):
+            m.share = share
+        self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s"
+                    f" (ideal gain over equal shares {balance.ideal_gain(speeds):.2f}x)",
+                    generation=self.generation, version=self.plan_version, step=self.step,
+                    speeds=[round(s, 1) for s in speeds], shares=new, workers=self.generation_members)
+        self._persist()
+
     def _regroup(self, reason: str) -> None:
         if self.phase == Phase.RUNNING:
             for w in self.generation_members:      # a finished replica holds the final state: reuse it
@@ -385,7 +431,12 @@ class Coordinator:
         self.generation = 0 if last is None else last + 1
         self.generation_members = [m.worker_id for m in chosen]
         self.generation_world = len(chosen)
+        caps = balance.capacities([(m.host, m.resources.cpu_list, m.resources.threads, bool(m.resources.gpus))
+                                   for m in chosen])
+        for m, cap in zip(chosen, caps):
+            m.capacity = cap
         self.shares = self.share_policy(self.job, chosen)
+        self.plan_version = 0
         # the state comes from the most advanced live replica, or from the checkpoint if none is left
         self.source_is_checkpoint = source is None
         if source is not None:
@@ -394,7 +445,8 @@ class Coordinator:
             self.generation_start_step = self.latest_checkpoint["step"] if self.latest_checkpoint else 0
         for rank, m in enumerate(chosen):
             m.rank, m.share, m.state, m.generation = rank, self.shares[rank], "training", self.generation
-            m.step = self.generation_start_step
+            m.step, m.plan_version = self.generation_start_step, 0
+        self.plan_step = self.generation_start_step
         for inc in self.incidents:
             inc.setdefault("formed_at", self.clock())
         if self.started_at is None:

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,7 +24,7 @@ import torch
 from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
 from ..errors import LeptonError
-from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources
+from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, SharePlan
 from ..spec import parse_job
 from ..storage.checkpoint import AsyncCheckpointer, read_checkpoint, write_checkpoint, write_model
 from ..storage.prepared import DataCache
@@ -32,6 +33,7 @@ from .faults import FaultInjector
 from .trainer import Trainer
 
 PLAN_POLL_S = 0.05
+SPEED_WINDOW = 10         # steps over which a worker measures its compute throughput
 
 
 class Reporter(threading.Thread):
@@ -45,6 +47,7 @@ class Reporter(threading.Thread):
         self.records: list[dict] = []
         self.beat = Heartbeat(worker_id=worker_id, state="waiting")
         self.regroup_generation: int | None = None
+        self.plan: SharePlan | None = None       # the newest share plan the coordinator sent
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
 
@@ -65,6 +68,8 @@ class Reporter(threading.Thread):
                 self.client.report(Report(worker_id=self.worker_id, kind="metrics", payload={"records": records}))
             reply = self.client.heartbeat(beat)
             self.regroup_generation = reply.regroup_generation
+            if reply.plan is not None:
+                self.plan = reply.plan
             if reply.action == "exit":
                 self.exit_requested.set()
         except LeptonError:
@@ -92,7 +97,8 @@ def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
     except (ValueError, OSError):
         mem_gb = 0.0
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return Resources(cpus=usable, threads=n_threads, gpus=gpus, memory_gb=round(mem_gb, 1))
+    return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads, gpus=gpus,
+                     memory_gb=round(mem_gb, 1))
 
 
 class Worker:
@@ -222,6 +228,13 @@ class Worker:
         if rank != 0:
             t.load_state(state)
         ckpt = AsyncCheckpointer(self.run, job.checkpoint.keep, self._on_checkpoint) if rank == 0 else None
+        shares, plan_version = list(gen.shares), 0
+        self.reporter.plan = None
+        self.reporter.update(plan_version=0)
+        if self.faults.has("throttle"):
+            t.compute_hook = lambda n: self.faults.throttle(rank, n)
+        speed = deque(maxlen=SPEED_WINDOW)        # (samples, compute s, compute CPU s) of the last steps
+        on_gpu = torch.cuda.is_available()
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
         if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
             self._validate(rank, gen.id)          # a validation interrupted by the last failure
@@ -231,7 +244,15 @@ class Worker:
         first = True
         while t.step < t.total_steps:
             self.faults.fire("step", rank, t.step, gen.id)
-            r = t.train_step(self.group, gen.shares, rank, regroup=self._wants_regroup())
+            pending = self.reporter.plan
+            knows_next = pending is not None and pending.version == plan_version + 1
+            r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), plan_vote=knows_next)
+            if r.plan_agreed:                     # every rank knows plan v+1: all switch after this step
+                shares, plan_version = list(pending.shares), pending.version
+                if rank == 0:
+                    self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
+                                        "version": plan_version, "shares": shares})
+                speed.clear()
             if first and rank == 0:     # when a generation's first step completed (recovery time)
                 self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
                                     "time": time.time()})
@@ -242,7 +263,11 @@ class Worker:
             win_loss += r.loss * r.batch
             win_samples += r.batch
             win_s += r.wall_s
-            self.reporter.update(step=t.step, samples_per_s=r.local / r.compute_s if r.compute_s > 0 else 0.0)
+            speed.append((r.local, r.compute_s, r.compute_cpu_s))
+            n, secs, cpu = map(sum, zip(*speed))
+            busy = secs if on_gpu else cpu
+            self.reporter.update(step=t.step, plan_version=plan_version, samples_per_s=n / secs if secs > 0 else 0.0,
+                                 core_speed=n / busy if busy > 0 else 0.0)
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,

@@ -3,7 +3,8 @@
 ``LEPTON_FAULTS`` holds ``;``-separated rules ``ACTION:key=value:...`` that a worker applies at
 well-defined points:
 - actions: ``crash`` (exit at once with code 17, no cleanup), ``kill`` (SIGKILL itself),
-  ``hang`` (SIGSTOP itself), ``slow`` (sleep ``seconds``);
+  ``hang`` (SIGSTOP itself), ``slow`` (sleep ``seconds`` before the step), ``throttle`` (spin the
+  CPU ``seconds`` per sample this rank computes, inside its compute time: a slower processor);
 - ``at``: ``step`` (default; before running global step ``step``), ``eval`` (as a validation at
   ``step`` starts), ``checkpoint`` (right after rank 0 started writing the checkpoint of ``step``),
   ``start`` (before registering: a worker that fails at start-up);
@@ -19,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-ACTIONS = ("crash", "kill", "hang", "slow")
+ACTIONS = ("crash", "kill", "hang", "slow", "throttle")
 POINTS = ("step", "eval", "checkpoint", "start")
 
 
@@ -33,7 +34,7 @@ class Fault:
     always: bool = False
 
     def applies(self, at: str, rank: int | None, step: int | None, generation: int | None) -> bool:
-        first_only = self.action != "slow" and not self.always
+        first_only = self.action in ("crash", "kill", "hang") and not self.always
         return (self.at == at and (self.rank == "*" or (rank is not None and int(self.rank) == rank))
                 and (self.step is None or self.step == step) and not (first_only and generation))
 
@@ -55,9 +56,23 @@ class FaultInjector:
     def __init__(self, text: str | None = None):
         self.faults = parse(text if text is not None else os.environ.get("LEPTON_FAULTS", ""))
 
+    def throttle(self, rank: int, samples: int) -> None:
+        """The ``throttle`` rules: called by the trainer inside its compute window."""
+        for f in self.faults:
+            if f.action == "throttle" and (f.rank == "*" or int(f.rank) == rank):
+                # busy, not asleep: a slower processor burns processor time, which speed measures
+                end = time.process_time() + f.seconds * samples
+                while time.process_time() < end:
+                    pass
+
+    def has(self, action: str) -> bool:
+        return any(f.action == action for f in self.faults)
+
     def fire(self, at: str, rank: int | None = None, step: int | None = None, generation: int | None = None) -> None:
         for f in self.faults:
             if not f.applies(at, rank, step, generation):
+                continue
+            if f.action == "throttle":
                 continue
             if f.action == "slow":
                 time.sleep(f.seconds)

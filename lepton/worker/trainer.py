@@ -32,8 +32,10 @@ class StepResult:
     batch: int               # global batch size of this step
     local: int               # samples this rank computed
     compute_s: float         # time in forward/backward (excludes waiting in the collective)
+    compute_cpu_s: float     # processor time of the same window (CPU seconds of this process)
     wall_s: float
     regroup: bool            # some rank asked to end the generation after this step (all see it)
+    plan_agreed: bool        # every rank knows the next share plan: apply it from the next step
 
 
 class Trainer:
@@ -42,8 +44,9 @@ class Trainer:
         pre = cache.preprocessor
         self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
         self.optimizer = build_optimizer(job, self.model.parameters())
-        # extra slots reduced with the gradients: loss sum, sample count, regroup votes
-        self.grads = FlatGradients(self.model, extra_slots=3)
+        # extra slots reduced with the gradients: loss sum, sample count, regroup votes, plan votes
+        self.grads = FlatGradients(self.model, extra_slots=4)
+        self.compute_hook = None          # called with the sample count inside the compute window (throttle)
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
         self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
@@ -71,23 +74,38 @@ class Trainer:
         return self.step % self.sampler.steps_per_epoch == 0
 
     # --- training ----------------------------------------------------------------------------------
-    def train_step(self, group: GenerationGroup, shares: list[float], rank: int, regroup: bool = False) -> StepResult:
-        """One global step. ``regroup`` is this rank's vote to end the generation after the step; the
-        votes ride in the gradient allreduce, so every rank learns the same outcome at the same step."""
-        t0 = time.perf_counter()
+    def train_step(self, group: GenerationGroup, shares: list[float], rank: int, regroup: bool = False,
+                   plan_vote: bool = False) -> StepResult:
+        """One global step.
+
+        ``regroup`` is this rank's vote to end the generation after the step, ``plan_vote`` says this
+        rank knows the next share plan. Both ride in the gradient allreduce, so every rank learns the
+        same outcome at the same step: the generation ends if any rank voted, and the next plan is
+        applied only if every rank knows it. A share above ``cluster.max_micro_batch`` is computed in
+        micro-batches whose gradients accumulate in the same buffer (the sum is unchanged).
+        """
+        t0, c0 = time.perf_counter(), time.process_time()
         idx, batch = self.sampler.worker_slice(self.step, shares, rank)
         self.model.train()
         self.grads.zero()
         extra = self.grads.extra
         if len(idx):
-            xb = torch.from_numpy(np.take(self.x, idx, axis=0))
-            yb = torch.from_numpy(np.take(self.y, idx, axis=0))
-            loss = metrics.loss_fn(self.task, self.model(xb), yb)
-            loss.backward()
-            extra[0] = loss.detach()
+            chunk = self.job.cluster.max_micro_batch or len(idx)
+            loss_sum = 0.0
+            for lo in range(0, len(idx), chunk):
+                part = idx[lo:lo + chunk]
+                xb = torch.from_numpy(np.take(self.x, part, axis=0))
+                yb = torch.from_numpy(np.take(self.y, part, axis=0))
+                loss = metrics.loss_fn(self.task, self.model(xb), yb)
+                loss.backward()
+                loss_sum += float(loss.detach())
+            if self.compute_hook:
+                self.compute_hook(len(idx))
+            extra[0] = loss_sum
             extra[1] = len(idx)
         extra[2] = float(regroup)
-        compute = time.perf_counter() - t0
+        extra[3] = float(plan_vote)
+        compute, compute_cpu = time.perf_counter() - t0, time.process_time() - c0
         group.allreduce(self.grads.flat)
         # extra[1] now holds the global sample count; it equals ``batch`` unless a peer disagrees on
         # the plan, which would break invariant 1, so it is checked rather than trusted.
@@ -100,8 +118,9 @@ class Trainer:
             self._trace.write(json.dumps({"step": self.step, "idx": idx.tolist()}) + "\n")
             self._trace.flush()
         self.step += 1
-        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, time.perf_counter() - t0,
-                          bool(extra[2].item() > 0))
+        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, compute_cpu,
+                          time.perf_counter() - t0,
+                          regroup=bool(extra[2].item() > 0), plan_agreed=int(extra[3].item()) == group.world)
 
     # --- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()

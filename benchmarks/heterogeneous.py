@@ -1,0 +1,103 @@
+"""Heterogeneous cluster on one machine: one worker has core 0 to itself, two share core 1.
+
+    .venv/bin/python benchmarks/heterogeneous.py [--rows 200000] [--work /tmp/lepton-bench]
+
+One epoch of the throughput workload (64 → 256 → 256 → 10, Adam, global batch 510), 3 workers, one
+torch thread each, all run in this invocation:
+- Lepton balanced: `lepton coordinator` + 3 `lepton worker --cpus C --threads 1` (C = 0, 1, 1);
+- Lepton with `cluster.balance: off` (equal shares), same placement;
+- the baseline: `PIN=0,1,1 torchrun --nproc-per-node 3 ddp_baseline.py --global-batch 510`.
+Samples/s are each system's training-loop figure (Lepton: summary.json, steady state; baseline: as
+printed); epoch time = training samples / that rate. The ideal gain sum(speed)/(K·min speed) comes
+from the speeds the balanced run measured (its last `plan` event).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from throughput import VENV_BIN, job_yaml, last_json, run
+
+REPO = Path(__file__).resolve().parents[1]
+PIN = (0, 1, 1)
+
+
+def lepton(job: Path, run_dir: Path, balance: str) -> tuple[dict, float, list[dict]]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    coord = subprocess.Popen([str(VENV_BIN / "lepton"), "coordinator", str(job), "--run-dir", str(run_dir),
+                              "--workers", "3", "--set", f"cluster.balance={balance}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
+    workers = [subprocess.Popen([str(VENV_BIN / "lepton"), "worker", "--coordinator", url, "--token-file",
+                                 str(run_dir / "token"), "--cpus", str(c), "--threads", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in PIN]
+    code = coord.wait()
+    for w in workers:
+        w.wait()
+    wall = time.perf_counter() - t0
+    if code != 0:
+        sys.exit(f"lepton ({balance}) failed: {coord.stderr.read()}")
+    events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), wall, [e for e in events if e["kind"] == "plan"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
+    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench")
+    a = ap.parse_args()
+    if os.cpu_count() < 2:
+        sys.exit("needs 2 cores")
+    a.work.mkdir(parents=True, exist_ok=True)
+    data = a.work / f"synth-{a.rows}.csv"
+    if not data.exists():
+        run([sys.executable, str(a.bench_dir / "ddp_baseline.py"), "--write-data", str(data), "--rows", str(a.rows)])
+    job = a.work / "heterogeneous.yaml"
+    job.write_text(job_yaml(data, a.epochs).replace("batch_size: 512", "batch_size: 510")
+                   + "cluster: {workers: 3, rebalance_every_steps: 20}\n")
+    n_train = a.rows - a.rows // 10
+
+    results = {}
+    for balance in ("on", "off"):
+        s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
+        results[f"lepton balance={balance}"] = (s["samples_per_s"], wall)
+        if balance == "on":
+            speeds = plans[-1]["speeds"] if plans else None
+            shares = plans[-1]["shares"] if plans else None
+        print(f"lepton balance={balance}: {s['samples_per_s']:,.0f} samples/s, {len(plans)} plan(s)", flush=True)
+    env = {**os.environ, "PIN": ",".join(map(str, PIN))}
+    t0 = time.perf_counter()
+    p = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "3",
+                        str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--global-batch", "510",
+                        "--epochs", str(a.epochs)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        sys.exit(p.stderr)
+    results["torchrun+DDP PIN=0,1,1"] = (last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0)
+
+    print(f"\n{'run':<26}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
+    for name, (sps, wall) in results.items():
+        print(f"{name:<26}{sps:>11,.0f}{a.epochs * n_train / sps:>9.2f}{wall:>8.2f}")
+    on, off = results["lepton balance=on"][0], results["lepton balance=off"][0]
+    base = results["torchrun+DDP PIN=0,1,1"][0]
+    print(f"\nmeasured speeds {speeds} samples/s -> shares {shares}")
+    if speeds:
+        ideal = sum(speeds) / (len(speeds) * min(speeds))
+        print(f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}")
+        print(f"achieved share of the ideal gain         {(on / off - 1) / (ideal - 1) if ideal > 1 else float('nan'):5.2f}  [>= 0.75]")
+    print(f"balanced / balance off  samples/s        {on / off:5.2f}  [>= 1.25]")
+    print(f"balanced / baseline     samples/s        {on / base:5.2f}  [>= 1.3]")
+
+
+if __name__ == "__main__":
+    main()

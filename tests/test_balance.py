@@ -1,0 +1,62 @@
+"""Heterogeneity-aware shares: a slower worker gets a smaller share, with the same math."""
+import json
+
+import pytest
+
+import lepton
+from lepton.coordinator import balance
+from lepton.sampler import split_counts
+from conftest import job_dict, make_classification_csv, max_rel_diff, weights
+
+pytestmark = pytest.mark.timeout(300)
+
+# rank 1 computes three times slower per sample than rank 0 (sleeps inside its compute time)
+THROTTLE = "throttle:rank=0:seconds=0.0005;throttle:rank=1:seconds=0.0015"
+
+
+def test_propose_follows_speed_with_hysteresis():
+    assert balance.propose([1, 1], [300, 100]) == [0.75, 0.25]
+    assert balance.propose([0.75, 0.25], [310, 100]) is None          # within 3%: no churn
+    assert balance.ideal_gain([2, 1, 1]) == pytest.approx(4 / 3)
+
+
+def test_no_worker_is_starved_by_an_extreme_plan():
+    shares = balance.propose([1, 1, 1], [10_000, 1, 1])
+    for batch in (3, 16, 512):
+        assert min(split_counts(batch, shares)) >= 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_classification_csv(tmp_path_factory.mktemp("bal") / "data.csv", rows=400)
+
+
+def test_throttled_worker_gets_a_proportional_share_and_the_same_model(data, tmp_path, monkeypatch):
+    job = job_dict(data, train__epochs=5, train__batch_size=32)
+    job["cluster"]["rebalance_every_steps"] = 5
+    off = lepton.train(job, workers=2, run_dir=tmp_path / "off", overrides=["cluster.balance=off"])
+    assert off.status == "completed", off.reason
+    monkeypatch.setenv("LEPTON_FAULTS", THROTTLE)
+    on = lepton.train(job, workers=2, run_dir=tmp_path / "on")
+    assert on.status == "completed", on.reason
+    plans = [json.loads(l) for l in (on.run_dir / "events.jsonl").read_text().splitlines()]
+    plans = [e for e in plans if e["kind"] == "plan"]
+    assert 1 <= len(plans) <= 3, "converges within a bounded number of re-plans"
+    last = plans[-1]
+    ratio = last["speeds"][1] / sum(last["speeds"])
+    assert last["shares"][1] == pytest.approx(ratio, rel=0.15)
+    assert last["shares"][1] == pytest.approx(0.25, rel=0.15)           # the throttle's 1:3
+    applied = [json.loads(l) for l in (on.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "plan" and r["version"] == last["version"] for r in applied)
+    diff = max_rel_diff(weights(on.run_dir), weights(off.run_dir))
+    assert diff <= 1e-4, f"balanced shares changed the model by {diff:.2e}"
+
+
+def test_micro_batches_give_the_same_model(data, tmp_path):
+    job = job_dict(data, train__epochs=2)
+    job["cluster"]["shares"] = [3, 1]                 # rank 0 computes 12 of 16 samples
+    whole = lepton.train(job, workers=2, run_dir=tmp_path / "whole")
+    split = lepton.train(job, workers=2, run_dir=tmp_path / "split", overrides=["cluster.max_micro_batch=5"])
+    assert whole.status == split.status == "completed"
+    diff = max_rel_diff(weights(split.run_dir), weights(whole.run_dir))
+    assert diff <= 1e-4, f"micro-batching changed the model by {diff:.2e}"
