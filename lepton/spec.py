@@ -115,10 +115,30 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class LrScheduleSpec(_Strict):
+    """Learning rate as a function of the global step, computed identically by every worker."""
+
+    type: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from lr/warmup_steps to lr")
+    step_size: int = Field(100, gt=0, description="step: multiply by gamma every step_size steps")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0, description="cosine: the floor it decays to")
+
+
+class DivergenceSpec(_Strict):
+    """A non-finite loss or gradient skips the step on every worker and scales the LR by lr_factor;
+    max_consecutive such steps in a row stop the run (the last checkpoint is intact)."""
+
+    max_consecutive: int = Field(3, gt=0)
+    lr_factor: float = Field(0.5, gt=0, le=1)
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0, description="the global batch B, split across workers")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec)
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     log_every_steps: int = Field(10, gt=0)
 
 

@@ -48,7 +48,7 @@ def test_summary_shape(runs):
     for split in ("train", "val", "test"):
         assert {"loss", "accuracy", "count"} <= s[split].keys()
     assert s["steps"] == 3 * int(np.ceil(s["train"]["count"] / 16))
-    assert s["samples_per_s"] > 0 and s["wall_s"] > 0
+    assert s["samples_per_s"] > 0 and s["wall_s"] > 0 and s["replicas_agree"] is True
     events = [json.loads(l) for l in (runs["3-unequal"].run_dir / "events.jsonl").read_text().splitlines()]
     gen = [e for e in events if e["kind"] == "generation"]
     assert gen and gen[0]["shares"] == [1, 2, 5]

@@ -52,12 +52,12 @@ class GenerationGroup:
                 pass  # the group is already broken; nothing more to release
         self.generation = None
 
-    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum in place across the generation."""
+    def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce in place across the generation (``sum`` or ``max``)."""
         if self.world == 1:
             return t
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(str(e).splitlines()[0]) from e
         return t

@@ -256,7 +256,8 @@ class Coordinator:
             self._on_paused(m, p)
         elif r.kind == "failed":
             m.state = "lost"
-            self.fail(f"worker {r.worker_id} failed: {p.get('error', 'unknown error')}")
+            error = p.get("error", "unknown error")
+            self.fail(error if error.startswith("training diverged") else f"worker {r.worker_id} failed: {error}")
 
     def tick(self) -> None:
         """Time passes: silent members are lost; a wait for workers may reach its deadline."""

@@ -30,7 +30,7 @@ from ..storage.checkpoint import AsyncCheckpointer, read_checkpoint, write_check
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
-from .trainer import Trainer
+from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
 SPEED_WINDOW = 10         # steps over which a worker measures its compute throughput
@@ -167,6 +167,9 @@ class Worker:
                     break
         except LeptonError:
             raise                                 # the coordinator is gone: nobody to tell
+        except Diverged as e:                     # the same on every rank: report it, no traceback
+            self._send("failed", {"error": str(e)})
+            return 1
         except Exception as e:
             self._send("failed", {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
             raise
@@ -233,6 +236,8 @@ class Worker:
         self.reporter.update(plan_version=0)
         if self.faults.has("throttle"):
             t.compute_hook = lambda n: self.faults.throttle(rank, n)
+        if self.faults.has("nan"):
+            t.poison = lambda step: self.faults.poisoned(rank, step)
         speed = deque(maxlen=SPEED_WINDOW)        # (samples, compute s, compute CPU s) of the last steps
         on_gpu = torch.cuda.is_available()
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
@@ -247,6 +252,9 @@ class Worker:
             pending = self.reporter.plan
             knows_next = pending is not None and pending.version == plan_version + 1
             r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), plan_vote=knows_next)
+            if r.skipped and rank == 0:
+                self.reporter.push({"kind": "skipped_step", "time": time.time(), "step": t.step - 1,
+                                    "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
             if r.plan_agreed:                     # every rank knows plan v+1: all switch after this step
                 shares, plan_version = list(pending.shares), pending.version
                 if rank == 0:
@@ -271,6 +279,7 @@ class Worker:
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,
+                                    "lr": t.lr_at(t.step - 1),
                                     "samples_per_s": win_samples / win_s if win_s > 0 else None,
                                     "generation": gen.id, "workers": gen.world})
                 win_loss, win_samples, win_s = 0.0, 0, 0.0
@@ -285,6 +294,7 @@ class Worker:
                 return False
         if ckpt:
             ckpt.wait()
+        agree = t.replicas_agree(self.group)
         results = {split: t.evaluate(self.group, split) for split in ("train", "val", "test")}
         if job.eval.every != "never":
             self._log_eval("val", results["val"], rank)
@@ -294,7 +304,7 @@ class Worker:
         path = write_checkpoint(self.run, t.step, t.state(), job.checkpoint.keep)
         self._on_checkpoint(t.step, path)
         self._write_model(results)
-        return {**results, "steps": t.step, "epochs": job.train.epochs,
+        return {**results, "steps": t.step, "epochs": job.train.epochs, "replicas_agree": agree,
                 "samples_per_s": round(steady_samples / steady_s, 1) if steady_s > 0 else None}
 
     def _eval_due(self) -> bool:

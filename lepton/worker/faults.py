@@ -4,7 +4,8 @@
 well-defined points:
 - actions: ``crash`` (exit at once with code 17, no cleanup), ``kill`` (SIGKILL itself),
   ``hang`` (SIGSTOP itself), ``slow`` (sleep ``seconds`` before the step), ``throttle`` (spin the
-  CPU ``seconds`` per sample this rank computes, inside its compute time: a slower processor);
+  CPU ``seconds`` per sample this rank computes, inside its compute time: a slower processor),
+  ``nan`` (this rank's loss at ``step`` becomes NaN: a numerical blow-up);
 - ``at``: ``step`` (default; before running global step ``step``), ``eval`` (as a validation at
   ``step`` starts), ``checkpoint`` (right after rank 0 started writing the checkpoint of ``step``),
   ``start`` (before registering: a worker that fails at start-up);
@@ -20,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-ACTIONS = ("crash", "kill", "hang", "slow", "throttle")
+ACTIONS = ("crash", "kill", "hang", "slow", "throttle", "nan")
 POINTS = ("step", "eval", "checkpoint", "start")
 
 
@@ -65,6 +66,10 @@ class FaultInjector:
                 while time.process_time() < end:
                     pass
 
+    def poisoned(self, rank: int, step: int) -> bool:
+        return any(f.action == "nan" and (f.rank == "*" or int(f.rank) == rank) and f.step in (None, step)
+                   for f in self.faults)
+
     def has(self, action: str) -> bool:
         return any(f.action == action for f in self.faults)
 
@@ -72,7 +77,7 @@ class FaultInjector:
         for f in self.faults:
             if not f.applies(at, rank, step, generation):
                 continue
-            if f.action == "throttle":
+            if f.action in ("throttle", "nan"):
                 continue
             if f.action == "slow":
                 time.sleep(f.seconds)

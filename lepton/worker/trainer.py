@@ -9,6 +9,7 @@ Contract with the worker loop (which touches the trainer only between steps):
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from ..storage.prepared import DataCache
 EVAL_CHUNK = 4096
 
 
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row; the message says what to change."""
+
+
 @dataclass
 class StepResult:
     loss: float              # mean loss over the global batch
@@ -35,6 +40,7 @@ class StepResult:
     compute_cpu_s: float     # processor time of the same window (CPU seconds of this process)
     wall_s: float
     regroup: bool            # some rank asked to end the generation after this step (all see it)
+    skipped: bool            # the reduced loss or gradient was not finite: no update anywhere
     plan_agreed: bool        # every rank knows the next share plan: apply it from the next step
 
 
@@ -47,6 +53,9 @@ class Trainer:
         # extra slots reduced with the gradients: loss sum, sample count, regroup votes, plan votes
         self.grads = FlatGradients(self.model, extra_slots=4)
         self.compute_hook = None          # called with the sample count inside the compute window (throttle)
+        self.poison = None                # step -> bool: make this rank's loss NaN (fault injection)
+        self.lr_scale = 1.0               # lowered by the divergence guard; part of the replicated state
+        self.bad_steps = 0
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
         self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
@@ -58,13 +67,30 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "evaluated_step": self.evaluated_step}
+                "evaluated_step": self.evaluated_step, "lr_scale": self.lr_scale, "bad_steps": self.bad_steps}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.evaluated_step = int(state.get("evaluated_step", -1))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.bad_steps = int(state.get("bad_steps", 0))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of global ``step``: schedule × warm-up × the divergence guard's scale."""
+        sched, base = self.job.train.lr_schedule, self.job.train.optimizer.lr
+        if sched.type == "step":
+            lr = base * sched.gamma ** (step // sched.step_size)
+        elif sched.type == "cosine":
+            span = max(1, self.total_steps - sched.warmup_steps)
+            t = min(max(step - sched.warmup_steps, 0), span) / span
+            lr = sched.min_lr + (base - sched.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+        else:
+            lr = base
+        if step < sched.warmup_steps:
+            lr *= (step + 1) / sched.warmup_steps
+        return lr * self.lr_scale
 
     @property
     def epoch(self) -> int:
@@ -97,6 +123,8 @@ class Trainer:
                 xb = torch.from_numpy(np.take(self.x, part, axis=0))
                 yb = torch.from_numpy(np.take(self.y, part, axis=0))
                 loss = metrics.loss_fn(self.task, self.model(xb), yb)
+                if self.poison and self.poison(self.step):
+                    loss = loss * float("nan")
                 loss.backward()
                 loss_sum += float(loss.detach())
             if self.compute_hook:
@@ -113,14 +141,36 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the generation computed {int(extra[1].item())} samples,"
                                f" expected {batch}")
         self.grads.grads.div_(batch)
-        self.optimizer.step()
+        # every rank holds the same reduced values, so every rank takes the same branch (invariant 3)
+        finite = bool(torch.isfinite(extra[0])) and bool(torch.isfinite(self.grads.grads).all())
+        if finite:
+            self.bad_steps = 0
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            self.optimizer.step()
+        else:
+            self.bad_steps += 1
+            self.lr_scale *= self.job.train.divergence.lr_factor
+            if self.bad_steps >= self.job.train.divergence.max_consecutive:
+                raise Diverged(f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or"
+                               f" gradient (last: step {self.step}); train.divergence.max_consecutive="
+                               f"{self.job.train.divergence.max_consecutive}. Lower train.optimizer.lr;"
+                               " the last checkpoint is intact")
         if self._trace:
             self._trace.write(json.dumps({"step": self.step, "idx": idx.tolist()}) + "\n")
             self._trace.flush()
         self.step += 1
         return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, compute_cpu,
-                          time.perf_counter() - t0,
+                          time.perf_counter() - t0, skipped=not finite,
                           regroup=bool(extra[2].item() > 0), plan_agreed=int(extra[3].item()) == group.world)
+
+    @torch.no_grad()
+    def replicas_agree(self, group: GenerationGroup) -> bool:
+        """Invariant 3, checked: the max and the min over ranks of a parameter checksum coincide."""
+        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in self.model.parameters())
+        t = torch.stack([c, -c])
+        group.allreduce(t, op="max")
+        return bool(t[0] == -t[1])
 
     # --- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()

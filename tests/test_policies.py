@@ -1,0 +1,75 @@
+"""Learning-rate schedules and the divergence guard, end to end with real workers."""
+import json
+import math
+
+import pytest
+
+import lepton
+from lepton.spec import parse_job
+from lepton.storage.prepared import DataCache
+from conftest import job_dict, make_classification_csv, max_rel_diff, weights
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_classification_csv(tmp_path_factory.mktemp("pol") / "data.csv", rows=300)
+
+
+def _records(run_dir, kind):
+    return [r for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == kind]
+
+
+def test_lr_schedules():
+    from lepton.worker.trainer import Trainer
+
+    class _Cache:                      # the trainer only needs the preprocessor and the train split
+        def __init__(self):
+            import numpy as np
+            from lepton.storage.preprocess import ColumnStats, Preprocessor
+            self.preprocessor = Preprocessor([ColumnStats("a", "numeric")], "y", "classification", [0, 1])
+            self.x, self.y = np.zeros((100, 1), np.float32), np.zeros(100, np.int64)
+
+        def get(self, split):
+            return self.x, self.y
+
+    def trainer(**sched):
+        job = parse_job(job_dict("d.csv", train__epochs=1, train__batch_size=10,
+                                 train__lr_schedule=sched, train__optimizer={"name": "sgd", "lr": 1.0}))
+        return Trainer(job, _Cache())
+
+    t = trainer(type="step", step_size=3, gamma=0.5)
+    assert [t.lr_at(s) for s in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+    t = trainer(type="cosine", min_lr=0.0)
+    assert t.lr_at(0) == 1.0 and t.lr_at(5) == pytest.approx(0.5) and t.lr_at(10) == pytest.approx(0.0)
+    t = trainer(type="constant", warmup_steps=4)
+    assert [t.lr_at(s) for s in (0, 1, 3, 4)] == [0.25, 0.5, 1.0, 1.0]
+
+
+def test_scheduled_lr_is_logged_and_the_same_for_any_worker_count(data, tmp_path):
+    job = job_dict(data, train__lr_schedule={"type": "cosine", "warmup_steps": 5, "min_lr": 0.0005})
+    one = lepton.train(job, workers=1, run_dir=tmp_path / "one")
+    three = lepton.train(job, workers=3, run_dir=tmp_path / "three")
+    assert one.status == three.status == "completed"
+    assert max_rel_diff(weights(three.run_dir), weights(one.run_dir)) <= 1e-4
+    lrs = [r["lr"] for r in _records(three.run_dir, "train")]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0005, rel=0.05)
+
+
+def test_nan_on_one_worker_is_skipped_on_all(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEPTON_FAULTS", "nan:rank=1:step=4")
+    res = lepton.train(job_dict(data), workers=3, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    skipped = _records(res.run_dir, "skipped_step")
+    assert [r["step"] for r in skipped] == [4] and skipped[0]["lr_scale"] == 0.5
+    assert res.summary["replicas_agree"] is True                # no replica applied the NaN update
+    assert all(math.isfinite(v.abs().sum().item()) for v in weights(res.run_dir).values())
+
+
+def test_repeated_nan_stops_with_a_clear_message(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEPTON_FAULTS", "nan:rank=0")            # every step
+    res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")
+    assert res.status == "failed"
+    assert res.reason.startswith("training diverged: 3 steps in a row") and "train.optimizer.lr" in res.reason
