@@ -71,8 +71,9 @@ class Heartbeat(BaseModel):
     core_speed: float = 0.0
 
 
-class SharePlan(BaseModel):
-    """Shares of the global batch by rank. Version v+1 is issued only after every member applied v."""
+class StepPlan(BaseModel):
+    """What every member applies from an agreed step on: the shares of the global batch by rank.
+    Version v+1 is issued only after every member applied v."""
     version: int
     shares: list[float]
 
@@ -83,7 +84,7 @@ class HeartbeatResponse(BaseModel):
     # step's allreduce, so all members pause after the same step
     regroup_generation: Optional[int] = None
     # a newer share plan for the current generation: applied at the first step every member knows it
-    plan: Optional[SharePlan] = None
+    plan: Optional[StepPlan] = None
 
 
 class Report(BaseModel):

@@ -146,6 +146,39 @@ class EvalSpec(_Strict):
     every: Union[Literal["epoch", "never"], Annotated[int, Field(gt=0)]] = "epoch"
 
 
+MetricName = Annotated[str, Field(pattern=r"^val\.(loss|accuracy|mse|mae|r2)$")]
+
+
+class PlateauSpec(_Strict):
+    metric: MetricName = "val.loss"
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(2, ge=0, description="evaluations without improvement tolerated")
+    min_delta: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingSpec(_Strict):
+    metric: MetricName = "val.loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class KeepBestSpec(_Strict):
+    metric: MetricName = "val.loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class PoliciesSpec(_Strict):
+    """Evaluation-driven decisions (they need ``eval.every`` other than never)."""
+
+    reduce_on_plateau: Optional[PlateauSpec] = None
+    early_stopping: Optional[EarlyStoppingSpec] = None
+    keep_best: Optional[KeepBestSpec] = Field(
+        None, description="the final model is the best by this metric (early stopping implies it)")
+
+
 class CheckpointSpec(_Strict):
     every_steps: int = Field(200, ge=0, description="0: only at the end")
     keep: int = Field(2, gt=0, description="how many checkpoints to keep")
@@ -182,6 +215,7 @@ class JobSpec(_Strict):
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     export: Optional[ExportSpec] = Field(None, description="run lepton export with these options after training")
@@ -206,6 +240,11 @@ class JobSpec(_Strict):
             raise ValueError(f"cluster.max_workers ({c.max_workers}) is smaller than cluster.workers ({c.workers})")
         if c.shares is not None and len(c.shares) != c.workers:
             raise ValueError(f"cluster.shares has {len(c.shares)} entries for {c.workers} workers")
+        p = self.policies
+        if (p.reduce_on_plateau or p.early_stopping or p.keep_best) and self.eval.every == "never":
+            raise ValueError("policies need validation: set eval.every to epoch or a number of steps")
+        if p.early_stopping and not p.keep_best:      # stopping early restores the best model
+            p.keep_best = KeepBestSpec(metric=p.early_stopping.metric, mode=p.early_stopping.mode)
         if self.model.type == "cnn" and not self.data.shape:
             raise ValueError("model.type 'cnn' needs data.shape (e.g. [1, 8, 8])")
         return self

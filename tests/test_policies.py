@@ -73,3 +73,56 @@ def test_repeated_nan_stops_with_a_clear_message(data, tmp_path, monkeypatch):
     res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")
     assert res.status == "failed"
     assert res.reason.startswith("training diverged: 3 steps in a row") and "train.optimizer.lr" in res.reason
+
+
+def test_plateau_and_early_stopping_under_a_fixed_metric_sequence():
+    from lepton.policies import EarlyStopping, ReduceLROnPlateau
+    from lepton.spec import EarlyStoppingSpec, PlateauSpec
+    plateau = ReduceLROnPlateau(PlateauSpec(metric="val.loss", factor=0.5, patience=1, min_lr=0.002), base_lr=0.01)
+    early = EarlyStopping(EarlyStoppingSpec(metric="val.accuracy", mode="max", patience=2, min_delta=0.01))
+    losses = [1.0, 0.8, 0.85, 0.81, 0.9, 0.95, 0.99, 1.2]
+    accs = [0.5, 0.6, 0.605, 0.6, 0.58, 0.7, 0.7, 0.7]
+    lr_at, stop_at = [], []
+    for step, (loss, acc) in enumerate(zip(losses, accs)):
+        d = plateau.observe(step, {"loss": loss})
+        if d:
+            lr_at.append((step, d.lr_factor))
+        if early.observe(step, {"accuracy": acc}):
+            stop_at.append(step)
+    # best loss 0.8 at step 1; steps 2, 3 do not improve → halve at 3; 4, 5 → halve at 5; then min_lr
+    assert lr_at == [(3, 0.5), (5, 0.25), (7, 0.2)]
+    # best 0.6 at step 1 (0.605 is within min_delta); 2, 3, 4 stale → stop at 4
+    assert stop_at[0] == 4
+
+
+def test_plateau_lowers_the_lr_at_the_same_step_on_any_worker_count(data, tmp_path):
+    # 'max' on the validation loss: every validation after the first is "no improvement", so the
+    # decision step is known in advance: the second validation (end of epoch 2, step 28)
+    job = job_dict(data, train__epochs=4)
+    job["policies"] = {"reduce_on_plateau": {"metric": "val.loss", "mode": "max", "patience": 0, "factor": 0.5}}
+    two = lepton.train(job, workers=2, run_dir=tmp_path / "two")
+    one = lepton.train(job, workers=1, run_dir=tmp_path / "one")
+    assert one.status == two.status == "completed"
+    decisions = _records(two.run_dir, "decision")
+    assert [(d["step"], d["decision"]) for d in decisions] == [(28, "lr"), (42, "lr")]
+    assert decisions[0]["lr"] == pytest.approx(0.005)
+    assert max_rel_diff(weights(two.run_dir), weights(one.run_dir)) <= 1e-4
+    assert two.summary["replicas_agree"] is True
+    events = [json.loads(l) for l in (two.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "lr"] == [28, 42]
+
+
+def test_early_stopping_stops_and_restores_the_best_model(data, tmp_path):
+    from lepton.storage.checkpoint import read_checkpoint
+    job = job_dict(data, train__epochs=6)
+    job["policies"] = {"early_stopping": {"metric": "val.loss", "mode": "max", "patience": 1}}
+    res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    s = res.summary
+    # best at the first validation (step 14); steps 28 and 42 are stale → stop at 42
+    assert s["stopped_early"] is True and s["steps"] == 42 and s["best_step"] == 14
+    best = read_checkpoint(res.run_dir / "checkpoints" / "best")["model"]
+    final = weights(res.run_dir)
+    assert all(best[k].equal(final[k]) for k in final)
+    meta = json.loads((res.run_dir / "model" / "lepton.json").read_text())
+    assert meta["best_step"] == 14

@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Callable, Optional
 
 from ..protocol import (Generation, Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest,
-                        Report, Resources, SharePlan)
+                        Report, Resources, StepPlan)
 from . import balance
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
@@ -106,7 +106,9 @@ class Coordinator:
     generation_world: int = 0
     generation_start_step: int = 0
     shares: list[float] = field(default_factory=list)
-    plan_version: int = 0                        # share plans issued within the current generation
+    step_plan: StepPlan = field(default_factory=lambda: StepPlan(version=0, shares=[]))   # the issued plan
+    generation_plan: StepPlan = field(default_factory=lambda: StepPlan(version=0, shares=[]))  # its version 0
+    plan_version: int = 0                        # step plans issued within the current generation
     plan_step: int = 0                           # step at which the last re-plan was considered
     step: int = 0
     total_steps: Optional[int] = None
@@ -162,6 +164,7 @@ class Coordinator:
             self.generation, self.generation_world = hb.generation, hb.world
             self.phase, self.started_at, self.source_is_checkpoint = Phase.RUNNING, now, False
             self.shares = [1.0] * hb.world
+            self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
         self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
         self.step = max(self.step, hb.step)
         self._event("worker_adopted", f"{m.worker_id} (rank {hb.rank} of generation {hb.generation}) kept training"
@@ -196,7 +199,7 @@ class Coordinator:
                 self._recovered()
             self._maybe_replan()
             if m.plan_version < self.plan_version:
-                plan = SharePlan(version=self.plan_version, shares=self.shares)
+                plan = self.step_plan
         regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
         return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
                                  plan=plan)
@@ -218,9 +221,9 @@ class Coordinator:
             if m.rank == 0 and self.source_is_checkpoint and self.latest_checkpoint:
                 resume = self.latest_checkpoint["path"]
             return PlanResponse(action="run", generation=Generation(
-                id=self.generation, rank=m.rank, world=len(self.generation_members), shares=self.shares,
-                members=self.generation_members, start_step=self.generation_start_step,
-                resume_checkpoint=resume))
+                id=self.generation, rank=m.rank, world=len(self.generation_members),
+                shares=self.generation_plan.shares, members=self.generation_members,
+                start_step=self.generation_start_step, resume_checkpoint=resume))
         return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
     def report(self, r: Report) -> None:
@@ -235,6 +238,11 @@ class Coordinator:
                 if rec.get("kind") == "train":
                     self.step = max(self.step, rec["step"])
                     self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
+                elif rec.get("kind") == "best":
+                    self._event("best", f"best {rec['metric']} so far: {rec['value']:.6g} at step {rec['step']}",
+                                step=rec["step"], value=rec["value"], metric=rec["metric"])
+                elif rec.get("kind") == "decision":        # a policy's decision, taken on every worker
+                    self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
             self._persist()
         elif r.kind == "checkpoint":
             if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
@@ -359,26 +367,31 @@ class Coordinator:
         """The balancing policy's decision point: every ``cluster.rebalance_every_steps`` steps, once
         every member applied the last plan and reported a speed, shares follow the speeds (with
         hysteresis). The plan reaches workers in heartbeat replies and is applied at an agreed step."""
-        c = self.job.cluster
-        if self.phase != Phase.RUNNING or c.balance == "off" or c.shares:
+        if self.phase != Phase.RUNNING:
             return
         members = [self.members[w] for w in self.generation_members]
-        if (self.step - self.plan_step < c.rebalance_every_steps
-                or any(m.plan_version != self.plan_version or not m.speed for m in members)):
+        if any(m.plan_version != self.plan_version for m in members):
             return
-        self.plan_step = self.step
-        speeds = [m.speed * m.capacity for m in members]
-        new = balance.propose(self.shares, speeds)
-        if new is None:
+        shares = self.step_plan.shares
+        c = self.job.cluster
+        if (c.balance == "on" and not c.shares and self.step - self.plan_step >= c.rebalance_every_steps
+                and all(m.speed for m in members)):
+            self.plan_step = self.step
+            speeds = [m.speed * m.capacity for m in members]
+            new = balance.propose(shares, speeds)
+            if new is not None:
+                shares = new
+                self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s"
+                            f" (ideal gain over equal shares {balance.ideal_gain(speeds):.2f}x)",
+                            generation=self.generation, version=self.plan_version + 1, step=self.step,
+                            speeds=[round(s, 1) for s in speeds], shares=new, workers=self.generation_members)
+        if shares == self.step_plan.shares:
             return
         self.plan_version += 1
-        self.shares = new
-        for m, share in zip(members, new):
+        self.step_plan = StepPlan(version=self.plan_version, shares=shares)
+        self.shares = shares
+        for m, share in zip(members, shares):
             m.share = share
-        self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s"
-                    f" (ideal gain over equal shares {balance.ideal_gain(speeds):.2f}x)",
-                    generation=self.generation, version=self.plan_version, step=self.step,
-                    speeds=[round(s, 1) for s in speeds], shares=new, workers=self.generation_members)
         self._persist()
 
     def _regroup(self, reason: str) -> None:
@@ -438,6 +451,7 @@ class Coordinator:
             m.capacity = cap
         self.shares = self.share_policy(self.job, chosen)
         self.plan_version = 0
+        self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
         # the state comes from the most advanced live replica, or from the checkpoint if none is left
         self.source_is_checkpoint = source is None
         if source is not None:

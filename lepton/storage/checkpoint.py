@@ -24,16 +24,21 @@ MODEL_WEIGHTS = "weights.safetensors"
 MODEL_META = "lepton.json"
 
 
-def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
-    final = run.checkpoint_dir(step)
+def write_state_dir(final: Path, step: int, state: dict) -> Path:
+    """``state`` into the folder ``final``, written beside it and renamed, replacing it whole."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(state, tmp / STATE_FILE)
     atomic_write_json(tmp / "meta.json", {"step": step})
-    if final.exists():            # the same step saved again (e.g. the final save): replace whole
+    if final.exists():            # the same step saved again (e.g. the final save)
         shutil.rmtree(final)
     tmp.rename(final)
+    return final
+
+
+def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
+    final = write_state_dir(run.checkpoint_dir(step), step, state)
     done = sorted(p for p in run.checkpoints_dir.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

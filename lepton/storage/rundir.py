@@ -98,6 +98,11 @@ class RunDir:
     @property
     def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
 
+    @property
+    def best_dir(self) -> Path:
+        """The best model so far by the keep-best metric (a checkpoint kept apart from the rotation)."""
+        return self.checkpoints_dir / "best"
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{step:09d}"
 

@@ -24,9 +24,10 @@ import torch
 from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
 from ..errors import LeptonError
-from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, SharePlan
+from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, StepPlan
 from ..spec import parse_job
-from ..storage.checkpoint import AsyncCheckpointer, read_checkpoint, write_checkpoint, write_model
+from ..storage.checkpoint import (AsyncCheckpointer, read_checkpoint, write_checkpoint, write_model,
+                                  write_state_dir)
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
@@ -47,7 +48,7 @@ class Reporter(threading.Thread):
         self.records: list[dict] = []
         self.beat = Heartbeat(worker_id=worker_id, state="waiting")
         self.regroup_generation: int | None = None
-        self.plan: SharePlan | None = None       # the newest share plan the coordinator sent
+        self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
 
@@ -247,7 +248,7 @@ class Worker:
         steady_samples, steady_s = 0, 0.0
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
-        while t.step < t.total_steps:
+        while t.step < t.total_steps and not t.stopped_early:
             self.faults.fire("step", rank, t.step, gen.id)
             pending = self.reporter.plan
             knows_next = pending is not None and pending.version == plan_version + 1
@@ -287,13 +288,16 @@ class Worker:
                 ckpt.save(t.step, t.state())
                 self.faults.fire("checkpoint", rank, t.step, gen.id)
             if self._eval_due() and t.step < t.total_steps:
-                self._validate(rank, gen.id)
-            if r.regroup and t.step < t.total_steps:
+                self._validate(rank, gen.id)      # may stop early: the final phase then starts now
+            if r.regroup and t.step < t.total_steps and not t.stopped_early:
                 if ckpt:
                     ckpt.wait()
                 return False
         if ckpt:
             ckpt.wait()
+        if job.policies.keep_best and t.best_step is not None and t.best_step != t.step:
+            best = read_checkpoint(self.run.best_dir) if rank == 0 else None
+            t.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
         agree = t.replicas_agree(self.group)
         results = {split: t.evaluate(self.group, split) for split in ("train", "val", "test")}
         if job.eval.every != "never":
@@ -305,16 +309,30 @@ class Worker:
         self._on_checkpoint(t.step, path)
         self._write_model(results)
         return {**results, "steps": t.step, "epochs": job.train.epochs, "replicas_agree": agree,
+                "stopped_early": t.stopped_early, "best_step": t.best_step,
                 "samples_per_s": round(steady_samples / steady_s, 1) if steady_s > 0 else None}
 
     def _eval_due(self) -> bool:
         every, t = self.job.eval.every, self.trainer
-        return (every == "epoch" and t.at_epoch_end()) or (isinstance(every, int) and t.step % every == 0)
+        return t.step > 0 and ((every == "epoch" and t.at_epoch_end()) or (isinstance(every, int) and t.step % every == 0))
 
     def _validate(self, rank: int, generation: int) -> None:
-        self.faults.fire("eval", rank, self.trainer.step, generation)
-        self._log_eval("val", self.trainer.evaluate(self.group, "val"), rank)
-        self.trainer.evaluated_step = self.trainer.step
+        """A periodic validation and the policies' decisions on it."""
+        t = self.trainer
+        self.faults.fire("eval", rank, t.step, generation)
+        m = t.evaluate(self.group, "val")
+        self._log_eval("val", m, rank)
+        decisions = t.decide(m)
+        if rank == 0:
+            for d in decisions:
+                self.reporter.push({"kind": "decision", "decision": "early_stop" if d.kind == "finish" else "lr",
+                                    "time": time.time(), "step": t.step, "reason": d.reason, "details": d.details,
+                                    "lr": t.lr_at(t.step)})
+        if t.improved(m) and rank == 0:           # keep-best: the same answer on every rank
+            write_state_dir(self.run.best_dir, t.step, {"model": t.model.state_dict(), "step": t.step})
+            self.reporter.push({"kind": "best", "time": time.time(), "step": t.step, "value": t.best_value,
+                                "metric": self.job.policies.keep_best.metric})
+        t.evaluated_step = t.step
 
     def _log_eval(self, split: str, m: dict, rank: int) -> None:
         if rank == 0 and m.get("count"):
@@ -332,7 +350,7 @@ class Worker:
         meta = {"format": "lepton-model/1", "name": self.job.name, "task": self.job.task,
                 "model": self.job.to_yaml_dict()["model"], "seed": self.job.seed,
                 "input_shape": list(pre.input_shape), "classes": pre.classes, "preprocess": pre.to_dict(),
-                "metrics": results, "step": self.trainer.step}
+                "metrics": results, "step": self.trainer.step, "best_step": self.trainer.best_step}
         write_model(self.run.model_dir, self.trainer.model.state_dict(), meta, extra)
 
 

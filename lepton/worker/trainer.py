@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import metrics, policies
 from ..comm import FlatGradients, GenerationGroup
 from ..models import build_model, build_optimizer, num_outputs
 from ..sampler import GlobalBatchSampler, split_counts
@@ -55,6 +55,11 @@ class Trainer:
         self.compute_hook = None          # called with the sample count inside the compute window (throttle)
         self.poison = None                # step -> bool: make this rank's loss NaN (fault injection)
         self.lr_scale = 1.0               # lowered by the divergence guard; part of the replicated state
+        self.plan_lr = 1.0                # the evaluation policies' learning-rate factor
+        self.policies = policies.build(job.policies, job.train.optimizer.lr)
+        self.stopped_early = False        # early stopping decided: train no further
+        self.best_value: float | None = None   # keep-best: best validation value and its step
+        self.best_step: int | None = None
         self.bad_steps = 0
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
@@ -67,7 +72,9 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "evaluated_step": self.evaluated_step, "lr_scale": self.lr_scale, "bad_steps": self.bad_steps}
+                "evaluated_step": self.evaluated_step, "lr_scale": self.lr_scale, "bad_steps": self.bad_steps,
+                "plan_lr": self.plan_lr, "best_value": self.best_value, "best_step": self.best_step,
+                "policies": [p.state() for p in self.policies], "stopped_early": self.stopped_early}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -76,6 +83,11 @@ class Trainer:
         self.evaluated_step = int(state.get("evaluated_step", -1))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.plan_lr = float(state.get("plan_lr", 1.0))
+        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        for p, st in zip(self.policies, state.get("policies", [])):
+            p.load(st)
+        self.stopped_early = bool(state.get("stopped_early", False))
 
     def lr_at(self, step: int) -> float:
         """The learning rate of global ``step``: schedule × warm-up × the divergence guard's scale."""
@@ -90,7 +102,33 @@ class Trainer:
             lr = base
         if step < sched.warmup_steps:
             lr *= (step + 1) / sched.warmup_steps
-        return lr * self.lr_scale
+        return lr * self.lr_scale * self.plan_lr
+
+    def decide(self, m: dict) -> list:
+        """Feed a validation result to the policies and apply their decisions now (every rank
+        holds the same metrics, so every rank decides the same at this step)."""
+        out = []
+        for p in self.policies:
+            d = p.observe(self.step, m)
+            if d is not None:
+                if d.kind == "lr":
+                    self.plan_lr = d.lr_factor
+                else:
+                    self.stopped_early = True
+                out.append(d)
+        return out
+
+    def improved(self, metrics: dict) -> bool:
+        """Keep-best: is this validation the best so far? Every rank sees the same reduced metrics,
+        so every rank answers the same."""
+        kb = self.job.policies.keep_best
+        value = metrics.get(kb.metric.split(".", 1)[1]) if kb else None
+        if value is None:
+            return False
+        if self.best_value is None or (value < self.best_value if kb.mode == "min" else value > self.best_value):
+            self.best_value, self.best_step = value, self.step
+            return True
+        return False
 
     @property
     def epoch(self) -> int:
