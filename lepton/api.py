@@ -127,6 +127,10 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     local.attach_logs(opened.run.root / "logs")
     server = start_coordinator(opened, listener)
     coord = server.coord
+    if progress:
+        from .coordinator.dashboard import dashboard_url
+        console.print(f"dashboard: {dashboard_url(server.url, opened.token)}", markup=False, highlight=False,
+                      soft_wrap=True)
     supervisor = _Supervisor(server, local, opened.job)
     try:
         with TrainingProgress(enabled=progress) as bar, _Interrupts() as interrupts:

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .export.cli import add_export_commands     # export, serve (lepton/export/)
     add_export_commands(sub)
+    from .runs import add_runs_command              # runs (lepton/runs.py)
+    add_runs_command(sub)
     return p
 
 
@@ -118,6 +120,8 @@ def cmd_coordinator(a) -> int:
     server = start_coordinator(opened, listener)
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
+    from .coordinator.dashboard import dashboard_url
+    print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
           f" --token-file {opened.run.token_file}", flush=True)
     handled = 0

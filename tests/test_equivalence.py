@@ -40,6 +40,8 @@ def test_same_test_metrics(runs, label):
     assert a["count"] == b["count"] > 0
     assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    assert a["confusion_matrix"] == b["confusion_matrix"]          # evaluated on 2-3 ranks vs 1
+    assert (a["precision"], a["recall"], a["f1"]) == (b["precision"], b["recall"], b["f1"])
 
 
 def test_summary_shape(runs):

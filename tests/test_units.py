@@ -239,3 +239,27 @@ def test_machine_fails_on_a_worker_error(tmp_path):
     a = _ready(c, 42)
     c.report(Report(worker_id=a, kind="failed", payload={"error": "ValueError: boom"}))
     assert c.phase == Phase.FAILED and "boom" in c.reason
+
+
+# --- metrics from exactly reduced sums -------------------------------------------------------------
+@pytest.mark.parametrize("classes", [2, 4])
+def test_reduced_metrics_match_sklearn_and_any_partition(classes):
+    import torch
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+    from lepton import metrics
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(301, classes, generator=g)
+    y = torch.randint(0, classes, (301,), generator=g)
+    whole = metrics.finish("classification", metrics.batch_sums("classification", out, y, classes), classes, True)
+    parts = sum(metrics.batch_sums("classification", out[a:b], y[a:b], classes)
+                for a, b in ((0, 100), (100, 101), (101, 301)))
+    split = metrics.finish("classification", parts, classes, True)
+    assert split["confusion_matrix"] == whole["confusion_matrix"]
+    assert split["f1"] == whole["f1"] and split["accuracy"] == whole["accuracy"]
+    pred = out.argmax(1).numpy()
+    assert whole["precision"] == pytest.approx(precision_score(y, pred, average="macro", zero_division=0))
+    assert whole["recall"] == pytest.approx(recall_score(y, pred, average="macro", zero_division=0))
+    assert whole["f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    if classes == 2:
+        exact = roc_auc_score(y, torch.softmax(out, 1)[:, 1].numpy())
+        assert whole["roc_auc"] == pytest.approx(exact, abs=2e-3) and split["roc_auc"] == whole["roc_auc"]

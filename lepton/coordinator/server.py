@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
 from .machine import Coordinator
 
-HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_INTERVAL_S = 0.25
 
 
 def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: int,
@@ -70,6 +70,8 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
         with lock:
             return coord.status()
 
+    from .dashboard import add_dashboard_routes          # /dashboard, /dashboard/api/*, /metrics
+    add_dashboard_routes(app, coord, lock, token)
     return app
 
 

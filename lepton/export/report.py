@@ -49,9 +49,10 @@ def outputs(runner: Runner, x: np.ndarray) -> np.ndarray:
 
 
 def split_metrics(task: str, out: np.ndarray, y: np.ndarray) -> dict:
+    classes = out.shape[1] if task == "classification" else 0
     sums = metrics.batch_sums(task, torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
-                              torch.from_numpy(np.ascontiguousarray(y)))
-    return metrics.finish(task, sums)
+                              torch.from_numpy(np.ascontiguousarray(y)), classes)
+    return metrics.finish(task, sums, classes)
 
 
 def latency_ms(runner: Runner, x: np.ndarray, runs: int) -> dict:

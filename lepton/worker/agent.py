@@ -299,7 +299,7 @@ class Worker:
             best = read_checkpoint(self.run.best_dir) if rank == 0 else None
             t.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
         agree = t.replicas_agree(self.group)
-        results = {split: t.evaluate(self.group, split) for split in ("train", "val", "test")}
+        results = {split: t.evaluate(self.group, split, confusion=True) for split in ("train", "val", "test")}
         if job.eval.every != "never":
             self._log_eval("val", results["val"], rank)
         if rank != 0:

@@ -212,17 +212,18 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, group: GenerationGroup, split: str) -> dict:
+    def evaluate(self, group: GenerationGroup, split: str, confusion: bool = False) -> dict:
         """Metrics of ``split``; each rank scores a contiguous slice and the sums are reduced exactly."""
         x, y = self.cache.get(split)
         counts = split_counts(len(y), [1.0] * group.world)
         lo = sum(counts[:group.rank])
         hi = lo + counts[group.rank]
+        classes = len(self.cache.preprocessor.classes or [])
         self.model.eval()
-        sums = metrics.empty_sums(self.task)
+        sums = metrics.empty_sums(self.task, classes)
         for s in range(lo, hi, EVAL_CHUNK):
             e = min(s + EVAL_CHUNK, hi)
             out = self.model(torch.from_numpy(np.asarray(x[s:e])))
-            sums += metrics.batch_sums(self.task, out, torch.from_numpy(np.asarray(y[s:e])))
+            sums += metrics.batch_sums(self.task, out, torch.from_numpy(np.asarray(y[s:e])), classes)
         group.allreduce(sums)
-        return metrics.finish(self.task, sums)
+        return metrics.finish(self.task, sums, classes, confusion)

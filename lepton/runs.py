@@ -1,0 +1,180 @@
+"""``lepton runs [DIR]``: the run directories under DIR with their status, progress and best metric.
+
+Everything is read from the files a run directory keeps (design.md §4): ``state.json`` (status, step),
+``job.yaml`` (name, task), ``metrics.jsonl`` (validation records: the best one is the highest accuracy
+for classification, the lowest MSE, else loss, for regression) and ``summary.json`` (the test metric).
+Nothing is written; a half-written or foreign folder is shown with what can be read, never an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import LeptonError
+from .storage.rundir import RunDir
+
+# (metric, mode) tried in order: the first one the validation records carry is the one reported
+BEST = {"classification": [("accuracy", "max"), ("loss", "min")],
+        "regression": [("mse", "min"), ("loss", "min")]}
+TEST = {"classification": ["accuracy", "loss"], "regression": ["mse", "loss"]}
+
+
+def _json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        obj = yaml.safe_load(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _val_records(path: Path) -> list[dict]:
+    """The validation records of ``metrics.jsonl`` (torn or foreign lines are skipped)."""
+    out = []
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return out
+    with f:
+        for line in f:
+            if b'"eval"' not in line:          # cheap filter: most lines are training records
+                continue
+            try:
+                rec = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "eval" and rec.get("split", "val") == "val":
+                out.append(rec)
+    return out
+
+
+def best_metric(records: list[dict], task: str) -> Optional[dict]:
+    """``{"metric", "value", "step"}`` of the best validation record, or None without one."""
+    for metric, mode in BEST.get(task, BEST["classification"]):
+        scored = [r for r in records if _finite(r.get(metric))]
+        if scored:
+            pick = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+            return {"metric": metric, "mode": mode, "value": float(pick[metric]), "step": pick.get("step")}
+    return None
+
+
+def _task(job: dict, records: list[dict], summary: dict) -> str:
+    task = job.get("task")
+    if task in BEST:
+        return task
+    seen = set().union(*(r.keys() for r in records), *(v.keys() for v in summary.values() if isinstance(v, dict)))
+    return "regression" if "mse" in seen and "accuracy" not in seen else "classification"
+
+
+def run_info(path: str | Path) -> dict:
+    """What ``lepton runs`` shows about one run directory."""
+    run = RunDir(path)
+    state, summary, job = _json(run.state_json), _json(run.summary_json), _yaml(run.job_yaml)
+    records = _val_records(run.metrics_jsonl)
+    task = _task(job, records, summary)
+    status = state.get("status") or summary.get("status") or "unknown"
+    test = None
+    split = summary.get("test") if isinstance(summary.get("test"), dict) else {}
+    if split.get("count"):
+        for metric in TEST[task]:
+            if _finite(split.get(metric)):
+                test = {"metric": metric, "value": float(split[metric])}
+                break
+    mtimes = []
+    for p in (run.root, run.state_json, run.metrics_jsonl, run.events_jsonl, run.summary_json, run.job_yaml):
+        try:
+            mtimes.append(p.stat().st_mtime)
+        except OSError:
+            pass
+    return {"name": run.root.name, "path": str(run.root), "job": state.get("name") or job.get("name"),
+            "task": task, "status": status, "reason": state.get("reason", ""),
+            "step": state.get("step", summary.get("steps")), "total_steps": state.get("total_steps"),
+            "epoch": state.get("epoch"), "best": best_metric(records, task), "test": test,
+            "modified": max(mtimes) if mtimes else None}
+
+
+def list_runs(root: str | Path = "runs") -> list[dict]:
+    """The runs under ``root`` (or ``root`` itself when it is one), most recently modified first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LeptonError(f"{root}: no such folder (give the folder that holds the run directories)")
+    if RunDir(root).holds_run():
+        dirs = [root]
+    else:
+        dirs = [d for d in root.iterdir() if d.is_dir() and RunDir(d).holds_run()]
+    rows = [run_info(d) for d in dirs]
+    rows.sort(key=lambda r: (r["modified"] or 0, r["name"]), reverse=True)
+    return rows
+
+
+_STATUS_STYLE = {"completed": "green", "running": "cyan", "waiting": "yellow", "regrouping": "yellow",
+                 "failed": "red", "stopped": "magenta"}
+
+
+_SHORT = {"accuracy": "acc"}
+
+
+def _fmt_metric(m: Optional[dict]) -> str:
+    if not m:
+        return "-"
+    v = m["value"]
+    return f"{v:.4f} {_SHORT.get(m['metric'], m['metric'])}" if abs(v) < 1e4 else f"{v:,.0f} {m['metric']}"
+
+
+def _table(rows: list[dict], root: str):
+    from rich.table import Table
+    t = Table(title=f"runs in {root}")
+    t.add_column("run", overflow="fold", min_width=10)
+    t.add_column("status", no_wrap=True)
+    t.add_column("step", justify="right", no_wrap=True)
+    t.add_column("best val", justify="right", no_wrap=True)
+    t.add_column("test", justify="right", no_wrap=True)
+    t.add_column("modified")
+    for r in rows:
+        style = _STATUS_STYLE.get(r["status"], "")
+        status = f"[{style}]{r['status']}[/{style}]" if style else r["status"]
+        step = "-" if r["step"] is None else str(r["step"])
+        if r["total_steps"]:
+            step += f"/{r['total_steps']}"
+        b = r["best"]
+        best = _fmt_metric(b) + (f" @{b['step']}" if b and b["step"] is not None else "")
+        modified = time.strftime("%m-%d %H:%M", time.localtime(r["modified"])) if r["modified"] else "-"
+        t.add_row(r["name"], status, step, best, _fmt_metric(r["test"]), modified)
+    return t
+
+
+def cmd_runs(args) -> int:
+    rows = list_runs(args.dir)
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return 0
+    from .console import out
+    if not rows:
+        out.print(f"no runs in {args.dir}", highlight=False)
+        return 0
+    out.print(_table(rows, args.dir))
+    return 0
+
+
+def add_runs_command(sub) -> None:
+    """Register ``lepton runs`` on the CLI's subparsers (dispatched through ``handler``)."""
+    p = sub.add_parser("runs", help="list run directories with their status and best validation metric")
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run directories (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(handler=cmd_runs)
