@@ -95,6 +95,17 @@ def procs():
     ps.reap()
 
 
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Poll ``pred`` every 50 ms until it is true; fail the test after ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> subprocess.CompletedProcess:
     """Run ``lepton ARGS`` to completion in its own session; the whole group is killed on timeout."""
     p = subprocess.Popen([sys.executable, "-m", "lepton", *map(str, args)], start_new_session=True,

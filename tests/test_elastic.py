@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import lepton
-from conftest import job_dict, make_classification_csv, max_rel_diff, run_cli, weights
+from conftest import job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,15 +134,6 @@ def test_too_few_workers_waits_then_fails_with_a_checkpoint(setup, tmp_path, mon
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["latest_checkpoint"]["step"] == 10
     assert "waiting" in kinds(tmp_path / "run")
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _step(run_dir) -> int:

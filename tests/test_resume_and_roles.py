@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import lepton
-from conftest import job_dict, max_rel_diff, run_cli, weights
+from conftest import job_dict, max_rel_diff, run_cli, weights, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,15 +25,6 @@ def reference(tmp_path_factory):
     res = lepton.train(job, workers=2, run_dir=root / "ref")
     assert res.status == "completed", res.reason
     return root, res
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_resume_after_kill_equals_uninterrupted(reference, procs, tmp_path):
