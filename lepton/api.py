@@ -10,15 +10,13 @@ it (it must be importable or picklable by value, as cloudpickle allows).
 """
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from .console import TrainingProgress, console
 from .errors import LeptonError
 from .coordinator.server import Listener
-from .launcher import LocalWorkers, open_run, start_coordinator
+from .launcher import InterruptCounter, LocalSupervisor, LocalWorkers, open_run, start_coordinator
 from .storage.rundir import new_token
 from .spec import JobSpec, load_job, parse_job
 
@@ -30,63 +28,6 @@ class TrainResult:
     summary: dict | None
     reason: str = ""
     export: dict | None = None          # the export report when the job has an ``export:`` section
-
-
-class _Interrupts:
-    """Counts SIGINT/SIGTERM while training. The handler only counts: the poll loop acts on it, so
-    the handler never needs the coordinator's lock (which the interrupted code may hold)."""
-
-    def __init__(self):
-        self.count = 0
-        self._saved: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-
-
-class _Supervisor:
-    """Local-worker supervision for ``lepton train``: reports exits to the coordinator, restarts
-    failed workers when ``cluster.restart_failed`` (at most ``cluster.max_restarts`` times), fails the
-    job when no local worker is left, and turns interrupts into a stop (first) or a kill (second)."""
-
-    def __init__(self, server, local: LocalWorkers, job: JobSpec):
-        self.server, self.local, self.cluster = server, local, job.cluster
-        self.restarts = 0
-        self.handled_interrupts = 0
-        self.forced = False
-
-    def check(self, interrupts: int) -> None:
-        coord = self.server.coord
-        with self.server.lock:
-            for pid, code in self.local.newly_exited():
-                coord.process_exited(pid, code)
-                if code != 0 and self.cluster.restart_failed and not coord.phase.final:
-                    if self.restarts < self.cluster.max_restarts:
-                        self.restarts += 1
-                        self.local.spawn()
-                        coord.note("worker_restarted", f"restarted a local worker that exited with code {code}"
-                                   f" ({self.restarts}/{self.cluster.max_restarts})")
-            if self.local.all_exited() and not coord.phase.final:
-                why = (f"local workers keep failing ({self.restarts} restart(s), cluster.max_restarts="
-                       f"{self.cluster.max_restarts})" if self.cluster.restart_failed else "every local worker exited")
-                coord.fail(why)
-            if interrupts > self.handled_interrupts:
-                self.handled_interrupts = interrupts
-                if interrupts == 1:
-                    coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
-                else:
-                    self.forced = True
-                    coord.stop_now("interrupted twice: stopped at once (the last checkpoint is kept)")
 
 
 def _as_job(job, overrides: list[str] | None) -> JobSpec:
@@ -131,9 +72,9 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         from .coordinator.dashboard import dashboard_url
         console.print(f"dashboard: {dashboard_url(server.url, opened.token)}", markup=False, highlight=False,
                       soft_wrap=True)
-    supervisor = _Supervisor(server, local, opened.job)
+    supervisor = LocalSupervisor(server, local, opened.job)
     try:
-        with TrainingProgress(enabled=progress) as bar, _Interrupts() as interrupts:
+        with TrainingProgress(enabled=progress) as bar, InterruptCounter() as interrupts:
             def poll(status: dict) -> None:
                 bar.update(status)
                 supervisor.check(interrupts.count)

@@ -104,7 +104,7 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table) -> in
 def cmd_coordinator(a) -> int:
     from .api import _as_job
     from .console import console, out, summary_table
-    from .api import _Interrupts
+    from .launcher import InterruptCounter
     from .coordinator.server import Listener
     from .launcher import open_run, start_coordinator
     host, port = _split_bind(a.bind)
@@ -125,7 +125,7 @@ def cmd_coordinator(a) -> int:
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
           f" --token-file {opened.run.token_file}", flush=True)
     handled = 0
-    with _Interrupts() as interrupts:
+    with InterruptCounter() as interrupts:
         def on_poll(_status) -> None:
             nonlocal handled
             if interrupts.count > handled:     # first: checkpoint and stop at a step boundary; second: now

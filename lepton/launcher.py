@@ -219,3 +219,60 @@ class _LogPump(threading.Thread):
         with self.lock:
             if self.file:
                 self.file.close()
+
+
+class InterruptCounter:
+    """Counts SIGINT/SIGTERM while training. The handler only counts: the poll loop acts on it, so
+    the handler never needs the coordinator's lock (which the interrupted code may hold)."""
+
+    def __init__(self):
+        self.count = 0
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+class LocalSupervisor:
+    """Local-worker supervision for ``lepton train``: reports exits to the coordinator, restarts
+    failed workers when ``cluster.restart_failed`` (at most ``cluster.max_restarts`` times), fails the
+    job when no local worker is left, and turns interrupts into a stop (first) or a kill (second)."""
+
+    def __init__(self, server: CoordinatorServer, local: LocalWorkers, job: JobSpec):
+        self.server, self.local, self.cluster = server, local, job.cluster
+        self.restarts = 0
+        self.handled_interrupts = 0
+        self.forced = False
+
+    def check(self, interrupts: int) -> None:
+        coord = self.server.coord
+        with self.server.lock:
+            for pid, code in self.local.newly_exited():
+                coord.process_exited(pid, code)
+                if code != 0 and self.cluster.restart_failed and not coord.phase.final:
+                    if self.restarts < self.cluster.max_restarts:
+                        self.restarts += 1
+                        self.local.spawn()
+                        coord.note("worker_restarted", f"restarted a local worker that exited with code {code}"
+                                   f" ({self.restarts}/{self.cluster.max_restarts})")
+            if self.local.all_exited() and not coord.phase.final:
+                why = (f"local workers keep failing ({self.restarts} restart(s), cluster.max_restarts="
+                       f"{self.cluster.max_restarts})" if self.cluster.restart_failed else "every local worker exited")
+                coord.fail(why)
+            if interrupts > self.handled_interrupts:
+                self.handled_interrupts = interrupts
+                if interrupts == 1:
+                    coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
+                else:
+                    self.forced = True
+                    coord.stop_now("interrupted twice: stopped at once (the last checkpoint is kept)")
