@@ -55,8 +55,10 @@ def _fmt(v) -> str:
 
 def summary_table(summary: dict, run_dir: str) -> Table:
     splits = [s for s in ("train", "val", "test") if summary.get(s, {}).get("count")]
-    names = [k for k in ("loss", "accuracy", "mse", "mae", "r2") if any(k in summary[s] for s in splits)]
-    t = Table(title=f"Lepton run {summary.get('status', '')}", show_header=True)
+    names = [k for k in ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "mse", "mae", "r2")
+             if any(k in summary[s] for s in splits)]
+    t = Table(title=f"Lepton run {summary.get('status', '')}", show_header=True,
+              caption=f"run directory: {run_dir}", caption_justify="left")
     t.add_column("metric")
     for s in splits:
         t.add_column(s, justify="right")
@@ -70,7 +72,8 @@ def summary_table(summary: dict, run_dir: str) -> Table:
     sps = summary.get("samples_per_s")
     t.add_row("samples/s", f"{sps:,.0f}" if sps else "-")
     t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s")
-    t.add_row("run directory", run_dir)
+    if summary.get("stopped_early"):
+        t.add_row("stopped early", f"best at step {summary.get('best_step')}")
     return t
 
 

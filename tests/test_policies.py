@@ -126,3 +126,15 @@ def test_early_stopping_stops_and_restores_the_best_model(data, tmp_path):
     assert all(best[k].equal(final[k]) for k in final)
     meta = json.loads((res.run_dir / "model" / "lepton.json").read_text())
     assert meta["best_step"] == 14
+
+
+def test_tensorboard_event_files(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")
+    assert res.status == "completed"
+    acc = EventAccumulator(str(res.run_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "val/accuracy", "val/f1", "test/accuracy"} <= set(tags)
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [14, 28, 42]
+    assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(res.summary["test"]["accuracy"])

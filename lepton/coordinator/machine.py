@@ -33,6 +33,7 @@ from typing import Callable, Optional
 from ..protocol import (Generation, Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest,
                         Report, Resources, StepPlan)
 from . import balance
+from .tensorboard import TensorBoardSink
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
 
@@ -125,8 +126,10 @@ class Coordinator:
     source_is_checkpoint: bool = True            # the current generation starts from a checkpoint file
     incidents: list[dict] = field(default_factory=list)   # failures not yet recovered from
     events: list[dict] = field(default_factory=list)
+    tensorboard: Optional[TensorBoardSink] = None
 
     def __post_init__(self):
+        self.tensorboard = TensorBoardSink(self.run.tensorboard_dir)
         if self.train_rows:
             self.total_steps = -(-self.train_rows // self.job.train.batch_size) * self.job.train.epochs
         self.latest_checkpoint = self.resume_checkpoint
@@ -235,6 +238,7 @@ class Coordinator:
         if r.kind == "metrics":
             for rec in p.get("records", []):
                 self.run.append_jsonl(self.run.metrics_jsonl, rec)
+                self.tensorboard.record(rec)
                 if rec.get("kind") == "train":
                     self.step = max(self.step, rec["step"])
                     self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
@@ -243,6 +247,8 @@ class Coordinator:
                                 step=rec["step"], value=rec["value"], metric=rec["metric"])
                 elif rec.get("kind") == "decision":        # a policy's decision, taken on every worker
                     self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
+                elif rec.get("kind") == "eval":            # after an evaluation: a re-plan point too
+                    self._maybe_replan()
             self._persist()
         elif r.kind == "checkpoint":
             if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
@@ -485,6 +491,7 @@ class Coordinator:
 
     def _end(self, phase: Phase, reason: str) -> None:
         self.phase, self.reason, self.ended_at = phase, reason, self.clock()
+        self.tensorboard.close()
         self._event(phase.value, reason)
         self._persist()
 

@@ -97,6 +97,8 @@ class RunDir:
     def token_file(self) -> Path: return self.root / "token"
     @property
     def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
+    @property
+    def tensorboard_dir(self) -> Path: return self.root / "tensorboard"
 
     @property
     def best_dir(self) -> Path:
