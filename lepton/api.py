@@ -55,6 +55,11 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         local = LocalWorkers(listener.url, opened.token, opened.job.cluster.workers, threads)
     else:
         spec = _as_job(job, overrides)
+        if spec.cluster.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise LeptonError("cluster.device is 'cuda' but torch sees no GPU on this machine"
+                                  " (use auto or cpu)")
         token = new_token()
         # workers start now and import torch while the data is prepared; they wait in the backlog
         listener = Listener()

@@ -113,6 +113,7 @@ class LocalWorkers:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token,
                     "LEPTON_LOCAL_WORKER": "1"}
         self.cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
+        self.gpus = _visible_gpus()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[_LogPump] = []
         self.log_dir: Path | None = None
@@ -122,7 +123,10 @@ class LocalWorkers:
 
     def spawn(self) -> None:
         """Start one more worker (also used to restart a failed one)."""
-        p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+        env = self.env
+        if self.gpus:                                 # one GPU per local worker, round robin
+            env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[len(self.procs) % len(self.gpus)]}
+        p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.procs.append(p)
         self.pumps.append(_LogPump(p.stdout))
@@ -177,6 +181,15 @@ class LocalWorkers:
             if p.poll() is None:
                 p.kill()
         self.wait(timeout_s=5)
+
+
+def _visible_gpus() -> list[str]:
+    """GPU indices this launcher may hand out (honours CUDA_VISIBLE_DEVICES); [] without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _die_with_parent() -> None:

@@ -194,6 +194,8 @@ class ClusterSpec(_Strict):
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is lost")
     wait_for_workers_s: float = Field(300.0, gt=0, description="how long to wait below min_workers")
     coordinator_timeout_s: float = Field(120.0, gt=0, description="how long workers ride out a lost coordinator")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: a GPU when the worker has one; NCCL when every worker has its own GPU")
     balance: Literal["on", "off"] = Field("on", description="shares follow measured speed (off: equal)")
     rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans")
     max_micro_batch: Optional[int] = Field(None, gt=0, description="split a larger share into micro-batches")

@@ -121,3 +121,11 @@ def test_existing_run_is_never_overwritten(tmp_path, csv_data):
     r = run_cli("train", bad, "--run-dir", run_dir, "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert _snapshot(run_dir) == before
+
+
+def test_cuda_requested_without_a_gpu(tmp_path, csv_data):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job = _write_job(tmp_path, job_dict(csv_data))
+    _expect_error(tmp_path, job, "cluster.device is 'cuda'", extra=("--set", "cluster.device=cuda"))

@@ -28,6 +28,7 @@ class GenerationGroup:
         self.generation: int | None = None
         self.rank = 0
         self.world = 1
+        self.backend = "gloo"
         if store_host in ("127.0.0.1", "localhost", "::1") and "GLOO_SOCKET_IFNAME" not in os.environ:
             # all peers are on this host: keep gloo on loopback instead of the hostname's address
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -42,7 +43,7 @@ class GenerationGroup:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
-        self.generation, self.rank, self.world = generation, rank, world
+        self.generation, self.rank, self.world, self.backend = generation, rank, world, backend
 
     def leave(self) -> None:
         if dist.is_initialized():
@@ -52,12 +53,19 @@ class GenerationGroup:
                 pass  # the group is already broken; nothing more to release
         self.generation = None
 
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """NCCL reduces device tensors only: a host tensor travels through the current GPU."""
+        return t.cuda() if self.backend == "nccl" and not t.is_cuda else t
+
     def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce in place across the generation (``sum`` or ``max``)."""
         if self.world == 1:
             return t
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            dev = self._staged(t)
+            dist.all_reduce(dev, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            if dev is not t:
+                t.copy_(dev)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(str(e).splitlines()[0]) from e
         return t
@@ -74,12 +82,15 @@ class GenerationGroup:
                 size = torch.tensor([payload.numel()], dtype=torch.int64)
             else:
                 size = torch.zeros(1, dtype=torch.int64)
+            size = self._staged(size)
             dist.broadcast(size, src)
             if self.rank != src:
                 payload = torch.empty(int(size.item()), dtype=torch.uint8)
+            payload = self._staged(payload)
             dist.broadcast(payload, src)
+            payload = payload.cpu()
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(str(e).splitlines()[0]) from e
         if self.rank == src:
             return state
-        return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)
+        return torch.load(io.BytesIO(payload.numpy().tobytes()), map_location="cpu", weights_only=False)

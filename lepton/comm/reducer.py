@@ -17,7 +17,8 @@ class FlatGradients:
         params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in params)
         dtype = params[0].dtype if params else torch.float32
-        self.flat = torch.zeros(numel + extra_slots, dtype=dtype)
+        device = params[0].device if params else torch.device("cpu")
+        self.flat = torch.zeros(numel + extra_slots, dtype=dtype, device=device)
         self.numel = numel
         offset = 0
         for p in params:

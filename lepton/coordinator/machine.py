@@ -226,7 +226,7 @@ class Coordinator:
             return PlanResponse(action="run", generation=Generation(
                 id=self.generation, rank=m.rank, world=len(self.generation_members),
                 shares=self.generation_plan.shares, members=self.generation_members,
-                start_step=self.generation_start_step, resume_checkpoint=resume))
+                start_step=self.generation_start_step, resume_checkpoint=resume, backend=self._backend()))
         return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
     def report(self, r: Report) -> None:
@@ -475,7 +475,7 @@ class Coordinator:
         self.phase, self.waiting_since = Phase.RUNNING, None
         self._event("generation", f"generation {self.generation} with {len(chosen)} worker(s) from step "
                     f"{self.generation_start_step}", generation=self.generation, members=self.generation_members,
-                    shares=self.shares, start_step=self.generation_start_step,
+                    shares=self.shares, start_step=self.generation_start_step, backend=self._backend(),
                     state_from="checkpoint" if source is None else source.worker_id)
         self._persist()
 
@@ -496,6 +496,14 @@ class Coordinator:
         self._persist()
 
     # --- helpers and views -----------------------------------------------------------------------
+    def _backend(self) -> str:
+        """NCCL when every member trains on a GPU of its own, gloo otherwise (CPU, or a shared GPU)."""
+        if self.job.cluster.device == "cpu":
+            return "gloo"
+        firsts = [self.members[w].resources.gpus[:1] for w in self.generation_members]
+        own = all(firsts) and len({(self.members[w].host, f[0]) for w, f in zip(self.generation_members, firsts)}) == len(firsts)
+        return "nccl" if own else "gloo"
+
     def _alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.state in ("standby", "paused")]
 

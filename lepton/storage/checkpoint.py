@@ -45,6 +45,17 @@ def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
     return final
 
 
+def _to_host(obj):
+    """A deep copy with every tensor in host memory (from a GPU, or cloned on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
 
@@ -59,7 +70,7 @@ class AsyncCheckpointer:
 
     def save(self, step: int, state: dict) -> None:
         self.wait()
-        snapshot = copy.deepcopy(state)       # the only part that stalls training
+        snapshot = _to_host(state)            # the only part that stalls training
 
         def work():
             try:

@@ -97,7 +97,9 @@ def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gb = 0.0
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    # "name uuid" per visible GPU: the coordinator picks NCCL only when every worker has a GPU of its own
+    gpus = ([f"{torch.cuda.get_device_name(i)} {torch.cuda.get_device_properties(i).uuid}"
+             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
     return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads, gpus=gpus,
                      memory_gb=round(mem_gb, 1))
 
@@ -127,10 +129,19 @@ class Worker:
         if reg.factory_pickle:
             import cloudpickle
             factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
-        self.trainer = Trainer(self.job, DataCache(self.run), factory)
+        self.trainer = Trainer(self.job, DataCache(self.run), factory, self._device())
         self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, self.job.cluster.collective_timeout_s)
         self.generation: int | None = None
         self.leaving = False
+
+    def _device(self) -> torch.device:
+        want = self.job.cluster.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise LeptonError("cluster.device is 'cuda' but this worker sees no GPU (or torch has no CUDA)")
+        if want != "cpu" and torch.cuda.is_available():
+            torch.cuda.set_device(0)          # the launcher gives each local worker its own GPU as device 0
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
 
     # --- signals -------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -183,7 +194,7 @@ class Worker:
         self.generation = gen.id
         self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank, world=gen.world)
         try:
-            self.group.join(gen.id, gen.rank, gen.world, gen.store_port)
+            self.group.join(gen.id, gen.rank, gen.world, gen.store_port, gen.backend)
             summary = self._train(gen)
         except CommError as e:
             self.group.leave()

@@ -45,10 +45,11 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, job: JobSpec, cache: DataCache, factory=None):
+    def __init__(self, job: JobSpec, cache: DataCache, factory=None, device: torch.device | None = None):
         self.job, self.task, self.cache = job, job.task, cache
+        self.device = device or torch.device("cpu")
         pre = cache.preprocessor
-        self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
+        self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory).to(self.device)
         self.optimizer = build_optimizer(job, self.model.parameters())
         # extra slots reduced with the gradients: loss sum, sample count, regroup votes, plan votes
         self.grads = FlatGradients(self.model, extra_slots=4)
@@ -158,8 +159,8 @@ class Trainer:
             loss_sum = 0.0
             for lo in range(0, len(idx), chunk):
                 part = idx[lo:lo + chunk]
-                xb = torch.from_numpy(np.take(self.x, part, axis=0))
-                yb = torch.from_numpy(np.take(self.y, part, axis=0))
+                xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
+                yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
                 loss = metrics.loss_fn(self.task, self.model(xb), yb)
                 if self.poison and self.poison(self.step):
                     loss = loss * float("nan")
@@ -171,6 +172,8 @@ class Trainer:
             extra[1] = len(idx)
         extra[2] = float(regroup)
         extra[3] = float(plan_vote)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()      # kernels run asynchronously: the compute window ends here
         compute, compute_cpu = time.perf_counter() - t0, time.process_time() - c0
         group.allreduce(self.grads.flat)
         # extra[1] now holds the global sample count; it equals ``batch`` unless a peer disagrees on
@@ -205,7 +208,7 @@ class Trainer:
     @torch.no_grad()
     def replicas_agree(self, group: GenerationGroup) -> bool:
         """Invariant 3, checked: the max and the min over ranks of a parameter checksum coincide."""
-        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in self.model.parameters())
+        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in self.model.parameters()).cpu()
         t = torch.stack([c, -c])
         group.allreduce(t, op="max")
         return bool(t[0] == -t[1])
@@ -223,7 +226,7 @@ class Trainer:
         sums = metrics.empty_sums(self.task, classes)
         for s in range(lo, hi, EVAL_CHUNK):
             e = min(s + EVAL_CHUNK, hi)
-            out = self.model(torch.from_numpy(np.asarray(x[s:e])))
+            out = self.model(torch.from_numpy(np.asarray(x[s:e])).to(self.device)).cpu()
             sums += metrics.batch_sums(self.task, out, torch.from_numpy(np.asarray(y[s:e])), classes)
         group.allreduce(sums)
         return metrics.finish(self.task, sums, classes, confusion)
