@@ -263,3 +263,17 @@ def test_reduced_metrics_match_sklearn_and_any_partition(classes):
     if classes == 2:
         exact = roc_auc_score(y, torch.softmax(out, 1)[:, 1].numpy())
         assert whole["roc_auc"] == pytest.approx(exact, abs=2e-3) and split["roc_auc"] == whole["roc_auc"]
+
+
+def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
+    c, _ = _coordinator(tmp_path, 1)
+    a = _ready(c, 1)
+    c.report(Report(worker_id=a, kind="metrics", payload={"records": [
+        {"kind": "eval", "split": "val", "step": 14, "loss": 0.5},
+        {"kind": "best", "step": 14, "value": 0.5, "metric": "val.loss"},
+        {"kind": "decision", "decision": "lr", "step": 28, "reason": "val.loss has not improved",
+         "details": {"metric": "val.loss", "lr": 0.005}},
+        {"kind": "decision", "decision": "early_stop", "step": 42, "reason": "early stop", "details": {}}]}))
+    ev = [e for e in c.events if e["kind"] in ("best", "lr", "early_stop")]
+    assert [(e["kind"], e["step"]) for e in ev] == [("best", 14), ("lr", 28), ("early_stop", 42)]
+    assert ev[1]["lr"] == 0.005 and "not improved" in ev[1]["reason"]
