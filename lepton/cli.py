@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        # Free what the command left in reference cycles (a traceback holding an ONNX Runtime session,
+        # say) now, not during interpreter shutdown: destroyed that late, ORT's thread pool aborts the
+        # process ("terminate called without an active exception"; seen 3 times in 40 runs).
+        import gc
+        gc.collect()
 
 
 if __name__ == "__main__":
