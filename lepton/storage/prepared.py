@@ -207,11 +207,3 @@ class DataCache:
             if key not in self._arrays:
                 self._arrays[key] = np.load(self.dir / f"{key}.npy", mmap_mode="r")
         return self._arrays[f"{split}_x"], self._arrays[f"{split}_y"]
-
-
-def load_or_prepare(run: RunDir, job: JobSpec) -> dict:
-    """Write the cache unless a matching one exists (a resumed run); returns its manifest."""
-    if not cached(run, job):
-        prepared = prepare(job)
-        prepared.write(run, fingerprint(job))
-    return json.loads((run.data_dir / "manifest.json").read_text())
