@@ -46,15 +46,16 @@ class Reporter(threading.Thread):
         self.client, self.worker_id, self.interval = client, worker_id, interval
         self.lock = threading.Lock()
         self.records: list[dict] = []
-        self.beat = Heartbeat(worker_id=worker_id, state="waiting")
+        self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
         self.regroup_generation: int | None = None
         self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
 
     def update(self, **fields) -> None:
+        """Called every step: a dict update only; the Heartbeat is built when it is sent."""
         with self.lock:
-            self.beat = self.beat.model_copy(update=fields)
+            self.fields.update(fields)
 
     def push(self, record: dict) -> None:
         with self.lock:
@@ -63,7 +64,7 @@ class Reporter(threading.Thread):
     def flush(self) -> None:
         with self.lock:
             records, self.records = self.records, []
-            beat = self.beat
+            beat = Heartbeat(worker_id=self.worker_id, **self.fields)
         try:
             if records:
                 self.client.report(Report(worker_id=self.worker_id, kind="metrics", payload={"records": records}))
