@@ -69,6 +69,8 @@ class Heartbeat(BaseModel):
     # samples per second of processor time (CPU seconds of this process, or wall time on a GPU):
     # unlike samples_per_s it does not drop when the OS time-shares a core between workers
     core_speed: float = 0.0
+    # processor time per step that does not depend on the share (update, reduction work), seconds
+    step_overhead_s: float = 0.0
 
 
 class StepPlan(BaseModel):

@@ -199,6 +199,8 @@ class ClusterSpec(_Strict):
     balance: Literal["on", "off"] = Field("on", description="shares follow measured speed (off: equal)")
     rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans")
     max_micro_batch: Optional[int] = Field(None, gt=0, description="split a larger share into micro-batches")
+    shared_memory: bool = Field(
+        True, description="workers on one host reduce gradients through shared memory (false: gloo/TCP)")
     restart_failed: bool = Field(False, description="lepton train restarts a dead local worker")
     max_restarts: int = Field(3, ge=0, description="restarts allowed per run with restart_failed")
 

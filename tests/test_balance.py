@@ -20,6 +20,21 @@ def test_propose_follows_speed_with_hysteresis():
     assert balance.ideal_gain([2, 1, 1]) == pytest.approx(4 / 3)
 
 
+def test_target_shares_equalise_step_times_including_the_fixed_overhead():
+    # no overhead: proportional to speed x capacity
+    assert balance.target_shares([300, 100], [1, 1], [0, 0], 512) == pytest.approx([0.75, 0.25])
+    # one worker alone on a core, two sharing one (capacity 1/2 each), 0.5 ms / 0.6 ms fixed per step
+    speeds, caps, over = [145e3, 94e3, 88e3], [1, 0.5, 0.5], [0.5e-3, 0.6e-3, 0.6e-3]
+    shares = balance.target_shares(speeds, caps, over, 510)
+    times = [(o + s * 510 / v) / c for s, v, c, o in zip(shares, speeds, caps, over)]
+    assert max(times) == pytest.approx(min(times), rel=1e-9)            # every step ends together
+    plain = balance.normalise([v * c for v, c in zip(speeds, caps)])
+    assert shares[0] > plain[0] + 0.05                                  # the shared core pays the overhead twice
+    # a worker whose overhead alone exceeds the others' step keeps one sample, not a negative share
+    shares = balance.target_shares([1e6, 1e3], [1, 1], [0, 1.0], 64)
+    assert shares[1] == pytest.approx(1 / 64) and min(split_counts(64, shares)) >= 1
+
+
 def test_no_worker_is_starved_by_an_extreme_plan():
     shares = balance.propose([1, 1, 1], [10_000, 1, 1])
     for batch in (3, 16, 512):

@@ -59,18 +59,20 @@ def _check_exactly_once(trace_prefix, n_train, batch=16):
         assert sorted(idx) == list(range(n_train)), f"epoch {epoch}: not every sample exactly once"
 
 
-@pytest.mark.parametrize("fault", [
-    "kill:rank=1:step=0",                       # during the very first step
-    "kill:rank=2:step=13",                      # mid-epoch
-    "kill:rank=0:step=12:at=checkpoint",        # rank 0 while its checkpoint is being written
-    "kill:rank=1:step=14:at=eval",              # during a validation (end of epoch 1)
+@pytest.mark.parametrize("fault,transport", [
+    ("kill:rank=1:step=0", "shm"),                       # during the very first step
+    ("kill:rank=2:step=13", "shm"),                      # mid-epoch
+    ("kill:rank=2:step=13", "gloo"),                     # mid-epoch, survivors reducing over TCP
+    ("kill:rank=0:step=12:at=checkpoint", "shm"),        # rank 0 while its checkpoint is being written
+    ("kill:rank=1:step=14:at=eval", "shm"),              # during a validation (end of epoch 1)
 ])
-def test_kill_one_of_three(setup, tmp_path, monkeypatch, fault):
+def test_kill_one_of_three(setup, tmp_path, monkeypatch, fault, transport):
     root, job, ref = setup
     trace = tmp_path / "trace"
     monkeypatch.setenv("LEPTON_TRACE_SAMPLES", str(trace))
     monkeypatch.setenv("LEPTON_FAULTS", fault)
-    res = lepton.train(job, workers=3, run_dir=tmp_path / "run")
+    res = lepton.train(job, workers=3, run_dir=tmp_path / "run",
+                       overrides=[f"cluster.shared_memory={str(transport == 'shm').lower()}"])
     assert res.status == "completed", res.reason
     s = _check_same_model(res.run_dir, ref)
     assert s["workers"] == 2

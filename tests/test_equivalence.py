@@ -1,5 +1,6 @@
-"""Invariant 1: the same job with 1, 2 or 3 workers, equal or unequal shares, ends with the same
-model (real worker processes over gloo). Invariant 2: every sample exactly once per epoch."""
+"""Invariant 1: the same job with 1, 2 or 3 workers, equal or unequal shares, through the shared-memory
+reduction or gloo/TCP, ends with the same model (real worker processes). Invariant 2: every sample
+exactly once per epoch."""
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,22 +20,24 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("equiv")
     data = make_classification_csv(root / "data.csv")
     out = {}
-    for label, workers, shares in (("1", 1, None), ("2", 2, None), ("3", 3, None), ("3-unequal", 3, [1, 2, 5])):
+    for label, workers, shares in (("1", 1, None), ("2", 2, None), ("3", 3, None), ("3-unequal", 3, [1, 2, 5]),
+                                   ("3-gloo", 3, None)):
         job = job_dict(data)
         job["cluster"]["shares"] = shares
+        job["cluster"]["shared_memory"] = label != "3-gloo"
         res = lepton.train(job, workers=workers, run_dir=root / f"run-{label}")
         assert res.status == "completed", res.reason
         out[label] = res
     return out
 
 
-@pytest.mark.parametrize("label", ["2", "3", "3-unequal"])
+@pytest.mark.parametrize("label", ["2", "3", "3-unequal", "3-gloo"])
 def test_same_parameters_as_one_worker(runs, label):
     diff = max_rel_diff(weights(runs[label].run_dir), weights(runs["1"].run_dir))
     assert diff <= 1e-4, f"{label} workers differ from 1 worker by {diff:.2e}"
 
 
-@pytest.mark.parametrize("label", ["2", "3", "3-unequal"])
+@pytest.mark.parametrize("label", ["2", "3", "3-unequal", "3-gloo"])
 def test_same_test_metrics(runs, label):
     a, b = runs[label].summary["test"], runs["1"].summary["test"]
     assert a["count"] == b["count"] > 0
@@ -42,6 +45,15 @@ def test_same_test_metrics(runs, label):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
     assert a["confusion_matrix"] == b["confusion_matrix"]          # evaluated on 2-3 ranks vs 1
     assert (a["precision"], a["recall"], a["f1"]) == (b["precision"], b["recall"], b["f1"])
+
+
+def test_local_workers_reduce_through_shared_memory_unless_told_not_to(runs):
+    def transport(label):
+        recs = [json.loads(l) for l in (runs[label].run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["transport"] for r in recs if r.get("kind") == "generation_first_step"}
+    from lepton.comm.shm import available
+    assert transport("3") == ({"shm"} if available() else {"gloo"})
+    assert transport("3-gloo") == {"gloo"} and transport("1") == {"gloo"}
 
 
 def test_summary_shape(runs):

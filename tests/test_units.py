@@ -185,6 +185,9 @@ def test_machine_loses_silent_members_and_waits_for_min_workers(tmp_path):
     c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3}))
     assert c.phase == Phase.WAITING
     assert c.plan(a).action == "checkpoint"               # keep the live state safe while waiting
+    # a background checkpoint of an earlier step lands late: it is not the live state asked for
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 2, "path": "/ck2"}))
+    assert c.plan(a).action == "checkpoint"
     c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 3, "path": "/ck3"}))
     assert c.plan(a).action == "wait"
     clock.t = 20.0

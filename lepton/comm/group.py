@@ -11,18 +11,23 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
-
-class CommError(RuntimeError):
-    """A collective failed or timed out: a peer died, hung, or the group was torn down."""
+from .errors import CommError
+from .shm import ShmAllreduce
 
 
 class GenerationGroup:
-    def __init__(self, store_host: str, store_port: int, timeout_s: float):
+    def __init__(self, store_host: str, store_port: int, timeout_s: float, shared_memory: bool = True,
+                 shm_capacity: int = 1 << 20):
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.shared_memory, self.shm_capacity = shared_memory, shm_capacity
+        self.shm: ShmAllreduce | None = None
+        self.should_abort = None          # (seconds waited) -> bool, consulted by the shared-memory wait
+        self.work_s = 0.0                 # processor time the last allreduce cost this process, waits excluded
         self.store_host, self.store_port = store_host, store_port
         self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
         self.generation: int | None = None
@@ -41,11 +46,23 @@ class GenerationGroup:
         store = dist.PrefixStore(f"gen-{generation}/", self._client)
         try:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
+            if self.shared_memory and backend == "gloo" and world > 1:
+                # co-located ranks reduce through a shared segment; None unless every rank can map it
+                self.shm = ShmAllreduce.connect(store, rank, world, self.shm_capacity, self.timeout.total_seconds())
+                if self.shm is not None:
+                    self.shm.should_abort = self.should_abort
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend
 
+    @property
+    def transport(self) -> str:
+        return "shm" if self.shm is not None else self.backend
+
     def leave(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -59,8 +76,14 @@ class GenerationGroup:
 
     def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce in place across the generation (``sum`` or ``max``)."""
+        self.work_s = 0.0
         if self.world == 1:
             return t
+        if self.shm is not None and self.shm.fits(t):
+            self.shm.allreduce(t, op)
+            self.work_s = self.shm.work_s
+            return t
+        c0 = time.process_time()         # gloo blocks without burning processor time while it waits
         try:
             dev = self._staged(t)
             dist.all_reduce(dev, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -68,6 +91,8 @@ class GenerationGroup:
                 t.copy_(dev)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(str(e).splitlines()[0]) from e
+        if self.backend == "gloo":
+            self.work_s = time.process_time() - c0
         return t
 
     def broadcast_state(self, state: dict | None, src: int) -> dict:

@@ -73,6 +73,7 @@ class Member:
     generation: Optional[int] = None
     speed: Optional[float] = None   # smoothed core speed (samples per second of processor time)
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
+    overhead: Optional[float] = None  # smoothed per-step overhead (seconds of processor time)
     plan_version: int = 0           # the share plan it has applied
 
 
@@ -85,8 +86,13 @@ def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
     if job.cluster.balance == "off" or not members:
         return [1.0] * len(members)
     if all(m.speed for m in members):
-        return [round(s, 4) for s in balance.normalise([m.speed * m.capacity for m in members])]
+        return balanced_shares(job, members)
     return [round(s, 4) for s in balance.normalise([m.capacity for m in members])]
+
+
+def balanced_shares(job: JobSpec, members: list[Member]) -> list[float]:
+    return [round(s, 4) for s in balance.target_shares([m.speed for m in members], [m.capacity for m in members],
+                                                       [m.overhead or 0.0 for m in members], job.train.batch_size)]
 
 
 @dataclass
@@ -197,6 +203,7 @@ class Coordinator:
             m.plan_version = hb.plan_version
             if hb.core_speed > 0:
                 m.speed = balance.smooth(m.speed, hb.core_speed)
+                m.overhead = balance.smooth(m.overhead, hb.step_overhead_s)
             self.step = max(self.step, hb.step)
             if self.incidents and self.phase == Phase.RUNNING and hb.step > self.generation_start_step:
                 self._recovered()
@@ -254,7 +261,9 @@ class Coordinator:
             if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
                 self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
             self._event("checkpoint", f"checkpoint at step {p['step']} by {r.worker_id}", **p)
-            if self.checkpoint_from == r.worker_id:
+            # a background checkpoint of an earlier step can land after the request: only one of the
+            # live state (the step the worker paused at) fulfils it
+            if self.checkpoint_from == r.worker_id and p["step"] >= m.step:
                 self.checkpoint_from = None
             self._persist()
             self._advance()
@@ -384,13 +393,16 @@ class Coordinator:
                 and all(m.speed for m in members)):
             self.plan_step = self.step
             speeds = [m.speed * m.capacity for m in members]
-            new = balance.propose(shares, speeds)
+            overheads = [round((m.overhead or 0.0) * 1000, 3) for m in members]
+            new = balance.propose(shares, balanced_shares(self.job, members))
             if new is not None:
                 shares = new
-                self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s"
-                            f" (ideal gain over equal shares {balance.ideal_gain(speeds):.2f}x)",
+                self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s and per-step"
+                            f" overheads {overheads} ms (ideal gain over equal shares"
+                            f" {balance.ideal_gain(speeds):.2f}x)",
                             generation=self.generation, version=self.plan_version + 1, step=self.step,
-                            speeds=[round(s, 1) for s in speeds], shares=new, workers=self.generation_members)
+                            speeds=[round(s, 1) for s in speeds], overheads_ms=overheads, shares=new,
+                            workers=self.generation_members)
         if shares == self.step_plan.shares:
             return
         self.plan_version += 1
@@ -467,7 +479,8 @@ class Coordinator:
         for rank, m in enumerate(chosen):
             m.rank, m.share, m.state, m.generation = rank, self.shares[rank], "training", self.generation
             m.step, m.plan_version = self.generation_start_step, 0
-        self.plan_step = self.generation_start_step
+        # the first re-plan of a generation is due as soon as every member reported a full speed window
+        self.plan_step = self.generation_start_step - self.job.cluster.rebalance_every_steps
         for inc in self.incidents:
             inc.setdefault("formed_at", self.clock())
         if self.started_at is None:

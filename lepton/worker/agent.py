@@ -35,6 +35,8 @@ from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
 SPEED_WINDOW = 10         # steps over which a worker measures its compute throughput
+REDUCE_BYTES = 1 << 20    # smallest shared-memory reduction slot (evaluation sums fit)
+ABANDON_AFTER_S = 1.0     # in a collective this long after the coordinator asked for a regroup: give up
 
 
 class Reporter(threading.Thread):
@@ -51,6 +53,7 @@ class Reporter(threading.Thread):
         self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
+        self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
 
     def update(self, **fields) -> None:
         """Called every step: a dict update only; the Heartbeat is built when it is sent."""
@@ -78,12 +81,22 @@ class Reporter(threading.Thread):
             with self.lock:
                 self.records = records + self.records
 
+    def beat_now(self) -> None:
+        """Send the current fields without waiting for the interval (a first speed measurement: the
+        balancer can plan a few hundred steps earlier)."""
+        self._soon.set()
+
     def run(self) -> None:
-        while not self._closing.wait(self.interval):
+        while True:
+            self._soon.wait(self.interval)
+            self._soon.clear()
+            if self._closing.is_set():
+                return
             self.flush()
 
     def close(self) -> None:
         self._closing.set()
+        self._soon.set()
         self.join(timeout=5)
         self.flush()
 
@@ -131,7 +144,11 @@ class Worker:
             import cloudpickle
             factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
         self.trainer = Trainer(self.job, DataCache(self.run), factory, self._device())
-        self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, self.job.cluster.collective_timeout_s)
+        cluster = self.job.cluster
+        self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
+                                     shared_memory=cluster.shared_memory,
+                                     shm_capacity=max(REDUCE_BYTES, self.trainer.grads.flat.nbytes))
+        self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
         self.leaving = False
 
@@ -230,6 +247,11 @@ class Worker:
         self._control(self.client.report, Report(worker_id=self.worker_id, kind=kind, payload=payload))
 
     # --- one generation ------------------------------------------------------------------------------
+    def _abandon_wait(self, waited_s: float) -> bool:
+        """A shared-memory collective gives up when the coordinator ended this generation and the
+        wait is longer than any healthy peer needs (a hung peer); gloo would wait its full timeout."""
+        return waited_s > ABANDON_AFTER_S and self.reporter.regroup_generation == self.generation
+
     def _wants_regroup(self) -> bool:
         return (self.leaving or self.reporter.regroup_generation == self.generation
                 or self.reporter.exit_requested.is_set())
@@ -251,7 +273,7 @@ class Worker:
             t.compute_hook = lambda n: self.faults.throttle(rank, n)
         if self.faults.has("nan"):
             t.poison = lambda step: self.faults.poisoned(rank, step)
-        speed = deque(maxlen=SPEED_WINDOW)        # (samples, compute s, compute CPU s) of the last steps
+        speed = deque(maxlen=SPEED_WINDOW)        # (samples, compute s, compute CPU s, overhead s) of the last steps
         on_gpu = torch.cuda.is_available()
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
         if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
@@ -260,6 +282,7 @@ class Worker:
         steady_samples, steady_s = 0, 0.0
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
+        announced = False                         # the first full speed window was sent
         while t.step < t.total_steps and not t.stopped_early:
             self.faults.fire("step", rank, t.step, gen.id)
             pending = self.reporter.plan
@@ -274,21 +297,32 @@ class Worker:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": shares})
                 speed.clear()
+                announced = False
             if first and rank == 0:     # when a generation's first step completed (recovery time)
                 self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
-                                    "time": time.time()})
-            if not first:
+                                    "time": time.time(), "transport": self.group.transport})
+            if not first:                         # the first step of a generation warms up: left out
                 steady_samples += r.batch
                 steady_s += r.wall_s
+                speed.append((r.local, r.compute_s, r.compute_cpu_s, r.overhead_s))
             first = False
             win_loss += r.loss * r.batch
             win_samples += r.batch
             win_s += r.wall_s
-            speed.append((r.local, r.compute_s, r.compute_cpu_s))
-            n, secs, cpu = map(sum, zip(*speed))
-            busy = secs if on_gpu else cpu
-            self.reporter.update(step=t.step, plan_version=plan_version, samples_per_s=n / secs if secs > 0 else 0.0,
-                                 core_speed=n / busy if busy > 0 else 0.0)
+            if speed:
+                n, secs, cpu, overhead = map(sum, zip(*speed))
+                busy = secs if on_gpu else cpu
+                # the balancer gets a speed only over a full window; the first full one is sent at once
+                full = len(speed) == SPEED_WINDOW
+                self.reporter.update(step=t.step, plan_version=plan_version,
+                                     samples_per_s=n / secs if secs > 0 else 0.0,
+                                     core_speed=n / busy if full and busy > 0 else 0.0,
+                                     step_overhead_s=overhead / len(speed))
+                if full and not announced:
+                    self.reporter.beat_now()
+                    announced = True
+            else:
+                self.reporter.update(step=t.step, plan_version=plan_version)
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,

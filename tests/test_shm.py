@@ -1,0 +1,106 @@
+"""The shared-memory allreduce between real processes: exact results, and it never waits forever."""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lepton.comm.errors import CommError
+from lepton.comm.shm import SHM_DIR, ShmAllreduce, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="shared-memory reduction needs x86-64 Linux")
+CAPACITY = 1 << 16
+
+
+def _inputs(rank: int, call: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * call + rank)
+    n = [1, 7, 1000, CAPACITY // 4][call % 4]          # sizes change from call to call; the last fills a slot
+    return [torch.randn(n, generator=g), torch.randn(max(n // 2, 1), generator=g, dtype=torch.float64)]
+
+
+def _rank_main(rank: int, world: int, port: int, scenario: str, out: mp.Queue) -> None:
+    try:
+        store = dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=30))
+        shm = ShmAllreduce.connect(dist.PrefixStore("t/", store), rank, world, CAPACITY, timeout_s=20)
+        if scenario == "exact":
+            results = []
+            for call in range(8):
+                a, b = _inputs(rank, call)
+                # numpy, not tensors: a queued tensor is shared through a file descriptor of this process
+                results.append((shm.allreduce(a.clone()).numpy(), shm.allreduce(b.clone(), op="max").numpy()))
+            out.put((rank, "ok", results, shm.fits(torch.zeros(CAPACITY // 4 + 1))))
+            shm.close()
+            return
+        shm.allreduce(torch.ones(10))                      # one good call first
+        if rank == 1:
+            if scenario == "die":
+                os._exit(3)
+            if scenario == "leave":
+                shm.close()
+                return
+            if scenario == "hang":
+                time.sleep(30)
+                return
+        if scenario == "hang":
+            shm.should_abort = lambda waited: waited > 0.3  # as if the coordinator had regrouped
+        t0 = time.perf_counter()
+        try:
+            shm.allreduce(torch.ones(10))
+            out.put((rank, "returned", None, None))
+        except CommError as e:
+            out.put((rank, "error", str(e), time.perf_counter() - t0))
+    except Exception:
+        out.put((rank, "crash", traceback.format_exc(), None))
+
+
+def _run(world: int, scenario: str, expect: int) -> list[tuple]:
+    ctx = mp.get_context("spawn")
+    master = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=30))
+    out = ctx.Queue()
+    before = set(os.listdir(SHM_DIR))
+    procs = [ctx.Process(target=_rank_main, args=(r, world, master.port, scenario, out)) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=60) for _ in range(expect)]
+    except queue.Empty:
+        pytest.fail(f"{scenario}: a rank did not answer within 60 s")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    crashes = [g[2] for g in got if g[1] == "crash"]
+    assert not crashes, crashes[0]
+    assert not [f for f in set(os.listdir(SHM_DIR)) - before if f.startswith("lepton-")], "segment left behind"
+    return sorted(got, key=lambda g: g[0])
+
+
+def test_sum_and_max_equal_the_rank_order_reduction_on_every_rank():
+    got = _run(3, "exact", expect=3)
+    for call in range(8):
+        ins = [_inputs(r, call) for r in range(3)]
+        want_sum = ins[0][0] + ins[1][0] + ins[2][0]        # the order the segment sums in
+        want_max = torch.maximum(torch.maximum(ins[0][1], ins[1][1]), ins[2][1])
+        for rank, _, results, _ in got:
+            s, m = map(torch.from_numpy, results[call])
+            assert torch.equal(s, want_sum), (rank, call)   # bitwise: every rank holds the same bits
+            assert torch.equal(m, want_max) and m.dtype == torch.float64
+    assert all(g[3] is False for g in got)                  # a larger tensor goes to gloo instead
+
+
+@pytest.mark.parametrize("scenario,needle", [("die", "a peer process exited"),
+                                             ("leave", "a peer left the generation"),
+                                             ("hang", "the coordinator regrouped")])
+def test_a_waiting_rank_gives_up_instead_of_hanging(scenario, needle):
+    rank0 = _run(2, scenario, expect=1)[0]
+    assert rank0[1] == "error" and needle in rank0[2], rank0
+    assert rank0[3] < 5.0                                   # seconds, not the 20 s collective timeout
