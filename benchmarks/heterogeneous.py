@@ -72,8 +72,9 @@ def main() -> None:
         s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
         results[f"lepton balance={balance}"] = (s["samples_per_s"], wall)
         if balance == "on":
-            speeds = plans[-1]["speeds"] if plans else None
-            shares = plans[-1]["shares"] if plans else None
+            last = plans[-1] if plans else None
+            speeds = last["speeds"] if last else None
+            shares = last["shares"] if last else None
         print(f"lepton balance={balance}: {s['samples_per_s']:,.0f} samples/s, {len(plans)} plan(s)", flush=True)
     env = {**os.environ, "PIN": ",".join(map(str, PIN))}
     t0 = time.perf_counter()
@@ -95,6 +96,15 @@ def main() -> None:
         ideal = sum(speeds) / (len(speeds) * min(speeds))
         print(f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}")
         print(f"achieved share of the ideal gain         {(on / off - 1) / (ideal - 1) if ideal > 1 else float('nan'):5.2f}  [>= 0.75]")
+    if last:
+        # the balancer's own model (balance.target_shares): worker i's step takes
+        # (overhead_i + n_i / core speed_i) / capacity_i = overhead_i / capacity_i + n_i / effective speed_i
+        def step_ms(sh):
+            n = [510 * x / sum(sh) for x in sh]
+            return max(o / c + 1000 * k / v for o, c, k, v in zip(last["overheads_ms"], last["capacities"], n, speeds))
+        print(f"per-step overheads {last['overheads_ms']} ms, capacities {last['capacities']}")
+        print(f"gain the model expects from these shares {step_ms([1] * len(shares)) / step_ms(shares):5.2f}"
+              f"  (step {step_ms([1] * len(shares)):.2f} ms equal -> {step_ms(shares):.2f} ms)")
     print(f"balanced / balance off  samples/s        {on / off:5.2f}  [>= 1.25]")
     print(f"balanced / baseline     samples/s        {on / base:5.2f}  [>= 1.3]")
 

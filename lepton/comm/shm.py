@@ -73,9 +73,9 @@ class ShmAllreduce:
     """One generation's shared segment. Build it with ``connect`` (a collective over the store)."""
 
     def __init__(self, buf: mmap.mmap, rank: int, world: int, capacity: int, peers: list[int],
-                 timeout_s: float):
+                 timeout_s: float, spin_s: float = SPIN_S):
         self.buf, self.rank, self.world, self.capacity = buf, rank, world, capacity
-        self.timeout_s = timeout_s
+        self.timeout_s, self.spin_s = timeout_s, spin_s
         self.should_abort: Callable[[float], bool] | None = None   # given the seconds waited so far
         hdr = np.frombuffer(buf, dtype=np.int64, count=HEADER // 8)
         self._abandoned = hdr[4:5]          # after magic + nonce (bytes 0..25)
@@ -124,7 +124,8 @@ class ShmAllreduce:
                         err = "another host's segment"
                 except OSError as e:
                     err = f"{path}: {e}"
-        store.set(f"shm/{rank}", f"no {err}" if err or buf is None else f"ok {os.getpid()} {ns}")
+        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        store.set(f"shm/{rank}", f"no {err}" if err or buf is None else f"ok {os.getpid()} {ns} {cpus}")
         answers = [store.get(f"shm/{r}").decode().split() for r in range(world)]
         if rank == 0 and buf is not None:
             os.unlink(path)                                 # every rank mapped it or gave up: no leak
@@ -133,8 +134,11 @@ class ShmAllreduce:
                 buf.close()
             return None
         peers = [int(a[1]) for r, a in enumerate(answers) if r != rank]
+        # polling before sleeping pays only when every rank can have a core of its own; with fewer
+        # cores than ranks a poll burns the time slice a peer on the same core needs to catch up
+        cores = set().union(*({int(c) for c in a[3].split(",")} for a in answers))
         try:
-            return cls(buf, rank, world, capacity, peers, timeout_s)
+            return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0)
         except ProcessLookupError:
             raise CommError("a peer exited while the generation formed") from None
 
@@ -205,7 +209,7 @@ class ShmAllreduce:
                 _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(self._wake_addr + 4 * p), _FUTEX_WAKE, 1, None, None, 0)
 
     def _wait(self, flags: np.ndarray, phase: str) -> None:
-        """Poll for ``SPIN_S`` (a peer on another core is usually almost there), then sleep on this
+        """Poll for ``spin_s`` (a peer on another core is usually almost there), then sleep on this
         rank's futex word: a waiter that shares its core with a peer must give the core away, not burn
         it. Every ``CHECK_EVERY_S`` the liveness checks run."""
         seq, w = self.seq, self.world
@@ -219,7 +223,7 @@ class ShmAllreduce:
             if flags[:w].min() >= seq:
                 return
             now = time.perf_counter()
-            if now >= start + SPIN_S:
+            if now >= start + self.spin_s:
                 _libc.syscall(_SYS_FUTEX, addr, _FUTEX_WAIT, word, ctypes.byref(_CHECK_TS), None, 0)
                 now = time.perf_counter()
             if now >= next_check:

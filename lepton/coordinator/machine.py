@@ -401,7 +401,8 @@ class Coordinator:
                             f" overheads {overheads} ms (ideal gain over equal shares"
                             f" {balance.ideal_gain(speeds):.2f}x)",
                             generation=self.generation, version=self.plan_version + 1, step=self.step,
-                            speeds=[round(s, 1) for s in speeds], overheads_ms=overheads, shares=new,
+                            speeds=[round(s, 1) for s in speeds], overheads_ms=overheads,
+                            capacities=[round(m.capacity, 4) for m in members], shares=new,
                             workers=self.generation_members)
         if shares == self.step_plan.shares:
             return
