@@ -50,12 +50,12 @@ def _rank_main(rank: int, world: int, port: int, scenario: str, out: mp.Queue) -
                 return
         if scenario == "hang":
             shm.should_abort = lambda waited: waited > 0.3  # as if the coordinator had regrouped
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             shm.allreduce(torch.ones(10))
             out.put((rank, "returned", None, None))
         except CommError as e:
-            out.put((rank, "error", str(e), time.perf_counter() - t0))
+            out.put((rank, "error", str(e), time.perf_counter() - t0, time.thread_time() - c0))
     except Exception:
         out.put((rank, "crash", traceback.format_exc(), None))
 
@@ -104,3 +104,5 @@ def test_a_waiting_rank_gives_up_instead_of_hanging(scenario, needle):
     rank0 = _run(2, scenario, expect=1)[0]
     assert rank0[1] == "error" and needle in rank0[2], rank0
     assert rank0[3] < 5.0                                   # seconds, not the 20 s collective timeout
+    if scenario == "hang":                                  # it slept on its futex, it did not spin
+        assert rank0[4] < 0.5 * rank0[3], f"{rank0[4]:.3f} s of CPU in {rank0[3]:.3f} s of waiting"

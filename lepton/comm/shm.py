@@ -64,6 +64,13 @@ _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 _CHECK_TS = _Timespec(0, int(CHECK_EVERY_S * 1e9))
 
 
+def _futex(addr: int, op: int, val: int, timeout=None) -> None:
+    """FUTEX_WAIT (sleep while ``*addr == val``, at most ``timeout``) or FUTEX_WAKE (``val`` sleepers)
+    on a word of the shared segment (not FUTEX_PRIVATE: the waiters are other processes)."""
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(op), ctypes.c_int(val),
+                  timeout, None, ctypes.c_int(0))
+
+
 def available() -> bool:
     return (platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
             and os.path.isdir(SHM_DIR) and hasattr(os, "pidfd_open"))
@@ -206,7 +213,7 @@ class ShmAllreduce:
         for p in range(self.world):
             if p != self.rank:
                 self._wake[p] += 1
-                _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(self._wake_addr + 4 * p), _FUTEX_WAKE, 1, None, None, 0)
+                _futex(self._wake_addr + 4 * p, _FUTEX_WAKE, 1)
 
     def _wait(self, flags: np.ndarray, phase: str) -> None:
         """Poll for ``spin_s`` (a peer on another core is usually almost there), then sleep on this
@@ -217,14 +224,14 @@ class ShmAllreduce:
             return
         start = time.perf_counter()
         next_check = start + CHECK_EVERY_S
-        addr = ctypes.c_void_p(self._wake_addr + 4 * self.rank)
+        addr = self._wake_addr + 4 * self.rank
         while True:
             word = int(self._wake[self.rank])
             if flags[:w].min() >= seq:
                 return
             now = time.perf_counter()
             if now >= start + self.spin_s:
-                _libc.syscall(_SYS_FUTEX, addr, _FUTEX_WAIT, word, ctypes.byref(_CHECK_TS), None, 0)
+                _futex(addr, _FUTEX_WAIT, word, ctypes.byref(_CHECK_TS))
                 now = time.perf_counter()
             if now >= next_check:
                 next_check = now + CHECK_EVERY_S
@@ -248,7 +255,9 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
     fd = os.open(path, flags, 0o600)
     try:
         if create:
-            os.ftruncate(fd, size)
+            # reserve the pages now: a tmpfs that is too small (a container's 64 MB /dev/shm) fails
+            # here with ENOSPC, and the generation uses gloo, instead of a SIGBUS at the first write
+            os.posix_fallocate(fd, 0, size)
         elif os.fstat(fd).st_size != size:
             raise OSError("size differs")
         return mmap.mmap(fd, size)
