@@ -9,7 +9,8 @@ torch thread each, all run in this invocation:
 - the baseline: `PIN=0,1,1 torchrun --nproc-per-node 3 ddp_baseline.py --global-batch 510`.
 Samples/s are each system's training-loop figure (Lepton: summary.json, steady state; baseline: as
 printed); epoch time = training samples / that rate. The ideal gain sum(speed)/(K·min speed) comes
-from the speeds the balanced run measured (its last `plan` event).
+from the speeds the balanced run measured (its last `plan` event). Every run is repeated ``--rounds``
+times (default 3), interleaved; the table shows medians and the per-round ratios are printed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from throughput import VENV_BIN, job_yaml, last_json, run
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="every run this many times, interleaved; medians")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
     ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench")
     a = ap.parse_args()
@@ -67,24 +70,38 @@ def main() -> None:
                    + "cluster: {workers: 3, rebalance_every_steps: 20}\n")
     n_train = a.rows - a.rows // 10
 
-    results = {}
-    for balance in ("on", "off"):
-        s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
-        results[f"lepton balance={balance}"] = (s["samples_per_s"], wall)
-        if balance == "on":
-            last = plans[-1] if plans else None
-            speeds = last["speeds"] if last else None
-            shares = last["shares"] if last else None
-        print(f"lepton balance={balance}: {s['samples_per_s']:,.0f} samples/s, {len(plans)} plan(s)", flush=True)
-    env = {**os.environ, "PIN": ",".join(map(str, PIN))}
-    t0 = time.perf_counter()
-    p = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "3",
-                        str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--global-batch", "510",
-                        "--epochs", str(a.epochs)],
-                       capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        sys.exit(p.stderr)
-    results["torchrun+DDP PIN=0,1,1"] = (last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0)
+    def baseline() -> tuple[float, float]:
+        env = {**os.environ, "PIN": ",".join(map(str, PIN))}
+        t0 = time.perf_counter()
+        p = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "3",
+                            str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--global-batch", "510",
+                            "--epochs", str(a.epochs)],
+                           capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            sys.exit(p.stderr)
+        return last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0
+
+    # interleaved rounds, medians: the machine's speed drifts over minutes (see throughput.py)
+    got: dict[str, list[tuple[float, float]]] = {"lepton balance=on": [], "lepton balance=off": [],
+                                                 "torchrun+DDP PIN=0,1,1": []}
+    last = None
+    for rnd in range(a.rounds):
+        for balance in ("on", "off"):
+            s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
+            got[f"lepton balance={balance}"].append((s["samples_per_s"], wall))
+            if balance == "on" and plans:
+                last = plans[-1]
+            print(f"round {rnd + 1}/{a.rounds} lepton balance={balance}: {s['samples_per_s']:,.0f} samples/s,"
+                  f" {len(plans)} plan(s)", flush=True)
+        got["torchrun+DDP PIN=0,1,1"].append(baseline())
+    results = {name: (median(r[0] for r in rs), median(r[1] for r in rs)) for name, rs in got.items()}
+    speeds = last["speeds"] if last else None
+    shares = last["shares"] if last else None
+    if a.rounds > 1:
+        print("\nper round (samples/s): " + "; ".join(
+            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
+        ratios = [on[0] / off[0] for on, off in zip(got["lepton balance=on"], got["lepton balance=off"])]
+        print("balanced / balance off per round: " + ", ".join(f"{x:.2f}" for x in ratios))
 
     print(f"\n{'run':<26}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
     for name, (sps, wall) in results.items():

@@ -8,7 +8,8 @@ global batch 512, same epochs, one torch thread per worker for everyone, all run
   (training loop only, steady state);
 - the baseline with 1 and 2 workers (torchrun), samples/s as it prints it (training loop only);
 - raw_loop.py at batch 256 (one process, no framework): the compute limit of one worker of two.
-Whole-command wall time is measured here around each command. Ratios are printed at the end.
+Whole-command wall time is measured here around each command. Every run is repeated ``--rounds`` times
+(default 3), interleaved, and the table shows medians; ratios are printed at the end.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -62,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="every run this many times, interleaved; medians")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
     ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
                     help="folder with ddp_baseline.py and raw_loop.py")
@@ -75,25 +78,39 @@ def main() -> None:
     job = a.work / "throughput.yaml"
     job.write_text(job_yaml(data, a.epochs))
 
-    rows = []
-    for k in (1, 2):
+    def lepton(k: int) -> tuple[float, float, float]:
         run_dir = a.work / f"lepton-{k}"
         shutil.rmtree(run_dir, ignore_errors=True)
         _, wall = run([str(VENV_BIN / "lepton"), "train", str(job), "--workers", str(k), "--threads", "1",
                        "--run-dir", str(run_dir), "--no-progress"])
         s = json.loads((run_dir / "summary.json").read_text())
-        rows.append((f"lepton x{k}", s["samples_per_s"], wall, s["test"]["accuracy"]))
-        print(rows[-1], flush=True)
-    for k in (1, 2):
+        return s["samples_per_s"], wall, s["test"]["accuracy"]
+
+    def torchrun(k: int) -> tuple[float, float, float]:
         out, wall = run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", str(k),
                          str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--epochs", str(a.epochs)])
         r = last_json(out)
-        rows.append((f"torchrun+DDP x{k}", r["samples_per_s"], wall, r["test_acc"]))
-        print(rows[-1], flush=True)
-    out, wall = run([py, str(a.bench_dir / "raw_loop.py"), "--data", str(data), "--batch", "256",
-                     "--epochs", str(a.epochs)], cwd=a.bench_dir)
-    raw = last_json(out)
-    rows.append(("raw loop (batch 256)", raw["samples_per_s"], wall, None))
+        return r["samples_per_s"], wall, r["test_acc"]
+
+    def raw() -> tuple[float, float, None]:
+        out, wall = run([py, str(a.bench_dir / "raw_loop.py"), "--data", str(data), "--batch", "256",
+                         "--epochs", str(a.epochs)], cwd=a.bench_dir)
+        return last_json(out)["samples_per_s"], wall, None
+
+    runs = {"lepton x1": lambda: lepton(1), "lepton x2": lambda: lepton(2),
+            "torchrun+DDP x1": lambda: torchrun(1), "torchrun+DDP x2": lambda: torchrun(2),
+            "raw loop (batch 256)": raw}
+    # the machine's speed drifts over minutes: every round runs everything once, and the table gives
+    # each run's median over the rounds, so no system is measured only in a fast or a slow minute
+    got: dict[str, list[tuple]] = {name: [] for name in runs}
+    for rnd in range(a.rounds):
+        for name, fn in runs.items():
+            got[name].append(fn())
+            print(f"round {rnd + 1}/{a.rounds} {name}: {got[name][-1][0]:,.0f} samples/s", flush=True)
+    rows = [(name, median([r[0] for r in rs]), median([r[1] for r in rs]), rs[0][2]) for name, rs in got.items()]
+    if a.rounds > 1:
+        print("\nper round (samples/s): " + "; ".join(
+            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
 
     by = {name: (sps, wall) for name, sps, wall, _ in rows}
     print(f"\n{'run':<22}{'samples/s':>12}{'wall s':>9}{'test acc':>10}")

@@ -1,28 +1,33 @@
 """Allreduce through shared memory for the workers of a generation that share one host.
 
-Why: over loopback a gloo allreduce of a 340 KB gradient costs ~0.7 ms of socket copies and wake-ups
-per step, a third of a step of the throughput workload on two cores. Through a shared segment the same
-reduction is two copies and one add per rank (~0.1 ms). Gloo has no shared-memory transport and
+Why: over loopback a gloo allreduce of a 340 KB gradient costs 0.7–1.4 ms of socket copies and
+wake-ups per step, a third of a step of the throughput workload on two cores. Through a shared segment
+the same reduction is one copy and world-1 adds per rank (~0.1 ms). Gloo has no shared-memory transport and
 torch.distributed none for CPU tensors, so this is the one collective Lepton implements itself; the
 process group of the generation still exists (it carries the state broadcast and any tensor too large
 for the segment).
 
-Protocol of one call (``seq`` counts the calls of this generation, the same on every rank):
-1. rank r copies its tensor into its input slot and publishes ``arrived[r] = seq``;
-2. once every rank arrived, rank r sums chunk r of all input slots, in rank order, into the output
-   (the same order on every rank for every chunk: the result is bitwise identical everywhere), then
-   publishes ``reduced[r] = seq``;
-3. once every rank reduced, rank r copies the output into its tensor.
-A rank overwrites its input slot (call seq+1, step 1) only after every rank finished reading it (call
-seq, step 2 precedes ``reduced``), and writes the output (seq+1, step 2) only after every rank copied
-it out (seq, step 3 precedes ``arrived`` of seq+1): two barriers per call suffice.
+Protocol of call ``seq`` (counted per generation, the same on every rank). The segment holds two sets
+of input slots, one per rank, used by odd and even calls, and one output buffer.
+1. rank r copies its tensor into its slot of set ``seq % 2`` and publishes ``arrived[r] = seq``;
+2. once every rank arrived, each rank sums all input slots *in rank order* (``_reduce``), so every
+   rank computes the same bits:
+   - small tensors (world × bytes up to ``FULL_REDUCE_BYTES``, every gradient of the benchmarks):
+     each rank reduces the whole tensor straight into its own tensor. One barrier per call.
+   - large tensors: rank r reduces chunk r into the output and publishes ``reduced[r] = seq``; once
+     every rank reduced, each copies the output out. Two barriers.
+Why that is safe: a rank writes set ``seq % 2`` only after passing the barrier of call seq-1, i.e.
+after every rank finished call seq-2, the last one that read that set; and it writes the output only
+after every rank arrived at call seq, i.e. finished copying out the output of any earlier call. A rank
+still reading set ``seq % 2`` holds every other rank before call seq+2.
 
 Ordering: x86-64 keeps stores in program order for ordinary stores, but a large copy may use
 non-temporal stores, so a locked instruction (a lock round trip) drains them before each flag store.
 Other architectures use gloo (``available()``).
 
-Waiting polls for ``SPIN_S``, then sleeps on a futex word of its own that every publisher bumps and
-wakes. A rank never waits forever: while waiting it checks, every few milliseconds, that no peer process has
+Waiting polls for ``SPIN_S`` (not at all when the ranks' affinities cover fewer cores than ranks), then sleeps on a
+futex word of its own, which the rank that completes a barrier bumps and wakes. A rank never waits
+forever: while waiting it checks, every few milliseconds, that no peer process has
 exited (a pidfd per peer, readable once the peer is gone), that no rank abandoned the generation (a
 flag in the segment), the caller's ``should_abort`` (the coordinator asked for a regroup and the wait
 is already long) and the collective timeout; any of them raises ``CommError``, like a failed gloo
@@ -51,6 +56,7 @@ MAX_WORLD = 64
 MAGIC = b"LEPTONSHM1"
 SPIN_S = 50e-6                # poll this long, then sleep on a futex (measured: 0 and 300 µs no better)
 CHECK_EVERY_S = 0.005         # liveness / abort / timeout checks while waiting
+FULL_REDUCE_BYTES = 32 << 20  # up to world × tensor bytes this size every rank sums everything itself
 _fence = threading.Lock()     # acquire+release = locked instructions = a full store fence on x86
 _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1                     # x86-64 Linux
 
@@ -91,8 +97,9 @@ class ShmAllreduce:
         # one futex word per rank, bumped by every publisher: a waiter sleeps on its own word
         self._wake = np.frombuffer(buf, dtype=np.int32, count=MAX_WORLD, offset=8 * (8 + 2 * MAX_WORLD))
         self._wake_addr = self._wake.ctypes.data
+        # two sets of world input slots (calls alternate between them), then the output
         self._slots = [torch.frombuffer(buf, dtype=torch.uint8, count=capacity, offset=HEADER + i * capacity)
-                       for i in range(world + 1)]           # world input slots, then the output
+                       for i in range(2 * world + 1)]
         self._pidfds = [os.pidfd_open(p) for p in peers]
         self.seq = 0
         self.work_s = 0.0             # this thread's processor time in the last call, waits excluded
@@ -104,7 +111,7 @@ class ShmAllreduce:
         rank could map it (they share a host, a /dev/shm and a PID namespace), else None on every rank.
         """
         capacity = -(-capacity // 64) * 64                  # cache-line aligned slots
-        size = HEADER + (world + 1) * capacity
+        size = HEADER + (2 * world + 1) * capacity
         ns = _pid_namespace()
         buf, err, path = None, "", ""
         if world > MAX_WORLD or not available():
@@ -174,32 +181,31 @@ class ShmAllreduce:
         """Reduce ``t`` in place (``sum`` or ``max``); the caller checked ``fits(t)``."""
         if not self.fits(t):
             raise ValueError(f"{tuple(t.shape)} {t.dtype} tensor does not fit the {self.capacity}-byte slots")
-        n = t.numel()
-        view = [s[:n * t.element_size()].view(t.dtype) for s in self._slots]
-        inputs, out = view[:self.world], view[self.world]
+        n, nbytes = t.numel(), t.numel() * t.element_size()
         self.seq += 1
+        first = (self.seq % 2) * self.world
+        inputs = [s[:nbytes].view(t.dtype) for s in self._slots[first:first + self.world]]
+        flat = t.view(-1)
         c0 = time.thread_time()
-        inputs[self.rank].copy_(t.reshape(-1))
+        inputs[self.rank].copy_(flat)
         self._publish(self._arrived)
         work = time.thread_time() - c0
         self._wait(self._arrived, "arrive")
         c0 = time.thread_time()
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
-        if hi > lo:
-            chunk = out[lo:hi]
-            if op == "sum":
-                torch.add(inputs[0][lo:hi], inputs[1][lo:hi], out=chunk)
-                for x in inputs[2:]:
-                    chunk.add_(x[lo:hi])
-            else:
-                torch.maximum(inputs[0][lo:hi], inputs[1][lo:hi], out=chunk)
-                for x in inputs[2:]:
-                    torch.maximum(chunk, x[lo:hi], out=chunk)
-        self._publish(self._reduced)
-        work += time.thread_time() - c0
-        self._wait(self._reduced, "reduce")
-        c0 = time.thread_time()
-        t.reshape(-1).copy_(out)
+        if self.world * nbytes <= FULL_REDUCE_BYTES:
+            # every rank reduces the whole tensor itself, straight into ``t``: one barrier per call
+            _reduce(inputs, flat, op)
+        else:
+            # large tensors: rank r reduces chunk r into the output, then everyone copies it out
+            out = self._slots[2 * self.world][:nbytes].view(t.dtype)
+            lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+            if hi > lo:
+                _reduce([x[lo:hi] for x in inputs], out[lo:hi], op)
+            self._publish(self._reduced)
+            work += time.thread_time() - c0
+            self._wait(self._reduced, "reduce")
+            c0 = time.thread_time()
+            flat.copy_(out)
         self.work_s = work + time.thread_time() - c0
         return t
 
@@ -207,9 +213,15 @@ class ShmAllreduce:
         with _fence:
             pass
         flags[self.rank] = self.seq
-        # then wake the peers: the word changes after the flag (x86 keeps stores in order), so a peer
-        # that read the word before our flag either sees the new word in FUTEX_WAIT (which compares
-        # it atomically with going to sleep) or is asleep and woken here
+        with _fence:              # store → load order: two ranks arriving together cannot both miss
+            pass                  # each other's flag, so at least one of them sees the barrier complete
+        if flags[:self.world].min() < self.seq:
+            return                # not the last to arrive: the last one wakes the waiters
+        # the barrier is complete: wake the peers. Each waiter sleeps on its own word only while the
+        # word still holds the value it read before checking the flags (FUTEX_WAIT compares atomically),
+        # and the word changes after every flag is set, so no waiter sleeps through this. Waking only
+        # here, not on every arrival, spares a peer that shares this core a wake-up that would find the
+        # barrier still open and take the core from a rank that is computing.
         for p in range(self.world):
             if p != self.rank:
                 self._wake[p] += 1
@@ -248,6 +260,15 @@ class ShmAllreduce:
             raise CommError(f"{where}: the coordinator regrouped while waiting {waited:.1f} s for ranks {missing}")
         if waited > self.timeout_s:
             raise CommError(f"{where}: timed out after {waited:.0f} s waiting for ranks {missing}")
+
+
+def _reduce(inputs: list[torch.Tensor], out: torch.Tensor, op: str) -> None:
+    """``out`` = inputs[0] ∘ inputs[1] ∘ ... in rank order: the same operations, so the same bits,
+    on every rank whichever of them computes an element."""
+    fn = torch.add if op == "sum" else torch.maximum
+    fn(inputs[0], inputs[1], out=out)
+    for x in inputs[2:]:
+        fn(out, x, out=out)
 
 
 def _map(path: str, size: int, create: bool) -> mmap.mmap:
