@@ -110,3 +110,11 @@ def test_a_waiting_rank_gives_up_instead_of_hanging(scenario, needle):
     assert rank0[3] < 5.0                                   # seconds, not the 20 s collective timeout
     if scenario == "hang":                                  # it slept on its futex, it did not spin
         assert rank0[4] < 0.5 * rank0[3], f"{rank0[4]:.3f} s of CPU in {rank0[3]:.3f} s of waiting"
+
+
+def test_a_segment_larger_than_dev_shm_is_refused_and_removed():
+    from lepton.comm.shm import _map
+    before = set(os.listdir(SHM_DIR))
+    with pytest.raises(OSError):              # ENOSPC now, not a SIGBUS at the first write
+        _map(os.path.join(SHM_DIR, f"lepton-test-{os.getpid()}"), 1 << 50, create=True)
+    assert set(os.listdir(SHM_DIR)) == before

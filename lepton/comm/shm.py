@@ -57,7 +57,7 @@ MAGIC = b"LEPTONSHM1"
 SPIN_S = 50e-6                # poll this long, then sleep on a futex (measured: 0 and 300 µs no better)
 CHECK_EVERY_S = 0.005         # liveness / abort / timeout checks while waiting
 FULL_REDUCE_BYTES = 32 << 20  # up to world × tensor bytes this size every rank sums everything itself
-_fence = threading.Lock()     # acquire+release = locked instructions = a full store fence on x86
+_fence = threading.Lock()     # acquire+release = locked instructions = a full memory fence on x86
 _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1                     # x86-64 Linux
 
 
@@ -94,7 +94,7 @@ class ShmAllreduce:
         self._abandoned = hdr[4:5]          # after magic + nonce (bytes 0..25)
         self._arrived = hdr[8:8 + MAX_WORLD]
         self._reduced = hdr[8 + MAX_WORLD:8 + 2 * MAX_WORLD]
-        # one futex word per rank, bumped by every publisher: a waiter sleeps on its own word
+        # one futex word per rank, bumped by the rank that completes a barrier: a waiter sleeps on its own
         self._wake = np.frombuffer(buf, dtype=np.int32, count=MAX_WORLD, offset=8 * (8 + 2 * MAX_WORLD))
         self._wake_addr = self._wake.ctypes.data
         # two sets of world input slots (calls alternate between them), then the output
@@ -282,6 +282,10 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
         elif os.fstat(fd).st_size != size:
             raise OSError("size differs")
         return mmap.mmap(fd, size)
+    except OSError:
+        if create:
+            os.unlink(path)       # nobody else knows the name yet
+        raise
     finally:
         os.close(fd)
 
