@@ -15,7 +15,8 @@ import torch.distributed as dist
 from lepton.comm.errors import CommError
 from lepton.comm.shm import SHM_DIR, ShmAllreduce, available
 
-pytestmark = pytest.mark.skipif(not available(), reason="shared-memory reduction needs x86-64 Linux")
+pytestmark = [pytest.mark.skipif(not available(), reason="shared-memory reduction needs x86-64 Linux"),
+              pytest.mark.timeout(120)]
 CAPACITY = 1 << 16
 
 
