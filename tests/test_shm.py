@@ -119,3 +119,17 @@ def test_a_segment_larger_than_dev_shm_is_refused_and_removed():
     with pytest.raises(OSError):              # ENOSPC now, not a SIGBUS at the first write
         _map(os.path.join(SHM_DIR, f"lepton-test-{os.getpid()}"), 1 << 50, create=True)
     assert set(os.listdir(SHM_DIR)) == before
+
+
+def test_a_peer_that_leaves_right_after_a_complete_barrier_is_no_failure():
+    import mmap
+    from lepton.comm.shm import HEADER
+    seg = ShmAllreduce(mmap.mmap(-1, HEADER + 5 * 64), rank=0, world=2, capacity=64, peers=[], timeout_s=5)
+    seg.seq = 3
+    seg._arrived[:2] = [3, 2]                 # rank 1 has not arrived
+    seg._abandoned[0] = 1                     # ... and left the generation: this wait can never end
+    with pytest.raises(CommError, match="a peer left the generation"):
+        seg._check(seg._arrived, 0.01, "arrive")
+    seg._arrived[1] = 3                       # it arrived, then left: the barrier is complete
+    seg._check(seg._arrived, 0.01, "arrive")  # the waiter returns instead of failing the step
+    seg.close(abandon=False)

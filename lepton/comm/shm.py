@@ -242,19 +242,25 @@ class ShmAllreduce:
             if flags[:w].min() >= seq:
                 return
             now = time.perf_counter()
-            if now >= start + self.spin_s:
-                _futex(addr, _FUTEX_WAIT, word, ctypes.byref(_CHECK_TS))
-                now = time.perf_counter()
             if now >= next_check:
                 next_check = now + CHECK_EVERY_S
                 self._check(flags, now - start, phase)
+            if now >= start + self.spin_s:
+                _futex(addr, _FUTEX_WAIT, word, ctypes.byref(_CHECK_TS))
 
     def _check(self, flags: np.ndarray, waited: float, phase: str) -> None:
+        """Raise if the wait can never end. Each condition is read first and the barrier tested after
+        it: a peer that passed this barrier may leave (abandon, exit) at once, and that is no failure
+        of a barrier that is complete."""
+        abandoned = bool(self._abandoned[0])
+        exited = bool(self._pidfds and select.select(self._pidfds, [], [], 0)[0])
+        if flags[:self.world].min() >= self.seq:
+            return
         missing = [r for r in range(self.world) if flags[r] < self.seq]
         where = f"shared-memory allreduce #{self.seq} ({phase})"
-        if self._abandoned[0]:
+        if abandoned:
             raise CommError(f"{where}: a peer left the generation")
-        if self._pidfds and select.select(self._pidfds, [], [], 0)[0]:
+        if exited:
             raise CommError(f"{where}: a peer process exited")
         if self.should_abort is not None and self.should_abort(waited):
             raise CommError(f"{where}: the coordinator regrouped while waiting {waited:.1f} s for ranks {missing}")

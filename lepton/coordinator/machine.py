@@ -345,7 +345,8 @@ class Coordinator:
             m.state = "paused"
         if why == "collective_error" and self.phase == Phase.RUNNING and p.get("generation") == self.generation:
             self._open_incident(f"collective error reported by {m.worker_id}: {p.get('error', '')}")
-            self._regroup(f"a collective failed in generation {self.generation}")
+            self._regroup(f"a collective failed in generation {self.generation}", worker=m.worker_id,
+                          error=str(p.get("error", ""))[:300])
         elif why == "leaving" and self.phase == Phase.RUNNING:
             self._regroup(f"worker {m.worker_id} left")
         self._advance()
@@ -413,13 +414,13 @@ class Coordinator:
             m.share = share
         self._persist()
 
-    def _regroup(self, reason: str) -> None:
+    def _regroup(self, reason: str, **details) -> None:
         if self.phase == Phase.RUNNING:
             for w in self.generation_members:      # a finished replica holds the final state: reuse it
                 if self.members[w].state == "finished":
                     self.members[w].state = "paused"
             self.phase = Phase.REGROUPING
-            self._event("regroup", reason, generation=self.generation)
+            self._event("regroup", reason, generation=self.generation, **details)
             self._persist()
 
     def _advance(self) -> None:
