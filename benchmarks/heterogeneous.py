@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from throughput import VENV_BIN, job_yaml, last_json, run
+from throughput import VENV_BIN, interleaved, job_yaml, last_json, run
 
 REPO = Path(__file__).resolve().parents[1]
 PIN = (0, 1, 1)
@@ -81,25 +81,18 @@ def main() -> None:
             sys.exit(p.stderr)
         return last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0
 
-    # interleaved rounds, medians: the machine's speed drifts over minutes (see throughput.py)
-    got: dict[str, list[tuple[float, float]]] = {"lepton balance=on": [], "lepton balance=off": [],
-                                                 "torchrun+DDP PIN=0,1,1": []}
-    last = None
-    for rnd in range(a.rounds):
-        for balance in ("on", "off"):
-            s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
-            got[f"lepton balance={balance}"].append((s["samples_per_s"], wall))
-            if balance == "on" and plans:
-                last = plans[-1]
-            print(f"round {rnd + 1}/{a.rounds} lepton balance={balance}: {s['samples_per_s']:,.0f} samples/s,"
-                  f" {len(plans)} plan(s)", flush=True)
-        got["torchrun+DDP PIN=0,1,1"].append(baseline())
+    def balanced(balance: str) -> tuple[float, float, list[dict]]:
+        s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
+        return s["samples_per_s"], wall, plans
+
+    got = interleaved({"lepton balance=on": lambda: balanced("on"), "lepton balance=off": lambda: balanced("off"),
+                       "torchrun+DDP PIN=0,1,1": baseline}, a.rounds)
     results = {name: (median(r[0] for r in rs), median(r[1] for r in rs)) for name, rs in got.items()}
+    plans = [r[2] for r in got["lepton balance=on"] if r[2]]
+    last = plans[-1][-1] if plans else None           # the last plan of the last balanced run
     speeds = last["speeds"] if last else None
     shares = last["shares"] if last else None
     if a.rounds > 1:
-        print("\nper round (samples/s): " + "; ".join(
-            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
         ratios = [on[0] / off[0] for on, off in zip(got["lepton balance=on"], got["lepton balance=off"])]
         print("balanced / balance off per round: " + ", ".join(f"{x:.2f}" for x in ratios))
 

@@ -39,6 +39,21 @@ def last_json(text: str) -> dict:
     return json.loads([l for l in text.splitlines() if l.startswith("{")][-1])
 
 
+def interleaved(runs: dict, rounds: int) -> dict[str, list[tuple]]:
+    """Each callable of ``runs`` (name -> () -> (samples/s, wall s, ...)) ``rounds`` times, one of each
+    per round: the machine's speed drifts over minutes, so no system is measured only in a fast or a
+    slow minute. Prints progress and, with several rounds, every round's figure."""
+    got: dict[str, list[tuple]] = {name: [] for name in runs}
+    for rnd in range(rounds):
+        for name, fn in runs.items():
+            got[name].append(fn())
+            print(f"round {rnd + 1}/{rounds} {name}: {got[name][-1][0]:,.0f} samples/s", flush=True)
+    if rounds > 1:
+        print("\nper round (samples/s): " + "; ".join(
+            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
+    return got
+
+
 def job_yaml(data: Path, epochs: int) -> str:
     return f"""name: throughput
 seed: 0
@@ -100,17 +115,8 @@ def main() -> None:
     runs = {"lepton x1": lambda: lepton(1), "lepton x2": lambda: lepton(2),
             "torchrun+DDP x1": lambda: torchrun(1), "torchrun+DDP x2": lambda: torchrun(2),
             "raw loop (batch 256)": raw}
-    # the machine's speed drifts over minutes: every round runs everything once, and the table gives
-    # each run's median over the rounds, so no system is measured only in a fast or a slow minute
-    got: dict[str, list[tuple]] = {name: [] for name in runs}
-    for rnd in range(a.rounds):
-        for name, fn in runs.items():
-            got[name].append(fn())
-            print(f"round {rnd + 1}/{a.rounds} {name}: {got[name][-1][0]:,.0f} samples/s", flush=True)
+    got = interleaved(runs, a.rounds)
     rows = [(name, median([r[0] for r in rs]), median([r[1] for r in rs]), rs[0][2]) for name, rs in got.items()]
-    if a.rounds > 1:
-        print("\nper round (samples/s): " + "; ".join(
-            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
 
     by = {name: (sps, wall) for name, sps, wall, _ in rows}
     print(f"\n{'run':<22}{'samples/s':>12}{'wall s':>9}{'test acc':>10}")

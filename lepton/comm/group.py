@@ -48,9 +48,8 @@ class GenerationGroup:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
             if self.shared_memory and backend == "gloo" and world > 1:
                 # co-located ranks reduce through a shared segment; None unless every rank can map it
-                self.shm = ShmAllreduce.connect(store, rank, world, self.shm_capacity, self.timeout.total_seconds())
-                if self.shm is not None:
-                    self.shm.should_abort = self.should_abort
+                self.shm = ShmAllreduce.connect(store, rank, world, self.shm_capacity, self.timeout.total_seconds(),
+                                                self.should_abort)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend

@@ -1,8 +1,8 @@
 """Allreduce through shared memory for the workers of a generation that share one host.
 
-Why: over loopback a gloo allreduce of a 340 KB gradient costs 0.7–1.4 ms of socket copies and
-wake-ups per step, a third of a step of the throughput workload on two cores. Through a shared segment
-the same reduction is one copy and world-1 adds per rank (~0.1 ms). Gloo has no shared-memory transport and
+Why: over loopback a gloo allreduce of a 340 KB gradient costs 0.7–1.4 ms of socket copies and wake-ups
+per step, a third of a step of the throughput workload on two cores. Through a shared segment the same
+reduction is one copy and world-1 adds per rank (~0.1 ms). Gloo has no shared-memory transport and
 torch.distributed none for CPU tensors, so this is the one collective Lepton implements itself; the
 process group of the generation still exists (it carries the state broadcast and any tensor too large
 for the segment).
@@ -21,17 +21,17 @@ after every rank finished call seq-2, the last one that read that set; and it wr
 after every rank arrived at call seq, i.e. finished copying out the output of any earlier call. A rank
 still reading set ``seq % 2`` holds every other rank before call seq+2.
 
-Ordering: x86-64 keeps stores in program order for ordinary stores, but a large copy may use
-non-temporal stores, so a locked instruction (a lock round trip) drains them before each flag store.
-Other architectures use gloo (``available()``).
+Ordering: x86-64 keeps ordinary stores in program order, but a large copy may use non-temporal stores,
+so a locked instruction (a lock round trip) drains them before each flag store; a second one after the
+flag store keeps it ahead of the flag loads that decide who completes the barrier. Other architectures
+use gloo (``available()``).
 
-Waiting polls for ``SPIN_S`` (not at all when the ranks' affinities cover fewer cores than ranks), then sleeps on a
-futex word of its own, which the rank that completes a barrier bumps and wakes. A rank never waits
-forever: while waiting it checks, every few milliseconds, that no peer process has
-exited (a pidfd per peer, readable once the peer is gone), that no rank abandoned the generation (a
-flag in the segment), the caller's ``should_abort`` (the coordinator asked for a regroup and the wait
-is already long) and the collective timeout; any of them raises ``CommError``, like a failed gloo
-collective.
+Waiting polls for ``SPIN_S`` (not at all when the ranks' affinities cover fewer cores than there are
+ranks), then sleeps on a futex word of its own, which the rank that completes a barrier bumps and wakes.
+A rank never waits forever: every few milliseconds it checks that no peer process has exited (a pidfd
+per peer), that no rank abandoned the generation (a flag in the segment), the caller's
+``should_abort`` (the coordinator asked for a regroup and the wait is already long) and the collective
+timeout; any of them raises ``CommError``, like a failed gloo collective, unless the barrier is complete.
 """
 from __future__ import annotations
 
@@ -86,10 +86,10 @@ class ShmAllreduce:
     """One generation's shared segment. Build it with ``connect`` (a collective over the store)."""
 
     def __init__(self, buf: mmap.mmap, rank: int, world: int, capacity: int, peers: list[int],
-                 timeout_s: float, spin_s: float = SPIN_S):
+                 timeout_s: float, spin_s: float = SPIN_S, should_abort: Callable[[float], bool] | None = None):
         self.buf, self.rank, self.world, self.capacity = buf, rank, world, capacity
         self.timeout_s, self.spin_s = timeout_s, spin_s
-        self.should_abort: Callable[[float], bool] | None = None   # given the seconds waited so far
+        self.should_abort = should_abort    # given the seconds waited so far
         hdr = np.frombuffer(buf, dtype=np.int64, count=HEADER // 8)
         self._abandoned = hdr[4:5]          # after magic + nonce (bytes 0..25)
         self._arrived = hdr[8:8 + MAX_WORLD]
@@ -106,14 +106,15 @@ class ShmAllreduce:
 
     # --- set-up ----------------------------------------------------------------------------------
     @classmethod
-    def connect(cls, store, rank: int, world: int, capacity: int, timeout_s: float) -> "ShmAllreduce | None":
+    def connect(cls, store, rank: int, world: int, capacity: int, timeout_s: float,
+                should_abort: Callable[[float], bool] | None = None) -> "ShmAllreduce | None":
         """Every rank of the generation calls this at the same point. Returns the segment when every
         rank could map it (they share a host, a /dev/shm and a PID namespace), else None on every rank.
         """
         capacity = -(-capacity // 64) * 64                  # cache-line aligned slots
         size = HEADER + (2 * world + 1) * capacity
         ns = _pid_namespace()
-        buf, err, path = None, "", ""
+        buf, err, path, nonce = None, "", "", ""
         if world > MAX_WORLD or not available():
             err = "unavailable"
         elif rank == 0:
@@ -152,7 +153,8 @@ class ShmAllreduce:
         # cores than ranks a poll burns the time slice a peer on the same core needs to catch up
         cores = set().union(*({int(c) for c in a[3].split(",")} for a in answers))
         try:
-            return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0)
+            return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0,
+                       should_abort=should_abort)
         except ProcessLookupError:
             raise CommError("a peer exited while the generation formed") from None
 
