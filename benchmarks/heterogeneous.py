@@ -8,9 +8,10 @@ torch thread each, all run in this invocation:
 - Lepton with `cluster.balance: off` (equal shares), same placement;
 - the baseline: `PIN=0,1,1 torchrun --nproc-per-node 3 ddp_baseline.py --global-batch 510`.
 Samples/s are each system's training-loop figure (Lepton: summary.json, steady state; baseline: as
-printed); epoch time = training samples / that rate. The ideal gain sum(speed)/(K·min speed) comes
-from the speeds the balanced run measured (its last `plan` event). Every run is repeated ``--rounds``
-times (default 3), interleaved; the table shows medians and the per-round ratios are printed.
+printed); epoch time = training samples / that rate. The ideal gain sum(speed)/(K·min speed) uses
+the speeds the workers measured at equal shares (the balance-off run's summary.json `members`).
+Every run is repeated ``--rounds`` times (default 3), interleaved; the table shows medians and the
+per-round ratios are printed.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def lepton(job: Path, run_dir: Path, balance: str) -> tuple[dict, float, list[di
     wall = time.perf_counter() - t0
     if code != 0:
         sys.exit(f"lepton ({balance}) failed: {coord.stderr.read()}")
-    events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines()]
-    return json.loads((run_dir / "summary.json").read_text()), wall, [e for e in events if e["kind"] == "plan"]
+    # plans as applied by the workers (metrics.jsonl), with the step they took effect after
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), wall, [r for r in records if r["kind"] == "plan"]
 
 
 def main() -> None:
@@ -81,40 +83,37 @@ def main() -> None:
             sys.exit(p.stderr)
         return last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0
 
-    def balanced(balance: str) -> tuple[float, float, list[dict]]:
+    def balanced(balance: str) -> tuple[float, float, dict, list[dict]]:
         s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
-        return s["samples_per_s"], wall, plans
+        return s["samples_per_s"], wall, s, plans
 
     got = interleaved({"lepton balance=on": lambda: balanced("on"), "lepton balance=off": lambda: balanced("off"),
                        "torchrun+DDP PIN=0,1,1": baseline}, a.rounds)
     results = {name: (median(r[0] for r in rs), median(r[1] for r in rs)) for name, rs in got.items()}
-    plans = [r[2] for r in got["lepton balance=on"] if r[2]]
-    last = plans[-1][-1] if plans else None           # the last plan of the last balanced run
-    speeds = last["speeds"] if last else None
-    shares = last["shares"] if last else None
+    on, off = results["lepton balance=on"][0], results["lepton balance=off"][0]
+    base = results["torchrun+DDP PIN=0,1,1"][0]
     if a.rounds > 1:
-        ratios = [on[0] / off[0] for on, off in zip(got["lepton balance=on"], got["lepton balance=off"])]
+        ratios = [x[0] / y[0] for x, y in zip(got["lepton balance=on"], got["lepton balance=off"])]
         print("balanced / balance off per round: " + ", ".join(f"{x:.2f}" for x in ratios))
 
     print(f"\n{'run':<26}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
     for name, (sps, wall) in results.items():
         print(f"{name:<26}{sps:>11,.0f}{a.epochs * n_train / sps:>9.2f}{wall:>8.2f}")
-    on, off = results["lepton balance=on"][0], results["lepton balance=off"][0]
-    base = results["torchrun+DDP PIN=0,1,1"][0]
-    print(f"\nmeasured speeds {speeds} samples/s -> shares {shares}")
-    if speeds:
+
+    # speeds at equal shares: what the workers measured in the last balance-off run (summary.json
+    # "members": samples per second of wall time, capacity included, at the last operating point)
+    equal = got["lepton balance=off"][-1][2]["members"]
+    final = got["lepton balance=on"][-1][2]["members"]
+    plans = got["lepton balance=on"][-1][3]
+    speeds = [m["speed"] for m in equal]
+    print(f"\nspeeds at equal shares (balance off)     {speeds} samples/s")
+    if all(speeds):
         ideal = sum(speeds) / (len(speeds) * min(speeds))
         print(f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}")
         print(f"achieved share of the ideal gain         {(on / off - 1) / (ideal - 1) if ideal > 1 else float('nan'):5.2f}  [>= 0.75]")
-    if last:
-        # the balancer's own model (balance.target_shares): worker i's step takes
-        # (overhead_i + n_i / core speed_i) / capacity_i = overhead_i / capacity_i + n_i / effective speed_i
-        def step_ms(sh):
-            n = [510 * x / sum(sh) for x in sh]
-            return max(o / c + 1000 * k / v for o, c, k, v in zip(last["overheads_ms"], last["capacities"], n, speeds))
-        print(f"per-step overheads {last['overheads_ms']} ms, capacities {last['capacities']}")
-        print(f"gain the model expects from these shares {step_ms([1] * len(shares)) / step_ms(shares):5.2f}"
-              f"  (step {step_ms([1] * len(shares)):.2f} ms equal -> {step_ms(shares):.2f} ms)")
+    print(f"balanced run: {len(plans)} plan(s), applied from steps {[p['step'] for p in plans]}; final shares "
+          f"{[m['share'] for m in final]}, step cost {[m['fixed_ms'] for m in final]} ms + n x "
+          f"{[m['per_sample_us'] for m in final]} us of processor time, capacities {[m['capacity'] for m in final]}")
     print(f"balanced / balance off  samples/s        {on / off:5.2f}  [>= 1.25]")
     print(f"balanced / baseline     samples/s        {on / base:5.2f}  [>= 1.3]")
 

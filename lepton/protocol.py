@@ -66,11 +66,12 @@ class Heartbeat(BaseModel):
     pid: int = 0
     plan_version: int = 0               # the share plan this worker trains with
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
-    # samples per second of processor time (CPU seconds of this process, or wall time on a GPU):
-    # unlike samples_per_s it does not drop when the OS time-shares a core between workers
-    core_speed: float = 0.0
-    # processor time per step that does not depend on the share (update, reduction work), seconds
-    step_overhead_s: float = 0.0
+    # means over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
+    # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,
+    # wall time of compute and update) and the part of it spent in the compute window
+    step_samples: float = 0.0
+    step_busy_s: float = 0.0
+    step_compute_s: float = 0.0
 
 
 class StepPlan(BaseModel):
@@ -87,6 +88,12 @@ class HeartbeatResponse(BaseModel):
     regroup_generation: Optional[int] = None
     # a newer share plan for the current generation: applied at the first step every member knows it
     plan: Optional[StepPlan] = None
+    # the step from which the coordinator considers the next re-plan: the worker sends a heartbeat at
+    # once when it reaches it with a full speed window (None: balancing is off)
+    replan_step: Optional[int] = None
+    # send the next heartbeat after this many seconds instead of the interval: a re-plan is waiting for
+    # the other members' speeds, and this worker should learn the plan as soon as it is made
+    next_beat_s: Optional[float] = None
 
 
 class Report(BaseModel):

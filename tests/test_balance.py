@@ -20,19 +20,25 @@ def test_propose_follows_speed_with_hysteresis():
     assert balance.ideal_gain([2, 1, 1]) == pytest.approx(4 / 3)
 
 
-def test_target_shares_equalise_step_times_including_the_fixed_overhead():
-    # no overhead: proportional to speed x capacity
-    assert balance.target_shares([300, 100], [1, 1], [0, 0], 512) == pytest.approx([0.75, 0.25])
+def test_target_shares_equalise_step_times_including_the_fixed_cost():
+    cost = balance.StepCost
+    # no fixed cost: proportional to speed x capacity
+    assert balance.target_shares([cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1], 512) == pytest.approx([0.75, 0.25])
     # one worker alone on a core, two sharing one (capacity 1/2 each), 0.5 ms / 0.6 ms fixed per step
-    speeds, caps, over = [145e3, 94e3, 88e3], [1, 0.5, 0.5], [0.5e-3, 0.6e-3, 0.6e-3]
-    shares = balance.target_shares(speeds, caps, over, 510)
-    times = [(o + s * 510 / v) / c for s, v, c, o in zip(shares, speeds, caps, over)]
+    costs, caps = [cost(0.5e-3, 1 / 145e3), cost(0.6e-3, 1 / 94e3), cost(0.6e-3, 1 / 88e3)], [1, 0.5, 0.5]
+    shares = balance.target_shares(costs, caps, 510)
+    times = [(c.fixed + s * 510 * c.per_sample) / cap for s, c, cap in zip(shares, costs, caps)]
     assert max(times) == pytest.approx(min(times), rel=1e-9)            # every step ends together
-    plain = balance.normalise([v * c for v, c in zip(speeds, caps)])
-    assert shares[0] > plain[0] + 0.05                                  # the shared core pays the overhead twice
-    # a worker whose overhead alone exceeds the others' step keeps one sample, not a negative share
-    shares = balance.target_shares([1e6, 1e3], [1, 1], [0, 1.0], 64)
+    plain = balance.normalise([cap / c.per_sample for c, cap in zip(costs, caps)])
+    assert shares[0] > plain[0] + 0.05                                  # the shared core pays the fixed cost twice
+    # a worker whose fixed cost alone exceeds the others' step keeps one sample, not a negative share
+    shares = balance.target_shares([cost(0, 1e-6), cost(1.0, 1e-3)], [1, 1], 64)
     assert shares[1] == pytest.approx(1 / 64) and min(split_counts(64, shares)) >= 1
+
+
+def test_step_cost_from_a_measured_step():
+    c = balance.StepCost.measured(samples=100, busy=3e-3, compute=2e-3)   # 1 ms outside the compute window
+    assert c.fixed == pytest.approx(1e-3) and c.per_sample == pytest.approx(2e-5)
 
 
 def test_no_worker_is_starved_by_an_extreme_plan():

@@ -1,10 +1,11 @@
 """Unit level: the sampler, the spec, preprocessing, and the coordinator stepped against fake workers."""
 import json
+import time
 
 import numpy as np
 import pytest
 
-from lepton.coordinator.machine import Coordinator, Phase
+from lepton.coordinator.machine import FAST_BEAT_S, Coordinator, Phase
 from lepton.errors import DataError, SpecError
 from lepton.protocol import Heartbeat, RegisterRequest, Report
 from lepton.sampler import GlobalBatchSampler, split_counts
@@ -147,6 +148,35 @@ def test_machine_forms_generation_and_completes(tmp_path):
     assert c.plan(a).action == "exit" and c.heartbeat(Heartbeat(worker_id=b)).action == "exit"
 
 
+def _measure(c, w, step, version, samples, busy, compute):
+    return c.heartbeat(Heartbeat(worker_id=w, generation=0, step=step, plan_version=version,
+                                 step_samples=samples, step_busy_s=busy, step_compute_s=compute))
+
+
+def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast(tmp_path):
+    c, _ = _coordinator(tmp_path, 2)
+    a, b = _ready(c, 1), _ready(c, 2)
+    assert c.phase == Phase.RUNNING and c.shares == [0.5, 0.5]
+    # a's first full window: the re-plan is due (replan_step 0) but waits for b, so a polls
+    r = _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3)
+    assert r.plan is None and r.replan_step == 0 and r.next_beat_s == FAST_BEAT_S
+    # b (3x slower per sample) completes the set: the plan comes in its reply, and a gets it at its poll
+    r = _measure(c, b, 11, 0, 8, 2.6e-3, 2.4e-3)
+    assert r.plan.version == 1 and r.next_beat_s is None
+    assert _measure(c, a, 12, 0, 8, 1e-3, 0.8e-3).plan == r.plan
+    assert r.plan.shares[0] > 0.7                   # equal step ends: b's slope and both fixed costs
+    # both applied v1: a measurement at the new shares replaces the old point instead of averaging it
+    _measure(c, a, 24, 1, 12, 1.4e-3, 1.2e-3)
+    assert c.members[a].measured == (12, 1.4e-3, 1.2e-3)
+    _measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)       # within one plan: smoothed
+    assert c.members[a].measured[1] == pytest.approx(1.5e-3)
+    # the next re-plan from step 31 on (rebalance_every_steps 20): unchanged shares settle the plan, and
+    # replies stop asking for heartbeats at replan_step
+    _measure(c, b, 31, 1, 4, 1.5e-3, 1.2e-3)
+    r = _measure(c, a, 31, 1, 12, 1.5e-3, 1.3e-3)
+    assert r.plan is None and c.plan_version == 1 and r.replan_step is None and r.next_beat_s is None
+
+
 def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):
     c, clock = _coordinator(tmp_path, 3)
     a, b, d = (_ready(c, pid) for pid in (1, 2, 3))
@@ -280,3 +310,41 @@ def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
     ev = [e for e in c.events if e["kind"] in ("best", "lr", "early_stop")]
     assert [(e["kind"], e["step"]) for e in ev] == [("best", 14), ("lr", 28), ("early_stop", 42)]
     assert ev[1]["lr"] == 0.005 and "not improved" in ev[1]["reason"]
+
+
+def test_step_meter_reports_whole_steps_over_a_full_window_only():
+    from lepton.worker.meter import StepMeter
+
+    def burn(s):
+        end = time.process_time() + s
+        while time.process_time() < end:
+            pass
+
+    m = StepMeter(on_gpu=False, window=3)
+    for i in range(5):
+        m.begin()
+        burn(2e-3)                                  # "compute window"
+        m.record(10, 2e-3, 2e-3, 0.5e-3)
+        burn(1e-3)                                  # reduction, update, loop: outside the window
+        if i == 1:
+            burn(20e-3)                             # e.g. an evaluation: not a sample
+            m.discard()
+        if i < 3:
+            assert m.fields().get("step_busy_s", 0.0) == 0.0     # no full window yet
+    m.begin()
+    f = m.fields()
+    assert f["step_samples"] == 10 and f["step_compute_s"] == pytest.approx(2e-3)
+    assert 3e-3 <= f["step_busy_s"] < 10e-3         # the whole step, the discarded one left out
+    m.reset()
+    assert m.fields() == {}
+
+
+def test_coordinator_sockets_say_tcp_so_asyncio_disables_nagle():
+    # proto 0 (socket.create_server) made uvicorn's responses wait for delayed ACKs: ~40 ms a request
+    import socket
+    from lepton.coordinator.server import Listener
+    lis = Listener()
+    try:
+        assert lis.http.proto == lis.store.proto == socket.IPPROTO_TCP
+    finally:
+        lis.close()

@@ -1,18 +1,21 @@
-"""Heterogeneity-aware shares: each worker's part of the global batch follows its measured speed.
+"""Heterogeneity-aware shares: each worker's part of the global batch follows its measured cost.
 
-A worker's effective speed is its *core speed* (samples per second of processor time, which it
-measures and reports in heartbeats; wall time on a GPU) times its *capacity* (how many cores it can
-count on, from the placement it registered with). Processor time, not wall time: two workers pinned to
-one core that take turns would each see full-speed wall times, yet together they only get one core.
-Each worker also reports its per-step *overhead* (processor time of the update and of its part of the
-reduction, paid whatever its share), and shares are chosen so that every worker's step ends at the same
-time (``target_shares``). The policy is pure functions so the coordinator can call them at its
-decision points and tests can drive them with made-up numbers. Shares never change the math
-(invariant 1): any split of a global batch gives the same update.
+A worker's step costs it ``fixed + n × per_sample`` seconds of *processor time* for n samples
+(``StepCost``): the fixed part is what every replica pays whatever its share (optimizer update,
+reduction work, the training loop's own bookkeeping), the per-sample part is its compute window. Workers
+measure both over a window of steps at each share plan (worker/meter.py) and each worker's *capacity*
+(the cores it can count on, from the placement it registered with) turns processor time into wall
+time. Shares are chosen so that every worker's step ends at the same time (``target_shares``); each
+re-plan uses costs measured at the current shares, so the plan converges on the shares whose steps do
+end together. Processor time, not wall time: two workers pinned to one core that take turns would each
+see full-speed wall times, yet together they only get one core. The policy is pure functions so the
+coordinator can call them at its decision points and tests can drive them with made-up numbers. Shares
+never change the math (invariant 1): any split of a global batch gives the same update.
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 SMOOTHING = 0.5        # weight of a new speed report in the coordinator's moving average
@@ -23,32 +26,46 @@ def smooth(previous: Optional[float], measured: float) -> float:
     return measured if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * measured
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """Processor seconds of one step of ``n`` samples: ``fixed + n × per_sample``."""
+    fixed: float
+    per_sample: float
+
+    @classmethod
+    def measured(cls, samples: float, busy: float, compute: float) -> "StepCost":
+        """From one operating point: a step of ``samples`` took ``busy`` seconds, ``compute`` of them in
+        the compute window (forward/backward: the part that grows with the share). The rest is fixed.
+        The compute window has a fixed part too (per-operation dispatch, ~0.3–0.5 ms for the benchmark
+        MLP); counted per sample, it makes a worker whose share shrinks look cheaper than it is, and
+        the next re-plan, measured at the new operating point, corrects it (a line fitted through the
+        operating points was tried: 10-step windows vary by 10–20%, too much for a slope)."""
+        return cls(max(busy - compute, 0.0), max(compute, 1e-12) / max(samples, 1.0))
+
+
 def normalise(weights: Sequence[float]) -> list[float]:
     total = float(sum(weights))
     return [w / total for w in weights]
 
 
-def target_shares(speeds: Sequence[float], capacities: Sequence[float], overheads: Sequence[float],
-                  batch: int) -> list[float]:
+def target_shares(costs: Sequence[StepCost], capacities: Sequence[float], batch: int) -> list[float]:
     """Shares of a ``batch`` that make every worker finish its step at the same time.
 
-    Worker i needs ``overheads[i]`` seconds of processor time per step whatever its share (the
-    optimizer update and its part of the reduction: every replica pays them) plus ``n_i / speeds[i]``
-    for its n_i samples, and gets ``capacities[i]`` of a core, so its step takes
-    ``(overheads[i] + n_i / speeds[i]) / capacities[i]``. Equal times T with sum(n_i) = batch give
-    ``T = (batch + Σ speed·overhead) / Σ speed·capacity`` and ``n_i = speed_i·(capacity_i·T − overhead_i)``.
-    A worker whose overhead alone exceeds T keeps one sample and the others are solved again. With no
-    overheads this is plain proportionality to speed × capacity. Why the overhead matters: two workers
-    sharing a core both pay it on that core, so shares proportional to speed alone leave that core the
-    slowest (measured: 0.62/0.20/0.18 for pinning 0,1,1 → 3.37 ms steps; with overheads 0.69/0.16/0.15
-    → 3.02 ms)."""
+    Worker i's step of n_i samples takes ``(fixed_i + n_i·per_sample_i) / capacity_i``. Equal times T
+    with sum(n_i) = batch give ``T = (batch + Σ fixed/per_sample) / Σ capacity/per_sample`` and
+    ``n_i = (capacity_i·T − fixed_i) / per_sample_i``. A worker whose fixed cost alone exceeds T keeps
+    one sample and the others are solved again. With no fixed costs this is plain proportionality to
+    speed × capacity. Why the fixed part matters: two workers sharing a core both pay it on that core,
+    so shares proportional to speed alone leave that core the slowest."""
+    speeds = [1.0 / c.per_sample for c in costs]
+    fixed = [c.fixed for c in costs]
     k = len(speeds)
     floor = [False] * k
     while True:
         free = [i for i in range(k) if not floor[i]]
         rest = batch - (k - len(free))
-        t = (rest + sum(speeds[i] * overheads[i] for i in free)) / sum(speeds[i] * capacities[i] for i in free)
-        n = [1.0 if floor[i] else speeds[i] * (capacities[i] * t - overheads[i]) for i in range(k)]
+        t = (rest + sum(speeds[i] * fixed[i] for i in free)) / sum(speeds[i] * capacities[i] for i in free)
+        n = [1.0 if floor[i] else speeds[i] * (capacities[i] * t - fixed[i]) for i in range(k)]
         low = [i for i in free if n[i] < 1.0]
         if not low or len(low) == len(free):
             return normalise([max(x, 1.0) for x in n])

@@ -40,6 +40,7 @@ from ..storage.rundir import RunDir
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
+FAST_BEAT_S = 0.02          # heartbeat period of a worker waiting for a re-plan (see _awaiting_speeds)
 
 
 class Phase(str, Enum):
@@ -71,9 +72,11 @@ class Member:
     rank: Optional[int] = None
     share: Optional[float] = None
     generation: Optional[int] = None
-    speed: Optional[float] = None   # smoothed core speed (samples per second of processor time)
+    speed: Optional[float] = None   # samples per second of processor time at its current operating point
+    speed_plan: Optional[tuple[int, int]] = None   # (generation, plan version) its last measurement was at
+    measured: tuple[float, float, float] = (0.0, 0.0, 0.0)   # samples, busy s, compute s per step (smoothed)
+    cost: Optional[balance.StepCost] = None   # from ``measured``
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
-    overhead: Optional[float] = None  # smoothed per-step overhead (seconds of processor time)
     plan_version: int = 0           # the share plan it has applied
 
 
@@ -85,14 +88,14 @@ def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
         return list(job.cluster.shares)
     if job.cluster.balance == "off" or not members:
         return [1.0] * len(members)
-    if all(m.speed for m in members):
+    if all(m.cost for m in members):
         return balanced_shares(job, members)
     return [round(s, 4) for s in balance.normalise([m.capacity for m in members])]
 
 
 def balanced_shares(job: JobSpec, members: list[Member]) -> list[float]:
-    return [round(s, 4) for s in balance.target_shares([m.speed for m in members], [m.capacity for m in members],
-                                                       [m.overhead or 0.0 for m in members], job.train.batch_size)]
+    return [round(s, 4) for s in balance.target_shares([m.cost for m in members], [m.capacity for m in members],
+                                                       job.train.batch_size)]
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Coordinator:
     generation_plan: StepPlan = field(default_factory=lambda: StepPlan(version=0, shares=[]))  # its version 0
     plan_version: int = 0                        # step plans issued within the current generation
     plan_step: int = 0                           # step at which the last re-plan was considered
+    plan_settled: bool = False                   # the last re-plan kept the shares (see heartbeat)
     step: int = 0
     total_steps: Optional[int] = None
     loss: Optional[float] = None
@@ -201,9 +205,8 @@ class Coordinator:
         if current and m.state == "training":
             m.step = hb.step
             m.plan_version = hb.plan_version
-            if hb.core_speed > 0:
-                m.speed = balance.smooth(m.speed, hb.core_speed)
-                m.overhead = balance.smooth(m.overhead, hb.step_overhead_s)
+            if hb.step_busy_s > 0:
+                self._measured(m, hb)
             self.step = max(self.step, hb.step)
             if self.incidents and self.phase == Phase.RUNNING and hb.step > self.generation_start_step:
                 self._recovered()
@@ -211,8 +214,12 @@ class Coordinator:
             if m.plan_version < self.plan_version:
                 plan = self.step_plan
         regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
+        # while the current plan is unconfirmed, the decision points are precise (replan_step) and a worker
+        # waiting for the others' speeds polls; a settled plan is looked at again at ordinary heartbeats
+        balancing = current and m.state == "training" and self._balancing() and not self.plan_settled
         return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
-                                 plan=plan)
+                                 plan=plan, replan_step=self._replan_step() if balancing else None,
+                                 next_beat_s=FAST_BEAT_S if balancing and self._awaiting_speeds(m) else None)
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
@@ -379,6 +386,32 @@ class Coordinator:
                         generation=self.generation)
         self.incidents = []
 
+    def _measured(self, m: Member, hb: Heartbeat) -> None:
+        """A full window of ``m``'s steps at its plan, smoothed within the plan; at another plan it is
+        another operating point (bigger shares amortise the fixed cost), and replaces the old one."""
+        point = (hb.step_samples, hb.step_busy_s, hb.step_compute_s)
+        at = (self.generation, hb.plan_version)
+        m.measured = point if m.speed_plan != at else tuple(map(balance.smooth, m.measured, point))
+        m.cost = balance.StepCost.measured(*m.measured)
+        m.speed, m.speed_plan = m.measured[0] / m.measured[1], at
+
+    def _balancing(self) -> bool:
+        return self.phase == Phase.RUNNING and self.job.cluster.balance == "on" and not self.job.cluster.shares
+
+    def _replan_step(self) -> int:
+        return self.plan_step + self.job.cluster.rebalance_every_steps
+
+    def _awaiting_speeds(self, m: Member) -> bool:
+        """Whether a re-plan is due and waits only for other members' speeds at the current plan while
+        ``m``'s is in: ``m`` then polls (``FAST_BEAT_S``) so that the plan made on the last speed
+        reaches it within milliseconds and not one heartbeat interval later (each step of delay is a
+        step at the old shares: 0.25 s was ~80 steps of the heterogeneous benchmark)."""
+        if self.step < self._replan_step():
+            return False
+        at = (self.generation, self.plan_version)
+        members = [self.members[w] for w in self.generation_members]
+        return m.speed_plan == at and any(x.speed_plan != at for x in members)
+
     def _maybe_replan(self) -> None:
         """The balancing policy's decision point: every ``cluster.rebalance_every_steps`` steps, once
         every member applied the last plan and reported a speed, shares follow the speeds (with
@@ -390,19 +423,21 @@ class Coordinator:
             return
         shares = self.step_plan.shares
         c = self.job.cluster
-        if (c.balance == "on" and not c.shares and self.step - self.plan_step >= c.rebalance_every_steps
-                and all(m.speed for m in members)):
+        if (self._balancing() and self.step >= self._replan_step()
+                and all(m.speed_plan == (self.generation, self.plan_version) for m in members)):
             self.plan_step = self.step
             speeds = [m.speed * m.capacity for m in members]
-            overheads = [round((m.overhead or 0.0) * 1000, 3) for m in members]
+            fixed = [round(m.cost.fixed * 1e3, 3) for m in members]
+            per_sample = [round(m.cost.per_sample * 1e6, 3) for m in members]
             new = balance.propose(shares, balanced_shares(self.job, members))
+            self.plan_settled = new is None
             if new is not None:
                 shares = new
-                self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s and per-step"
-                            f" overheads {overheads} ms (ideal gain over equal shares"
+                self._event("plan", f"shares {new} for speeds {[round(s) for s in speeds]} samples/s; step cost"
+                            f" {fixed} ms + n x {per_sample} us (ideal gain over equal shares"
                             f" {balance.ideal_gain(speeds):.2f}x)",
                             generation=self.generation, version=self.plan_version + 1, step=self.step,
-                            speeds=[round(s, 1) for s in speeds], overheads_ms=overheads,
+                            speeds=[round(s, 1) for s in speeds], fixed_ms=fixed, per_sample_us=per_sample,
                             capacities=[round(m.capacity, 4) for m in members], shares=new,
                             workers=self.generation_members)
         if shares == self.step_plan.shares:
@@ -483,6 +518,7 @@ class Coordinator:
             m.step, m.plan_version = self.generation_start_step, 0
         # the first re-plan of a generation is due as soon as every member reported a full speed window
         self.plan_step = self.generation_start_step - self.job.cluster.rebalance_every_steps
+        self.plan_settled = False
         for inc in self.incidents:
             inc.setdefault("formed_at", self.clock())
         if self.started_at is None:
@@ -498,7 +534,7 @@ class Coordinator:
         summary = dict(self.summary or {})
         self.ended_at = self.clock()
         summary.update(status="completed", workers=len(self.generation_members),
-                       wall_s=round(self.ended_at - self.started_at, 3))
+                       wall_s=round(self.ended_at - self.started_at, 3), members=self._member_costs())
         self.summary = summary
         self.step = summary.get("steps", self.step)
         self.run.write_summary(summary)
@@ -518,6 +554,18 @@ class Coordinator:
         firsts = [self.members[w].resources.gpus[:1] for w in self.generation_members]
         own = all(firsts) and len({(self.members[w].host, f[0]) for w, f in zip(self.generation_members, firsts)}) == len(firsts)
         return "nccl" if own else "gloo"
+
+    def _member_costs(self) -> list[dict]:
+        """The last generation's members at their last measured operating point: share, effective
+        speed (samples per second of wall time, capacity included) and step cost."""
+        out = []
+        for w in self.generation_members:
+            m = self.members[w]
+            out.append({"worker": w, "share": m.share, "capacity": round(m.capacity, 4),
+                        "speed": round(m.speed * m.capacity, 1) if m.speed else None,
+                        "fixed_ms": round(m.cost.fixed * 1e3, 3) if m.cost else None,
+                        "per_sample_us": round(m.cost.per_sample * 1e6, 3) if m.cost else None})
+        return out
 
     def _alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.state in ("standby", "paused")]

@@ -75,6 +75,24 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
     return app
 
 
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket whose ``proto`` is IPPROTO_TCP (``socket.create_server`` leaves 0):
+    asyncio sets TCP_NODELAY only on connections whose proto says TCP, and without it uvicorn's
+    two-part responses wait on the client's delayed ACK, 40 ms per request when requests come less
+    than ~40 ms apart (measured: heartbeats took 42-58 ms while training, 1-3 ms with this)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP)[0]
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(1024)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 class Listener:
     """The coordinator's two listening sockets (HTTP API and TCPStore) on one interface.
 
@@ -84,8 +102,8 @@ class Listener:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
-        self.http = socket.create_server((host, port), backlog=1024)
-        self.store = socket.create_server((host, 0), backlog=1024)
+        self.http = _listen_tcp(host, port)
+        self.store = _listen_tcp(host, 0)
         self.port = self.http.getsockname()[1]
         self.store_port = self.store.getsockname()[1]
 

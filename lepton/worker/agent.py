@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import traceback
-from collections import deque
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,10 +30,10 @@ from ..storage.checkpoint import (AsyncCheckpointer, read_checkpoint, write_chec
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
+from .meter import StepMeter
 from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
-SPEED_WINDOW = 10         # steps over which a worker measures its compute throughput
 REDUCE_BYTES = 1 << 20    # smallest shared-memory reduction slot (evaluation sums fit)
 ABANDON_AFTER_S = 1.0     # in a collective this long after the coordinator asked for a regroup: give up
 
@@ -51,6 +50,8 @@ class Reporter(threading.Thread):
         self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
         self.regroup_generation: int | None = None
         self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
+        self.replan_step: int | None = None     # beat at once from this step on (HeartbeatResponse)
+        self.next_beat_s: float | None = None   # the coordinator asked for the next beat this soon
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
         self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
@@ -75,6 +76,7 @@ class Reporter(threading.Thread):
             self.regroup_generation = reply.regroup_generation
             if reply.plan is not None:
                 self.plan = reply.plan
+            self.replan_step, self.next_beat_s = reply.replan_step, reply.next_beat_s
             if reply.action == "exit":
                 self.exit_requested.set()
         except LeptonError:
@@ -88,7 +90,7 @@ class Reporter(threading.Thread):
 
     def run(self) -> None:
         while True:
-            self._soon.wait(self.interval)
+            self._soon.wait(self.next_beat_s or self.interval)
             self._soon.clear()
             if self._closing.is_set():
                 return
@@ -273,8 +275,7 @@ class Worker:
             t.compute_hook = lambda n: self.faults.throttle(rank, n)
         if self.faults.has("nan"):
             t.poison = lambda step: self.faults.poisoned(rank, step)
-        speed = deque(maxlen=SPEED_WINDOW)        # (samples, compute s, compute CPU s, overhead s) of the last steps
-        on_gpu = torch.cuda.is_available()
+        meter = StepMeter(on_gpu=torch.cuda.is_available())
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
         if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
             self._validate(rank, gen.id)          # a validation interrupted by the last failure
@@ -282,12 +283,15 @@ class Worker:
         steady_samples, steady_s = 0, 0.0
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
-        announced = False                         # the first full speed window was sent
+        announced = False                         # the first full window at this plan was sent
+        beat_for = None                           # the replan_step a heartbeat was sent at once for
         while t.step < t.total_steps and not t.stopped_early:
+            meter.begin()
             self.faults.fire("step", rank, t.step, gen.id)
             pending = self.reporter.plan
             knows_next = pending is not None and pending.version == plan_version + 1
             r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), plan_vote=knows_next)
+            meter.record(r.local, r.compute_s, r.compute_cpu_s, r.overhead_s)
             if r.skipped and rank == 0:
                 self.reporter.push({"kind": "skipped_step", "time": time.time(), "step": t.step - 1,
                                     "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
@@ -296,33 +300,28 @@ class Worker:
                 if rank == 0:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": shares})
-                speed.clear()
+                meter.reset()
                 announced = False
             if first and rank == 0:     # when a generation's first step completed (recovery time)
                 self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
                                     "time": time.time(), "transport": self.group.transport})
-            if not first:                         # the first step of a generation warms up: left out
+            if first:                             # the first step of a generation warms up: left out
+                meter.discard()
+            else:
                 steady_samples += r.batch
                 steady_s += r.wall_s
-                speed.append((r.local, r.compute_s, r.compute_cpu_s, r.overhead_s))
             first = False
             win_loss += r.loss * r.batch
             win_samples += r.batch
             win_s += r.wall_s
-            if speed:
-                n, secs, cpu, overhead = map(sum, zip(*speed))
-                busy = secs if on_gpu else cpu
-                # the balancer gets a speed only over a full window; the first full one is sent at once
-                full = len(speed) == SPEED_WINDOW
-                self.reporter.update(step=t.step, plan_version=plan_version,
-                                     samples_per_s=n / secs if secs > 0 else 0.0,
-                                     core_speed=n / busy if full and busy > 0 else 0.0,
-                                     step_overhead_s=overhead / len(speed))
-                if full and not announced:
-                    self.reporter.beat_now()
-                    announced = True
-            else:
-                self.reporter.update(step=t.step, plan_version=plan_version)
+            self.reporter.update(step=t.step, plan_version=plan_version, **meter.fields())
+            # the balancer fits full windows only; it gets the first one at a plan, and one at each step
+            # from which it considers a re-plan (replan_step), at once rather than at the next beat
+            due = self.reporter.replan_step
+            at_due = due is not None and t.step >= due
+            if meter.full and (not announced or (at_due and due != beat_for)):
+                self.reporter.beat_now()
+                announced, beat_for = True, (due if at_due else beat_for)
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,
@@ -333,8 +332,10 @@ class Worker:
             if ckpt and every and t.step % every == 0 and t.step < t.total_steps:
                 ckpt.save(t.step, t.state())
                 self.faults.fire("checkpoint", rank, t.step, gen.id)
+                meter.discard()
             if self._eval_due() and t.step < t.total_steps:
                 self._validate(rank, gen.id)      # may stop early: the final phase then starts now
+                meter.discard()
             if r.regroup and t.step < t.total_steps and not t.stopped_early:
                 if ckpt:
                     ckpt.wait()

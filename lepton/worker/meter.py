@@ -1,0 +1,76 @@
+"""What a worker measures of its own steps for the balancer (heartbeat fields).
+
+The coordinator models a worker's step as ``fixed + samples × per_sample`` seconds of processor time
+(``balance.StepCost``), so a worker reports, over its last ``window`` steps at the current share plan,
+the samples it computed per step, the processor time of the *whole* step (from the start of one to
+the start of the next: compute window, reduction work, update and the training loop's own
+bookkeeping) and the part of it in the compute window. Measured on the heterogeneous benchmark
+(pinning 0,1,1): the part outside the compute window was ~0.5 ms per step for the worker alone on its
+core and ~0.6 ms for each of the two sharing a core, next to 0.75–1.8 ms of compute; the update and
+reduction work alone (what the balancer used before) was ~0.4 ms of it.
+
+Processor time, not wall time: two workers pinned to one core that take turns would each see
+full-speed wall times while together they get one core; the coordinator divides by the worker's
+capacity. On a GPU the kernels' time is wall time, so there a step's busy time is its compute window
+plus its update, both wall-clock. Waiting for peers costs (almost) no processor time: the shared-memory
+and gloo waits sleep.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Optional
+
+WINDOW = 10       # steps over which a worker measures itself
+
+
+class StepMeter:
+    """Call ``begin()`` at the top of every loop iteration and ``record(result)`` after its step; an
+    iteration that did other work (the first step of a generation, an evaluation, a checkpoint copy, a
+    plan switch) is ``discard()``-ed. A record is closed by the next ``begin()``, which is when the
+    step's processor time is known."""
+
+    def __init__(self, on_gpu: bool, window: int = WINDOW):
+        self.on_gpu = on_gpu
+        # samples, compute window (wall s), compute window (busy s), whole step (busy s)
+        self.steps: deque[tuple[int, float, float, float]] = deque(maxlen=window)
+        self._open: Optional[tuple[int, float, float, float]] = None
+        self._top = 0.0
+
+    def begin(self) -> None:
+        now = time.process_time()
+        if self._open is not None:
+            n, wall, compute, busy = self._open
+            self.steps.append((n, wall, compute, busy if self.on_gpu else now - self._top))
+            self._open = None
+        self._top = now
+
+    def record(self, local: int, compute_s: float, compute_cpu_s: float, overhead_s: float) -> None:
+        """A step's samples, its compute window (wall and processor seconds) and its update and
+        reduction work (processor seconds; wall on a GPU)."""
+        compute = compute_s if self.on_gpu else compute_cpu_s
+        self._open = (local, compute_s, compute, compute + overhead_s)
+
+    def discard(self) -> None:
+        self._open = None
+
+    def reset(self) -> None:
+        """A new share plan: measurements at the old shares describe another operating point."""
+        self.steps.clear()
+        self._open = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) == self.steps.maxlen
+
+    def fields(self) -> dict:
+        """Heartbeat fields: ``samples_per_s`` (compute throughput, wall clock, shown to users) always;
+        the per-step means the balancer uses (``step_samples``, ``step_busy_s``, ``step_compute_s``)
+        only over a full window, else 0."""
+        if not self.steps:
+            return {}
+        n, wall, compute, busy = map(sum, zip(*self.steps))
+        k = len(self.steps)
+        full = self.full and busy > 0
+        return {"samples_per_s": n / wall if wall > 0 else 0.0, "step_samples": n / k if full else 0.0,
+                "step_busy_s": busy / k if full else 0.0, "step_compute_s": compute / k if full else 0.0}
