@@ -160,6 +160,9 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     # a's first full window: the re-plan is due (replan_step 0) but waits for b, so a polls
     r = _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3)
     assert r.plan is None and r.replan_step == 0 and r.next_beat_s == FAST_BEAT_S
+    # backing off: 20, 40, 80, 160 ms, then its ordinary interval while the wait lasts
+    waits = [_measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).next_beat_s for _ in range(4)]
+    assert waits == [2 * FAST_BEAT_S, 4 * FAST_BEAT_S, 8 * FAST_BEAT_S, None]
     # b (3x slower per sample) completes the set: the plan comes in its reply, and a gets it at its poll
     r = _measure(c, b, 11, 0, 8, 2.6e-3, 2.4e-3)
     assert r.plan.version == 1 and r.next_beat_s is None

@@ -40,7 +40,8 @@ from ..storage.rundir import RunDir
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
-FAST_BEAT_S = 0.02          # heartbeat period of a worker waiting for a re-plan (see _awaiting_speeds)
+# a worker waiting for a re-plan polls after 20, 40, 80, 160 ms, then at its interval (_poll_after)
+FAST_BEAT_S, FAST_BEATS = 0.02, 4
 
 
 class Phase(str, Enum):
@@ -78,6 +79,7 @@ class Member:
     cost: Optional[balance.StepCost] = None   # from ``measured``
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
     plan_version: int = 0           # the share plan it has applied
+    polls: int = 0                  # heartbeats in a row it was asked to send early (_poll_after)
 
 
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
@@ -219,7 +221,7 @@ class Coordinator:
         balancing = current and m.state == "training" and self._balancing() and not self.plan_settled
         return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
                                  plan=plan, replan_step=self._replan_step() if balancing else None,
-                                 next_beat_s=FAST_BEAT_S if balancing and self._awaiting_speeds(m) else None)
+                                 next_beat_s=self._poll_after(m) if balancing else None)
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
@@ -401,9 +403,21 @@ class Coordinator:
     def _replan_step(self) -> int:
         return self.plan_step + self.job.cluster.rebalance_every_steps
 
+    def _poll_after(self, m: Member) -> Optional[float]:
+        """Seconds until ``m``'s next heartbeat while it waits for a re-plan, backing off so that a
+        long wait (steps of seconds: the others' windows fill a step or two later) costs a handful of
+        requests, not 50 a second; None: its ordinary interval."""
+        if not self._awaiting_speeds(m):
+            m.polls = 0
+            return None
+        if m.polls >= FAST_BEATS:
+            return None                       # its interval, until this wait ends
+        m.polls += 1
+        return FAST_BEAT_S * 2 ** (m.polls - 1)
+
     def _awaiting_speeds(self, m: Member) -> bool:
         """Whether a re-plan is due and waits only for other members' speeds at the current plan while
-        ``m``'s is in: ``m`` then polls (``FAST_BEAT_S``) so that the plan made on the last speed
+        ``m``'s is in: ``m`` then polls (``_poll_after``) so that the plan made on the last speed
         reaches it within milliseconds and not one heartbeat interval later (each step of delay is a
         step at the old shares: 0.25 s was ~80 steps of the heterogeneous benchmark)."""
         if self.step < self._replan_step():
