@@ -68,10 +68,12 @@ class Heartbeat(BaseModel):
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
     # means over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
     # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,
-    # wall time of compute and update) and the part of it spent in the compute window
+    # wall time of compute and update), the part of it spent in the compute window, and the fixed part
+    # of that window (a one-sample forward/backward)
     step_samples: float = 0.0
     step_busy_s: float = 0.0
     step_compute_s: float = 0.0
+    step_compute_fixed_s: float = 0.0
 
 
 class StepPlan(BaseModel):

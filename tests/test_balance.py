@@ -37,8 +37,15 @@ def test_target_shares_equalise_step_times_including_the_fixed_cost():
 
 
 def test_step_cost_from_a_measured_step():
-    c = balance.StepCost.measured(samples=100, busy=3e-3, compute=2e-3)   # 1 ms outside the compute window
-    assert c.fixed == pytest.approx(1e-3) and c.per_sample == pytest.approx(2e-5)
+    # 1 ms outside the compute window, 0.5 ms of the 2 ms window whatever the share
+    c = balance.StepCost.measured(samples=100, busy=3e-3, compute=2e-3, compute_fixed=0.5e-3)
+    assert c.fixed == pytest.approx(1.5e-3) and c.per_sample == pytest.approx(1.5e-5)
+    # an implausible probe (more than the window) leaves the share-dependent part positive
+    assert balance.StepCost.measured(10, 3e-3, 2e-3, 5e-3).per_sample > 0
+    # a share of 2 samples: 0.02 ms of a 0.5 ms window grows with it, too little to measure a slope;
+    # the per-sample cost of the last larger share is kept instead of 0.15 ms a sample
+    tiny = balance.StepCost.measured(2, 1.2e-3, 0.5e-3, 0.48e-3, previous=c)
+    assert tiny.per_sample == c.per_sample and tiny.fixed == pytest.approx(1.18e-3)
 
 
 def test_no_worker_is_starved_by_an_extreme_plan():

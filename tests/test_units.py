@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from lepton.coordinator.machine import FAST_BEAT_S, Coordinator, Phase
+from lepton.coordinator.machine import FAST_BEAT_S, FAST_BEATS, Coordinator, Phase
 from lepton.errors import DataError, SpecError
 from lepton.protocol import Heartbeat, RegisterRequest, Report
 from lepton.sampler import GlobalBatchSampler, split_counts
@@ -150,7 +150,8 @@ def test_machine_forms_generation_and_completes(tmp_path):
 
 def _measure(c, w, step, version, samples, busy, compute):
     return c.heartbeat(Heartbeat(worker_id=w, generation=0, step=step, plan_version=version,
-                                 step_samples=samples, step_busy_s=busy, step_compute_s=compute))
+                                 step_samples=samples, step_busy_s=busy, step_compute_s=compute,
+                                 step_compute_fixed_s=0.0))
 
 
 def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast(tmp_path):
@@ -160,9 +161,9 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     # a's first full window: the re-plan is due (replan_step 0) but waits for b, so a polls
     r = _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3)
     assert r.plan is None and r.replan_step == 0 and r.next_beat_s == FAST_BEAT_S
-    # backing off: 20, 40, 80, 160 ms, then its ordinary interval while the wait lasts
-    waits = [_measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).next_beat_s for _ in range(4)]
-    assert waits == [2 * FAST_BEAT_S, 4 * FAST_BEAT_S, 8 * FAST_BEAT_S, None]
+    # at most FAST_BEATS polls in a row, then its ordinary interval while the wait lasts
+    waits = [_measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).next_beat_s for _ in range(FAST_BEATS)]
+    assert waits == [FAST_BEAT_S] * (FAST_BEATS - 1) + [None]
     # b (3x slower per sample) completes the set: the plan comes in its reply, and a gets it at its poll
     r = _measure(c, b, 11, 0, 8, 2.6e-3, 2.4e-3)
     assert r.plan.version == 1 and r.next_beat_s is None
@@ -170,7 +171,7 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     assert r.plan.shares[0] > 0.7                   # equal step ends: b's slope and both fixed costs
     # both applied v1: a measurement at the new shares replaces the old point instead of averaging it
     _measure(c, a, 24, 1, 12, 1.4e-3, 1.2e-3)
-    assert c.members[a].measured == (12, 1.4e-3, 1.2e-3)
+    assert c.members[a].measured == (12, 1.4e-3, 1.2e-3, 0.0)
     _measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)       # within one plan: smoothed
     assert c.members[a].measured[1] == pytest.approx(1.5e-3)
     # the next re-plan from step 31 on (rebalance_every_steps 20): unchanged shares settle the plan, and

@@ -2,8 +2,9 @@
 
 A worker's step costs it ``fixed + n × per_sample`` seconds of *processor time* for n samples
 (``StepCost``): the fixed part is what every replica pays whatever its share (optimizer update,
-reduction work, the training loop's own bookkeeping), the per-sample part is its compute window. Workers
-measure both over a window of steps at each share plan (worker/meter.py) and each worker's *capacity*
+reduction work, the training loop's own bookkeeping, the per-operation dispatch of a forward/backward
+pass), the per-sample part is the rest of its compute window. Workers measure both over a window of
+steps at each share plan (worker/meter.py) and each worker's *capacity*
 (the cores it can count on, from the placement it registered with) turns processor time into wall
 time. Shares are chosen so that every worker's step ends at the same time (``target_shares``); each
 re-plan uses costs measured at the current shares, so the plan converges on the shares whose steps do
@@ -20,6 +21,7 @@ from typing import Optional, Sequence
 
 SMOOTHING = 0.5        # weight of a new speed report in the coordinator's moving average
 HYSTERESIS = 0.03      # re-plan only when some worker's share of the batch would move by more than 3%
+RELIABLE = 0.3         # a per-sample cost is measured only where it is this part of the compute window
 
 
 def smooth(previous: Optional[float], measured: float) -> float:
@@ -33,14 +35,22 @@ class StepCost:
     per_sample: float
 
     @classmethod
-    def measured(cls, samples: float, busy: float, compute: float) -> "StepCost":
+    def measured(cls, samples: float, busy: float, compute: float, compute_fixed: float,
+                 previous: Optional["StepCost"] = None) -> "StepCost":
         """From one operating point: a step of ``samples`` took ``busy`` seconds, ``compute`` of them in
-        the compute window (forward/backward: the part that grows with the share). The rest is fixed.
-        The compute window has a fixed part too (per-operation dispatch, ~0.3–0.5 ms for the benchmark
-        MLP); counted per sample, it makes a worker whose share shrinks look cheaper than it is, and
-        the next re-plan, measured at the new operating point, corrects it (a line fitted through the
-        operating points was tried: 10-step windows vary by 10–20%, too much for a slope)."""
-        return cls(max(busy - compute, 0.0), max(compute, 1e-12) / max(samples, 1.0))
+        the compute window (forward/backward), of which ``compute_fixed`` does not grow with the share
+        (a one-sample pass: per-operation dispatch). The rest of the step is fixed too.
+
+        When the share-dependent part is under ``RELIABLE`` of the window (a share of a few samples),
+        it is mostly measurement noise, and dividing it by a few samples would make the worker look
+        many times slower per sample than it is — and keep it starved (seen: a worker briefly slowed
+        ended at 1 sample of 510 with 72 µs a sample against a real 10). The per-sample cost of
+        ``previous`` (a larger operating point) is kept then."""
+        cf = min(max(compute_fixed, 0.0), compute)
+        if previous is not None and compute - cf < RELIABLE * compute:
+            return cls(max(busy - compute, 0.0) + cf, previous.per_sample)
+        cf = min(cf, (1 - RELIABLE) * compute)
+        return cls(max(busy - compute, 0.0) + cf, max(compute - cf, 1e-12) / max(samples, 1.0))
 
 
 def normalise(weights: Sequence[float]) -> list[float]:

@@ -40,8 +40,8 @@ from ..storage.rundir import RunDir
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
-# a worker waiting for a re-plan polls after 20, 40, 80, 160 ms, then at its interval (_poll_after)
-FAST_BEAT_S, FAST_BEATS = 0.02, 4
+# a worker waiting for a re-plan polls every 10 ms, at most 10 times in a row (_poll_after)
+FAST_BEAT_S, FAST_BEATS = 0.01, 10
 
 
 class Phase(str, Enum):
@@ -75,7 +75,8 @@ class Member:
     generation: Optional[int] = None
     speed: Optional[float] = None   # samples per second of processor time at its current operating point
     speed_plan: Optional[tuple[int, int]] = None   # (generation, plan version) its last measurement was at
-    measured: tuple[float, float, float] = (0.0, 0.0, 0.0)   # samples, busy s, compute s per step (smoothed)
+    # per step, smoothed: samples, busy s, compute s, fixed part of compute s (Heartbeat.step_*)
+    measured: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
     cost: Optional[balance.StepCost] = None   # from ``measured``
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
     plan_version: int = 0           # the share plan it has applied
@@ -391,10 +392,10 @@ class Coordinator:
     def _measured(self, m: Member, hb: Heartbeat) -> None:
         """A full window of ``m``'s steps at its plan, smoothed within the plan; at another plan it is
         another operating point (bigger shares amortise the fixed cost), and replaces the old one."""
-        point = (hb.step_samples, hb.step_busy_s, hb.step_compute_s)
+        point = (hb.step_samples, hb.step_busy_s, hb.step_compute_s, hb.step_compute_fixed_s)
         at = (self.generation, hb.plan_version)
         m.measured = point if m.speed_plan != at else tuple(map(balance.smooth, m.measured, point))
-        m.cost = balance.StepCost.measured(*m.measured)
+        m.cost = balance.StepCost.measured(*m.measured, previous=m.cost)
         m.speed, m.speed_plan = m.measured[0] / m.measured[1], at
 
     def _balancing(self) -> bool:
@@ -404,16 +405,18 @@ class Coordinator:
         return self.plan_step + self.job.cluster.rebalance_every_steps
 
     def _poll_after(self, m: Member) -> Optional[float]:
-        """Seconds until ``m``'s next heartbeat while it waits for a re-plan, backing off so that a
-        long wait (steps of seconds: the others' windows fill a step or two later) costs a handful of
-        requests, not 50 a second; None: its ordinary interval."""
+        """Seconds until ``m``'s next heartbeat while it waits for a re-plan; None: its ordinary
+        interval. The others' windows fill within a step or two, so the plan usually comes at the
+        first or second poll (a doubling back-off was tried: a poll that just missed the plan waited
+        40 ms, ~13 steps, for the next); a long wait (steps of seconds) costs ``FAST_BEATS`` requests,
+        then the worker falls back to its interval until the wait ends."""
         if not self._awaiting_speeds(m):
             m.polls = 0
             return None
         if m.polls >= FAST_BEATS:
             return None                       # its interval, until this wait ends
         m.polls += 1
-        return FAST_BEAT_S * 2 ** (m.polls - 1)
+        return FAST_BEAT_S
 
     def _awaiting_speeds(self, m: Member) -> bool:
         """Whether a re-plan is due and waits only for other members' speeds at the current plan while

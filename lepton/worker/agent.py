@@ -301,12 +301,14 @@ class Worker:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": shares})
                 meter.reset()
+                meter.compute_fixed = t.probe_fixed_cost()     # in a step the meter leaves out
                 announced = False
             if first and rank == 0:     # when a generation's first step completed (recovery time)
                 self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
                                     "time": time.time(), "transport": self.group.transport})
             if first:                             # the first step of a generation warms up: left out
                 meter.discard()
+                meter.compute_fixed = t.probe_fixed_cost()
             else:
                 steady_samples += r.batch
                 steady_s += r.wall_s

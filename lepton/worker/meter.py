@@ -4,7 +4,11 @@ The coordinator models a worker's step as ``fixed + samples × per_sample`` seco
 (``balance.StepCost``), so a worker reports, over its last ``window`` steps at the current share plan,
 the samples it computed per step, the processor time of the *whole* step (from the start of one to
 the start of the next: compute window, reduction work, update and the training loop's own
-bookkeeping) and the part of it in the compute window. Measured on the heterogeneous benchmark
+bookkeeping), the part of it in the compute window, and what a one-sample forward/backward costs (the
+compute window's own fixed part: per-operation dispatch; ``Trainer.probe_fixed_cost``, measured in
+the step that switches to a plan, which is left out of the window anyway). Without that last part a
+small share looks far more expensive per sample than it is (0.4 ms of dispatch over 10 samples is 40
+µs a sample against a marginal 5–10), and a worker slowed for a moment got starved for good. Measured on the heterogeneous benchmark
 (pinning 0,1,1): the part outside the compute window was ~0.5 ms per step for the worker alone on its
 core and ~0.6 ms for each of the two sharing a core, next to 0.75–1.8 ms of compute; the update and
 reduction work alone (what the balancer used before) was ~0.4 ms of it.
@@ -32,6 +36,7 @@ class StepMeter:
 
     def __init__(self, on_gpu: bool, window: int = WINDOW):
         self.on_gpu = on_gpu
+        self.compute_fixed = 0.0      # Trainer.probe_fixed_cost at the current plan: the fixed part of compute
         # samples, compute window (wall s), compute window (busy s), whole step (busy s)
         self.steps: deque[tuple[int, float, float, float]] = deque(maxlen=window)
         self._open: Optional[tuple[int, float, float, float]] = None
@@ -73,4 +78,5 @@ class StepMeter:
         k = len(self.steps)
         full = self.full and busy > 0
         return {"samples_per_s": n / wall if wall > 0 else 0.0, "step_samples": n / k if full else 0.0,
-                "step_busy_s": busy / k if full else 0.0, "step_compute_s": compute / k if full else 0.0}
+                "step_busy_s": busy / k if full else 0.0, "step_compute_s": compute / k if full else 0.0,
+                "step_compute_fixed_s": self.compute_fixed if full else 0.0}

@@ -212,6 +212,31 @@ class Trainer:
                           time.perf_counter() - t0, skipped=not finite,
                           regroup=bool(extra[2].item() > 0), plan_agreed=int(extra[3].item()) == group.world)
 
+    def probe_fixed_cost(self, repeats: int = 3) -> float:
+        """Processor seconds (wall on a GPU) of a one-sample forward and backward pass: what a compute
+        window costs whatever its size (per-operation dispatch), for the balancer's cost model
+        (worker/meter.py). Touches nothing a step depends on: eval mode (no batch-norm statistics, no
+        dropout random numbers) and ``autograd.grad``, which returns the gradients instead of adding
+        them to the buffer. The minimum of ``repeats`` runs: the cheapest is the least disturbed."""
+        was_training = self.model.training
+        self.model.eval()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gpu = self.device.type == "cuda"
+        clock = time.perf_counter if gpu else time.process_time
+        best = float("inf")
+        try:
+            for _ in range(repeats):
+                t0 = clock()
+                xb = torch.from_numpy(np.take(self.x, [0], axis=0)).to(self.device)
+                yb = torch.from_numpy(np.take(self.y, [0], axis=0)).to(self.device)
+                torch.autograd.grad(metrics.loss_fn(self.task, self.model(xb), yb), params, allow_unused=True)
+                if gpu:
+                    torch.cuda.synchronize()
+                best = min(best, clock() - t0)
+        finally:
+            self.model.train(was_training)
+        return best
+
     @torch.no_grad()
     def replicas_agree(self, group: GenerationGroup) -> bool:
         """Invariant 3, checked: the max and the min over ranks of a parameter checksum coincide."""
