@@ -4,9 +4,8 @@ A worker's step costs it ``fixed + n × per_sample`` seconds of *processor time*
 (``StepCost``): the fixed part is what every replica pays whatever its share (optimizer update,
 reduction work, the training loop's own bookkeeping, the per-operation dispatch of a forward/backward
 pass), the per-sample part is the rest of its compute window. Workers measure both over a window of
-steps at each share plan (worker/meter.py) and each worker's *capacity*
-(the cores it can count on, from the placement it registered with) turns processor time into wall
-time. Shares are chosen so that every worker's step ends at the same time (``target_shares``); each
+steps at each share plan (worker/meter.py), and each worker's *capacity* (the cores it can count on,
+from the placement it registered with) turns processor time into wall time. Shares are chosen so that every worker's step ends at the same time (``target_shares``); each
 re-plan uses costs measured at the current shares, so the plan converges on the shares whose steps do
 end together. Processor time, not wall time: two workers pinned to one core that take turns would each
 see full-speed wall times, yet together they only get one core. The policy is pure functions so the
@@ -19,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-SMOOTHING = 0.5        # weight of a new speed report in the coordinator's moving average
+SMOOTHING = 0.5        # weight of a new measurement in the coordinator's moving average (within a plan)
 HYSTERESIS = 0.03      # re-plan only when some worker's share of the batch would move by more than 3%
 RELIABLE = 0.3         # a per-sample cost is measured only where it is this part of the compute window
 

@@ -218,9 +218,11 @@ class Trainer:
         (worker/meter.py). Touches nothing a step depends on: eval mode (no batch-norm statistics, no
         dropout random numbers) and ``autograd.grad``, which returns the gradients instead of adding
         them to the buffer. The minimum of ``repeats`` runs: the cheapest is the least disturbed."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return 0.0
         was_training = self.model.training
         self.model.eval()
-        params = [p for p in self.model.parameters() if p.requires_grad]
         gpu = self.device.type == "cuda"
         clock = time.perf_counter if gpu else time.process_time
         best = float("inf")
