@@ -197,7 +197,8 @@ class ClusterSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: a GPU when the worker has one; NCCL when every worker has its own GPU")
     balance: Literal["on", "off"] = Field("on", description="shares follow measured speed (off: equal)")
-    rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans")
+    rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans once shares have"
+                                       " settled (until then, one per measured plan)")
     max_micro_batch: Optional[int] = Field(None, gt=0, description="split a larger share into micro-batches")
     shared_memory: bool = Field(
         True, description="workers on one host reduce gradients through shared memory (false: gloo/TCP)")

@@ -174,11 +174,12 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     assert c.members[a].measured == (12, 1.4e-3, 1.2e-3, 0.0)
     _measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)       # within one plan: smoothed
     assert c.members[a].measured[1] == pytest.approx(1.5e-3)
-    # the next re-plan from step 31 on (rebalance_every_steps 20): unchanged shares settle the plan, and
-    # replies stop asking for heartbeats at replan_step
+    # b's measurement of v1 completes the set: the re-plan keeps the shares, which settles the plan, and
+    # replies stop asking for heartbeats at replan_step (re-plans every rebalance_every_steps from now on)
     _measure(c, b, 31, 1, 4, 1.5e-3, 1.2e-3)
     r = _measure(c, a, 31, 1, 12, 1.5e-3, 1.3e-3)
     assert r.plan is None and c.plan_version == 1 and r.replan_step is None and r.next_beat_s is None
+    assert c.plan_settled and c._replan_step() == 31 + 20
 
 
 def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):

@@ -402,7 +402,12 @@ class Coordinator:
         return self.phase == Phase.RUNNING and self.job.cluster.balance == "on" and not self.job.cluster.shares
 
     def _replan_step(self) -> int:
-        return self.plan_step + self.job.cluster.rebalance_every_steps
+        """From which step the next re-plan is considered: while the plan is unsettled (a generation's
+        first, or the last consideration changed the shares), as soon as every member has measured the
+        current plan — a full window is spacing enough, and waiting longer is steps at worse shares
+        (with 20 steps between considerations, three plans took until step ~60 of the benchmark's 353);
+        once settled, every ``cluster.rebalance_every_steps``."""
+        return self.plan_step + (self.job.cluster.rebalance_every_steps if self.plan_settled else 0)
 
     def _poll_after(self, m: Member) -> Optional[float]:
         """Seconds until ``m``'s next heartbeat while it waits for a re-plan; None: its ordinary
@@ -430,9 +435,9 @@ class Coordinator:
         return m.speed_plan == at and any(x.speed_plan != at for x in members)
 
     def _maybe_replan(self) -> None:
-        """The balancing policy's decision point: every ``cluster.rebalance_every_steps`` steps, once
-        every member applied the last plan and reported a speed, shares follow the speeds (with
-        hysteresis). The plan reaches workers in heartbeat replies and is applied at an agreed step."""
+        """The balancing policy's decision point: from ``_replan_step``, once every member applied the
+        last plan and measured it, shares follow the measured step costs (with hysteresis). The plan
+        reaches workers in heartbeat replies and is applied at an agreed step."""
         if self.phase != Phase.RUNNING:
             return
         members = [self.members[w] for w in self.generation_members]
@@ -533,9 +538,8 @@ class Coordinator:
         for rank, m in enumerate(chosen):
             m.rank, m.share, m.state, m.generation = rank, self.shares[rank], "training", self.generation
             m.step, m.plan_version = self.generation_start_step, 0
-        # the first re-plan of a generation is due as soon as every member reported a full speed window
-        self.plan_step = self.generation_start_step - self.job.cluster.rebalance_every_steps
-        self.plan_settled = False
+        # the first re-plan of a generation is due as soon as every member measured a full window
+        self.plan_step, self.plan_settled = self.generation_start_step, False
         for inc in self.incidents:
             inc.setdefault("formed_at", self.clock())
         if self.started_at is None:
