@@ -182,6 +182,20 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     assert c.plan_settled and c._replan_step() == 31 + 20
 
 
+def test_adopted_generation_is_replanned_only_once_every_member_is_back(tmp_path):
+    """A restarted coordinator (--resume) adopts the running workers one heartbeat at a time; a plan
+    made before the last one is back would have fewer shares than ranks (IndexError in the worker)."""
+    job = parse_job(job_dict(tmp_path / "d.csv"))
+    c = Coordinator(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=3)
+
+    def beat(w, rank, busy):
+        return c.heartbeat(Heartbeat(worker_id=w, generation=3, rank=rank, world=2, state="training", step=40,
+                                     plan_version=2, step_samples=8, step_busy_s=busy, step_compute_s=busy / 2))
+    assert beat("w0", 0, 1e-3).plan is None and c.plan_version == 2      # the predecessor's plan 2
+    plan = beat("w1", 1, 4e-3).plan                                       # both back: re-planned
+    assert plan.version == 3 and len(plan.shares) == 2 and plan.shares[0] > plan.shares[1]
+
+
 def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):
     c, clock = _coordinator(tmp_path, 3)
     a, b, d = (_ready(c, pid) for pid in (1, 2, 3))

@@ -182,6 +182,9 @@ class Coordinator:
             self.shares = [1.0] * hb.world
             self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
         self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
+        # the workers train with the predecessor's last plan (its shares are not in the heartbeat): the
+        # next plan must be numbered after it to be applied
+        self.plan_version = max(self.plan_version, hb.plan_version)
         self.step = max(self.step, hb.step)
         self._event("worker_adopted", f"{m.worker_id} (rank {hb.rank} of generation {hb.generation}) kept training"
                     f" while the coordinator was down; adopted at step {hb.step}", worker=m.worker_id)
@@ -428,7 +431,7 @@ class Coordinator:
         ``m``'s is in: ``m`` then polls (``_poll_after``) so that the plan made on the last speed
         reaches it within milliseconds and not one heartbeat interval later (each step of delay is a
         step at the old shares: 0.25 s was ~80 steps of the heterogeneous benchmark)."""
-        if self.step < self._replan_step():
+        if self.step < self._replan_step() or len(self.generation_members) < self.generation_world:
             return False
         at = (self.generation, self.plan_version)
         members = [self.members[w] for w in self.generation_members]
@@ -441,8 +444,8 @@ class Coordinator:
         if self.phase != Phase.RUNNING:
             return
         members = [self.members[w] for w in self.generation_members]
-        if any(m.plan_version != self.plan_version for m in members):
-            return
+        if len(members) < self.generation_world or any(m.plan_version != self.plan_version for m in members):
+            return                          # a member still to be adopted, or a plan still to be applied
         shares = self.step_plan.shares
         c = self.job.cluster
         if (self._balancing() and self.step >= self._replan_step()
