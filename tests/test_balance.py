@@ -74,6 +74,9 @@ def test_throttled_worker_gets_a_proportional_share_and_the_same_model(data, tmp
     ratio = last["speeds"][1] / sum(last["speeds"])
     assert last["shares"][1] == pytest.approx(ratio, rel=0.15)
     assert last["shares"][1] == pytest.approx(0.25, rel=0.15)           # the throttle's 1:3
+    members = json.loads((on.run_dir / "summary.json").read_text())["members"]
+    assert [m["share"] for m in members] == pytest.approx(last["shares"], abs=1e-3)
+    assert members[1]["per_sample_us"] > 2 * members[0]["per_sample_us"]   # the throttle, measured
     applied = [json.loads(l) for l in (on.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "plan" and r["version"] == last["version"] for r in applied)
     diff = max_rel_diff(weights(on.run_dir), weights(off.run_dir))

@@ -582,10 +582,10 @@ class Coordinator:
     def _member_costs(self) -> list[dict]:
         """The last generation's members at their last measured operating point: share, effective
         speed (samples per second of wall time, capacity included) and step cost."""
-        out = []
+        out, total = [], sum(self.members[w].share or 0.0 for w in self.generation_members) or 1.0
         for w in self.generation_members:
             m = self.members[w]
-            out.append({"worker": w, "share": m.share, "capacity": round(m.capacity, 4),
+            out.append({"worker": w, "share": round((m.share or 0.0) / total, 4), "capacity": round(m.capacity, 4),
                         "speed": round(m.speed * m.capacity, 1) if m.speed else None,
                         "fixed_ms": round(m.cost.fixed * 1e3, 3) if m.cost else None,
                         "per_sample_us": round(m.cost.per_sample * 1e6, 3) if m.cost else None})

@@ -276,6 +276,8 @@ class Worker:
         if self.faults.has("nan"):
             t.poison = lambda step: self.faults.poisoned(rank, step)
         meter = StepMeter(on_gpu=torch.cuda.is_available())
+        # the probe feeds the balancer only: skipped when shares are equal or fixed by the spec
+        probe = t.probe_fixed_cost if job.cluster.balance == "on" and not job.cluster.shares else (lambda: 0.0)
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
         if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
             self._validate(rank, gen.id)          # a validation interrupted by the last failure
@@ -301,14 +303,14 @@ class Worker:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": shares})
                 meter.reset()
-                meter.compute_fixed = t.probe_fixed_cost()     # in a step the meter leaves out
+                meter.compute_fixed = probe()     # in a step the meter leaves out
                 announced = False
             if first and rank == 0:     # when a generation's first step completed (recovery time)
                 self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
                                     "time": time.time(), "transport": self.group.transport})
             if first:                             # the first step of a generation warms up: left out
                 meter.discard()
-                meter.compute_fixed = t.probe_fixed_cost()
+                meter.compute_fixed = probe()
             else:
                 steady_samples += r.batch
                 steady_s += r.wall_s
@@ -317,7 +319,7 @@ class Worker:
             win_samples += r.batch
             win_s += r.wall_s
             self.reporter.update(step=t.step, plan_version=plan_version, **meter.fields())
-            # the balancer fits full windows only; it gets the first one at a plan, and one at each step
+            # the balancer uses full windows only; it gets the first one at a plan, and one at each step
             # from which it considers a re-plan (replan_step), at once rather than at the next beat
             due = self.reporter.replan_step
             at_due = due is not None and t.step >= due

@@ -8,10 +8,11 @@ bookkeeping), the part of it in the compute window, and what a one-sample forwar
 compute window's own fixed part: per-operation dispatch; ``Trainer.probe_fixed_cost``, measured in
 the step that switches to a plan, which is left out of the window anyway). Without that last part a
 small share looks far more expensive per sample than it is (0.4 ms of dispatch over 10 samples is 40
-µs a sample against a marginal 5–10), and a worker slowed for a moment got starved for good. Measured on the heterogeneous benchmark
-(pinning 0,1,1): the part outside the compute window was ~0.5 ms per step for the worker alone on its
-core and ~0.6 ms for each of the two sharing a core, next to 0.75–1.8 ms of compute; the update and
-reduction work alone (what the balancer used before) was ~0.4 ms of it.
+µs a sample against a marginal 5–10), and a worker slowed for a moment got starved for good. Measured
+on the heterogeneous benchmark (pinning 0,1,1): the part outside the compute window was ~0.5 ms per
+step for the worker alone on its core and ~0.6 ms for each of the two sharing a core, the one-sample
+pass ~0.2–0.35 ms, next to 0.75–1.8 ms of compute; the update and reduction work alone (all the
+balancer counted as fixed before) was ~0.4 ms.
 
 Processor time, not wall time: two workers pinned to one core that take turns would each see
 full-speed wall times while together they get one core; the coordinator divides by the worker's
