@@ -90,10 +90,6 @@ class HeartbeatResponse(BaseModel):
     regroup_generation: Optional[int] = None
     # a newer share plan for the current generation: applied at the first step every member knows it
     plan: Optional[StepPlan] = None
-    # the step from which the coordinator considers the next re-plan: the worker sends a heartbeat at
-    # once when it reaches it with a full measurement window (None: balancing is off, or the current
-    # plan has settled and is looked at again at ordinary heartbeats)
-    replan_step: Optional[int] = None
     # send the next heartbeat after this many seconds instead of the interval: a re-plan is waiting for
     # the other members' speeds, and this worker should learn the plan as soon as it is made
     next_beat_s: Optional[float] = None

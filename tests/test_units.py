@@ -158,9 +158,9 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     c, _ = _coordinator(tmp_path, 2)
     a, b = _ready(c, 1), _ready(c, 2)
     assert c.phase == Phase.RUNNING and c.shares == [0.5, 0.5]
-    # a's first full window: the re-plan is due (replan_step 0) but waits for b, so a polls
+    # a's first full window: the re-plan is due but waits for b, so a polls
     r = _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3)
-    assert r.plan is None and r.replan_step == 0 and r.next_beat_s == FAST_BEAT_S
+    assert r.plan is None and r.next_beat_s == FAST_BEAT_S
     # at most FAST_BEATS polls in a row, then its ordinary interval while the wait lasts
     waits = [_measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).next_beat_s for _ in range(FAST_BEATS)]
     assert waits == [FAST_BEAT_S] * (FAST_BEATS - 1) + [None]
@@ -175,10 +175,11 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     _measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)       # within one plan: smoothed
     assert c.members[a].measured[1] == pytest.approx(1.5e-3)
     # b's measurement of v1 completes the set: the re-plan keeps the shares, which settles the plan, and
-    # replies stop asking for heartbeats at replan_step (re-plans every rebalance_every_steps from now on)
+    # nobody is asked to poll (re-plans every rebalance_every_steps from now on)
     _measure(c, b, 31, 1, 4, 1.5e-3, 1.2e-3)
     r = _measure(c, a, 31, 1, 12, 1.5e-3, 1.3e-3)
-    assert r.plan is None and c.plan_version == 1 and r.replan_step is None and r.next_beat_s is None
+    assert r.plan is None and c.plan_version == 1 and r.next_beat_s is None
+    assert c.members[a].polls == 0                  # a polled at step 30; settling ends that wait too
     assert c.plan_settled and c._replan_step() == 31 + 20
 
 

@@ -220,12 +220,11 @@ class Coordinator:
             if m.plan_version < self.plan_version:
                 plan = self.step_plan
         regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
-        # while the current plan is unconfirmed, the decision points are precise (replan_step) and a worker
-        # waiting for the others' speeds polls; a settled plan is looked at again at ordinary heartbeats
-        balancing = current and m.state == "training" and self._balancing() and not self.plan_settled
+        # while the current plan is unsettled a worker waiting for the others' measurements polls; a
+        # settled plan is looked at again at ordinary heartbeats
+        polling = current and m.state == "training" and self._balancing() and not self.plan_settled
         return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
-                                 plan=plan, replan_step=self._replan_step() if balancing else None,
-                                 next_beat_s=self._poll_after(m) if balancing else None)
+                                 plan=plan, next_beat_s=self._poll_after(m, polling))
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
@@ -412,13 +411,13 @@ class Coordinator:
         once settled, every ``cluster.rebalance_every_steps``."""
         return self.plan_step + (self.job.cluster.rebalance_every_steps if self.plan_settled else 0)
 
-    def _poll_after(self, m: Member) -> Optional[float]:
+    def _poll_after(self, m: Member, polling: bool) -> Optional[float]:
         """Seconds until ``m``'s next heartbeat while it waits for a re-plan; None: its ordinary
         interval. The others' windows fill within a step or two, so the plan usually comes at the
         first or second poll (a doubling back-off was tried: a poll that just missed the plan waited
         40 ms, ~13 steps, for the next); a long wait (steps of seconds) costs ``FAST_BEATS`` requests,
         then the worker falls back to its interval until the wait ends."""
-        if not self._awaiting_speeds(m):
+        if not (polling and self._awaiting_speeds(m)):
             m.polls = 0
             return None
         if m.polls >= FAST_BEATS:

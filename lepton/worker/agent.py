@@ -50,7 +50,6 @@ class Reporter(threading.Thread):
         self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
         self.regroup_generation: int | None = None
         self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
-        self.replan_step: int | None = None     # beat at once from this step on (HeartbeatResponse)
         self.next_beat_s: float | None = None   # the coordinator asked for the next beat this soon
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
@@ -76,7 +75,7 @@ class Reporter(threading.Thread):
             self.regroup_generation = reply.regroup_generation
             if reply.plan is not None:
                 self.plan = reply.plan
-            self.replan_step, self.next_beat_s = reply.replan_step, reply.next_beat_s
+            self.next_beat_s = reply.next_beat_s
             if reply.action == "exit":
                 self.exit_requested.set()
         except LeptonError:
@@ -286,7 +285,6 @@ class Worker:
         win_loss, win_samples, win_s = 0.0, 0, 0.0
         first = True
         announced = False                         # the first full window at this plan was sent
-        beat_for = None                           # the replan_step a heartbeat was sent at once for
         while t.step < t.total_steps and not t.stopped_early:
             meter.begin()
             self.faults.fire("step", rank, t.step, gen.id)
@@ -319,13 +317,11 @@ class Worker:
             win_samples += r.batch
             win_s += r.wall_s
             self.reporter.update(step=t.step, plan_version=plan_version, **meter.fields())
-            # the balancer uses full windows only; it gets the first one at a plan, and one at each step
-            # from which it considers a re-plan (replan_step), at once rather than at the next beat
-            due = self.reporter.replan_step
-            at_due = due is not None and t.step >= due
-            if meter.full and (not announced or (at_due and due != beat_for)):
+            # the balancer uses full windows only: the first one at a plan goes out at once, not at the
+            # next beat (while a plan is unsettled, the next re-plan waits for every member's)
+            if meter.full and not announced:
                 self.reporter.beat_now()
-                announced, beat_for = True, (due if at_due else beat_for)
+                announced = True
             if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
                 self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
                                     "total_steps": t.total_steps, "loss": win_loss / win_samples,
