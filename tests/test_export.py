@@ -7,6 +7,7 @@ and exported a few times; every test reads those artifacts. No test asserts a ti
 import csv
 import json
 import queue
+import shutil
 import threading
 from pathlib import Path
 
@@ -91,6 +92,33 @@ def test_int8_accuracy_within_one_point(which, request):
     pred = load_artifact(run / "exports" / "model.int8.onnx").runner(x).argmax(1)
     assert abs((pred == y).mean() - int8["metrics"]["accuracy"]) < 1e-9
     assert int8["size_bytes"] < _row(report, "model.onnx")["size_bytes"]
+
+
+def test_int8_method_static_for_convolutions(digits, breast, tmp_path):
+    """auto: a convolutional model is quantized statically (QLinearConv, scales calibrated on training
+    rows), an MLP dynamically; dynamic convolutions are ConvInteger; static needs training rows."""
+    import onnx
+    run, report = digits
+    q = onnx.load(str(run / "exports" / "model.int8.onnx"))
+    ops = {n.op_type for n in q.graph.node}
+    assert "QLinearConv" in ops and "ConvInteger" not in ops, ops
+    assert any("static quantization" in n and "512 training rows" in n for n in report["notes"]), report["notes"]
+    for name in ("model.onnx", "model.int8.onnx"):    # the exporter's debugging metadata is not shipped
+        assert not onnx.load(str(run / "exports" / name)).graph.metadata_props
+    dyn = run_export(run, {"format": "onnx", "quantize": "int8", "int8_method": "dynamic", "latency_runs": 0})
+    assert "ConvInteger" in {n.op_type for n in onnx.load(str(run / "exports" / "model.int8.onnx")).graph.node}
+    assert any("dynamic quantization" in n for n in dyn["notes"]) and any("ConvInteger" in n for n in dyn["notes"])
+    fp32 = dyn["rows"][0]["metrics"]["accuracy"]
+    assert _row(dyn, "model.int8.onnx")["metrics"]["accuracy"] >= fp32 - 0.01
+    # an MLP can be quantized statically too; without training rows static is a clear error
+    brun, _ = breast
+    st = run_export(brun, {"format": "onnx", "quantize": "int8", "int8_method": "static", "latency_runs": 0})
+    assert _row(st, "model.int8.onnx")["metrics"]["accuracy"] >= st["rows"][0]["metrics"]["accuracy"] - 0.01
+    bare = tmp_path / "bare"
+    shutil.copytree(brun, bare, ignore=shutil.ignore_patterns("train_x.npy", "exports"))
+    with pytest.raises(LeptonError, match="train_x.npy.*no(ne| prepared)"):
+        run_export(bare, {"format": "onnx", "quantize": "int8", "int8_method": "static", "latency_runs": 0})
+    assert not (bare / "exports").exists()                 # checked before any work
 
 
 def test_report_contents(breast):
@@ -283,6 +311,8 @@ def test_cli_errors(breast, tmp_path):
     _expect_cli_error(run_cli("export", run, "--format", "safetensors", "--quantize", "int8", timeout=60),
                       "lepton export: error:", "needs format onnx")
     _expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "prune")
+    r = run_cli("export", run, "--quantize", "int8", "--int8-method", "weights", timeout=60)
+    assert r.returncode == 2 and "--int8-method: invalid choice" in r.stderr.splitlines()[-1], r.stderr
     _expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
     with pytest.raises(SpecError, match="unknown field 'bogus'"):
         run_export(run, {"bogus": 1})
@@ -296,7 +326,7 @@ def test_export_spec():
     assert spec.formats == ["onnx", "safetensors"] and spec.precision == "bf16"
     assert ExportSpec.model_validate({"format": ["torchscript"]}).formats == ["torchscript"]
     for bad in ({"format": "tflite"}, {"prune": 0}, {"quantize": "int4"}, {"extra": 1},
-                {"format": ["onnx", "torchscript"], "quantize": "int8"}):
+                {"format": ["onnx", "torchscript"], "quantize": "int8"}, {"int8_method": "weights"}):
         with pytest.raises(ValueError):
             ExportSpec.model_validate(bad)
 

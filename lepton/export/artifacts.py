@@ -5,7 +5,7 @@
     p.predict_file("new.csv"); p.predict_rows([{...}]); p.write_csv(result, "out.csv")
 
 Formats (file name ``model[.pruned][.PRECISION].EXT``):
-- ``onnx`` (``.onnx``): run by ONNX Runtime; fp32, int8 (dynamic quantization), fp16/bf16 (weights
+- ``onnx`` (``.onnx``): run by ONNX Runtime; fp32, int8 (static or dynamic quantization), fp16/bf16 (weights
   stored in 16 bits, computed in float32; see ``onnx_format``);
 - ``torchscript`` (``.torchscript``): a traced ``torch.jit`` module in fp32/fp16/bf16, computed in that
   dtype. Recent torch (2.13 here) deprecates ``torch.jit``: it is offered because the issue asks for it,

@@ -22,7 +22,11 @@ def add_export_commands(sub) -> None:
     e.add_argument("--format", action="append", metavar="FORMAT",
                    help="onnx (default), torchscript or safetensors; repeat or comma-separate for several")
     e.add_argument("--quantize", choices=["int8", "fp16", "bf16"],
-                   help="int8: ONNX Runtime dynamic quantization (onnx only); fp16/bf16: 16-bit weights")
+                   help="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
+    e.add_argument("--int8-method", choices=["auto", "static", "dynamic"], default="auto",
+                   help="static: activation scales calibrated on the run's training rows (fast convolutions);"
+                        " dynamic: activations quantized at run time; auto (default): static for models"
+                        " with convolutions, dynamic otherwise")
     e.add_argument("--prune", type=float, metavar="AMOUNT",
                    help="fraction (0..1) of Linear/Conv weights to set to zero by L1 magnitude")
     e.add_argument("--prune-scope", choices=["global", "layer"], default="global",
@@ -48,7 +52,8 @@ def cmd_export(a) -> int:
     from ..console import console, out
     from .pipeline import as_spec, run_export
     from .report import print_report
-    raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize, "prune": a.prune,
+    raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize,
+           "int8_method": a.int8_method, "prune": a.prune,
            "prune_scope": a.prune_scope, "finetune_epochs": a.finetune_epochs, "latency_runs": a.latency_runs}
     spec = as_spec(raw, source="options")
 

@@ -37,6 +37,7 @@ from .spec import ExportSpec
 
 REPORT_NAME = "report.json"
 REPORT_FORMAT = "lepton-export-report/1"
+CALIBRATION_ROWS = 512        # static int8: rows whose activation ranges set the scales
 
 Log = Callable[[str], None]
 
@@ -69,8 +70,24 @@ def _eval_split(run: RunDir) -> tuple[str, np.ndarray, np.ndarray]:
                       " (expected data/test_x.npy and data/test_y.npy from `lepton train`)")
 
 
+def _calibration_rows(run: RunDir) -> np.ndarray | None:
+    """Up to ``CALIBRATION_ROWS`` rows of the prepared training split, evenly spread (the split is in
+    file order, so the first rows could all be one class); None when the run kept no training rows."""
+    path = run.data_dir / "train_x.npy"
+    if not path.is_file():
+        return None
+    try:
+        x = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise LeptonError(f"{path}: cannot read the prepared training split ({e})") from None
+    if not len(x):
+        return None
+    pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), CALIBRATION_ROWS)).astype(np.int64))
+    return np.asarray(x[pick], dtype=np.float32)
+
+
 def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pruning: dict | None,
-           run: RunDir, log: Log) -> tuple[list[tuple[str, str, Path]], list[str]]:
+           run: RunDir, log: Log, method: str = "auto", rows: np.ndarray | None = None) -> tuple[list[tuple[str, str, Path]], list[str]]:
     """Write the artifact(s) of one format; returns [(format, precision, path)] and report notes."""
     pruned = pruning is not None
     shape = tuple(base_meta["input_shape"])
@@ -92,14 +109,22 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
     write_onnx(proto, fp32_path)
     out = [("onnx", "fp32", fp32_path)]
     if precision == "int8":
-        log(f"quantizing int8 (ONNX Runtime dynamic quantization) → {path.name}")
-        q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src))
+        from .onnx_format import int8_method
+        chosen = int8_method(proto, method, 0 if rows is None else len(rows))
+        log(f"quantizing int8 (ONNX Runtime {chosen} quantization) → {path.name}")
+        q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src), chosen, rows)
         write_onnx(q, path)
-        notes.append("int8: ONNX Runtime dynamic quantization (int8 weights with one scale per tensor,"
-                     " activations quantized per batch at run time; input and output stay float32)")
+        if chosen == "static":
+            notes.append(f"int8: ONNX Runtime static quantization (int8 weights, uint8 activations, one scale"
+                         f" per tensor, activation ranges calibrated on {len(rows)} training rows; input and"
+                         " output stay float32)")
+        else:
+            notes.append("int8: ONNX Runtime dynamic quantization (int8 weights with one scale per tensor,"
+                         " activations quantized per batch at run time; input and output stay float32)")
         if any(n.op_type == "ConvInteger" for n in q.graph.node):
             notes.append("int8 convolutions run as ConvInteger, which ONNX Runtime's CPU provider computes"
-                         " more slowly than float Conv at larger batches: compare the b64 columns")
+                         " more slowly than float Conv at larger batches: compare the b64 columns"
+                         " (--int8-method static calibrates and runs them as QLinearConv)")
         out.append(("onnx", "int8", path))
     elif precision in ("fp16", "bf16"):
         log(f"storing ONNX weights as {precision} → {path.name}")
@@ -119,6 +144,12 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
         raise LeptonError(f"{run.root}: no such run directory")
     base = Predictor(run.model_dir)               # LeptonError when the run has no final model
     split, x, y = _eval_split(run)
+    rows = None
+    if spec.precision == "int8" and spec.int8_method != "dynamic":
+        rows = _calibration_rows(run)
+        if rows is None and spec.int8_method == "static":    # before any work
+            raise LeptonError(f"{run.data_dir / 'train_x.npy'}: int8_method static calibrates on the run's"
+                              " prepared training rows, and there are none; use int8_method dynamic")
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
 
@@ -132,7 +163,7 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
     written: list[tuple[str, str, Path]] = []
     notes: list[str] = []
     for fmt in spec.formats:
-        files, more = _write(fmt, spec.precision, model, base.meta, pruning, run, log)
+        files, more = _write(fmt, spec.precision, model, base.meta, pruning, run, log, spec.int8_method, rows)
         written += [f for f in files if f not in written]
         notes += more
     if pruning is not None:
