@@ -36,6 +36,20 @@ def test_target_shares_equalise_step_times_including_the_fixed_cost():
     assert shares[1] == pytest.approx(1 / 64) and min(split_counts(64, shares)) >= 1
 
 
+def test_a_replan_shrinks_no_share_by_more_than_half():
+    cost = balance.StepCost
+    # one noisy window makes worker 1 look 200x slower: from 10% of the batch it may drop to 5%, not 0.5%
+    costs, caps = [cost(1e-3, 5e-6), cost(1e-3, 1e-3)], [1, 1]
+    free = balance.target_shares(costs, caps, 510)
+    assert free[1] < 0.01
+    limited = balance.target_shares(costs, caps, 510, balance.shrink_limits([0.9, 0.1], 510))
+    assert limited[1] == pytest.approx(0.05) and sum(limited) == pytest.approx(1)
+    assert balance.shrink_limits([2, 1, 1], 512) == pytest.approx([128, 64, 64])
+    # a limit that is not binding changes nothing
+    costs = [cost(0, 1 / 300), cost(0, 1 / 100)]
+    assert balance.target_shares(costs, [1, 1], 512, balance.shrink_limits([0.7, 0.3], 512)) == pytest.approx([0.75, 0.25])
+
+
 def test_step_cost_from_a_measured_step():
     # 1 ms outside the compute window, 0.5 ms of the 2 ms window whatever the share
     c = balance.StepCost.measured(samples=100, busy=3e-3, compute=2e-3, compute_fixed=0.5e-3)

@@ -96,9 +96,13 @@ def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
     return [round(s, 4) for s in balance.normalise([m.capacity for m in members])]
 
 
-def balanced_shares(job: JobSpec, members: list[Member]) -> list[float]:
+def balanced_shares(job: JobSpec, members: list[Member], current: Optional[list[float]] = None) -> list[float]:
+    """Shares that equalise the members' step times; from ``current`` shares (a re-plan), none shrinks
+    by more than ``balance.SHRINK`` at once."""
+    batch = job.train.batch_size
+    minimum = balance.shrink_limits(current, batch) if current else None
     return [round(s, 4) for s in balance.target_shares([m.cost for m in members], [m.capacity for m in members],
-                                                       job.train.batch_size)]
+                                                       batch, minimum)]
 
 
 @dataclass
@@ -453,7 +457,9 @@ class Coordinator:
             speeds = [m.speed * m.capacity for m in members]
             fixed = [round(m.cost.fixed * 1e3, 3) for m in members]
             per_sample = [round(m.cost.per_sample * 1e6, 3) for m in members]
-            new = balance.propose(shares, balanced_shares(self.job, members))
+            # the generation's first plan may move far from its starting shares (capacities, or the
+            # last generation's), later ones only within balance.SHRINK
+            new = balance.propose(shares, balanced_shares(self.job, members, shares if self.plan_version else None))
             self.plan_settled = new is None
             if new is not None:
                 shares = new
