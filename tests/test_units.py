@@ -181,6 +181,13 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     assert r.plan is None and c.plan_version == 1 and r.next_beat_s is None
     assert c.members[a].polls == 0                  # a polled at step 30; settling ends that wait too
     assert c.plan_settled and c._replan_step() == 31 + 20
+    # the first plan came from capacity-based shares and could go anywhere; later ones leave every
+    # worker at least half its share, however slow one window makes it look (b: 25x slower per sample)
+    assert c.shares_guessed
+    before = c.step_plan.shares
+    _measure(c, b, 52, 1, 4, 100e-3, 99e-3)
+    r = _measure(c, a, 52, 1, 12, 1.5e-3, 1.3e-3)
+    assert r.plan.version == 2 and r.plan.shares[1] == pytest.approx(before[1] / 2, rel=1e-3)
 
 
 def test_adopted_generation_is_replanned_only_once_every_member_is_back(tmp_path):
@@ -360,6 +367,19 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only():
     assert 3e-3 <= f["step_busy_s"] < 10e-3
     m.reset()
     assert m.fields() == {}
+    # a shorter first window (the starting shares are a guess); after a plan switch, full windows
+    m = StepMeter(on_gpu=False, window=3, first_window=2)
+    for _ in range(3):
+        m.begin()
+        m.record(10, 1e-3, 1e-3, 0.5e-3)
+    assert m.full
+    m.reset()
+    for _ in range(3):
+        m.begin()
+        m.record(10, 1e-3, 1e-3, 0.5e-3)
+    assert not m.full and len(m.steps) == 2         # the third step closes at the next begin()
+    m.begin()
+    assert m.full
 
 
 def test_coordinator_sockets_say_tcp_so_asyncio_disables_nagle():

@@ -128,6 +128,7 @@ class Coordinator:
     plan_version: int = 0                        # step plans issued within the current generation
     plan_step: int = 0                           # step at which the last re-plan was considered
     plan_settled: bool = False                   # the last re-plan kept the shares (see heartbeat)
+    shares_guessed: bool = False                 # the generation started from capacity-based shares
     step: int = 0
     total_steps: Optional[int] = None
     loss: Optional[float] = None
@@ -457,9 +458,10 @@ class Coordinator:
             speeds = [m.speed * m.capacity for m in members]
             fixed = [round(m.cost.fixed * 1e3, 3) for m in members]
             per_sample = [round(m.cost.per_sample * 1e6, 3) for m in members]
-            # the generation's first plan may move far from its starting shares (capacities, or the
-            # last generation's), later ones only within balance.SHRINK
-            new = balance.propose(shares, balanced_shares(self.job, members, shares if self.plan_version else None))
+            # the first plan after shares guessed from capacities may move anywhere; every other one
+            # only within balance.SHRINK of the current shares
+            free = self.plan_version == 0 and self.shares_guessed
+            new = balance.propose(shares, balanced_shares(self.job, members, None if free else shares))
             self.plan_settled = new is None
             if new is not None:
                 shares = new
@@ -535,6 +537,7 @@ class Coordinator:
         for m, cap in zip(chosen, caps):
             m.capacity = cap
         self.shares = self.share_policy(self.job, chosen)
+        self.shares_guessed = not all(m.cost for m in chosen)    # from capacities: no measured costs yet
         self.plan_version = 0
         self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
         # the state comes from the most advanced live replica, or from the checkpoint if none is left

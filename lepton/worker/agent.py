@@ -30,7 +30,7 @@ from ..storage.checkpoint import (AsyncCheckpointer, read_checkpoint, write_chec
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
-from .meter import StepMeter
+from .meter import FIRST_WINDOW, StepMeter
 from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
@@ -274,9 +274,10 @@ class Worker:
             t.compute_hook = lambda n: self.faults.throttle(rank, n)
         if self.faults.has("nan"):
             t.poison = lambda step: self.faults.poisoned(rank, step)
-        meter = StepMeter(on_gpu=torch.cuda.is_available())
-        # the probe feeds the balancer only: skipped when shares are equal or fixed by the spec
-        probe = t.probe_fixed_cost if job.cluster.balance == "on" and not job.cluster.shares else (lambda: 0.0)
+        # the probe and the short first window serve the balancer only: not when shares are equal or fixed
+        balancing = job.cluster.balance == "on" and not job.cluster.shares
+        meter = StepMeter(on_gpu=torch.cuda.is_available(), first_window=FIRST_WINDOW if balancing else None)
+        probe = t.probe_fixed_cost if balancing else (lambda: 0.0)
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
         if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
             self._validate(rank, gen.id)          # a validation interrupted by the last failure

@@ -28,6 +28,7 @@ from statistics import median
 from typing import Optional
 
 WINDOW = 10       # steps over which a worker measures itself
+FIRST_WINDOW = 4  # ... at a generation's starting shares, which are a guess (capacities) or an old plan
 
 
 class StepMeter:
@@ -36,11 +37,15 @@ class StepMeter:
     plan switch) is ``discard()``-ed. A record is closed by the next ``begin()``, which is when the
     step's processor time is known."""
 
-    def __init__(self, on_gpu: bool, window: int = WINDOW):
-        self.on_gpu = on_gpu
+    def __init__(self, on_gpu: bool, window: int = WINDOW, first_window: Optional[int] = None):
+        """``first_window``: a shorter window at the starting shares. They are usually far from the
+        balanced ones (capacity-based shares ignore that two workers on one core pay their fixed costs
+        twice: on the heterogeneous benchmark its steps take ~40% longer than balanced ones), so the
+        first plan is worth more early than precise; the plans after it measure full windows."""
+        self.on_gpu, self.window = on_gpu, window
         self.compute_fixed = 0.0      # Trainer.probe_fixed_cost at the current plan: the fixed part of compute
         # samples, compute window (wall s), compute window (busy s), whole step (busy s)
-        self.steps: deque[tuple[int, float, float, float]] = deque(maxlen=window)
+        self.steps: deque[tuple[int, float, float, float]] = deque(maxlen=first_window or window)
         self._open: Optional[tuple[int, float, float, float]] = None
         self._top = 0.0
 
@@ -63,7 +68,7 @@ class StepMeter:
 
     def reset(self) -> None:
         """A new share plan: measurements at the old shares describe another operating point."""
-        self.steps.clear()
+        self.steps = deque(maxlen=self.window)
         self._open = None
 
     @property
