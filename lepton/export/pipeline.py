@@ -87,8 +87,10 @@ def _calibration_rows(run: RunDir) -> np.ndarray | None:
 
 
 def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pruning: dict | None,
-           run: RunDir, log: Log, method: str = "auto", rows: np.ndarray | None = None) -> tuple[list[tuple[str, str, Path]], list[str]]:
-    """Write the artifact(s) of one format; returns [(format, precision, path)] and report notes."""
+           run: RunDir, log: Log, method: str = "auto",
+           rows: np.ndarray | None = None) -> tuple[list[tuple[str, str, Path]], list[str]]:
+    """Write the artifact(s) of one format; returns [(format, precision, path)] and report notes.
+    ``method``/``rows``: the int8 method asked for and the calibration rows (``_calibration_rows``)."""
     pruned = pruning is not None
     shape = tuple(base_meta["input_shape"])
     src = str(run.root)
@@ -102,14 +104,13 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
         log(f"writing safetensors ({precision}) → {path.name}")
         write_safetensors(model, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path)
         return [(fmt, precision, path)], notes
-    from .onnx_format import export_onnx, quantize_int8, store_weights_as
+    from .onnx_format import export_onnx, int8_method, quantize_int8, store_weights_as
     fp32_path = run.exports_dir / artifact_name("onnx", "fp32", pruned)
     log(f"exporting ONNX (fp32, dynamic batch) → {fp32_path.name}")
     proto = export_onnx(model, shape, artifact_meta(base_meta, "onnx", "fp32", pruning, src))
     write_onnx(proto, fp32_path)
     out = [("onnx", "fp32", fp32_path)]
     if precision == "int8":
-        from .onnx_format import int8_method
         chosen = int8_method(proto, method, 0 if rows is None else len(rows))
         log(f"quantizing int8 (ONNX Runtime {chosen} quantization) → {path.name}")
         q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src), chosen, rows)
