@@ -121,6 +121,20 @@ def test_int8_method_static_for_convolutions(digits, breast, tmp_path):
     assert not (bare / "exports").exists()                 # checked before any work
 
 
+def test_int8_method_auto_choice():
+    from onnx import helper
+    from lepton.export.onnx_format import int8_method
+
+    def graph(op):
+        return helper.make_model(helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], "g", [], []))
+    conv, mlp = graph("Conv"), graph("Gemm")
+    assert int8_method(conv, "auto", 512, "classification") == "static"
+    assert int8_method(conv, "auto", 512, "regression") == "dynamic"     # would clip its output
+    assert int8_method(conv, "auto", 0, "classification") == "dynamic"   # nothing to calibrate on
+    assert int8_method(mlp, "auto", 512, "classification") == "dynamic"
+    assert int8_method(mlp, "static", 512, "regression") == "static"     # asked for
+
+
 def test_report_contents(breast):
     run, reports = breast
     saved = json.loads((run / "exports" / "report.json").read_text())

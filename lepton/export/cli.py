@@ -25,8 +25,8 @@ def add_export_commands(sub) -> None:
                    help="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
     e.add_argument("--int8-method", choices=["auto", "static", "dynamic"], default="auto",
                    help="static: activation scales calibrated on the run's training rows (fast convolutions);"
-                        " dynamic: activations quantized at run time; auto (default): static for models"
-                        " with convolutions, dynamic otherwise")
+                        " dynamic: activations quantized at run time; auto (default): static for"
+                        " convolutional classifiers, dynamic otherwise")
     e.add_argument("--prune", type=float, metavar="AMOUNT",
                    help="fraction (0..1) of Linear/Conv weights to set to zero by L1 magnitude")
     e.add_argument("--prune-scope", choices=["global", "layer"], default="global",

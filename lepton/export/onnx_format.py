@@ -11,8 +11,8 @@ Contracts:
   (``quantize_dynamic``) stores int8 weights and quantizes activations per batch at run time, needing no
   calibration rows, but its convolutions run as ``ConvInteger``, which ONNX Runtime's CPU provider
   computes ~10x slower than float ``Conv`` at batch 64 (digits CNN: 1.09 ms against 0.27 static and
-  0.09 fp32). ``auto`` follows ONNX Runtime's advice: static for a graph with convolutions, dynamic
-  otherwise. One scale per tensor either way. Input and output stay float32.
+  0.09 fp32). ``auto`` follows ONNX Runtime's advice: static for a classifier with convolutions,
+  dynamic otherwise (``int8_method``). One scale per tensor either way. Input and output stay float32.
 - ``store_weights_as(proto, "fp16"|"bf16")`` stores every float initializer in 16 bits and adds a
   ``Cast`` back to float32 in front of its users: the file halves, the arithmetic stays float32
   (ONNX Runtime's CPU provider has no fp16/bf16 Gemm/Conv kernels, so a true 16-bit graph would not run
@@ -133,13 +133,17 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], meta: dict
     return proto
 
 
-def int8_method(proto, requested: str, calibration_rows: int) -> str:
-    """The method ``quantize_int8`` will use: ``auto`` is static for a graph with convolutions (ONNX
-    Runtime's advice for CNNs) when there are rows to calibrate on, else dynamic."""
+def int8_method(proto, requested: str, calibration_rows: int, task: str) -> str:
+    """The method ``quantize_int8`` will use: ``auto`` is static for a classifier with convolutions
+    (ONNX Runtime's advice for CNNs) when there are rows to calibrate on, else dynamic. Not for
+    regression: static quantization clips every activation, the output included, to the range seen
+    on the calibration rows, and a regression output beyond the training targets would come out
+    clipped (a classifier's logits clipped at the top of their range keep their order but for ties,
+    which the report's accuracy and agreement columns measure)."""
     if requested != "auto":
         return requested
     has_conv = any(n.op_type == "Conv" for n in proto.graph.node)
-    return "static" if has_conv and calibration_rows > 0 else "dynamic"
+    return "static" if has_conv and calibration_rows > 0 and task == "classification" else "dynamic"
 
 
 def quantize_int8(proto, meta: dict, method: str = "dynamic", calibration=None):

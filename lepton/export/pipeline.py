@@ -111,7 +111,7 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
     write_onnx(proto, fp32_path)
     out = [("onnx", "fp32", fp32_path)]
     if precision == "int8":
-        chosen = int8_method(proto, method, 0 if rows is None else len(rows))
+        chosen = int8_method(proto, method, 0 if rows is None else len(rows), base_meta["task"])
         log(f"quantizing int8 (ONNX Runtime {chosen} quantization) → {path.name}")
         q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src), chosen, rows)
         write_onnx(q, path)

@@ -3,7 +3,7 @@
     export:
       format: onnx                 # or a list: [onnx, torchscript, safetensors]
       quantize: int8               # int8 (onnx only) | fp16 | bf16; omit for fp32
-      int8_method: auto            # auto (static for convolutional models) | static | dynamic
+      int8_method: auto            # auto (static for convolutional classifiers) | static | dynamic
       prune: 0.5                   # fraction of Linear/Conv weights set to zero (L1 magnitude)
       prune_scope: global          # global (over all layers) | layer (the fraction of each layer)
       finetune_epochs: 2           # fine-tune the pruned model (single process, keeps the sparsity)
@@ -33,7 +33,7 @@ class ExportSpec(BaseModel):
         None, description="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
     int8_method: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="static: activation scales calibrated on training rows (fast convolutions);"
-                            " dynamic: activations quantized at run time; auto: static for models with convolutions")
+                            " dynamic: activations quantized at run time; auto: static for convolutional classifiers")
     prune: Optional[float] = Field(
         None, gt=0, lt=1, description="fraction of Linear/Conv weights to zero by L1 magnitude")
     prune_scope: Literal["global", "layer"] = "global"
