@@ -66,7 +66,7 @@ class Heartbeat(BaseModel):
     pid: int = 0
     plan_version: int = 0               # the share plan this worker trains with
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
-    # means over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
+    # medians over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
     # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,
     # wall time of compute and update), the part of it spent in the compute window, and the fixed part
     # of that window (a one-sample forward/backward)

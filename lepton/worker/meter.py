@@ -77,7 +77,7 @@ class StepMeter:
 
     def fields(self) -> dict:
         """Heartbeat fields: ``samples_per_s`` (compute throughput, wall clock, shown to users) always;
-        the per-step means the balancer uses (``step_samples``, ``step_busy_s``, ``step_compute_s``)
+        the per-step medians the balancer uses (``step_samples``, ``step_busy_s``, ``step_compute_s``)
         only over a full window, else 0."""
         if not self.steps:
             return {}
