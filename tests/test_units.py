@@ -125,6 +125,33 @@ def _kinds(tmp_path):
     return [json.loads(l)["kind"] for l in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
 
 
+def test_heartbeat_records_reach_metrics_and_state_json_is_throttled(tmp_path):
+    """Metrics records ride in heartbeats; a step that only progress moved reaches state.json at most
+    every PROGRESS_PERSIST_S (or at the next tick once due), anything else at once."""
+    c, clock = _coordinator(tmp_path, 2)
+    a, b = _ready(c, 1), _ready(c, 2)
+    gen = c.plan(a).generation.id
+    state = lambda: json.loads((tmp_path / "run" / "state.json").read_text())
+    train = lambda step: {"kind": "train", "step": step, "loss": 1.0, "samples_per_s": 10.0}
+    clock.t = 5.0
+    c.heartbeat(Heartbeat(worker_id=a, generation=gen, step=1, records=[train(1)]))
+    assert state()["step"] == 1                      # a second after the last write: written at once
+    clock.t = 5.2
+    c.heartbeat(Heartbeat(worker_id=a, generation=gen, step=2, records=[train(2)]))
+    assert c.step == 2 and state()["step"] == 1                   # progress alone, too soon
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 2, "path": "/x"}))
+    assert state()["step"] == 2 and state()["latest_checkpoint"]["step"] == 2     # at once
+    clock.t = 5.4
+    c.heartbeat(Heartbeat(worker_id=b, generation=gen, step=3, records=[train(3)]))
+    c.tick()
+    assert state()["step"] == 2
+    clock.t = 6.3
+    c.tick()                                                       # due: the tick writes it
+    assert state()["step"] == 3
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_machine_forms_generation_and_completes(tmp_path):
     c, clock = _coordinator(tmp_path, 2, cluster__shares=[1, 3])
     a = c.register(RegisterRequest(host="h", pid=1))

@@ -24,6 +24,7 @@ effects go through ``RunDir`` (state.json, events.jsonl, metrics.jsonl, summary.
 """
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from ..storage.rundir import RunDir
 SUSPECT_SILENCE_S = 2.0
 # a worker waiting for a re-plan polls every 10 ms, at most 10 times in a row (_poll_after)
 FAST_BEAT_S, FAST_BEATS = 0.01, 10
+# state.json for progress alone (the step of a metrics report) is written at most this often (_persist)
+PROGRESS_PERSIST_S = 1.0
 
 
 class Phase(str, Enum):
@@ -145,6 +148,8 @@ class Coordinator:
     incidents: list[dict] = field(default_factory=list)   # failures not yet recovered from
     events: list[dict] = field(default_factory=list)
     tensorboard: Optional[TensorBoardSink] = None
+    _persisted: Optional[dict] = None            # what state.json holds (``_persist``)
+    _persisted_at: float = 0.0
 
     def __post_init__(self):
         self.tensorboard = TensorBoardSink(self.run.tensorboard_dir)
@@ -207,6 +212,8 @@ class Coordinator:
         m = self.members.get(hb.worker_id)
         if m is None and self._adoptable(hb):
             m = self._adopt(hb)
+        if hb.records:
+            self.report(Report(worker_id=hb.worker_id, kind="metrics", payload={"records": hb.records}))
         if m is None or m.state in GONE or self.phase.final:
             return HeartbeatResponse(action="exit")
         m.last_seen = self.clock()
@@ -273,7 +280,7 @@ class Coordinator:
                     self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
                 elif rec.get("kind") == "eval":            # after an evaluation: a re-plan point too
                     self._maybe_replan()
-            self._persist()
+            self._persist(progress=True)
         elif r.kind == "checkpoint":
             if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
                 self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
@@ -303,6 +310,7 @@ class Coordinator:
         """Time passes: silent members are lost; a wait for workers may reach its deadline."""
         if self.phase.final:
             return
+        self._persist(progress=True)              # a step that metrics reports left unwritten
         now = self.clock()
         timeout = self.job.cluster.heartbeat_timeout_s
         for m in list(self.members.values()):
@@ -616,12 +624,26 @@ class Coordinator:
         self.events.append(ev)
         self.run.append_jsonl(self.run.events_jsonl, ev)
 
-    def _persist(self) -> None:
-        self.run.write_state({
+    def _persist(self, progress: bool = False) -> None:
+        """Write state.json (atomically, fsynced) if it changed. ``progress``: the caller moved only the
+        step (a metrics report, several a second while training); a change of the step and epoch alone
+        is then written at most every ``PROGRESS_PERSIST_S``, the rest by ``tick`` — each write is an
+        fsync under the server's lock, and resuming needs the checkpoint pointer, which is written at
+        once like every other change."""
+        state = {
             "status": self.phase.value, "reason": self.reason, "name": self.job.name,
             "generation": self.generation, "step": self.step, "epoch": self.epoch,
-            "total_steps": self.total_steps, "latest_checkpoint": self.latest_checkpoint,
-            "workers": len(self.generation_members)})
+            "total_steps": self.total_steps, "latest_checkpoint": copy.deepcopy(self.latest_checkpoint),
+            "workers": len(self.generation_members)}
+        last = self._persisted
+        if state == last:
+            return
+        now = self.clock()
+        if (progress and last is not None and now - self._persisted_at < PROGRESS_PERSIST_S
+                and all(state[k] == last.get(k) for k in state if k not in ("step", "epoch"))):
+            return
+        self.run.write_state(state)
+        self._persisted, self._persisted_at = state, now
 
     def status(self) -> dict:
         now = self.clock()

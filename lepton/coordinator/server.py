@@ -21,14 +21,20 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
 from .machine import Coordinator
 
-HEARTBEAT_INTERVAL_S = 0.25
+HEARTBEAT_INTERVAL_S = 0.5
 
 
 def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: int,
               factory_pickle: str | None) -> FastAPI:
     app = FastAPI(title="Lepton coordinator", docs_url=None, redoc_url=None)
 
-    def auth(authorization: str | None = Header(default=None)) -> None:
+    # async: FastAPI runs a plain ``def`` dependency or endpoint on a thread of its pool, which costs
+    # ~0.3 ms of processor time per request (measured: 0.70 ms per heartbeat with threads, 0.45 without)
+    # and training workers pay for it when the coordinator shares their cores. The hot endpoints
+    # (heartbeat, plan, report) are async: the machine never waits on anything but a few small file
+    # writes, so they hold the event loop no longer than they would hold the lock; the rare heavier
+    # ones (register, status, the dashboard) stay on the pool.
+    async def auth(authorization: str | None = Header(default=None)) -> None:
         expected = f"Bearer {token}"
         if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
@@ -47,12 +53,12 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
                                 factory_pickle=factory_pickle, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
 
     @app.post("/v1/heartbeat", dependencies=[Depends(auth)])
-    def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
+    async def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
         with lock:
             return coord.heartbeat(hb)
 
     @app.get("/v1/plan", dependencies=[Depends(auth)])
-    def plan(worker_id: str) -> PlanResponse:
+    async def plan(worker_id: str) -> PlanResponse:
         with lock:
             reply = coord.plan(worker_id)
         if reply.generation is not None:
@@ -60,7 +66,7 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
         return reply
 
     @app.post("/v1/report", dependencies=[Depends(auth)])
-    def report(r: Report) -> dict:
+    async def report(r: Report) -> dict:
         with lock:
             coord.report(r)
         return {"ok": True}

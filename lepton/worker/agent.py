@@ -67,10 +67,8 @@ class Reporter(threading.Thread):
     def flush(self) -> None:
         with self.lock:
             records, self.records = self.records, []
-            beat = Heartbeat(worker_id=self.worker_id, **self.fields)
+            beat = Heartbeat(worker_id=self.worker_id, records=records, **self.fields)
         try:
-            if records:
-                self.client.report(Report(worker_id=self.worker_id, kind="metrics", payload={"records": records}))
             reply = self.client.heartbeat(beat)
             self.regroup_generation = reply.regroup_generation
             if reply.plan is not None:
