@@ -82,9 +82,12 @@ class Heartbeat(BaseModel):
 
 class StepPlan(BaseModel):
     """What every member applies from an agreed step on: the shares of the global batch by rank.
-    Version v+1 is issued only after every member applied v."""
+    Version v+1 of a generation is issued only after every member applied v. The coordinator sends it
+    to the members whose heartbeats come after it was made; the first member to know it carries it to
+    the others in the next step's gradient reduction (worker/trainer.py)."""
     version: int
     shares: list[float]
+    generation: Optional[int] = None
 
 
 class HeartbeatResponse(BaseModel):
@@ -92,11 +95,8 @@ class HeartbeatResponse(BaseModel):
     # set while the coordinator wants generation N to end: the worker puts the flag into its next
     # step's allreduce, so all members pause after the same step
     regroup_generation: Optional[int] = None
-    # a newer share plan for the current generation: applied at the first step every member knows it
+    # a newer share plan for the current generation: applied by every member after the next step
     plan: Optional[StepPlan] = None
-    # send the next heartbeat after this many seconds instead of the interval: a re-plan is waiting for
-    # the other members' speeds, and this worker should learn the plan as soon as it is made
-    next_beat_s: Optional[float] = None
 
 
 class Report(BaseModel):

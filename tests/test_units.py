@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from lepton.coordinator.machine import FAST_BEAT_S, FAST_BEATS, Coordinator, Phase
+from lepton.coordinator.machine import Coordinator, Phase
 from lepton.errors import DataError, SpecError
 from lepton.protocol import Heartbeat, RegisterRequest, Report
 from lepton.sampler import GlobalBatchSampler, split_counts
@@ -181,19 +181,16 @@ def _measure(c, w, step, version, samples, busy, compute):
                                  step_compute_fixed_s=0.0))
 
 
-def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast(tmp_path):
+def test_machine_replans_as_soon_as_every_speed_is_in(tmp_path):
     c, _ = _coordinator(tmp_path, 2)
     a, b = _ready(c, 1), _ready(c, 2)
     assert c.phase == Phase.RUNNING and c.shares == [0.5, 0.5]
-    # a's first full window: the re-plan is due but waits for b, so a polls
-    r = _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3)
-    assert r.plan is None and r.next_beat_s == FAST_BEAT_S
-    # at most FAST_BEATS polls in a row, then its ordinary interval while the wait lasts
-    waits = [_measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).next_beat_s for _ in range(FAST_BEATS)]
-    assert waits == [FAST_BEAT_S] * (FAST_BEATS - 1) + [None]
-    # b (3x slower per sample) completes the set: the plan comes in its reply, and a gets it at its poll
+    # a's first full window: the re-plan is due but waits for b's
+    assert _measure(c, a, 11, 0, 8, 1e-3, 0.8e-3).plan is None
+    # b (3x slower per sample) completes the set: the plan comes in its reply (b's next reduction
+    # carries it to a), and in a's next reply while a still reports the old plan
     r = _measure(c, b, 11, 0, 8, 2.6e-3, 2.4e-3)
-    assert r.plan.version == 1 and r.next_beat_s is None
+    assert r.plan.version == 1 and r.plan.generation == 0
     assert _measure(c, a, 12, 0, 8, 1e-3, 0.8e-3).plan == r.plan
     assert r.plan.shares[0] > 0.7                   # equal step ends: b's slope and both fixed costs
     # both applied v1: a measurement at the new shares replaces the old point instead of averaging it
@@ -201,12 +198,11 @@ def test_machine_replans_as_soon_as_every_speed_is_in_and_delivers_the_plan_fast
     assert c.members[a].measured == (12, 1.4e-3, 1.2e-3, 0.0)
     _measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)       # within one plan: smoothed
     assert c.members[a].measured[1] == pytest.approx(1.5e-3)
-    # b's measurement of v1 completes the set: the re-plan keeps the shares, which settles the plan, and
-    # nobody is asked to poll (re-plans every rebalance_every_steps from now on)
+    # b's measurement of v1 completes the set: the re-plan keeps the shares, which settles the plan
+    # (re-plans every rebalance_every_steps from now on)
     _measure(c, b, 31, 1, 4, 1.5e-3, 1.2e-3)
     r = _measure(c, a, 31, 1, 12, 1.5e-3, 1.3e-3)
-    assert r.plan is None and c.plan_version == 1 and r.next_beat_s is None
-    assert c.members[a].polls == 0                  # a polled at step 30; settling ends that wait too
+    assert r.plan is None and c.plan_version == 1
     assert c.plan_settled and c._replan_step() == 31 + 20
     # the first plan came from capacity-based shares and could go anywhere; later ones leave every
     # worker at least half its share, however slow one window makes it look (b: 25x slower per sample)

@@ -41,8 +41,6 @@ from ..storage.rundir import RunDir
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
-# a worker waiting for a re-plan polls every 10 ms, at most 10 times in a row (_poll_after)
-FAST_BEAT_S, FAST_BEATS = 0.01, 10
 # state.json for progress alone (the step of a metrics report) is written at most this often (_persist)
 PROGRESS_PERSIST_S = 1.0
 
@@ -83,7 +81,6 @@ class Member:
     cost: Optional[balance.StepCost] = None   # from ``measured``
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
     plan_version: int = 0           # the share plan it has applied
-    polls: int = 0                  # heartbeats in a row it was asked to send early (_poll_after)
 
 
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
@@ -190,7 +187,7 @@ class Coordinator:
             self.generation, self.generation_world = hb.generation, hb.world
             self.phase, self.started_at, self.source_is_checkpoint = Phase.RUNNING, now, False
             self.shares = [1.0] * hb.world
-            self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
+            self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares, generation=self.generation)
         self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
         # the workers train with the predecessor's last plan (its shares are not in the heartbeat): the
         # next plan must be numbered after it to be applied
@@ -232,11 +229,8 @@ class Coordinator:
             if m.plan_version < self.plan_version:
                 plan = self.step_plan
         regroup = (self.phase == Phase.REGROUPING and m.state == "training" and current)
-        # while the current plan is unsettled a worker waiting for the others' measurements polls; a
-        # settled plan is looked at again at ordinary heartbeats
-        polling = current and m.state == "training" and self._balancing() and not self.plan_settled
         return HeartbeatResponse(action="continue", regroup_generation=self.generation if regroup else None,
-                                 plan=plan, next_beat_s=self._poll_after(m, polling))
+                                 plan=plan)
 
     def plan(self, worker_id: str) -> PlanResponse:
         m = self.members.get(worker_id)
@@ -424,35 +418,12 @@ class Coordinator:
         once settled, every ``cluster.rebalance_every_steps``."""
         return self.plan_step + (self.job.cluster.rebalance_every_steps if self.plan_settled else 0)
 
-    def _poll_after(self, m: Member, polling: bool) -> Optional[float]:
-        """Seconds until ``m``'s next heartbeat while it waits for a re-plan; None: its ordinary
-        interval. The others' windows fill within a step or two, so the plan usually comes at the
-        first or second poll (a doubling back-off was tried: a poll that just missed the plan waited
-        40 ms, ~13 steps, for the next); a long wait (steps of seconds) costs ``FAST_BEATS`` requests,
-        then the worker falls back to its interval until the wait ends."""
-        if not (polling and self._awaiting_speeds(m)):
-            m.polls = 0
-            return None
-        if m.polls >= FAST_BEATS:
-            return None                       # its interval, until this wait ends
-        m.polls += 1
-        return FAST_BEAT_S
-
-    def _awaiting_speeds(self, m: Member) -> bool:
-        """Whether a re-plan is due and waits only for other members' speeds at the current plan while
-        ``m``'s is in: ``m`` then polls (``_poll_after``) so that the plan made on the last speed
-        reaches it within milliseconds and not one heartbeat interval later (each step of delay is a
-        step at the old shares: 0.25 s was ~80 steps of the heterogeneous benchmark)."""
-        if self.step < self._replan_step() or len(self.generation_members) < self.generation_world:
-            return False
-        at = (self.generation, self.plan_version)
-        members = [self.members[w] for w in self.generation_members]
-        return m.speed_plan == at and any(x.speed_plan != at for x in members)
-
     def _maybe_replan(self) -> None:
         """The balancing policy's decision point: from ``_replan_step``, once every member applied the
         last plan and measured it, shares follow the measured step costs (with hysteresis). The plan
-        reaches workers in heartbeat replies and is applied at an agreed step."""
+        goes out in the reply to the heartbeat that completed the measurements (and to any later one
+        from a member still at the old plan); that worker carries it to the others in its next step's
+        gradient reduction, after which every member applies it."""
         if self.phase != Phase.RUNNING:
             return
         members = [self.members[w] for w in self.generation_members]
@@ -483,7 +454,7 @@ class Coordinator:
         if shares == self.step_plan.shares:
             return
         self.plan_version += 1
-        self.step_plan = StepPlan(version=self.plan_version, shares=shares)
+        self.step_plan = StepPlan(version=self.plan_version, shares=shares, generation=self.generation)
         self.shares = shares
         for m, share in zip(members, shares):
             m.share = share
@@ -547,7 +518,7 @@ class Coordinator:
         self.shares = self.share_policy(self.job, chosen)
         self.shares_guessed = not all(m.cost for m in chosen)    # from capacities: no measured costs yet
         self.plan_version = 0
-        self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares)
+        self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares, generation=self.generation)
         # the state comes from the most advanced live replica, or from the checkpoint if none is left
         self.source_is_checkpoint = source is None
         if source is not None:

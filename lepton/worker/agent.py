@@ -50,7 +50,6 @@ class Reporter(threading.Thread):
         self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
         self.regroup_generation: int | None = None
         self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
-        self.next_beat_s: float | None = None   # the coordinator asked for the next beat this soon
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
         self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
@@ -73,7 +72,6 @@ class Reporter(threading.Thread):
             self.regroup_generation = reply.regroup_generation
             if reply.plan is not None:
                 self.plan = reply.plan
-            self.next_beat_s = reply.next_beat_s
             if reply.action == "exit":
                 self.exit_requested.set()
         except LeptonError:
@@ -87,7 +85,7 @@ class Reporter(threading.Thread):
 
     def run(self) -> None:
         while True:
-            self._soon.wait(self.next_beat_s or self.interval)
+            self._soon.wait(self.interval)
             self._soon.clear()
             if self._closing.is_set():
                 return
@@ -287,18 +285,19 @@ class Worker:
         while t.step < t.total_steps and not t.stopped_early:
             meter.begin()
             self.faults.fire("step", rank, t.step, gen.id)
-            pending = self.reporter.plan
-            knows_next = pending is not None and pending.version == plan_version + 1
-            r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), plan_vote=knows_next)
+            pending = self.reporter.plan          # a plan from an earlier generation is never applied
+            known = (pending.shares if pending is not None and pending.generation == gen.id
+                     and pending.version == plan_version + 1 else None)
+            r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), next_plan=known)
             meter.record(r.local, r.compute_s, r.compute_cpu_s, r.overhead_s)
             if r.skipped and rank == 0:
                 self.reporter.push({"kind": "skipped_step", "time": time.time(), "step": t.step - 1,
                                     "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
-            if r.plan_agreed:                     # every rank knows plan v+1: all switch after this step
-                shares, plan_version = list(pending.shares), pending.version
+            if r.next_shares is not None:         # plan v+1 reached every rank in this step's reduction
+                shares, plan_version = r.next_shares, plan_version + 1
                 if rank == 0:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
-                                        "version": plan_version, "shares": shares})
+                                        "version": plan_version, "shares": [round(x, 6) for x in shares]})
                 meter.reset()
                 meter.compute_fixed = probe()     # in a step the meter leaves out
                 announced = False

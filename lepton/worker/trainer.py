@@ -25,6 +25,9 @@ from ..spec import JobSpec
 from ..storage.prepared import DataCache
 
 EVAL_CHUNK = 4096
+# gradient-buffer slots after the gradients: loss sum, sample count, regroup votes, plan votes; the
+# next plan's shares follow (one per rank)
+EXTRA_SLOTS = 4
 
 
 class Diverged(RuntimeError):
@@ -43,7 +46,7 @@ class StepResult:
     wall_s: float
     regroup: bool            # some rank asked to end the generation after this step (all see it)
     skipped: bool            # the reduced loss or gradient was not finite: no update anywhere
-    plan_agreed: bool        # every rank knows the next share plan: apply it from the next step
+    next_shares: list[float] | None   # some rank knew the next share plan: every rank applies it next
 
 
 class Trainer:
@@ -53,8 +56,9 @@ class Trainer:
         pre = cache.preprocessor
         self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory).to(self.device)
         self.optimizer = build_optimizer(job, self.model.parameters())
-        # extra slots reduced with the gradients: loss sum, sample count, regroup votes, plan votes
-        self.grads = FlatGradients(self.model, extra_slots=4)
+        # extra slots reduced with the gradients (EXTRA_SLOTS): loss sum, sample count, regroup votes,
+        # plan votes, then one per rank for the next plan's shares (sized by train_step)
+        self.grads = FlatGradients(self.model, extra_slots=EXTRA_SLOTS)
         self.compute_hook = None          # called with the sample count inside the compute window (throttle)
         self.poison = None                # step -> bool: make this rank's loss NaN (fault injection)
         self.lr_scale = 1.0               # lowered by the divergence guard; part of the replicated state
@@ -142,17 +146,22 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------
     def train_step(self, group: GenerationGroup, shares: list[float], rank: int, regroup: bool = False,
-                   plan_vote: bool = False) -> StepResult:
+                   next_plan: list[float] | None = None) -> StepResult:
         """One global step.
 
-        ``regroup`` is this rank's vote to end the generation after the step, ``plan_vote`` says this
-        rank knows the next share plan. Both ride in the gradient allreduce, so every rank learns the
-        same outcome at the same step: the generation ends if any rank voted, and the next plan is
-        applied only if every rank knows it. A share above ``cluster.max_micro_batch`` is computed in
-        micro-batches whose gradients accumulate in the same buffer (the sum is unchanged).
+        ``regroup`` is this rank's vote to end the generation after the step; ``next_plan`` the next
+        share plan if this rank has received it from the coordinator. Both ride in the gradient
+        allreduce, so every rank learns the same outcome at the same step: the generation ends if any
+        rank voted, and the next plan reaches every rank as soon as one knows it (``StepResult.
+        next_shares``: the plan's shares as the reduction returned them, the same bits on every rank).
+        A share above ``cluster.max_micro_batch`` is computed in micro-batches whose gradients
+        accumulate in the same buffer (the sum is unchanged).
         """
         t0, c0 = time.perf_counter(), time.process_time()
         idx, batch = self.sampler.worker_slice(self.step, shares, rank)
+        world = len(shares)
+        if self.grads.extra.numel() != EXTRA_SLOTS + world:   # a new world size: every rank's buffer
+            self.grads = FlatGradients(self.model, extra_slots=EXTRA_SLOTS + world)   # has this length
         self.model.train()
         self.grads.zero()
         extra = self.grads.extra
@@ -173,18 +182,21 @@ class Trainer:
             extra[0] = loss_sum
             extra[1] = len(idx)
         extra[2] = float(regroup)
-        extra[3] = float(plan_vote)
+        if next_plan is not None:
+            extra[3] = 1.0
+            extra[EXTRA_SLOTS:EXTRA_SLOTS + world] = torch.tensor(next_plan, dtype=extra.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize()      # kernels run asynchronously: the compute window ends here
         compute, compute_cpu = time.perf_counter() - t0, time.process_time() - c0
         group.allreduce(self.grads.flat)
         clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         u0 = clock()
-        # extra[1] now holds the global sample count; it equals ``batch`` unless a peer disagrees on
-        # the plan, which would break invariant 1, so it is checked rather than trusted.
-        if int(extra[1].item()) != batch:
-            raise RuntimeError(f"step {self.step}: the generation computed {int(extra[1].item())} samples,"
-                               f" expected {batch}")
+        # one read of the reduced extra slots (one device sync on a GPU)
+        loss_sum, count, regroups, plan_votes, *plan = extra[:EXTRA_SLOTS + world].tolist()
+        # ``count`` is the global sample count; it equals ``batch`` unless a peer disagrees on the plan,
+        # which would break invariant 1, so it is checked rather than trusted.
+        if int(count) != batch:
+            raise RuntimeError(f"step {self.step}: the generation computed {int(count)} samples, expected {batch}")
         self.grads.grads.div_(batch)
         # every rank holds the same reduced values, so every rank takes the same branch (invariant 3)
         # one sum over the whole buffer (gradients and loss) is non-finite iff some entry is, or the
@@ -208,9 +220,12 @@ class Trainer:
             self._trace.flush()
         self.step += 1
         overhead = group.work_s + clock() - u0
-        return StepResult(float(extra[0].item()) / batch, batch, len(idx), compute, compute_cpu, overhead,
-                          time.perf_counter() - t0, skipped=not finite,
-                          regroup=bool(extra[2].item() > 0), plan_agreed=int(extra[3].item()) == group.world)
+        # the ranks that knew the plan each added the same shares: their mean, computed from the same
+        # reduced bits everywhere, so every rank splits the next batches identically
+        next_shares = [x / plan_votes for x in plan] if plan_votes > 0 else None
+        return StepResult(loss_sum / batch, batch, len(idx), compute, compute_cpu, overhead,
+                          time.perf_counter() - t0, skipped=not finite, regroup=regroups > 0,
+                          next_shares=next_shares)
 
     def probe_fixed_cost(self, repeats: int = 3) -> float:
         """Processor seconds (wall on a GPU) of a one-sample forward and backward pass: what a compute
