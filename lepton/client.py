@@ -63,7 +63,7 @@ class CoordinatorClient:
         return PlanResponse.model_validate(self._call("GET", "/v1/plan", params={"worker_id": worker_id}))
 
     def heartbeat(self, hb: Heartbeat) -> HeartbeatResponse:
-        return HeartbeatResponse.model_validate(self._call("POST", "/v1/heartbeat", json=hb.model_dump()))
+        return HeartbeatResponse.model_validate(self._call("POST", "/v1/heartbeat", json=hb.model_dump(mode="json")))
 
     def report(self, r: Report) -> None:
         self._call("POST", "/v1/report", json=r.model_dump(mode="json"))

@@ -76,7 +76,7 @@ class Heartbeat(BaseModel):
     step_compute_fixed_s: float = 0.0
     # metrics records queued since the last beat (metrics.jsonl lines): they ride in the heartbeat
     # instead of a request of their own (each request costs ~1 ms of processor time at both ends,
-    # taken from training on a host whose cores are all busy)
+    # taken from training on a host whose cores are all busy); sent as JSON, where a NaN loss is null
     records: list[dict[str, Any]] = Field(default_factory=list)
 
 
