@@ -22,6 +22,8 @@ from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterReque
 from .machine import Coordinator
 
 HEARTBEAT_INTERVAL_S = 0.5
+# at least this many beats per cluster.heartbeat_timeout_s, whatever the timeout (a short one beats faster)
+BEATS_PER_TIMEOUT = 8
 
 
 def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: int,
@@ -50,7 +52,9 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
             wid = coord.register(req)
             job = coord.job.to_yaml_dict()
         return RegisterResponse(worker_id=wid, job=job, run_dir=str(coord.run.root), store_port=store_port,
-                                factory_pickle=factory_pickle, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+                                factory_pickle=factory_pickle,
+                                heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S,
+                                                         coord.job.cluster.heartbeat_timeout_s / BEATS_PER_TIMEOUT))
 
     @app.post("/v1/heartbeat", dependencies=[Depends(auth)])
     async def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
