@@ -22,6 +22,7 @@ import torch
 
 from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
+from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
 from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, StepPlan
 from ..spec import parse_job
@@ -144,10 +145,16 @@ class Worker:
         cluster = self.job.cluster
         self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
                                      shared_memory=cluster.shared_memory,
-                                     shm_capacity=max(REDUCE_BYTES, self.trainer.grads.flat.nbytes))
+                                     shm_capacity=max(REDUCE_BYTES, self._max_flat_bytes()))
         self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
         self.leaving = False
+
+    def _max_flat_bytes(self) -> int:
+        """The largest gradient buffer a step reduces: the gradients and the extra slots, which grow
+        by one per rank of the generation (the next plan's shares; ``Trainer.train_step``)."""
+        flat = self.trainer.grads.flat
+        return flat.nbytes + MAX_WORLD * flat.element_size()
 
     def _device(self) -> torch.device:
         want = self.job.cluster.device
