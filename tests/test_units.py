@@ -1,11 +1,14 @@
 """Unit level: the sampler, the spec, preprocessing, and the coordinator stepped against fake workers."""
 import json
+import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 
 from lepton.coordinator.machine import Coordinator, Phase
+from lepton.coordinator.server import build_app
 from lepton.errors import DataError, SpecError
 from lepton.protocol import Heartbeat, RegisterRequest, Report
 from lepton.sampler import GlobalBatchSampler, split_counts
@@ -418,9 +421,6 @@ def test_coordinator_sockets_say_tcp_so_asyncio_disables_nagle():
 
 @pytest.mark.parametrize("timeout_s,interval_s", [(5.0, 0.5), (2.0, 0.25)])
 def test_heartbeat_interval_leaves_eight_beats_per_timeout(tmp_path, timeout_s, interval_s):
-    import threading
-    import warnings
-    from lepton.coordinator.server import build_app
     with warnings.catch_warnings():          # starlette's note about its httpx-based test client
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
