@@ -1,5 +1,8 @@
 """Heterogeneity-aware shares: a slower worker gets a smaller share, with the same math."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,6 +74,15 @@ def test_no_worker_is_starved_by_an_extreme_plan():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_classification_csv(tmp_path_factory.mktemp("bal") / "data.csv", rows=400)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+def test_worker_placement_runs_it_as_a_batch_task():
+    """Workers that share a core should take turns a step at a time (agent._batch_scheduling)."""
+    code = ("import os; from lepton.worker.agent import _apply_placement; r = _apply_placement(None, 1); "
+            "print(os.sched_getscheduler(0) == os.SCHED_BATCH, r.threads)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "1"], out.stderr
 
 
 def test_throttled_worker_gets_a_proportional_share_and_the_same_model(data, tmp_path, monkeypatch):
