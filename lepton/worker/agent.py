@@ -102,8 +102,9 @@ class Reporter(threading.Thread):
 def _batch_scheduling() -> None:
     """Run this thread (and the threads it starts from now on: gloo's, the heartbeat's, torch's
     intra-op pool) as a SCHED_BATCH task: a CPU-bound job that the Linux scheduler does not let
-    preempt the running task when it wakes up. Workers wake from a collective together; two that share a core then take turns a
-    step at a time instead of switching mid-step and evicting each other's weights from the cache.
+    preempt the running task when it wakes up. Workers wake from a collective together; two that
+    share a core then take turns a step at a time instead of switching mid-step and evicting each
+    other's weights from the cache.
     Measured (benchmarks/heterogeneous.py placement, 3 workers on 2 cores, 18 interleaved rounds):
     involuntary context switches −40%, samples/s +4.8% balanced and +4.1% balance-off; with a core per
     worker (2 on 2) no difference. Elsewhere (macOS, a kernel without it) nothing changes."""
