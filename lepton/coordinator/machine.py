@@ -209,8 +209,8 @@ class Coordinator:
         m = self.members.get(hb.worker_id)
         if m is None and self._adoptable(hb):
             m = self._adopt(hb)
-        if hb.records:
-            self.report(Report(worker_id=hb.worker_id, kind="metrics", payload={"records": hb.records}))
+        if hb.records and m is not None:
+            self._take_metrics(hb.records)
         if m is None or m.state in GONE or self.phase.final:
             return HeartbeatResponse(action="exit")
         m.last_seen = self.clock()
@@ -254,6 +254,23 @@ class Coordinator:
                 start_step=self.generation_start_step, resume_checkpoint=resume, backend=self._backend()))
         return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
+    def _take_metrics(self, records: list[dict]) -> None:
+        """metrics.jsonl records from a member (in its heartbeat, or a ``metrics`` report)."""
+        for rec in records:
+            self.run.append_jsonl(self.run.metrics_jsonl, rec)
+            self.tensorboard.record(rec)
+            if rec.get("kind") == "train":
+                self.step = max(self.step, rec["step"])
+                self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
+            elif rec.get("kind") == "best":
+                self._event("best", f"best {rec['metric']} so far: {rec['value']:.6g} at step {rec['step']}",
+                            step=rec["step"], value=rec["value"], metric=rec["metric"])
+            elif rec.get("kind") == "decision":        # a policy's decision, taken on every worker
+                self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
+            elif rec.get("kind") == "eval":            # after an evaluation: a re-plan point too
+                self._maybe_replan()
+        self._persist(progress=True)
+
     def report(self, r: Report) -> None:
         m = self.members.get(r.worker_id)
         if m is None:
@@ -261,20 +278,7 @@ class Coordinator:
         m.last_seen = self.clock()
         p = r.payload
         if r.kind == "metrics":
-            for rec in p.get("records", []):
-                self.run.append_jsonl(self.run.metrics_jsonl, rec)
-                self.tensorboard.record(rec)
-                if rec.get("kind") == "train":
-                    self.step = max(self.step, rec["step"])
-                    self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
-                elif rec.get("kind") == "best":
-                    self._event("best", f"best {rec['metric']} so far: {rec['value']:.6g} at step {rec['step']}",
-                                step=rec["step"], value=rec["value"], metric=rec["metric"])
-                elif rec.get("kind") == "decision":        # a policy's decision, taken on every worker
-                    self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
-                elif rec.get("kind") == "eval":            # after an evaluation: a re-plan point too
-                    self._maybe_replan()
-            self._persist(progress=True)
+            self._take_metrics(p.get("records", []))
         elif r.kind == "checkpoint":
             if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
                 self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
