@@ -31,12 +31,17 @@ class CoordinatorUnreachable(LeptonError):
 class CoordinatorClient:
     def __init__(self, url: str, token: str, timeout_s: float = 10.0):
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
-                                  headers={"Authorization": f"Bearer {token}"})
+        try:
+            self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
+                                      headers={"Authorization": f"Bearer {token}"})
+        except httpx.InvalidURL as e:
+            raise LeptonError(f"{url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
 
     def _call(self, method: str, path: str, **kw) -> dict:
         try:
             r = self._http.request(method, path, **kw)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:     # before TransportError, its base
+            raise LeptonError(f"{self.url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
         except httpx.TransportError as e:
             raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
         if r.status_code == 401:

@@ -21,7 +21,8 @@ from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
 from .models import build_model, num_outputs
 from .spec import JobSpec, parse_job
-from .storage.prepared import cached, fingerprint, prepare
+from .storage.checkpoint import readable_state_dir
+from .storage.prepared import cache_state, fingerprint, prepare
 from .storage.rundir import RunDir, atomic_write_bytes
 
 
@@ -57,11 +58,17 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         if run.factory_pickle.exists():
             import cloudpickle
             job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
-        if not cached(run, job):
+        cache = cache_state(run, job)
+        if cache == "missing":                # the first start ended while preparing the data
             prepare(job).write(run, fingerprint(job))
+        elif cache == "changed":
+            # resuming continues on the data the run trained on, in the same order (design §3); a
+            # re-read would change the split, the steps per epoch and the samples left in this epoch
+            print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
+                  f" with the run's prepared data in {run.data_dir}", file=sys.stderr)
         manifest = _manifest(run)
         ckpt = state.get("latest_checkpoint")
-        if ckpt and not Path(ckpt["path"]).exists():
+        if ckpt and readable_state_dir(ckpt["path"]) is None:
             raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
         return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run),
                        state.get("generation"))

@@ -12,6 +12,7 @@ Policies are pure state machines: tests drive them with made-up metric sequences
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,8 +48,10 @@ class _Tracker:
         self.best, self.best_step, self.stale = st["best"], st["best_step"], st["stale"]
 
     def update(self, step: int, value: float) -> bool:
-        better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
-                                       else value > self.best + self.min_delta)
+        # a non-finite value is never the best (it compares false with everything: taken as the first
+        # best, nothing would ever beat it)
+        better = math.isfinite(value) and (self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta))
         if better:
             self.best, self.best_step, self.stale = value, step, 0
         else:

@@ -65,6 +65,8 @@ class Heartbeat(BaseModel):
     host: str = ""
     pid: int = 0
     plan_version: int = 0               # the share plan this worker trains with
+    shares: list[float] = Field(default_factory=list)   # ... its shares, by rank
+    resources: Optional[Resources] = None               # as registered
     samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
     # medians over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
     # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,

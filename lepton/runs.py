@@ -109,6 +109,13 @@ def run_info(path: str | Path) -> dict:
             "modified": max(mtimes) if mtimes else None}
 
 
+def _is_run(d: Path) -> bool:
+    try:
+        return d.is_dir() and RunDir(d).holds_run()
+    except OSError:           # e.g. another user's folder we may not look into: not ours to list
+        return False
+
+
 def list_runs(root: str | Path = "runs") -> list[dict]:
     """The runs under ``root`` (or ``root`` itself when it is one), most recently modified first."""
     root = Path(root)
@@ -117,7 +124,7 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
     if RunDir(root).holds_run():
         dirs = [root]
     else:
-        dirs = [d for d in root.iterdir() if d.is_dir() and RunDir(d).holds_run()]
+        dirs = [d for d in root.iterdir() if _is_run(d)]
     rows = [run_info(d) for d in dirs]
     rows.sort(key=lambda r: (r["modified"] or 0, r["name"]), reverse=True)
     return rows

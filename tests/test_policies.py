@@ -95,6 +95,15 @@ def test_plateau_and_early_stopping_under_a_fixed_metric_sequence():
     assert stop_at[0] == 4
 
 
+
+def test_a_non_finite_first_value_is_not_the_best():
+    """NaN compares false with everything: taken as the best, nothing would ever improve on it."""
+    from lepton.policies import EarlyStopping
+    from lepton.spec import EarlyStoppingSpec
+    early = EarlyStopping(EarlyStoppingSpec(metric="val.loss", patience=2))
+    stops = [step for step, loss in enumerate([float("nan"), 2.0, 1.0, 0.5]) if early.observe(step, {"loss": loss})]
+    assert stops == []
+
 def test_plateau_lowers_the_lr_at_the_same_step_on_any_worker_count(data, tmp_path):
     # 'max' on the validation loss: every validation after the first is "no improvement", so the
     # decision step is known in advance: the second validation (end of epoch 2, step 28)

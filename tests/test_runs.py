@@ -77,6 +77,19 @@ def test_a_run_directory_itself_and_bad_folders(runs_root, tmp_path):
     assert {r["name"]: r["status"] for r in list_runs(runs_root)}["half"] == "unknown"
 
 
+
+def test_a_folder_that_cannot_be_read_is_skipped(runs_root, monkeypatch):
+    """Another user's 0700 run folder (simulated: tests run as root, which reads everything)."""
+    from lepton.storage.rundir import RunDir
+    real = RunDir.holds_run
+
+    def holds_run(self):
+        if self.root.name == "cls":
+            raise PermissionError(13, "Permission denied", str(self.root / "state.json"))
+        return real(self)
+    monkeypatch.setattr(RunDir, "holds_run", holds_run)
+    assert [r["name"] for r in list_runs(runs_root)] == ["reg", "broken"]
+
 def test_runs_command_prints_a_table_and_json(runs_root, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     parser = argparse.ArgumentParser(prog="lepton")

@@ -133,3 +133,13 @@ def test_a_peer_that_leaves_right_after_a_complete_barrier_is_no_failure():
     seg._arrived[1] = 3                       # it arrived, then left: the barrier is complete
     seg._check(seg._arrived, 0.01, "arrive")  # the waiter returns instead of failing the step
     seg.close(abandon=False)
+
+
+def test_a_peer_that_never_answers_leaves_no_segment_behind():
+    """Rank 0 creates the segment, its peer dies before answering: the store times out, and the file in
+    /dev/shm (the size of the gradients, several times over) must not outlive the failed formation."""
+    server = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=1), wait_for_workers=False)
+    before = set(os.listdir(SHM_DIR))
+    with pytest.raises(dist.DistStoreError):       # the store timed out
+        ShmAllreduce.connect(dist.PrefixStore("t/", server), 0, 2, CAPACITY, timeout_s=1)
+    assert not {f for f in set(os.listdir(SHM_DIR)) - before if f.startswith(f"lepton-{os.getpid()}-")}

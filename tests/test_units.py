@@ -9,8 +9,8 @@ import pytest
 
 from lepton.coordinator.machine import Coordinator, Phase
 from lepton.coordinator.server import build_app
-from lepton.errors import DataError, SpecError
-from lepton.protocol import Heartbeat, RegisterRequest, Report
+from lepton.errors import DataError, LeptonError, SpecError
+from lepton.protocol import Heartbeat, RegisterRequest, Report, Resources
 from lepton.sampler import GlobalBatchSampler, split_counts
 from lepton.spec import parse_job
 from lepton.storage.prepared import prepare
@@ -230,6 +230,89 @@ def test_adopted_generation_is_replanned_only_once_every_member_is_back(tmp_path
     assert plan.version == 3 and len(plan.shares) == 2 and plan.shares[0] > plan.shares[1]
 
 
+def test_adopted_generation_keeps_its_shares_and_capacities(tmp_path):
+    """Heartbeats carry the worker's shares and resources: a restarted coordinator re-plans from the
+    predecessor's plan (each share shrinks at most by balance.SHRINK) with the capacities of the
+    placement, not from equal shares on a full core each."""
+    job = parse_job(job_dict(tmp_path / "d.csv", train__batch_size=100))
+    c = Coordinator(job, RunDir(tmp_path / "run"), 3, train_rows=1000, clock=Clock(), previous_generation=3)
+    shares, cpus = [0.8, 0.1, 0.1], [[0], [1], [1]]
+    for rank in range(3):
+        c.heartbeat(Heartbeat(worker_id=f"w{rank}", generation=3, rank=rank, world=3, state="training", step=40,
+                              plan_version=2, shares=shares, resources=Resources(cpus=1, cpu_list=cpus[rank]),
+                              step_samples=100 * shares[rank], step_busy_s=3e-3 * (1, .5, .5)[rank],
+                              step_compute_s=2e-3 * (1, .5, .5)[rank]))
+    assert [c.members[f"w{r}"].capacity for r in range(3)] == [1.0, 0.5, 0.5]
+    # each took 3 ms of its share of a core per step at these shares: balanced, the plan stays
+    assert c.step_plan.shares == shares and c.plan_version == 2 and c.plan_settled
+
+
+def test_member_not_yet_started_when_a_regroup_begins_still_starts(tmp_path):
+    """A generation forms on one worker's plan request; another learns of it only at its next poll. If
+    a regroup begins in between (here: a third worker joins), it must still be told to start, or it
+    would stay 'training' for good and the coordinator would wait on it forever."""
+    c, _ = _coordinator(tmp_path, 2)
+    a = _ready(c, 1)
+    b = _ready(c, 2)                       # forms generation 0; b is told to run, a has not asked yet
+    assert c.phase == Phase.RUNNING and c.plan(b).action == "run"
+    _ready(c, 3)                           # a join: regroup
+    assert c.phase == Phase.REGROUPING
+    pa = c.plan(a)
+    assert pa.action == "run" and pa.generation.id == 0
+    assert c.plan(a).action == "wait"      # told once: a second request during the regroup is not a start
+    for w in (a, b):
+        assert c.heartbeat(Heartbeat(worker_id=w, generation=0, step=1)).regroup_generation == 0
+        c.report(Report(worker_id=w, kind="paused", payload={"reason": "regroup", "generation": 0, "step": 1}))
+    assert c.phase == Phase.RUNNING and c.generation == 1 and len(c.generation_members) == 3
+
+
+def test_regroup_during_the_final_evaluation_still_completes(tmp_path):
+    """Rank 1 finished; a stop request turns it into a paused member; rank 0's summary then completes
+    the job instead of leaving it regrouping for good."""
+    c, _ = _coordinator(tmp_path, 2)
+    a, b = _ready(c, 1), _ready(c, 2)
+    c.report(Report(worker_id=b, kind="finished", payload={"step": 21}))
+    c.request_stop("interrupted")
+    assert c.phase == Phase.REGROUPING
+    c.report(Report(worker_id=a, kind="finished", payload={"step": 21, "summary": {"steps": 21}}))
+    assert c.phase == Phase.COMPLETED and c.summary["steps"] == 21
+    c.report(Report(worker_id=b, kind="finished", payload={"step": 21}))     # late: changes nothing
+    assert _kinds(tmp_path).count("completed") == 1
+
+
+def test_reports_from_a_lost_member_do_not_bring_it_back(tmp_path):
+    c, clock = _coordinator(tmp_path, 2, cluster__heartbeat_timeout_s=5, cluster__min_workers=1)
+    a, b = _ready(c, 1), _ready(c, 2)
+    clock.t = 6.0
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=3))
+    c.tick()                                              # b silent for 6 s: lost
+    assert c.members[b].state == "lost"
+    c.report(Report(worker_id=b, kind="paused", payload={"reason": "regroup", "generation": 0, "step": 3}))
+    c.report(Report(worker_id=b, kind="failed", payload={"error": "boom"}))
+    assert c.members[b].state == "lost" and not c.phase.final
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3}))
+    assert c.phase == Phase.RUNNING and c.generation_members == [a]
+
+
+def test_progress_goes_back_to_the_checkpoint_a_generation_restarts_from(tmp_path):
+    """The only replica died at step 55, the checkpoint is at 40: progress (status, state.json) says 40."""
+    c, _ = _coordinator(tmp_path, 1, cluster__min_workers=1)
+    a = _ready(c, 1)
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 40, "path": "/ck40"}))
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=55))
+    c.process_exited(1, -9)
+    b = _ready(c, 2)
+    assert c.generation == 1 and c.generation_start_step == 40
+    assert c.status()["step"] == 40 and json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 40
+
+
+def test_resume_keeps_the_recorded_generation_until_it_adopts(tmp_path):
+    """A --resume coordinator that ends before any worker came back leaves state.json's generation as
+    it found it: the next --resume can still adopt the live workers."""
+    job = parse_job(job_dict(tmp_path / "d.csv"))
+    Coordinator(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=7)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["generation"] == 7
+
 def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):
     c, clock = _coordinator(tmp_path, 3)
     a, b, d = (_ready(c, pid) for pid in (1, 2, 3))
@@ -327,6 +410,53 @@ def test_machine_fails_on_a_worker_error(tmp_path):
     assert c.phase == Phase.FAILED and "boom" in c.reason
 
 
+# --- storage: checkpoints, the final model, the prepared data on resume -------------------------------
+def test_a_crash_while_a_checkpoint_of_the_same_step_is_replaced_leaves_one_readable(tmp_path):
+    """The same step saved twice (a periodic save, then the final one): the old folder is moved aside,
+    not deleted, before the new one is renamed in. A crash in between leaves only the moved one, which
+    reading the checkpoint (and --resume's check) still finds."""
+    import torch
+    from lepton.storage.checkpoint import read_checkpoint, readable_state_dir, write_checkpoint
+    run = RunDir(tmp_path / "run")
+    path = write_checkpoint(run, 40, {"w": torch.ones(3)}, keep=2)
+    path.rename(path.with_name(f".{path.name}.old"))          # the state a crash after the move leaves
+    assert readable_state_dir(path) is not None
+    assert torch.equal(read_checkpoint(path)["w"], torch.ones(3))
+    write_checkpoint(run, 40, {"w": torch.zeros(3)}, keep=2)   # and a later save of that step replaces it
+    assert torch.equal(read_checkpoint(path)["w"], torch.zeros(3))
+    assert readable_state_dir(path) == path and not path.with_name(f".{path.name}.old").exists()
+
+
+def test_final_model_of_a_model_with_tied_weights_is_written(tmp_path):
+    import torch
+    from lepton.storage.checkpoint import read_model, write_model
+    emb = torch.nn.Embedding(5, 4)
+    dec = torch.nn.Linear(4, 5, bias=False)
+    dec.weight = emb.weight                                    # tied: one tensor under two names
+    model = torch.nn.Sequential(emb, dec)
+    write_model(tmp_path / "model", model.state_dict(), {"format": "test"})
+    weights, _ = read_model(tmp_path / "model")
+    assert torch.equal(weights["0.weight"], weights["1.weight"])
+
+
+def test_resume_keeps_the_prepared_data_when_the_source_changed(tmp_path, capsys):
+    """--resume continues on the data the run was prepared with (same split, same order), even when
+    the source file was edited or removed since; it says so."""
+    from conftest import make_classification_csv
+    from lepton.launcher import open_run
+    data = make_classification_csv(tmp_path / "data.csv", rows=120)
+    job = parse_job(job_dict(data))
+    first = open_run(job, tmp_path / "run", resume=False)
+    manifest = (tmp_path / "run" / "data" / "manifest.json").read_text()
+    make_classification_csv(data, rows=200, seed=5)            # edited
+    again = open_run(None, tmp_path / "run", resume=True)
+    assert again.train_rows == first.train_rows
+    assert (tmp_path / "run" / "data" / "manifest.json").read_text() == manifest
+    assert "resuming with the run's prepared data" in capsys.readouterr().err
+    data.unlink()                                              # gone
+    assert open_run(None, tmp_path / "run", resume=True).train_rows == first.train_rows
+
+
 # --- metrics from exactly reduced sums -------------------------------------------------------------
 @pytest.mark.parametrize("classes", [2, 4])
 def test_reduced_metrics_match_sklearn_and_any_partition(classes):
@@ -391,8 +521,10 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only():
     assert f["step_samples"] == 10 and f["step_compute_s"] == pytest.approx(2e-3)
     # the whole step, the discarded one left out, the outlier too (a median: a mean would be > 12 ms)
     assert 3e-3 <= f["step_busy_s"] < 10e-3
+    beat = dict(f)
     m.reset()
-    assert m.fields() == {}
+    beat.update(m.fields())          # heartbeat fields are merged: the last plan's medians must not stay
+    assert beat["step_busy_s"] == beat["step_samples"] == beat["step_compute_s"] == 0.0
     # a shorter first window (the starting shares are a guess); after a plan switch, full windows
     m = StepMeter(on_gpu=False, window=3, first_window=2)
     for _ in range(3):
@@ -407,6 +539,14 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only():
     m.begin()
     assert m.full
 
+
+
+def test_a_malformed_coordinator_url_is_one_clear_error():
+    from lepton.client import CoordinatorClient
+    with pytest.raises(LeptonError, match="not a coordinator URL"):
+        CoordinatorClient("http://127.0.0.1:70OO", "token")
+    with pytest.raises(LeptonError, match="not a coordinator URL"):
+        CoordinatorClient("ftp://127.0.0.1:7000", "token").status()
 
 def test_coordinator_sockets_say_tcp_so_asyncio_disables_nagle():
     # proto 0 (socket.create_server) made uvicorn's responses wait for delayed ACKs: ~40 ms a request

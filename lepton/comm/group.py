@@ -46,10 +46,12 @@ class GenerationGroup:
         store = dist.PrefixStore(f"gen-{generation}/", self._client)
         try:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
-            if self.shared_memory and backend == "gloo" and world > 1:
+            if backend == "gloo" and world > 1:
                 # co-located ranks reduce through a shared segment; None unless every rank can map it
+                # and wants it (a rank whose gradients live on a GPU does not: each rank choosing for
+                # itself would leave some in the segment's barrier and the others in gloo's)
                 self.shm = ShmAllreduce.connect(store, rank, world, self.shm_capacity, self.timeout.total_seconds(),
-                                                self.should_abort)
+                                                self.should_abort, usable=self.shared_memory)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend

@@ -100,22 +100,30 @@ class ShmAllreduce:
         # two sets of world input slots (calls alternate between them), then the output
         self._slots = [torch.frombuffer(buf, dtype=torch.uint8, count=capacity, offset=HEADER + i * capacity)
                        for i in range(2 * world + 1)]
-        self._pidfds = [os.pidfd_open(p) for p in peers]
+        self._pidfds: list[int] = []
+        try:
+            for p in peers:
+                self._pidfds.append(os.pidfd_open(p))
+        except BaseException:
+            for fd in self._pidfds:
+                os.close(fd)
+            raise
         self.seq = 0
         self.work_s = 0.0             # this thread's processor time in the last call, waits excluded
 
     # --- set-up ----------------------------------------------------------------------------------
     @classmethod
     def connect(cls, store, rank: int, world: int, capacity: int, timeout_s: float,
-                should_abort: Callable[[float], bool] | None = None) -> "ShmAllreduce | None":
+                should_abort: Callable[[float], bool] | None = None, usable: bool = True) -> "ShmAllreduce | None":
         """Every rank of the generation calls this at the same point. Returns the segment when every
-        rank could map it (they share a host, a /dev/shm and a PID namespace), else None on every rank.
+        rank could map it (they share a host, a /dev/shm and a PID namespace) and is ``usable`` (its
+        tensors are in host memory; shared memory is on), else None on every rank.
         """
         capacity = -(-capacity // 64) * 64                  # cache-line aligned slots
         size = HEADER + (2 * world + 1) * capacity
         ns = _pid_namespace()
         buf, err, path, nonce = None, "", "", ""
-        if world > MAX_WORLD or not available():
+        if not usable or world > MAX_WORLD or not available():
             err = "unavailable"
         elif rank == 0:
             nonce = secrets.token_hex(8)
@@ -140,10 +148,16 @@ class ShmAllreduce:
                 except OSError as e:
                     err = f"{path}: {e}"
         cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-        store.set(f"shm/{rank}", f"no {err}" if err or buf is None else f"ok {os.getpid()} {ns} {cpus}")
-        answers = [store.get(f"shm/{r}").decode().split() for r in range(world)]
-        if rank == 0 and buf is not None:
-            os.unlink(path)                                 # every rank mapped it or gave up: no leak
+        try:
+            store.set(f"shm/{rank}", f"no {err}" if err or buf is None else f"ok {os.getpid()} {ns} {cpus}")
+            answers = [store.get(f"shm/{r}").decode().split() for r in range(world)]
+        except BaseException:               # a peer died before answering: the store timed out
+            if buf is not None:
+                buf.close()
+            raise
+        finally:
+            if rank == 0 and buf is not None:
+                os.unlink(path)             # every rank mapped it, gave up or is gone: nothing left behind
         if any(a[0] != "ok" or a[2] != ns for a in answers):
             if buf is not None:
                 buf.close()
@@ -156,6 +170,7 @@ class ShmAllreduce:
             return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0,
                        should_abort=should_abort)
         except ProcessLookupError:
+            buf.close()
             raise CommError("a peer exited while the generation formed") from None
 
     def close(self, abandon: bool = True) -> None:

@@ -81,6 +81,7 @@ class Member:
     cost: Optional[balance.StepCost] = None   # from ``measured``
     capacity: float = 1.0           # cores it can count on in its generation (balance.capacities)
     plan_version: int = 0           # the share plan it has applied
+    run_sent: bool = False          # it was told to start its generation (``plan`` answered ``run``)
 
 
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
@@ -180,17 +181,24 @@ class Coordinator:
 
     def _adopt(self, hb: Heartbeat) -> Member:
         now = self.clock()
-        m = Member(hb.worker_id, hb.host, hb.pid, Resources(), now, state="training", step=hb.step,
-                   rank=hb.rank, share=1.0, generation=hb.generation)
+        m = Member(hb.worker_id, hb.host, hb.pid, hb.resources or Resources(), now, state="training",
+                   step=hb.step, rank=hb.rank, generation=hb.generation, plan_version=hb.plan_version, run_sent=True)
         self.members[hb.worker_id] = m
         if self.generation is None:
             self.generation, self.generation_world = hb.generation, hb.world
             self.phase, self.started_at, self.source_is_checkpoint = Phase.RUNNING, now, False
             self.shares = [1.0] * hb.world
             self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares, generation=self.generation)
+        # the workers train with the predecessor's last plan, which their heartbeats carry: a re-plan
+        # starts from those shares and is numbered after it, or they would not apply it
+        if len(hb.shares) == self.generation_world and hb.plan_version >= self.step_plan.version:
+            self.shares = list(hb.shares)
+            self.step_plan = StepPlan(version=hb.plan_version, shares=self.shares, generation=self.generation)
         self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
-        # the workers train with the predecessor's last plan (its shares are not in the heartbeat): the
-        # next plan must be numbered after it to be applied
+        if len(self.generation_members) == self.generation_world:     # all back: capacities as at formation
+            self._assign_capacities([self.members[w] for w in self.generation_members])
+        for w in self.generation_members:
+            self.members[w].share = self.shares[self.members[w].rank] if self.members[w].rank < len(self.shares) else None
         self.plan_version = max(self.plan_version, hb.plan_version)
         self.step = max(self.step, hb.step)
         self._event("worker_adopted", f"{m.worker_id} (rank {hb.rank} of generation {hb.generation}) kept training"
@@ -209,7 +217,7 @@ class Coordinator:
         m = self.members.get(hb.worker_id)
         if m is None and self._adoptable(hb):
             m = self._adopt(hb)
-        if hb.records and m is not None:
+        if hb.records and m is not None and m.state != "lost":   # a lost member's records are stale
             self._take_metrics(hb.records)
         if m is None or m.state in GONE or self.phase.final:
             return HeartbeatResponse(action="exit")
@@ -244,7 +252,12 @@ class Coordinator:
             self._on_ready(m)
         if self.checkpoint_from == worker_id:
             return PlanResponse(action="checkpoint", reason="save the live state before waiting or stopping")
-        if self.phase == Phase.RUNNING and m.state == "training" and worker_id in self.generation_members:
+        # a member that has not started its generation yet still does when a regroup began in the
+        # meantime (a join, a stop, a loss): told to wait it would stay "training" for good, and the
+        # others could not finish the rendezvous; started, it hears the regroup and pauses like them
+        startable = self.phase == Phase.RUNNING or (self.phase == Phase.REGROUPING and not m.run_sent)
+        if startable and m.state == "training" and worker_id in self.generation_members:
+            m.run_sent = True
             resume = None
             if m.rank == 0 and self.source_is_checkpoint and self.latest_checkpoint:
                 resume = self.latest_checkpoint["path"]
@@ -275,6 +288,8 @@ class Coordinator:
         m = self.members.get(r.worker_id)
         if m is None:
             return
+        if m.state in GONE and r.kind in ("paused", "finished", "failed"):
+            return          # it was told to exit: taking it back would count a dead worker as alive
         m.last_seen = self.clock()
         p = r.payload
         if r.kind == "metrics":
@@ -294,9 +309,16 @@ class Coordinator:
             m.step = p.get("step", m.step)
             if p.get("summary"):
                 self.summary = p["summary"]
-            if (len(self.generation_members) == self.generation_world
-                    and all(self.members[w].state == "finished" for w in self.generation_members)):
-                self._complete()
+            # rank 0's summary comes after the final evaluation, a collective every rank took part in,
+            # and after the model was written: once no member is still training the job is done, even
+            # if a regroup (a stop, a join, a loss) began meanwhile and made the members that had
+            # finished paused ones
+            if (self.summary is not None and len(self.generation_members) == self.generation_world
+                    and all(self.members[w].state != "training" for w in self.generation_members)):
+                if not self.phase.final:
+                    self._complete()
+            else:
+                self._advance()
         elif r.kind == "paused":
             self._on_paused(m, p)
         elif r.kind == "failed":
@@ -515,10 +537,7 @@ class Coordinator:
         self.generation = 0 if last is None else last + 1
         self.generation_members = [m.worker_id for m in chosen]
         self.generation_world = len(chosen)
-        caps = balance.capacities([(m.host, m.resources.cpu_list, m.resources.threads, bool(m.resources.gpus))
-                                   for m in chosen])
-        for m, cap in zip(chosen, caps):
-            m.capacity = cap
+        self._assign_capacities(chosen)
         self.shares = self.share_policy(self.job, chosen)
         self.shares_guessed = not all(m.cost for m in chosen)    # from capacities: no measured costs yet
         self.plan_version = 0
@@ -531,7 +550,8 @@ class Coordinator:
             self.generation_start_step = self.latest_checkpoint["step"] if self.latest_checkpoint else 0
         for rank, m in enumerate(chosen):
             m.rank, m.share, m.state, m.generation = rank, self.shares[rank], "training", self.generation
-            m.step, m.plan_version = self.generation_start_step, 0
+            m.step, m.plan_version, m.run_sent = self.generation_start_step, 0, False
+        self.step = self.generation_start_step         # back to a checkpoint's step if that is the source
         # the first re-plan of a generation is due as soon as every member measured a full window
         self.plan_step, self.plan_settled = self.generation_start_step, False
         for inc in self.incidents:
@@ -562,6 +582,12 @@ class Coordinator:
         self._persist()
 
     # --- helpers and views -----------------------------------------------------------------------
+    def _assign_capacities(self, members: list[Member]) -> None:
+        caps = balance.capacities([(m.host, m.resources.cpu_list, m.resources.threads, bool(m.resources.gpus))
+                                   for m in members])
+        for m, cap in zip(members, caps):
+            m.capacity = cap
+
     def _backend(self) -> str:
         """NCCL when every member trains on a GPU of its own, gloo otherwise (CPU, or a shared GPU)."""
         if self.job.cluster.device == "cpu":
@@ -607,7 +633,9 @@ class Coordinator:
         once like every other change."""
         state = {
             "status": self.phase.value, "reason": self.reason, "name": self.job.name,
-            "generation": self.generation, "step": self.step, "epoch": self.epoch,
+            # until a member is adopted or a generation formed, the predecessor's (another --resume needs it)
+            "generation": self.generation if self.generation is not None else self.previous_generation,
+            "step": self.step, "epoch": self.epoch,
             "total_steps": self.total_steps, "latest_checkpoint": copy.deepcopy(self.latest_checkpoint),
             "workers": len(self.generation_members)}
         last = self._persisted

@@ -138,6 +138,9 @@ class CoordinatorServer:
         self.store = dist.TCPStore(listener.host, listener.store_port, None, True,
                                    datetime.timedelta(seconds=60), wait_for_workers=False,
                                    master_listen_fd=listener.store.fileno())
+        # the store owns the descriptor from now on (its destructor closes it): the socket object lets
+        # go of it, or closing both would close whatever file took the number in between
+        listener.store.detach()
         app = build_app(coord, token, self.lock, listener.store_port, factory_pickle)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
@@ -186,3 +189,4 @@ class CoordinatorServer:
         self._server.should_exit = True
         self._thread.join(timeout=5)
         self.listener.close()
+        self.store = None                  # closes the store's listening socket

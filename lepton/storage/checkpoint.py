@@ -1,14 +1,16 @@
 """Checkpoints and the final model, written so that a crash at any instant leaves a usable run.
 
-A checkpoint is written into a hidden temporary folder and renamed to ``checkpoints/step-N`` once
-complete; older ones are deleted only after the new one exists (the last good checkpoint is never
-overwritten in place, invariant 4). Saving runs on a background thread after the state has been
-copied to host memory, so training stalls only for that copy.
+A checkpoint is written into a hidden temporary folder, fsynced, and renamed to
+``checkpoints/step-N`` once complete (the folder it is in synced after the rename); older ones are
+deleted only after the new one exists (the last good checkpoint is never overwritten in place,
+invariant 4). Saving runs on a background thread after the state has been copied to host memory, so
+training stalls only for that copy.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .rundir import RunDir, atomic_write_json
+from .rundir import RunDir, atomic_write_json, fsync_dir
 
 STATE_FILE = "state.pt"
 MODEL_WEIGHTS = "weights.safetensors"
@@ -25,16 +27,39 @@ MODEL_META = "lepton.json"
 
 
 def write_state_dir(final: Path, step: int, state: dict) -> Path:
-    """``state`` into the folder ``final``, written beside it and renamed, replacing it whole."""
+    """``state`` into the folder ``final``, written beside it and renamed, replacing it whole. Its
+    data reaches the disk before the rename does (a crash must not leave a complete-looking folder
+    with an empty state file), and a folder of the same step is moved aside, not deleted, until the
+    new one is in place (``readable_state_dir`` finds it if a crash came in between)."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     atomic_write_json(tmp / "meta.json", {"step": step})
+    old = _aside(final)
     if final.exists():            # the same step saved again (e.g. the final save)
-        shutil.rmtree(final)
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def readable_state_dir(path: str | Path) -> Path | None:
+    """``path``, or the copy ``write_state_dir`` moved aside if a crash came before its replacement
+    was renamed in; None when neither exists."""
+    for p in (Path(path), _aside(Path(path))):
+        if (p / STATE_FILE).exists():
+            return p
+    return None
 
 
 def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
@@ -57,7 +82,7 @@ def _to_host(obj):
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load((readable_state_dir(path) or Path(path)) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
 class AsyncCheckpointer:
@@ -96,15 +121,20 @@ def write_model(model_dir: Path, state_dict: dict, meta: dict, extra_files: dict
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / MODEL_WEIGHTS))
+    # copies: safetensors refuses tensors that share memory (a user model with tied weights)
+    save_file({k: v.detach().cpu().clone() for k, v in state_dict.items()}, str(tmp / MODEL_WEIGHTS))
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     atomic_write_json(tmp / MODEL_META, meta)
     old = model_dir.with_name(f".{model_dir.name}.old")
     if model_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         model_dir.rename(old)
     tmp.rename(model_dir)
+    fsync_dir(model_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -57,14 +57,16 @@ def fingerprint(job: JobSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached(run: RunDir, job: JobSpec) -> bool:
+def cache_state(run: RunDir, job: JobSpec) -> str:
+    """``current``: the run's prepared data matches the source; ``changed``: it is complete (the
+    manifest is written last) but the source file changed, moved or is gone since; ``missing``: there
+    is none (or only part of one)."""
     m = run.data_dir / "manifest.json"
-    if not m.exists():
-        return False
     try:
-        return json.loads(m.read_text()).get("fingerprint") == fingerprint(job)
-    except json.JSONDecodeError:
-        return False
+        manifest = json.loads(m.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "missing"
+    return "current" if manifest.get("fingerprint") == fingerprint(job) else "changed"
 
 
 def prepare(job: JobSpec) -> PreparedData:

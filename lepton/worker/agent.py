@@ -31,7 +31,7 @@ from ..storage.checkpoint import (AsyncCheckpointer, read_checkpoint, write_chec
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
-from .meter import FIRST_WINDOW, StepMeter
+from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
 from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
@@ -54,6 +54,10 @@ class Reporter(threading.Thread):
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
         self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
+        # beats go out from this thread, the training loop's (before a report) and the checkpoint
+        # writer's: one at a time, or records could land out of order and an older reply's
+        # regroup_generation overwrite a newer one's
+        self._sending = threading.Lock()
 
     def update(self, **fields) -> None:
         """Called every step: a dict update only; the Heartbeat is built when it is sent."""
@@ -65,19 +69,20 @@ class Reporter(threading.Thread):
             self.records.append(record)
 
     def flush(self) -> None:
-        with self.lock:
-            records, self.records = self.records, []
-            beat = Heartbeat(worker_id=self.worker_id, records=records, **self.fields)
-        try:
-            reply = self.client.heartbeat(beat)
-            self.regroup_generation = reply.regroup_generation
-            if reply.plan is not None:
-                self.plan = reply.plan
-            if reply.action == "exit":
-                self.exit_requested.set()
-        except LeptonError:
+        with self._sending:
             with self.lock:
-                self.records = records + self.records
+                records, self.records = self.records, []
+                beat = Heartbeat(worker_id=self.worker_id, records=records, **self.fields)
+            try:
+                reply = self.client.heartbeat(beat)
+                self.regroup_generation = reply.regroup_generation
+                if reply.plan is not None:
+                    self.plan = reply.plan
+                if reply.action == "exit":
+                    self.exit_requested.set()
+            except LeptonError:
+                with self.lock:
+                    self.records = records + self.records
 
     def beat_now(self) -> None:
         """Send the current fields without waiting for the interval (a first speed measurement: the
@@ -149,7 +154,8 @@ class Worker:
         # heartbeats start now; the coordinator counts this worker as available from its first plan
         # request, i.e. once the model and data below are ready
         self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
-        self.reporter.update(host=socket.gethostname(), pid=os.getpid())
+        # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
+        self.reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
         self.reporter.start()
         self.job = parse_job(reg.job, source="job from coordinator")
         self.run = RunDir(reg.run_dir)
@@ -160,11 +166,12 @@ class Worker:
         self.trainer = Trainer(self.job, DataCache(self.run), factory, self._device())
         cluster = self.job.cluster
         self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
-                                     shared_memory=cluster.shared_memory,
+                                     shared_memory=cluster.shared_memory and self.trainer.device.type == "cpu",
                                      shm_capacity=max(REDUCE_BYTES, self._max_flat_bytes()))
         self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
         self.leaving = False
+        self.checkpointer: AsyncCheckpointer | None = None   # rank 0's background saves in a generation
 
     def _max_flat_bytes(self) -> int:
         """The largest gradient buffer a step reduces: the gradients and the extra slots, which grow
@@ -210,6 +217,7 @@ class Worker:
                 if plan.action == "wait":
                     time.sleep(PLAN_POLL_S)
                 elif plan.action == "checkpoint":
+                    self._checkpoints_written()
                     t = self.trainer
                     path = write_checkpoint(self.run, t.step, t.state(), self.job.checkpoint.keep)
                     self._send("checkpoint", {"step": t.step, "path": str(path)})
@@ -230,12 +238,16 @@ class Worker:
 
     def _run_generation(self, gen: Generation) -> str:
         self.generation = gen.id
-        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank, world=gen.world)
+        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank, world=gen.world,
+                             plan_version=0, shares=list(gen.shares), **NOT_MEASURED)
         try:
             self.group.join(gen.id, gen.rank, gen.world, gen.store_port, gen.backend)
             summary = self._train(gen)
         except CommError as e:
             self.group.leave()
+            # a background save may still be writing: the coordinator, hearing of the pause, may ask
+            # for a checkpoint of this very step, and two writers of one folder corrupt it
+            self._checkpoints_written()
             self.reporter.update(state="paused")
             self._send("paused", {"reason": "collective_error", "generation": gen.id, "step": self.trainer.step,
                                   "error": str(e)[:300]})
@@ -285,10 +297,10 @@ class Worker:
         state = self.group.broadcast_state(t.state() if rank == 0 else None, src=0)
         if rank != 0:
             t.load_state(state)
-        ckpt = AsyncCheckpointer(self.run, job.checkpoint.keep, self._on_checkpoint) if rank == 0 else None
+        ckpt = self.checkpointer = (AsyncCheckpointer(self.run, job.checkpoint.keep, self._on_checkpoint)
+                                    if rank == 0 else None)
         shares, plan_version = list(gen.shares), 0
         self.reporter.plan = None
-        self.reporter.update(plan_version=0)
         if self.faults.has("throttle"):
             t.compute_hook = lambda n: self.faults.throttle(rank, n)
         if self.faults.has("nan"):
@@ -318,6 +330,7 @@ class Worker:
                                     "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
             if r.next_shares is not None:         # plan v+1 reached every rank in this step's reduction
                 shares, plan_version = r.next_shares, plan_version + 1
+                self.reporter.update(shares=shares)
                 if rank == 0:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": [round(x, 6) for x in shares]})
@@ -406,6 +419,11 @@ class Worker:
         if rank == 0 and m.get("count"):
             self.reporter.push({"kind": "eval", "split": split, "time": time.time(), "step": self.trainer.step,
                                 "epoch": self.trainer.epoch, **m})
+
+    def _checkpoints_written(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+            self.checkpointer = None
 
     def _on_checkpoint(self, step: int, path: Path) -> None:
         self._send("checkpoint", {"step": step, "path": str(path)})

@@ -29,6 +29,8 @@ from typing import Optional
 
 WINDOW = 10       # steps over which a worker measures itself
 FIRST_WINDOW = 4  # ... at a generation's starting shares, which are a guess (capacities) or an old plan
+# the heartbeat fields of a worker without a full window at its current plan
+NOT_MEASURED = {"step_samples": 0.0, "step_busy_s": 0.0, "step_compute_s": 0.0, "step_compute_fixed_s": 0.0}
 
 
 class StepMeter:
@@ -79,13 +81,15 @@ class StepMeter:
         """Heartbeat fields: ``samples_per_s`` (compute throughput, wall clock, shown to users) always;
         the per-step medians the balancer uses (``step_samples``, ``step_busy_s``, ``step_compute_s``)
         only over a full window, else 0."""
+        # the step_* fields are always there: the heartbeat's fields are merged, so a missing one would
+        # send the last plan's medians labelled with the new plan (the coordinator took them for a
+        # measurement of it)
         if not self.steps:
-            return {}
+            return dict(NOT_MEASURED)
         n, wall, compute, busy = map(sum, zip(*self.steps))
         out = {"samples_per_s": n / wall if wall > 0 else 0.0}
         if not (self.full and busy > 0):
-            return {**out, "step_samples": 0.0, "step_busy_s": 0.0, "step_compute_s": 0.0,
-                    "step_compute_fixed_s": 0.0}
+            return {**out, **NOT_MEASURED}
         # medians, not means: one step of a window that paid for something else (a garbage collection,
         # a page fault storm) made a 36-sample share look 31 µs a sample instead of ~10 and sent the
         # next plan to 1.6% of the batch (seen on the heterogeneous benchmark)
