@@ -28,6 +28,7 @@ class TrainResult:
     summary: dict | None
     reason: str = ""
     export: dict | None = None          # the export report when the job has an ``export:`` section
+    export_error: str = ""              # why that export failed (the training result above still holds)
 
 
 def _as_job(job, overrides: list[str] | None) -> JobSpec:
@@ -45,7 +46,8 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     """Train with a local coordinator and ``workers`` local worker processes; blocks until the end.
 
     Raises ``LeptonError`` for bad input; a run that fails or is interrupted returns its status and
-    reason (the run directory stays resumable)."""
+    reason (the run directory stays resumable). When the job's ``export:`` phase fails after training
+    completed, the result says why in ``export_error`` (the trained model is kept)."""
     overrides = list(overrides or [])
     if workers is not None and not resume:
         overrides.append(f"cluster.workers={workers}")
@@ -93,9 +95,12 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     reason = coord.reason
     if coord.phase.value == "failed" and local.failure_output():
         console.print(local.failure_output(), markup=False, highlight=False)
-    report = None
+    report, export_error = None, ""
     if coord.phase.value == "completed" and opened.job.export is not None:
         from .export.pipeline import run_export
-        report = run_export(opened.run.root, opened.job.export,
-                            log=lambda m: console.print(m, markup=False, highlight=False))
-    return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason, report)
+        try:
+            report = run_export(opened.run.root, opened.job.export,
+                                log=lambda m: console.print(m, markup=False, highlight=False))
+        except LeptonError as e:     # raising would lose the result of the training that did complete
+            export_error = str(e)
+    return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason, report, export_error)

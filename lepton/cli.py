@@ -75,6 +75,8 @@ def _split_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
         raise LeptonError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
+    if int(port) > 65535:      # the socket layer would raise OverflowError, not a message
+        raise LeptonError(f"--bind {bind!r}: port {int(port)} is out of range (0-65535; 0 picks a free port)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -89,6 +91,8 @@ def cmd_train(a) -> int:
     if res.export:
         from .export.report import print_report
         print_report(res.export, out)
+    if res.export_error:        # after the summary: the trained model is there, only its export failed
+        raise LeptonError(f"training completed (summary above), but the export failed: {res.export_error}")
     return code
 
 
@@ -162,7 +166,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import load
+    from .predict import check_output, load
+    check_output(a.output, a.input, label="--output ")       # before any work
     p = load(a.run_dir)
     result = p.predict_file(a.input)
     p.write_csv(result, a.output)

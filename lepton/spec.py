@@ -252,6 +252,11 @@ class JobSpec(_Strict):
             p.keep_best = KeepBestSpec(metric=p.early_stopping.metric, mode=p.early_stopping.mode)
         if self.model.type == "cnn" and not self.data.shape:
             raise ValueError("model.type 'cnn' needs data.shape (e.g. [1, 8, 8])")
+        s = self.data.split
+        if self.export is not None and s.test == 0 and s.val == 0:    # known now, not after training
+            raise ValueError("export: the artifacts are checked on the test (or validation) rows, and"
+                             " data.split keeps none (test and val are 0): give data.split.test or"
+                             " data.split.val a fraction, or remove export")
         return self
 
     def to_yaml_dict(self) -> dict:

@@ -43,15 +43,20 @@ def test_missing_target_column(tmp_path, csv_data):
     _expect_error(tmp_path, job, "target column 'species' not found", "data.csv")
 
 
-def test_non_numeric_value_names_the_row(tmp_path):
+# an infinity made the fitted mean infinite and every loss NaN: the run died as "diverged"
+@pytest.mark.parametrize("line,col,value,needles", [
+    (17, 2, "abc", ("column 'f2'", "row 17 (line 18)", "'abc' is not a number")),
+    (9, 3, "inf", ("column 'f3'", "row 9 (line 10)", "inf is not a finite number")),
+])
+def test_a_bad_value_names_the_row(tmp_path, line, col, value, needles):
     data = make_classification_csv(tmp_path / "d.csv", rows=60)
     lines = data.read_text().splitlines()
-    cells = lines[17].split(",")
-    cells[2] = "abc"
-    lines[17] = ",".join(cells)
+    cells = lines[line].split(",")
+    cells[col] = value
+    lines[line] = ",".join(cells)
     data.write_text("\n".join(lines) + "\n")
     job = _write_job(tmp_path, job_dict(data))
-    _expect_error(tmp_path, job, "column 'f2'", "row 17 (line 18)", "'abc' is not a number")
+    _expect_error(tmp_path, job, *needles)
 
 
 def test_all_rows_dropped(tmp_path):
@@ -129,3 +134,46 @@ def test_cuda_requested_without_a_gpu(tmp_path, csv_data):
         pytest.skip("this machine has a GPU")
     job = _write_job(tmp_path, job_dict(csv_data))
     _expect_error(tmp_path, job, "cluster.device is 'cuda'", extra=("--set", "cluster.device=cuda"))
+
+
+# --- reading data files (lepton.storage.tables: shared by train and predict) ----------------------
+
+def test_duplicate_column_name_is_named(tmp_path):
+    from lepton.errors import DataError
+    from lepton.storage.tables import read_table
+    p = tmp_path / "dup.csv"
+    p.write_text("a,b,a,label\n1,2,3,x\n4,5,6,y\n")
+    with pytest.raises(DataError, match=r"dup\.csv: duplicate column name\(s\) 'a' \(2 times\)"):
+        read_table(str(p))
+
+
+def test_truncated_npz(tmp_path):
+    import numpy as np
+    from lepton.errors import DataError
+    from lepton.storage.tables import read_table
+    np.savez(tmp_path / "ok.npz", x=np.zeros((50, 3)), y=np.arange(50))
+    raw = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"cut\.npz: cannot read as npz"):
+        read_table(str(tmp_path / "cut.npz"))
+
+
+def test_unopenable_data_file_names_it(tmp_path, monkeypatch):
+    import fsspec
+    from lepton.errors import DataError
+    from lepton.storage.tables import read_table
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(DataError, match=r"plain/data\.csv: cannot open: Not a directory"):
+        read_table(str(tmp_path / "plain" / "data.csv"))
+
+    def refused(*a, **kw):      # what a protected file or a network filesystem raises (root reads anything)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(fsspec, "open", refused)
+    with pytest.raises(DataError, match=r"data\.csv: cannot open: Permission denied"):
+        read_table(str(tmp_path / "data.csv"))
+
+
+def test_data_path_under_a_file(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    job = _write_job(tmp_path, job_dict(tmp_path / "plain" / "data.csv"))
+    _expect_error(tmp_path, job, "plain/data.csv", "cannot open: Not a directory")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import lepton
@@ -116,8 +117,9 @@ def test_int8_method_static_for_convolutions(digits, breast, tmp_path):
     assert _row(st, "model.int8.onnx")["metrics"]["accuracy"] >= st["rows"][0]["metrics"]["accuracy"] - 0.01
     bare = tmp_path / "bare"
     shutil.copytree(brun, bare, ignore=shutil.ignore_patterns("train_x.npy", "exports"))
-    with pytest.raises(LeptonError, match="train_x.npy.*no(ne| prepared)"):
+    with pytest.raises(LeptonError, match="train_x.npy.*no(ne| prepared)") as err:
         run_export(bare, {"format": "onnx", "quantize": "int8", "int8_method": "static", "latency_runs": 0})
+    assert "--int8-method dynamic" in str(err.value)      # the way out, for the CLI user too
     assert not (bare / "exports").exists()                 # checked before any work
 
 
@@ -328,10 +330,57 @@ def test_cli_errors(breast, tmp_path):
     r = run_cli("export", run, "--quantize", "int8", "--int8-method", "weights", timeout=60)
     assert r.returncode == 2 and "--int8-method: invalid choice" in r.stderr.splitlines()[-1], r.stderr
     _expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run / "model", damaged / "model")
+    (damaged / "model" / "weights.safetensors").write_bytes(b"")
+    _expect_cli_error(run_cli("serve", damaged, "--bind", "127.0.0.1:0", timeout=60),
+                      "lepton serve: error:", "weights.safetensors: cannot read the weights")
     with pytest.raises(SpecError, match="unknown field 'bogus'"):
         run_export(run, {"bogus": 1})
     with pytest.raises(SpecError, match="finetune_epochs"):
         run_export(run, {"finetune_epochs": 2})
+
+
+def test_export_options_that_refine_another(breast, capsys):
+    """--int8-method without --quantize int8, --prune-scope without --prune: an error, not ignored."""
+    from lepton.cli import main
+    run, _ = breast
+    cases = [(["--int8-method", "dynamic"], "--int8-method dynamic applies only with --quantize int8"),
+             (["--quantize", "fp16", "--int8-method", "static"], "--int8-method static applies only with --quantize"),
+             (["--prune-scope", "layer"], "--prune-scope layer applies only with --prune")]
+    for args, needle in cases:
+        assert main(["export", str(run), *args, "--latency-runs", "0"]) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert main(["export", str(run / "exports" / "model.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx: is a file; lepton export takes a run directory" in err and str(run) in err, err
+
+
+def test_export_needs_test_or_validation_rows(tmp_path):
+    from lepton.spec import parse_job
+    job = job_dict(tmp_path / "d.csv", data__split={"train": 1.0, "val": 0.0, "test": 0.0}, eval__every="never")
+    job["export"] = {"format": "onnx"}
+    with pytest.raises(SpecError, match=r"export: .*data\.split keeps none"):
+        parse_job(job)
+    job["data"]["split"] = {"train": 0.9, "val": 0.1, "test": 0.0}       # validation rows will do
+    assert parse_job(job).export.formats == ["onnx"]
+
+
+def test_export_failing_after_training_still_prints_the_summary(tmp_path):
+    data = make_classification_csv(tmp_path / "d.csv", rows=40)
+    # 0.99 of 40 rows rounds to all 40: no test row, which only the export phase finds out
+    job = job_dict(data, train__epochs=2, data__split={"train": 0.99, "val": 0.0, "test": 0.01},
+                   eval__every="never")
+    job["export"] = {"format": "onnx", "latency_runs": 0}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    r = run_cli("train", tmp_path / "job.yaml", "--workers", "1", "--run-dir", tmp_path / "run", "--no-progress",
+                timeout=180)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "run completed" in r.stdout and "accuracy" in r.stdout, r.stdout      # the training summary
+    _expect_cli_error(r, "lepton train: error: training completed (summary above), but the export failed:",
+                      "no prepared test (or validation) rows")
+    assert (tmp_path / "run" / "model" / "weights.safetensors").is_file()
 
 
 def test_export_spec():
@@ -448,3 +497,55 @@ def test_serve_rejects_bad_requests_and_keeps_serving(breast, procs):
         assert again.status_code == 200 and len(again.json()["predictions"]) == 2
         assert c.get("/healthz").status_code == 200
     assert proc.poll() is None
+
+
+def test_bind_port_must_be_in_range():
+    from lepton.cli import _split_bind
+    assert _split_bind("127.0.0.1:65535") == ("127.0.0.1", 65535) and _split_bind(":0") == ("127.0.0.1", 0)
+    with pytest.raises(LeptonError, match="port 99999 is out of range"):
+        _split_bind("127.0.0.1:99999")
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_serve_answers_4xx_for_values_the_model_cannot_take(breast, monkeypatch):
+    """In process (the same app `lepton serve` runs): bodies the decoder cannot take are 400, values the
+    model cannot take 422 naming rows[i].column (counted from 0 like every other message), and a
+    reply JSON cannot carry is a 500 with a JSON message; the app keeps answering after each."""
+    from fastapi.testclient import TestClient
+    from lepton.export import serve
+    run, _ = breast
+    predictor = lepton.load(run)
+    row = _raw_rows(1)[0]
+
+    def with_area(text: str) -> bytes:          # a body whose rows[1].mean_area is this JSON text
+        return json.dumps({"rows": [row, dict(row, mean_area="@")]}).replace('"@"', text).encode()
+
+    cases = [
+        (json.dumps({"rows": [row, dict(row, mean_smoothness=1e37)]}).encode(), 422,
+         "rows[1].mean_smoothness: 1e+37 is out of range"),
+        (with_area("1" + "0" * 400), 422, "rows[1].mean_area: out of range"),
+        (with_area("1" + "0" * 5000), 422, "rows[1].mean_area: out of range"),
+        (with_area("1e400"), 422, "rows[1].mean_area: out of range"),
+        (with_area("null"), 422, "rows[1].mean_area: missing value"),
+        (b"[" * 100000 + b"]" * 100000, 400, "malformed JSON: nested too deeply"),
+        (b'{"rows": [\xff]}', 400, "malformed JSON: not UTF-8"),
+    ]
+    good = json.dumps({"rows": [row]}).encode()
+    with TestClient(serve.make_app(predictor), raise_server_exceptions=False) as c:
+        for body, status, needle in cases:
+            resp = c.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+            assert resp.status_code == status, (needle, resp.status_code, resp.text)
+            assert needle in resp.json()["error"], (needle, resp.json())
+            assert c.post("/v1/predict", content=good).status_code == 200
+        # finite input so large that the network overflows inside: the row's largest value is named
+        real = predictor.forward
+        monkeypatch.setattr(predictor, "forward", lambda x: np.where(np.abs(x).max(1, keepdims=True) > 1e3,
+                                                                     np.nan, real(x)).astype(np.float32))
+        resp = c.post("/v1/predict", json={"rows": [row, dict(row, mean_area=1e6)]})
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"].startswith("rows[1].mean_area: 1000000.0 is too far outside the training data")
+        monkeypatch.undo()
+        # a reply that JSON cannot carry: a 500 with a JSON message, not the framework's plain text
+        monkeypatch.setattr(serve, "predict_response", lambda p, t: {"predictions": [float("nan")]})
+        resp = c.post("/v1/predict", content=good)
+        assert resp.status_code == 500 and "internal error" in resp.json()["error"], resp.text

@@ -1,8 +1,12 @@
 """Prediction from raw rows, the Python API with a factory callable, and regression end to end."""
 import csv
 import json
+import re
+import shutil
+import warnings
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import pyarrow.csv as pacsv
 import torch
@@ -10,6 +14,9 @@ from torch import nn
 
 import lepton
 from conftest import job_dict, make_classification_csv, run_cli, weights
+from lepton.errors import DataError, LeptonError
+from lepton.export.artifacts import ArtifactPredictor
+from lepton.predict import Predictor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,6 +73,187 @@ def test_predict_missing_feature_column(trained, tmp_path):
 def test_predict_without_model(tmp_path):
     r = run_cli("predict", tmp_path, "--input", "x.csv", "--output", tmp_path / "o.csv")
     assert r.returncode == 2 and "no trained model" in r.stderr
+
+
+# --- bad input to prediction: one clear error naming the cell, nothing written ---------------------
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def _rows(data, n: int) -> list[dict]:
+    rows = list(csv.DictReader(open(data)))[:n]
+    for row in rows:
+        del row["label"]
+        for k in row:
+            row[k] = float(row[k])
+    return rows
+
+
+def _with_cell(src, dst, row: int, column: str, value: str):
+    """A copy of the CSV ``src`` with one cell replaced (``row`` counted from 0 below the header)."""
+    lines = src.read_text().splitlines()
+    cells = lines[row + 1].split(",")
+    cells[lines[0].split(",").index(column)] = value
+    lines[row + 1] = ",".join(cells)
+    dst.write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize("value, problem", [("inf", "inf is not a finite number"),
+                                            ("-inf", "-inf is not a finite number"),
+                                            ("1e300", "1e+300 is out of range")])
+def test_predict_refuses_values_the_model_cannot_take(trained, tmp_path, value, problem):
+    _, data, res = trained
+    bad = _with_cell(data, tmp_path / "bad.csv", 4, "f2", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)       # no numpy overflow warning on the way
+        with pytest.raises(DataError, match=re.escape(f"bad.csv: column 'f2', row 5 (line 6): {problem}")):
+            lepton.load(res.run_dir).predict_file(str(bad))
+
+
+def test_predict_cli_refuses_infinity_and_writes_nothing(trained, tmp_path):
+    _, data, res = trained
+    bad = _with_cell(data, tmp_path / "bad.csv", 0, "f1", "inf")
+    r = run_cli("predict", res.run_dir, "--input", bad, "--output", tmp_path / "o.csv", timeout=60)
+    _one_line_error(r, "column 'f1', row 1 (line 2): inf is not a finite number")
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_non_finite_output_names_the_row_and_column(trained, monkeypatch):
+    _, data, res = trained
+    p = lepton.load(res.run_dir)
+    rows = _rows(data, 3)
+    rows[1]["f4"] = 1e6           # finite, in float32 range once scaled, far outside the training data
+    real = p.forward
+
+    def overflowing(x):           # what the network does when such a value overflows float32 inside it
+        out = real(x)
+        out[np.abs(x).max(1) > 1e4] = np.nan
+        return out
+    monkeypatch.setattr(p, "forward", overflowing)
+    with pytest.raises(DataError, match=r"rows\[1\]\.f4: 1000000\.0 is too far outside the training data: .*not finite"):
+        p.predict_rows(rows)
+    with pytest.raises(LeptonError, match="output for row 1 is not finite"):
+        p.predict_array(p.preprocessor.read_features(pa.Table.from_pylist(rows), "rows", False))
+
+
+def test_predict_rows_names_the_bad_cell(trained):
+    _, data, res = trained
+    rows = _rows(data, 2)
+    p = lepton.load(res.run_dir)
+    for value, problem in (("abc", re.escape("'abc' is not a number")), ([1], re.escape("'[1]' is not a number")),
+                           (None, "missing value"), (10 ** 400, r"'1000.*\(401 characters\) is not a finite number")):
+        with pytest.raises(DataError, match=r"^rows\[1\]\.f3: " + problem):
+            p.predict_rows([rows[0], dict(rows[1], f3=value)])
+    with pytest.raises(DataError, match=re.escape("rows[1]: expected a dict")):
+        p.predict_rows([rows[0], 5])
+    # a number given as text is read as in a CSV file
+    assert p.predict_rows([rows[0], dict(rows[1], f3=str(rows[1]["f3"]))])["prediction"] == \
+        p.predict_rows(rows)["prediction"]
+
+
+@pytest.mark.parametrize("x, needle", [(np.zeros((2, 5)), "features must have shape (rows, 6), got (2, 5)"),
+                                       (np.zeros(6), "features must have shape (rows, 6), got (6,)"),
+                                       (np.array([["a"] * 6]), "features must be numeric"),
+                                       (np.full((1, 6), np.nan), "row 0 has NaN or inf")])
+def test_predict_array_checks_its_input(trained, x, needle):
+    _, _, res = trained
+    with pytest.raises(LeptonError, match=re.escape(needle)):
+        lepton.load(res.run_dir).predict_array(x)
+    # one check for the run's model and for exported artifacts
+    assert ArtifactPredictor.check_features is Predictor.check_features
+
+
+def test_output_path_is_checked(trained, tmp_path):
+    from lepton.predict import check_output
+    _, data, res = trained
+    p = lepton.load(res.run_dir)
+    result = p.predict_file(str(data))
+    (tmp_path / "a_file").write_text("x")
+    for bad, needle in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "p.csv", "a_file is a file, not a directory")):
+        with pytest.raises(LeptonError, match=needle):
+            p.write_csv(result, str(bad))
+    assert (tmp_path / "a_file").read_text() == "x"
+    with pytest.raises(LeptonError, match="is the input file"):
+        check_output(tmp_path / "sub" / ".." / "a_file", str(tmp_path / "a_file"))
+    (tmp_path / "link.csv").symlink_to(tmp_path / "a_file")
+    with pytest.raises(LeptonError, match="is the input file"):
+        check_output(tmp_path / "link.csv", str(tmp_path / "a_file"))
+    assert check_output(tmp_path / "new.csv", str(data)) == tmp_path / "new.csv"
+
+
+def test_predict_cli_output_refusals(trained, tmp_path):
+    _, data, res = trained
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(data.read_bytes())
+    r = run_cli("predict", res.run_dir, "--input", rows, "--output", tmp_path / "." / "rows.csv", timeout=60)
+    _one_line_error(r, "--output", "is the input file")
+    assert rows.read_bytes() == data.read_bytes()
+    r = run_cli("predict", res.run_dir, "--input", rows, "--output", tmp_path, timeout=60)
+    _one_line_error(r, f"--output {tmp_path}: is a directory")
+
+
+def test_predict_input_name_and_directory(trained, tmp_path):
+    _, data, res = trained
+    p = lepton.load(res.run_dir)
+    (tmp_path / "rows.txt").write_bytes(data.read_bytes())
+    with pytest.raises(DataError) as e:
+        p.predict_file(str(tmp_path / "rows.txt"))
+    assert "data.format" not in str(e.value) and "*.csv" in str(e.value) and "*.parquet" in str(e.value)
+    (tmp_path / "batch").mkdir()
+    with pytest.raises(DataError, match="batch: is a directory, not a data file"):
+        p.predict_file(str(tmp_path / "batch"))
+
+
+def test_predict_no_rows(trained, tmp_path):
+    _, data, res = trained
+    (tmp_path / "header.csv").write_text(data.read_text().splitlines()[0] + "\n")
+    p = lepton.load(res.run_dir)
+    assert len(p.predict_file(str(tmp_path / "header.csv"))["prediction"]) == 0
+    assert p.predict_array(np.zeros((0, 6)))["probabilities"].shape == (0, 3)
+
+
+def _damage(model_dir, how: str) -> None:
+    weights = model_dir / "weights.safetensors"
+    meta_path = model_dir / "lepton.json"
+    meta = json.loads(meta_path.read_text())
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "empty weights":
+        weights.write_bytes(b"")
+    elif how == "no preprocess":
+        del meta["preprocess"]
+    elif how == "layer sizes":
+        meta["model"]["layers"][0]["units"] += 4
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("truncated weights", "weights.safetensors: cannot read the weights"),
+    ("empty weights", "weights.safetensors: cannot read the weights"),
+    ("no preprocess", "lepton.json: the model description lacks 'preprocess'"),
+    ("layer sizes", "weights.safetensors: the weights do not fit the model described in lepton.json (size mismatch"),
+])
+def test_damaged_model_is_one_clear_error(trained, tmp_path, how, needle):
+    _, _, res = trained
+    shutil.copytree(res.run_dir / "model", tmp_path / "run" / "model")
+    _damage(tmp_path / "run" / "model", how)
+    with pytest.raises(LeptonError, match=re.escape(needle)):
+        lepton.load(tmp_path / "run")
+
+
+def test_predict_cli_with_damaged_model(trained, tmp_path):
+    _, data, res = trained
+    shutil.copytree(res.run_dir / "model", tmp_path / "run" / "model")
+    _damage(tmp_path / "run" / "model", "truncated weights")
+    r = run_cli("predict", tmp_path / "run", "--input", data, "--output", tmp_path / "o.csv", timeout=60)
+    _one_line_error(r, "weights.safetensors: cannot read the weights")
+    assert not (tmp_path / "o.csv").exists()
 
 
 def test_python_api_with_factory_callable(tmp_path, csv_data):

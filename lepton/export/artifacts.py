@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import LeptonError
 from ..models import build_model, num_outputs
-from ..predict import Predictor
+from ..predict import Predictor, first_line as _first_line, load_weights
 from ..spec import parse_job
 from ..storage.preprocess import Preprocessor
 from ..storage.rundir import atomic_write_bytes
@@ -174,19 +174,11 @@ def _load_safetensors(path: Path, threads: int | None) -> tuple[Runner, dict]:
         raise LeptonError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     dtype = TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]
     model = rebuild_torch_model(meta, path).to(dtype)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise LeptonError(f"{path}: the weights do not fit the embedded model spec ({_first_line(e)})") from None
+    load_weights(model, state, path, "the embedded model spec")
     return TorchRunner(model, dtype), meta
 
 
 _LOADERS = {"onnx": _load_onnx, "torchscript": _load_torchscript, "safetensors": _load_safetensors}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ArtifactPredictor(Predictor):
@@ -201,22 +193,9 @@ class ArtifactPredictor(Predictor):
         self.format = meta["artifact"]["format"]
         self.precision = meta["artifact"].get("precision", "fp32")
 
-    def predict_array(self, x: np.ndarray) -> dict:
-        """Preprocessed features ``(rows, *input_shape)`` → predictions (as ``Predictor``)."""
-        x = np.asarray(x)
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
-            raise LeptonError(f"{self.path}: features must be numeric, got an array of dtype {x.dtype}")
-        if x.ndim < 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise LeptonError(f"{self.path}: features must have shape (rows, {', '.join(map(str, self.input_shape))}),"
-                              f" got {tuple(x.shape)}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        width = num_outputs(self.task, self.classes)
-        out = self.runner(x) if len(x) else np.zeros((0, width), dtype=np.float32)
-        if self.task == "regression":
-            return {"prediction": out.reshape(-1)}
-        # softmax in torch, exactly as Predictor does, so equal logits give equal probabilities
-        prob = torch.softmax(torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), dim=1).numpy()
-        return {"prediction": [self.classes[i] for i in prob.argmax(1)], "probabilities": prob}
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The artifact's forward pass (``Predictor.predict_array`` checks ``x`` and reads the output)."""
+        return self.runner(x)
 
 
 def load_artifact(path: str | Path, threads: int | None = None) -> ArtifactPredictor:

@@ -23,14 +23,17 @@ def add_export_commands(sub) -> None:
                    help="onnx (default), torchscript or safetensors; repeat or comma-separate for several")
     e.add_argument("--quantize", choices=["int8", "fp16", "bf16"],
                    help="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
-    e.add_argument("--int8-method", choices=["auto", "static", "dynamic"], default="auto",
-                   help="static: activation scales calibrated on the run's training rows (fast convolutions);"
-                        " dynamic: activations quantized at run time; auto (default): static for"
-                        " convolutional classifiers, dynamic otherwise")
+    # no argparse defaults for the two options that refine another one: None tells "not given" apart
+    # from a value given without the option it refines, which is an error, not silently ignored
+    e.add_argument("--int8-method", choices=["auto", "static", "dynamic"],
+                   help="with --quantize int8. static: activation scales calibrated on the run's training rows"
+                        " (fast convolutions); dynamic: activations quantized at run time; auto (default):"
+                        " static for convolutional classifiers, dynamic otherwise")
     e.add_argument("--prune", type=float, metavar="AMOUNT",
                    help="fraction (0..1) of Linear/Conv weights to set to zero by L1 magnitude")
-    e.add_argument("--prune-scope", choices=["global", "layer"], default="global",
-                   help="global: smallest weights over all layers (default); layer: AMOUNT of each layer")
+    e.add_argument("--prune-scope", choices=["global", "layer"],
+                   help="with --prune. global: smallest weights over all layers (default); layer: AMOUNT of"
+                        " each layer")
     e.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
                    help="fine-tune the pruned model for N epochs on the run's training split (single process)")
     e.add_argument("--latency-runs", type=int, default=200, metavar="N",
@@ -50,11 +53,18 @@ def add_export_commands(sub) -> None:
 
 def cmd_export(a) -> int:
     from ..console import console, out
+    from ..errors import LeptonError
     from .pipeline import as_spec, run_export
     from .report import print_report
+    if a.int8_method is not None and a.quantize != "int8":
+        raise LeptonError(f"--int8-method {a.int8_method} applies only with --quantize int8"
+                          f" (got {'--quantize ' + a.quantize if a.quantize else 'no --quantize'})")
+    if a.prune_scope is not None and a.prune is None:
+        raise LeptonError(f"--prune-scope {a.prune_scope} applies only with --prune AMOUNT")
     raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize,
-           "int8_method": a.int8_method, "prune": a.prune,
-           "prune_scope": a.prune_scope, "finetune_epochs": a.finetune_epochs, "latency_runs": a.latency_runs}
+           "int8_method": a.int8_method or "auto", "prune": a.prune,
+           "prune_scope": a.prune_scope or "global", "finetune_epochs": a.finetune_epochs,
+           "latency_runs": a.latency_runs}
     spec = as_spec(raw, source="options")
 
     def log(msg: str) -> None:

@@ -141,6 +141,10 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
     spec = as_spec(spec)
     log = log or (lambda msg: None)
     run = RunDir(run_dir)
+    if run.root.is_file():
+        run_of = run.root.parent.parent if run.root.parent.name == "exports" else None
+        raise LeptonError(f"{run.root}: is a file; lepton export takes a run directory"
+                          + (f" (this file's run: {run_of})" if run_of else ""))
     if not run.root.is_dir():
         raise LeptonError(f"{run.root}: no such run directory")
     base = Predictor(run.model_dir)               # LeptonError when the run has no final model
@@ -150,7 +154,8 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
         rows = _calibration_rows(run)
         if rows is None and spec.int8_method == "static":    # before any work
             raise LeptonError(f"{run.data_dir / 'train_x.npy'}: int8_method static calibrates on the run's"
-                              " prepared training rows, and there are none; use int8_method dynamic")
+                              " prepared training rows, and there are none; use int8_method dynamic"
+                              " (--int8-method dynamic)")
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
 

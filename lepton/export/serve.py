@@ -10,10 +10,13 @@ Contract:
   or embedded in the artifact) is applied, so the answer equals ``lepton predict`` on the same rows;
 - every row must have exactly the model's feature columns; a numeric column takes a JSON number (or
   null where the run fitted a fill value), a categorical column a string or number;
-- a bad request gets a 4xx with ``{"error": "<one line naming the row and column>"}``: 400 malformed
-  JSON, 413 body over ``max_body`` bytes (default 1 MiB), 422 a body that is JSON but not a valid
-  request (missing/unknown columns, non-numeric values, no rows). The server keeps serving after any
-  bad request; an unexpected failure is a 500 with its message, and the server keeps serving too.
+- a bad request gets a 4xx with ``{"error": "<one line naming the row and column>"}``: 400 a body that
+  cannot be parsed (malformed JSON, nested too deeply), 413 body over ``max_body`` bytes (default 1 MiB),
+  422 a body that is JSON but not a valid request (missing/unknown columns, non-numeric values, no
+  rows) or a value the model cannot take (infinite, overflowing float32 once scaled, so large that
+  the model's output is not finite). Cells are named ``rows[i].column`` with ``i`` counted from 0.
+  The server keeps serving after any bad request; an unexpected failure is a 500 with its message,
+  and the server keeps serving too.
 - on start, the first line on stdout is ``serving on http://HOST:PORT`` (the real port when the bind
   asked for port 0), so a supervisor or a test can read where it listens.
 """
@@ -32,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import LeptonError
 from ..predict import Predictor
+from ..storage.preprocess import CellError
 
 MAX_BODY = 1 << 20
 # An oversized body is still read (and discarded) up to this many times max_body before answering 413,
@@ -48,6 +52,25 @@ class RequestError(Exception):
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse_int(text: str):
+    # json.loads makes int(text) of every integer: past 4300 digits Python refuses (ValueError, and the
+    # whole body fails), and past float64 the int fails float() later (OverflowError). A long one is
+    # read as a float instead (inf past float64), which rows_to_table refuses with a 422 naming its cell.
+    return int(text) if len(text) <= 300 else float(text)
+
+
+def parse_body(body: bytes):
+    """The decoded JSON document; a ``RequestError`` 400 for anything that is not parseable JSON."""
+    try:
+        return json.loads(body, parse_int=_parse_int)
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"malformed JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:          # json.JSONDecodeError, and any other refusal of the decoder
+        raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:           # e.g. 100000 nested '['
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
 
 
 def rows_to_table(doc, predictor: Predictor) -> pa.Table:
@@ -78,9 +101,18 @@ def rows_to_table(doc, predictor: Predictor) -> pa.Table:
         for st in pre.columns:
             v = row[st.name]
             if st.kind == "numeric":
-                if v is not None and not (_number(v) and math.isfinite(v)):
+                if v is not None and not _number(v):
                     raise RequestError(422, f"rows[{i}].{st.name}: expected a number, got {v!r}")
-                cols[st.name].append(None if v is None else float(v))
+                try:
+                    f = None if v is None else float(v)
+                except OverflowError:    # an integer beyond float64
+                    f = math.inf
+                if f is not None and math.isnan(f):
+                    raise RequestError(422, f"rows[{i}].{st.name}: expected a number, got NaN")
+                if f is not None and math.isinf(f):     # 1e400, Infinity, or a long integer (_parse_int)
+                    raise RequestError(422, f"rows[{i}].{st.name}: out of range: the value is infinite or"
+                                            " beyond float64 (|x| > 1.8e308)")
+                cols[st.name].append(f)
             else:
                 if v is not None and not (isinstance(v, str) or _number(v)):
                     raise RequestError(422, f"rows[{i}].{st.name}: expected a string or number, got {v!r}")
@@ -92,7 +124,9 @@ def rows_to_table(doc, predictor: Predictor) -> pa.Table:
 def predict_response(predictor: Predictor, table: pa.Table) -> dict:
     try:
         result = predictor.predict_table(table, "request")
-    except LeptonError as e:          # e.g. a null where the run fitted no fill value
+    except CellError as e:            # a null where the run fitted no fill value, a value out of range
+        raise RequestError(422, e.as_list_item()) from None     # rows[i].column, as every other message
+    except LeptonError as e:
         raise RequestError(422, str(e)) from None
     preds = result["prediction"]
     out = {"predictions": preds.tolist() if hasattr(preds, "tolist") else list(preds)}
@@ -137,12 +171,11 @@ def make_app(predictor: Predictor, max_body: int = MAX_BODY):
         if size > max_body:
             return error(413, too_big)
         try:
-            try:
-                doc = json.loads(b"".join(chunks))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise RequestError(400, f"malformed JSON: {e}") from None
+            doc = parse_body(b"".join(chunks))
             table = rows_to_table(doc, predictor)
-            return await run_in_threadpool(predict_response, predictor, table)
+            # the reply is rendered here, inside the try: a value JSON cannot carry (NaN) is then a 500
+            # with its message like any other bug, not an exception in the framework's plain-text handler
+            return JSONResponse(await run_in_threadpool(predict_response, predictor, table))
         except RequestError as e:
             return error(e.status, e.message)
         except Exception as e:      # a bug: answer it, log it, keep serving

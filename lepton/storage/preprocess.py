@@ -7,6 +7,7 @@ a model always sees its inputs transformed exactly as in training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,27 @@ def _row_ref(row: int, csv: bool) -> str:
     return f"row {row + 1} (line {row + 2})" if csv else f"row {row + 1}"
 
 
+class CellError(DataError):
+    """A bad value in one cell. The message names the file, column and 1-based row; ``column``,
+    ``row`` (0-based) and ``problem`` let a caller whose rows are a list (the HTTP server,
+    ``predict_rows``) restate it as ``rows[i].column: problem``, the way its other errors read."""
+
+    def __init__(self, source: str, column: str, row: int, problem: str, csv: bool = False):
+        super().__init__(f"{source}: column '{column}', {_row_ref(row, csv)}: {problem}")
+        self.column, self.row, self.problem = column, row, problem
+
+    def as_list_item(self) -> str:
+        return f"rows[{self.row}].{self.column}: {self.problem}"
+
+
 def _is_numeric_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+
+
+def _shown(v: Any) -> str:
+    """``repr(v)``, cut short: a message line must stay one line, whatever the cell holds."""
+    r = repr(v)
+    return r if len(r) <= 40 else f"{r[:30]}... ({len(str(v))} characters)"
 
 
 def _parse_float(v: Any) -> float | None:
@@ -46,9 +66,17 @@ def looks_numeric(col: pa.ChunkedArray) -> bool:
 
 
 def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndarray:
-    """float64 values with NaN for missing; a value that is not a number is an error naming the row."""
+    """float64 values with NaN for missing; a value that is not a number, or is infinite, is an error
+    naming the row. NaN (a CSV ``nan``) stays a missing value, which ``preprocess.missing`` handles;
+    an infinity has no such meaning: it would make the fitted mean/scale infinite in training (every
+    step's loss NaN, the run stopped as diverged) and the outputs NaN in prediction."""
     if _is_numeric_type(col.type):
-        return col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        out = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        inf = np.isinf(out)
+        if inf.any():
+            i = int(np.flatnonzero(inf)[0])
+            raise CellError(source, name, i, f"{out[i]} is not a finite number", csv)
+        return out
     out = np.empty(len(col), dtype=np.float64)
     for i, v in enumerate(col.to_pylist()):
         if v is None or (isinstance(v, str) and not v.strip()):
@@ -56,7 +84,9 @@ def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndar
             continue
         f = _parse_float(v)
         if f is None:
-            raise DataError(f"{source}: column '{name}', {_row_ref(i, csv)}: {v!r} is not a number")
+            raise CellError(source, name, i, f"{_shown(v)} is not a number", csv)
+        if np.isinf(f):      # 'inf', or digits beyond float64
+            raise CellError(source, name, i, f"{_shown(v)} is not a finite number", csv)
         out[i] = f
     return out
 
@@ -149,7 +179,10 @@ class Preprocessor:
             if st.kind == "numeric":
                 if st.fill is not None:
                     v = np.where(np.isnan(v), st.fill, v)
-                out[:, j] = (v - st.center) / st.scale
+                # a scaled value beyond float32 becomes inf here, without numpy's overflow warning:
+                # read_features reports it as an error naming the cell
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out[:, j] = (v - st.center) / st.scale
                 j += 1
             else:
                 index = {c: i for i, c in enumerate(st.categories)}
@@ -182,10 +215,34 @@ class Preprocessor:
             holes = np.isnan(v) if st.kind == "numeric" else np.array([s is None for s in v], dtype=bool)
             if holes.any() and st.fill is None:
                 row = int(np.flatnonzero(holes)[0])
-                raise DataError(f"{source}: column '{st.name}', {_row_ref(row, csv)}: missing value"
-                                " (the run's preprocess.missing is 'drop', so no fill value was fitted)")
+                raise CellError(source, st.name, row, "missing value (the run's preprocess.missing is"
+                                " 'drop', so no fill value was fitted)", csv)
             raw[st.name] = v
-        return self.transform(raw)
+        x = self.transform(raw)
+        # A finite value can still be out of the model's reach: scaled by the fitted statistics it
+        # may overflow float32 (1e300 anywhere; 1e37 in a column whose training values spread over
+        # 0.01), and the model would answer NaN for the row.
+        flat = x.reshape(len(x), self.num_features)
+        for st, j in zip(self.columns, self.offsets):
+            if st.kind == "numeric":
+                bad = ~np.isfinite(flat[:, j])
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise CellError(source, st.name, row, f"{raw[st.name][row]:g} is out of range: scaled by the"
+                                    " run's preprocessing it overflows the model's float32 input", csv)
+        return x
+
+    @property
+    def offsets(self) -> list[int]:
+        """Each column's first position in a row of features."""
+        return list(accumulate((c.width for c in self.columns[:-1]), initial=0))[:len(self.columns)]
+
+    def column_at(self, j: int) -> str:
+        """The column that feature ``j`` of a (flattened) row comes from."""
+        for st, start in zip(self.columns, self.offsets):
+            if start <= j < start + st.width:
+                return st.name
+        raise IndexError(j)
 
     # --- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
