@@ -8,7 +8,9 @@ import csv
 import json
 import queue
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -492,11 +494,20 @@ def test_serve_rejects_bad_requests_and_keeps_serving(breast, procs):
         for resp, status, needle in cases:
             assert resp.status_code == status, (needle, resp.status_code, resp.text)
             assert needle in resp.json()["error"], (needle, resp.json())
+        # a client that hangs up halfway through its body
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"rows\": [")
+        time.sleep(0.5)
         # still serving, and still right
         again = c.post("/v1/predict", json=good)
         assert again.status_code == 200 and len(again.json()["predictions"]) == 2
         assert c.get("/healthz").status_code == 200
     assert proc.poll() is None
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
 
 
 def test_bind_port_must_be_in_range():

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pyarrow as pa
 from fastapi import FastAPI, Request     # at module level: FastAPI resolves the handler's annotations here
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ..errors import LeptonError
 from ..predict import Predictor
@@ -162,12 +163,15 @@ def make_app(predictor: Predictor, max_body: int = MAX_BODY):
         if declared is not None and declared.isdigit() and int(declared) > drain_limit:
             return error(413, too_big, close=True)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > drain_limit:
-                return error(413, too_big, close=True)
-            if size <= max_body:
-                chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > drain_limit:
+                    return error(413, too_big, close=True)
+                if size <= max_body:
+                    chunks.append(chunk)
+        except ClientDisconnect:    # gone before its body was complete: nobody to answer, nothing to log
+            return Response(status_code=400)
         if size > max_body:
             return error(413, too_big)
         try:
