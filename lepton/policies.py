@@ -58,6 +58,12 @@ class _Tracker:
             self.stale += 1
         return better
 
+    def standing(self) -> str:
+        """For a decision's message: how the metric has done (it may never have been finite)."""
+        if self.best is None:
+            return "has had no finite value"
+        return f"has not improved on {self.best:.6g} (step {self.best_step})"
+
 
 class ReduceLROnPlateau:
     def __init__(self, spec: PlateauSpec, base_lr: float):
@@ -81,8 +87,8 @@ class ReduceLROnPlateau:
         if new >= self.factor:
             return None                     # already at min_lr
         self.factor = new
-        return Decision("lr", f"{self.spec.metric} has not improved on {self.track.best:.6g} (step "
-                        f"{self.track.best_step}) for {self.spec.patience + 1} evaluations: lr x{self.spec.factor:g}"
+        return Decision("lr", f"{self.spec.metric} {self.track.standing()} for {self.spec.patience + 1}"
+                        f" evaluations: lr x{self.spec.factor:g}"
                         f" -> {self.base_lr * new:.3g}", lr_factor=new,
                         details={"metric": self.spec.metric, "value": value, "best": self.track.best,
                                  "lr": self.base_lr * new})
@@ -103,8 +109,8 @@ class EarlyStopping:
         value = metric_value(metrics, self.spec.metric)
         if value is None or self.track.update(step, value) or self.track.stale <= self.spec.patience:
             return None
-        return Decision("finish", f"early stop: {self.spec.metric} has not improved on {self.track.best:.6g}"
-                        f" (step {self.track.best_step}) for {self.track.stale} evaluations"
+        return Decision("finish", f"early stop: {self.spec.metric} {self.track.standing()} for {self.track.stale}"
+                        f" evaluations"
                         f" (patience {self.spec.patience})",
                         details={"metric": self.spec.metric, "value": value, "best": self.track.best,
                                  "best_step": self.track.best_step})

@@ -103,6 +103,15 @@ def test_a_non_finite_first_value_is_not_the_best():
     early = EarlyStopping(EarlyStoppingSpec(metric="val.loss", patience=2))
     stops = [step for step, loss in enumerate([float("nan"), 2.0, 1.0, 0.5]) if early.observe(step, {"loss": loss})]
     assert stops == []
+    # never finite (e.g. r2 of a constant validation target): the policies still decide, and say why
+    from lepton.policies import ReduceLROnPlateau
+    from lepton.spec import PlateauSpec
+    early = EarlyStopping(EarlyStoppingSpec(metric="val.r2", mode="max", patience=1))
+    plateau = ReduceLROnPlateau(PlateauSpec(metric="val.r2", mode="max", patience=1, factor=0.5), base_lr=0.01)
+    nan = {"r2": float("nan")}
+    decisions = [(early.observe(s, nan), plateau.observe(s, nan)) for s in range(3)]
+    assert "val.r2 has had no finite value for 2 evaluations" in decisions[1][0].reason
+    assert decisions[1][1].lr_factor == 0.5 and "no finite value" in decisions[1][1].reason
 
 def test_plateau_lowers_the_lr_at_the_same_step_on_any_worker_count(data, tmp_path):
     # 'max' on the validation loss: every validation after the first is "no improvement", so the

@@ -143,3 +143,23 @@ def test_a_peer_that_never_answers_leaves_no_segment_behind():
     with pytest.raises(dist.DistStoreError):       # the store timed out
         ShmAllreduce.connect(dist.PrefixStore("t/", server), 0, 2, CAPACITY, timeout_s=1)
     assert not {f for f in set(os.listdir(SHM_DIR)) - before if f.startswith(f"lepton-{os.getpid()}-")}
+
+
+def test_a_peer_gone_before_its_pidfd_is_opened_is_a_collective_error():
+    """A peer that answered 'ok' and died before the others opened its pidfd: a CommError (regroup),
+    not another exception that would fail the job; and no segment is left behind."""
+    class Store:                                # rank 1's answer names a process that no longer exists
+        def __init__(self):
+            self.d = {}
+
+        def set(self, k, v):
+            self.d[k] = v.encode()
+
+        def get(self, k):
+            if k == "shm/1":
+                return f"ok {2**22 + 12345} {self.d['shm/0'].decode().split()[2]} 0".encode()
+            return self.d[k]
+    before = set(os.listdir(SHM_DIR))
+    with pytest.raises(CommError, match="a peer exited"):
+        ShmAllreduce.connect(Store(), 0, 2, CAPACITY, timeout_s=5)
+    assert set(os.listdir(SHM_DIR)) == before

@@ -245,6 +245,14 @@ def test_adopted_generation_keeps_its_shares_and_capacities(tmp_path):
     assert [c.members[f"w{r}"].capacity for r in range(3)] == [1.0, 0.5, 0.5]
     # each took 3 ms of its share of a core per step at these shares: balanced, the plan stays
     assert c.step_plan.shares == shares and c.plan_version == 2 and c.plan_settled
+    # the predecessor's plan 3 reaches the workers after the adoption: followed, so re-plans go on
+    newer = [0.7, 0.15, 0.15]
+    for rank in range(3):
+        c.heartbeat(Heartbeat(worker_id=f"w{rank}", generation=3, rank=rank, world=3, state="training", step=300,
+                              plan_version=3, shares=newer, step_samples=100 * newer[rank],
+                              step_busy_s=3e-3 * (1, .5, .5)[rank], step_compute_s=2e-3 * (1, .5, .5)[rank]))
+    assert c.plan_version >= 3 and c.step_plan.version == c.plan_version
+    assert c.step_plan.shares != shares
 
 
 def test_member_not_yet_started_when_a_regroup_begins_still_starts(tmp_path):

@@ -87,6 +87,16 @@ class ShmAllreduce:
 
     def __init__(self, buf: mmap.mmap, rank: int, world: int, capacity: int, peers: list[int],
                  timeout_s: float, spin_s: float = SPIN_S, should_abort: Callable[[float], bool] | None = None):
+        # the peers' pidfds first: a peer already gone raises before any view of ``buf`` exists, so
+        # ``connect`` can still close the mapping (with views alive, mmap.close raises BufferError)
+        self._pidfds: list[int] = []
+        try:
+            for p in peers:
+                self._pidfds.append(os.pidfd_open(p))
+        except BaseException:
+            for fd in self._pidfds:
+                os.close(fd)
+            raise
         self.buf, self.rank, self.world, self.capacity = buf, rank, world, capacity
         self.timeout_s, self.spin_s = timeout_s, spin_s
         self.should_abort = should_abort    # given the seconds waited so far
@@ -100,14 +110,6 @@ class ShmAllreduce:
         # two sets of world input slots (calls alternate between them), then the output
         self._slots = [torch.frombuffer(buf, dtype=torch.uint8, count=capacity, offset=HEADER + i * capacity)
                        for i in range(2 * world + 1)]
-        self._pidfds: list[int] = []
-        try:
-            for p in peers:
-                self._pidfds.append(os.pidfd_open(p))
-        except BaseException:
-            for fd in self._pidfds:
-                os.close(fd)
-            raise
         self.seq = 0
         self.work_s = 0.0             # this thread's processor time in the last call, waits excluded
 
@@ -170,7 +172,7 @@ class ShmAllreduce:
             return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0,
                        should_abort=should_abort)
         except ProcessLookupError:
-            buf.close()
+            buf.close()               # no view of it exists yet (__init__ opens the pidfds first)
             raise CommError("a peer exited while the generation formed") from None
 
     def close(self, abandon: bool = True) -> None:

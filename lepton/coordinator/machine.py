@@ -191,20 +191,29 @@ class Coordinator:
             self.step_plan = self.generation_plan = StepPlan(version=0, shares=self.shares, generation=self.generation)
         # the workers train with the predecessor's last plan, which their heartbeats carry: a re-plan
         # starts from those shares and is numbered after it, or they would not apply it
-        if len(hb.shares) == self.generation_world and hb.plan_version >= self.step_plan.version:
-            self.shares = list(hb.shares)
-            self.step_plan = StepPlan(version=hb.plan_version, shares=self.shares, generation=self.generation)
         self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
+        m.share = self.shares[m.rank] if m.rank < len(self.shares) else None
+        if len(hb.shares) == self.generation_world and hb.plan_version >= self.step_plan.version:
+            self._follow_plan(hb)
         if len(self.generation_members) == self.generation_world:     # all back: capacities as at formation
             self._assign_capacities([self.members[w] for w in self.generation_members])
-        for w in self.generation_members:
-            self.members[w].share = self.shares[self.members[w].rank] if self.members[w].rank < len(self.shares) else None
         self.plan_version = max(self.plan_version, hb.plan_version)
         self.step = max(self.step, hb.step)
         self._event("worker_adopted", f"{m.worker_id} (rank {hb.rank} of generation {hb.generation}) kept training"
                     f" while the coordinator was down; adopted at step {hb.step}", worker=m.worker_id)
         self._persist()
         return m
+
+    def _follow_plan(self, hb: Heartbeat) -> None:
+        """A member trains with a newer plan than this coordinator issued: its predecessor's last one,
+        applied after the adoption. Taken as the current plan, or re-plans would wait for ever for the
+        members to be at ``plan_version``."""
+        self.plan_version = hb.plan_version
+        self.shares = list(hb.shares)
+        self.step_plan = StepPlan(version=hb.plan_version, shares=self.shares, generation=self.generation)
+        for w in self.generation_members:
+            m = self.members[w]
+            m.share = self.shares[m.rank] if m.rank < len(self.shares) else None
 
     def _on_ready(self, m: Member) -> None:
         training = sum(1 for x in self.members.values() if x.state == "training")
@@ -226,6 +235,8 @@ class Coordinator:
         current = hb.generation is not None and hb.generation == self.generation
         plan = None
         if current and m.state == "training":
+            if hb.plan_version > self.plan_version and len(hb.shares) == self.generation_world:
+                self._follow_plan(hb)
             m.step = hb.step
             m.plan_version = hb.plan_version
             if hb.step_busy_s > 0:

@@ -5,6 +5,7 @@ that a crash could leave half-written is written to a temporary name and renamed
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -45,6 +46,9 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as e:      # some network and FUSE filesystems cannot sync a folder: nothing more to do
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -330,7 +330,7 @@ class Worker:
                                     "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
             if r.next_shares is not None:         # plan v+1 reached every rank in this step's reduction
                 shares, plan_version = r.next_shares, plan_version + 1
-                self.reporter.update(shares=shares)
+                self.reporter.update(shares=shares, plan_version=plan_version, **NOT_MEASURED)   # together
                 if rank == 0:
                     self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
                                         "version": plan_version, "shares": [round(x, 6) for x in shares]})
