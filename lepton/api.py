@@ -21,6 +21,12 @@ from .storage.rundir import new_token
 from .spec import JobSpec, load_job, parse_job
 
 
+# a resumed run continues with the spec it started with (its job.yaml): a changed field would change
+# what the checkpoint is continued with, and the data order; only the worker count may differ
+RESUME_KEEPS_THE_SPEC = ("--set does not apply to --resume: the run continues with its own job.yaml (only"
+                         " --workers may change); start a new run to change the spec")
+
+
 @dataclass
 class TrainResult:
     status: str
@@ -49,6 +55,8 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     reason (the run directory stays resumable). When the job's ``export:`` phase fails after training
     completed, the result says why in ``export_error`` (the trained model is kept)."""
     overrides = list(overrides or [])
+    if resume and overrides:
+        raise LeptonError(RESUME_KEEPS_THE_SPEC)
     if workers is not None and not resume:
         overrides.append(f"cluster.workers={workers}")
     if resume:
@@ -103,4 +111,6 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
                                 log=lambda m: console.print(m, markup=False, highlight=False))
         except LeptonError as e:     # raising would lose the result of the training that did complete
             export_error = str(e)
+        except KeyboardInterrupt:    # Ctrl-C while exporting: the training result still stands
+            export_error = f"interrupted; export the trained model with: lepton export {opened.run.root}"
     return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason, report, export_error)

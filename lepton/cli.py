@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import LeptonError
@@ -17,19 +18,19 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a job with a local coordinator and K local workers")
     t.add_argument("job", nargs="?", help="job YAML (optional with --resume: the run's job.yaml is used)")
-    t.add_argument("--workers", type=int, help="number of local workers (default: cluster.workers)")
+    t.add_argument("--workers", type=_positive, help="number of local workers (default: cluster.workers)")
     t.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
-    t.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    t.add_argument("--threads", type=_positive, help="torch threads per worker (default: cores / workers)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
     c = sub.add_parser("coordinator", help="run only the coordinator; workers join with `lepton worker`")
     c.add_argument("job", nargs="?")
     c.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT for the API and the rendezvous store")
     c.add_argument("--run-dir")
-    c.add_argument("--workers", type=int, help="start training when this many workers joined")
+    c.add_argument("--workers", type=_positive, help="start training when this many workers joined")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.1:7000")
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
-    w.add_argument("--threads", type=int, help="torch intra-op threads")
+    w.add_argument("--threads", type=_positive, help="torch intra-op threads")
     w.add_argument("--connect-timeout", type=float, default=120.0,
                    help="seconds to keep retrying while the coordinator is unreachable at start")
 
@@ -58,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(text: str) -> int:
+    """argparse type: a count (workers, threads); argparse turns the ValueError into a usage error."""
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
+_positive.__name__ = "positive integer"     # argparse names the type in its message: "invalid positive integer value"
+
+
 def _cpus(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -65,10 +77,28 @@ def _cpus(text: str | None) -> list[int] | None:
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi or lo) + 1))
+            span = range(int(lo), int(hi or lo) + 1)
+            if not span or span.start < 0:
+                raise ValueError(part)
+            out += list(span)
     except ValueError:
         raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(out)
+    if not set(out) <= usable:
+        raise LeptonError(f"--cpus {text!r}: core(s) {sorted(set(out) - usable)} not available here"
+                          f" (this process may use {_ranges(sorted(usable))})")
     return out
+
+
+def _ranges(cores: list[int]) -> str:
+    """0,1,2,3,6 -> '0-3,6'"""
+    spans: list[list[int]] = []
+    for c in cores:
+        if spans and c == spans[-1][1] + 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
 
 
 def _split_bind(bind: str) -> tuple[str, int]:
@@ -87,7 +117,8 @@ def cmd_train(a) -> int:
         raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
     res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
                     progress=not a.no_progress, threads=a.threads)
-    code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table)
+    code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table,
+                   f"lepton train --resume --run-dir {res.run_dir}")
     if res.export:
         from .export.report import print_report
         print_report(res.export, out)
@@ -96,17 +127,18 @@ def cmd_train(a) -> int:
     return code
 
 
-def _finish(status, reason, summary, run_dir, console, out, summary_table) -> int:
+def _finish(status, reason, summary, run_dir, console, out, summary_table, resume: str) -> int:
+    """The summary table, or why the run ended and ``resume`` (the command that continues it)."""
     if status == "completed":
         out.print(summary_table(summary, str(run_dir)))
         return 0
     console.print(f"[red]run {status}[/red]: {reason}", highlight=False)
-    console.print(f"resume with: lepton train --resume --run-dir {run_dir}", highlight=False)
+    console.print(f"resume with: {resume}", highlight=False)
     return EXIT_INTERRUPTED if status == "stopped" else EXIT_FAILED
 
 
 def cmd_coordinator(a) -> int:
-    from .api import _as_job
+    from .api import RESUME_KEEPS_THE_SPEC, _as_job
     from .console import console, out, summary_table
     from .launcher import InterruptCounter
     from .coordinator.server import Listener
@@ -114,6 +146,8 @@ def cmd_coordinator(a) -> int:
     host, port = _split_bind(a.bind)
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
+    if a.resume and a.overrides:
+        raise LeptonError(RESUME_KEEPS_THE_SPEC)
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
     job = None if a.resume else _as_job(a.job, overrides)
     try:
@@ -142,7 +176,9 @@ def cmd_coordinator(a) -> int:
         server.wait(on_poll=on_poll)
     server.stop(linger_s=1.0)               # remote workers hear 'exit' on their next poll
     c = server.coord
-    return _finish(c.phase.value, c.reason, c.summary, opened.run.root, console, out, summary_table)
+    bind = f"[{listener.host}]:{listener.port}" if ":" in listener.host else f"{listener.host}:{listener.port}"
+    return _finish(c.phase.value, c.reason, c.summary, opened.run.root, console, out, summary_table,
+                   f"lepton coordinator --resume --run-dir {opened.run.root} --bind {bind}")
 
 
 def cmd_worker(a) -> int:

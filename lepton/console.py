@@ -34,7 +34,10 @@ class TrainingProgress:
         training = sorted((w for w in st["workers"] if w["state"] == "training" and w["share"]),
                           key=lambda w: w["rank"])
         total = sum(w["share"] for w in training) or 1
-        fields = {"shares": "shares " + "/".join(f"{w['share'] / total:.0%}" for w in training) if training else "","loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
+        # each worker's share of the global batch and its compute speed, in rank order
+        each = " ".join(f"{w['share'] / total:.0%}@{w['samples_per_s'] / 1000:.0f}k" for w in training)
+        fields = {"shares": f"share@samples/s {each}" if training else "",
+                  "loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
                   "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
                   "workers": f"{live}/{st['target_workers']}"}
         desc = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}" if st["status"] == "running"
@@ -67,7 +70,8 @@ def summary_table(summary: dict, run_dir: str) -> Table:
     t.add_row("rows", *[str(summary[s]["count"]) for s in splits])
     t.add_section()
     t.add_row("steps", str(summary.get("steps")))
-    t.add_row("epochs", str(summary.get("epochs")))
+    epochs, planned = summary.get("epochs"), summary.get("epochs_planned")
+    t.add_row("epochs", f"{epochs} of {planned}" if planned not in (None, epochs) else str(epochs))
     t.add_row("workers", str(summary.get("workers")))
     sps = summary.get("samples_per_s")
     t.add_row("samples/s", f"{sps:,.0f}" if sps else "-")

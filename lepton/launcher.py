@@ -80,7 +80,10 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     prepared = prepare(job)                 # every data error surfaces here, before any write
     pre = prepared.preprocessor
     build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))   # and every model error
-    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LeptonError(f"{run.root}: cannot create the run directory: {e.strerror or e}") from None
     factory = job.model.factory
     if callable(factory):
         import cloudpickle

@@ -177,3 +177,41 @@ def test_data_path_under_a_file(tmp_path):
     (tmp_path / "plain").write_text("x")
     job = _write_job(tmp_path, job_dict(tmp_path / "plain" / "data.csv"))
     _expect_error(tmp_path, job, "plain/data.csv", "cannot open: Not a directory")
+
+
+# --- command-line options ------------------------------------------------------------------------------
+
+def test_counts_and_cores_are_checked_before_anything_is_written(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data))
+    run_dir = tmp_path / "never-created"
+    r = run_cli("train", job, "--run-dir", run_dir, "--no-progress", "--threads", "-2", timeout=60)
+    assert r.returncode == 2 and "--threads: invalid positive integer value: '-2'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not run_dir.exists()
+    from lepton.cli import _cpus
+    from lepton.errors import LeptonError
+    assert _cpus("0") == [0]
+    for bad in ("3-1", "-1", "x", "0,100000"):
+        with pytest.raises(LeptonError, match="--cpus"):
+            _cpus(bad)
+
+
+def test_a_run_directory_that_cannot_be_created(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    r = run_cli("train", job, "--run-dir", afile, "--no-progress", timeout=60)
+    assert r.returncode == 2 and "cannot create the run directory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and afile.read_text() == "not a folder"
+
+
+def test_set_does_not_apply_to_resume(tmp_path):
+    r = run_cli("train", "--resume", "--run-dir", tmp_path, "--set", "train.epochs=41", timeout=60)
+    assert r.returncode == 2 and "--set does not apply to --resume" in r.stderr, r.stderr
+
+
+def test_summary_says_how_many_epochs_ran():
+    from lepton.console import summary_table
+    from rich.console import Console
+    con = Console(record=True, width=120)
+    con.print(summary_table({"status": "completed", "steps": 182, "epochs": 14, "epochs_planned": 40}, "run"))
+    assert "14 of 40" in con.export_text()

@@ -389,8 +389,9 @@ class Worker:
         path = write_checkpoint(self.run, t.step, t.state(), job.checkpoint.keep)
         self._on_checkpoint(t.step, path)
         self._write_model(results)
-        return {**results, "steps": t.step, "epochs": job.train.epochs, "replicas_agree": agree,
-                "stopped_early": t.stopped_early, "best_step": t.best_step,
+        # epochs: completed ones (fewer than planned after an early stop)
+        return {**results, "steps": t.step, "epochs": t.epoch, "epochs_planned": job.train.epochs,
+                "replicas_agree": agree, "stopped_early": t.stopped_early, "best_step": t.best_step,
                 "samples_per_s": round(steady_samples / steady_s, 1) if steady_s > 0 else None}
 
     def _eval_due(self) -> bool:
