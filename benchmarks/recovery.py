@@ -80,8 +80,11 @@ def lepton_runs(job: Path, work: Path, kill_at: float) -> dict:
         raise SystemExit(f"lepton failed: {p.stderr.read().decode()}")
     events = read_jsonl(run_dir / "events.jsonl")
     detect = min(e["time"] for e in events if e["kind"] in ("regroup", "worker_lost") and e["time"] >= t_kill)
-    first = next(r for r in read_jsonl(run_dir / "metrics.jsonl")
-                 if r.get("kind") == "generation_first_step" and r["generation"] == 1)
+    first = next((r for r in read_jsonl(run_dir / "metrics.jsonl")
+                  if r.get("kind") == "generation_first_step" and r["generation"] == 1), None)
+    if first is None:     # state.json's step lags up to a second: on a fast machine the kill can come too late
+        raise SystemExit(f"the kill came after the last training step (at step {st['step']} of "
+                         f"{st['total_steps']}): nothing to recover; run again, or with more --rows")
     recovered = next(e for e in events if e["kind"] == "recovered")
     return {"killed_at_step": st["step"], "detection_s": detect - t_kill, "recovery_s": first["time"] - t_kill,
             "steps_lost": recovered["steps_lost"], "wall_clean_s": wall_clean, "wall_kill_s": wall_kill}
