@@ -83,10 +83,10 @@ def _cpus(text: str | None) -> list[int] | None:
             out += list(span)
     except ValueError:
         raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(out)
-    if not set(out) <= usable:
-        raise LeptonError(f"--cpus {text!r}: core(s) {sorted(set(out) - usable)} not available here"
-                          f" (this process may use {_ranges(sorted(usable))})")
+    cores = set(range(os.cpu_count() or 1))
+    if not set(out) <= cores:
+        raise LeptonError(f"--cpus {text!r}: no core(s) {sorted(set(out) - cores)} on this machine"
+                          f" (it has {_ranges(sorted(cores))})")
     return out
 
 

@@ -121,7 +121,11 @@ def _batch_scheduling() -> None:
 
 def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
     if cpus:
-        os.sched_setaffinity(0, set(cpus))
+        try:
+            os.sched_setaffinity(0, set(cpus))
+        except OSError as e:      # e.g. cores outside this container's cpuset
+            raise LeptonError(f"--cpus {','.join(map(str, cpus))}: cannot run on these cores"
+                              f" ({e.strerror or e})") from None
     usable = len(os.sched_getaffinity(0))
     _batch_scheduling()
     n_threads = threads or usable
