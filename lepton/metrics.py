@@ -2,10 +2,14 @@
 numbers as one process.
 
 Classification sums: loss, count, the confusion matrix (C×C counts, rows = true class) and, for two
-classes, histograms of the positive-class probability for each true class (``AUC_BINS`` bins), from
-which ROC-AUC is computed (ties within a bin count one half; with 4096 bins it agrees with an exact AUC
-to about 1e-3). Every sum is a count or a float64 sum, so the reduction is order-independent up to
-float64 rounding of the loss.
+classes, histograms of the score for each true class (``AUC_BINS`` bins), from which ROC-AUC is computed
+(ties within a bin count one half). The score is the logit margin (positive minus negative logit, the
+same order as the positive-class probability) through asinh: bins of the probability itself put every
+confident prediction (a margin above ~8) into the top bin, where ties made a 0.996 classifier read
+0.955; asinh keeps bins ~0.002 wide near a margin of 0 and ~0.1 wide at 50. Precision, recall and F1 are
+macro averages over all C classes, a class absent from both labels and predictions counting 0
+(sklearn's ``labels=range(C)``). Every sum is a count or a float64 sum, so the reduction is
+order-independent up to float64 rounding of the loss.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import math
 import torch
 
 AUC_BINS = 4096
+AUC_MARGIN = 64.0        # logit margins beyond ±this share the end bins
 REGRESSION_SUMS = ("loss", "abs_err", "sum_y", "sum_y2", "count")
 
 
@@ -40,8 +45,9 @@ def batch_sums(task: str, out: torch.Tensor, y: torch.Tensor, classes: int) -> t
     confusion = torch.bincount(y * classes + out.argmax(1), minlength=classes * classes).double()
     parts = [loss, count, confusion]
     if classes == 2:
-        p = torch.softmax(out.double(), dim=1)[:, 1]
-        b = torch.clamp((p * AUC_BINS).long(), max=AUC_BINS - 1)
+        margin = out[:, 1].double() - out[:, 0].double()
+        u = torch.asinh(margin.clamp(-AUC_MARGIN, AUC_MARGIN)) / math.asinh(AUC_MARGIN)     # in [-1, 1]
+        b = torch.clamp(((u + 1) / 2 * AUC_BINS).long(), 0, AUC_BINS - 1)
         parts.append(torch.bincount(y * AUC_BINS + b, minlength=2 * AUC_BINS).double())
     return torch.cat(parts)
 

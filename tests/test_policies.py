@@ -146,6 +146,28 @@ def test_early_stopping_stops_and_restores_the_best_model(data, tmp_path):
     assert meta["best_step"] == 14
 
 
+
+def test_keep_best_weighs_the_final_model_too(data, tmp_path):
+    """Validations run at epoch ends before the last step: the final weights were never a candidate,
+    so a run that improved to its end was handed back the previous epoch's model."""
+    job = job_dict(data, train__epochs=3)
+    job["policies"] = {"keep_best": {"metric": "val.loss", "mode": "min"}}
+    res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    best = {r["step"]: r["value"] for r in _records(res.run_dir, "best")}
+    assert sorted(best) == [14, 28, 42], best                   # val loss fell every epoch, the last too
+    assert res.summary["best_step"] == 42 and res.summary["val"]["loss"] == pytest.approx(best[42])
+
+
+def test_keep_best_never_takes_a_non_finite_value(data):
+    from types import SimpleNamespace
+    from lepton.worker.trainer import Trainer
+    job = parse_job({**job_dict(data), "policies": {"keep_best": {"metric": "val.loss", "mode": "min"}}})
+    t = SimpleNamespace(job=job, best_value=None, best_step=None, step=10)
+    assert not Trainer.improved(t, {"loss": float("nan")})
+    t.step = 20
+    assert Trainer.improved(t, {"loss": 0.5}) and (t.best_value, t.best_step) == (0.5, 20)
+
 def test_tensorboard_event_files(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")

@@ -380,6 +380,10 @@ class Worker:
                 return False
         if ckpt:
             ckpt.wait()
+        if job.policies.keep_best and t.evaluated_step < t.step:
+            # the final weights compete too: the last periodic validation came before them (there is
+            # none at the last step), and without this a run that ran to its end always lost them
+            self._keep_if_best(t.evaluate(self.group, "val"), rank)
         if job.policies.keep_best and t.best_step is not None and t.best_step != t.step:
             best = read_checkpoint(self.run.best_dir) if rank == 0 else None
             t.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
@@ -414,11 +418,17 @@ class Worker:
                 self.reporter.push({"kind": "decision", "decision": "early_stop" if d.kind == "finish" else "lr",
                                     "time": time.time(), "step": t.step, "reason": d.reason, "details": d.details,
                                     "lr": t.lr_at(t.step)})
-        if t.improved(m) and rank == 0:           # keep-best: the same answer on every rank
+        self._keep_if_best(m, rank)
+        t.evaluated_step = t.step
+
+    def _keep_if_best(self, m: dict, rank: int) -> None:
+        """Keep-best: the validation ``m`` is the best so far → rank 0 keeps this model. Every rank
+        sees the same reduced metrics, so every rank answers the same."""
+        t = self.trainer
+        if t.improved(m) and rank == 0:
             write_state_dir(self.run.best_dir, t.step, {"model": t.model.state_dict(), "step": t.step})
             self.reporter.push({"kind": "best", "time": time.time(), "step": t.step, "value": t.best_value,
                                 "metric": self.job.policies.keep_best.metric})
-        t.evaluated_step = t.step
 
     def _log_eval(self, split: str, m: dict, rank: int) -> None:
         if rank == 0 and m.get("count"):

@@ -130,7 +130,7 @@ class Trainer:
         so every rank answers the same."""
         kb = self.job.policies.keep_best
         value = metrics.get(kb.metric.split(".", 1)[1]) if kb else None
-        if value is None:
+        if value is None or not math.isfinite(value):    # NaN compares false with everything: never the best
             return False
         if self.best_value is None or (value < self.best_value if kb.mode == "min" else value > self.best_value):
             self.best_value, self.best_step = value, self.step
