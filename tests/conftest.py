@@ -88,6 +88,28 @@ class Procs:
                     stream.close()
 
 
+def first_line(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """``proc``'s first stdout line, or an AssertionError after ``timeout``: a bare readline would
+    block the test (and the reaping of its processes) for good if the process printed nothing."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: q.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"{proc.args[3:5]} printed nothing in {timeout:g} s") from None
+
+
+def coordinator_url(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The URL in a `lepton coordinator`'s first line."""
+    import re
+    line = first_line(proc, timeout)
+    m = re.search(r"(http://\S+)", line)
+    assert m, (line, proc.poll())
+    return m.group(1)
+
+
 @pytest.fixture
 def procs():
     ps = Procs()

@@ -5,7 +5,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import Procs, job_dict, make_classification_csv
+from conftest import Procs, coordinator_url, job_dict, make_classification_csv
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,16 +17,15 @@ PROTECTED = [("POST", "/v1/register", {"host": "h", "pid": 1}),
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
+def coordinator(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("auth")
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(job_dict(make_classification_csv(tmp / "data.csv"))))
     run_dir = tmp / "run"
     procs = Procs()
-    p = procs.lepton("coordinator", job, "--run-dir", run_dir, "--workers", 2)
-    url = re.search(r"(http://\S+)", p.stdout.readline()).group(1)
+    request.addfinalizer(procs.reap)          # also when the set-up below fails
+    url = coordinator_url(procs.lepton("coordinator", job, "--run-dir", run_dir, "--workers", 2))
     yield url, (run_dir / "token").read_text().strip(), run_dir
-    procs.reap()
 
 
 def test_liveness_probe_is_open(coordinator):
@@ -69,3 +68,28 @@ def test_status_command_shows_the_job(coordinator):
     assert "waiting" in r.stdout and "t:" in r.stdout
     r = run_cli("status", url, "--token-file", run_dir / "token", "--json", timeout=60)
     assert '"status": "waiting"' in r.stdout
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_every_route_of_the_app_refuses_without_the_token(tmp_path):
+    """Not a list kept by hand: every route the coordinator's app serves, whatever is added later (the
+    framework's own /openapi.json answered without the token until it was switched off)."""
+    import threading
+    from starlette.testclient import TestClient
+    from lepton.coordinator.machine import Coordinator
+    from lepton.coordinator.server import build_app
+    from lepton.spec import parse_job
+    from lepton.storage.rundir import RunDir
+    coord = Coordinator(parse_job(job_dict(tmp_path / "d.csv")), RunDir(tmp_path / "run"), 1, train_rows=10)
+    app = build_app(coord, "secret", threading.Lock(), 0, None)
+    client = TestClient(app)
+    checked = []
+    for route in app.routes:
+        for method in sorted(set(getattr(route, "methods", None) or {"GET"}) - {"HEAD"}):
+            path = re.sub(r"\{[^}]+\}", "x", route.path)
+            if path != "/healthz":
+                assert client.request(method, path).status_code == 401, (method, route.path)
+                checked.append(path)
+    assert "/v1/heartbeat" in checked and "/metrics" in checked
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert client.get(path).status_code == 404

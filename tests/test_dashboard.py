@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Procs, job_dict, make_classification_csv
+from conftest import Procs, coordinator_url, job_dict, make_classification_csv
 
 from lepton.coordinator.dashboard import MetricsHistory, Series, cookie_name, dashboard_url, downsample
 from lepton.coordinator.machine import Coordinator
@@ -208,17 +208,17 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, request):
     """A coordinator waiting for 2 workers, on a job long enough to watch (12 epochs, 50 ms per step)."""
     tmp = tmp_path_factory.mktemp("dash")
     job = job_dict(make_classification_csv(tmp / "data.csv"), train__epochs=12, train__log_every_steps=2)
     (tmp / "job.yaml").write_text(yaml.safe_dump(job))
     run_dir = tmp / "run"
     procs = Procs()
+    request.addfinalizer(procs.reap)          # also when the set-up below fails
     coord = procs.lepton("coordinator", tmp / "job.yaml", "--run-dir", run_dir, "--workers", 2)
-    url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
+    url = coordinator_url(coord)
     yield procs, coord, url, (run_dir / "token").read_text().strip(), run_dir
-    procs.reap()
 
 
 def test_browser_is_refused_without_the_token(browser, live):

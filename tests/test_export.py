@@ -6,10 +6,8 @@ and exported a few times; every test reads those artifacts. No test asserts a ti
 """
 import csv
 import json
-import queue
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import lepton
-from conftest import REPO, job_dict, make_classification_csv, run_cli
+from conftest import REPO, first_line, job_dict, make_classification_csv, run_cli
 from lepton.errors import DataError, LeptonError, SpecError
 from lepton.export import ExportSpec, run_export
 from lepton.export.artifacts import ArtifactPredictor, load_artifact
@@ -108,13 +106,15 @@ def test_int8_method_static_for_convolutions(digits, breast, tmp_path):
     assert any("static quantization" in n and "512 training rows" in n for n in report["notes"]), report["notes"]
     for name in ("model.onnx", "model.int8.onnx"):    # the exporter's debugging metadata is not shipped
         assert not onnx.load(str(run / "exports" / name)).graph.metadata_props
+    # the exports below replace model.int8.onnx: on copies, so the module's runs keep the fixtures' files
+    run = shutil.copytree(run, tmp_path / "digits")
     dyn = run_export(run, {"format": "onnx", "quantize": "int8", "int8_method": "dynamic", "latency_runs": 0})
     assert "ConvInteger" in {n.op_type for n in onnx.load(str(run / "exports" / "model.int8.onnx")).graph.node}
     assert any("dynamic quantization" in n for n in dyn["notes"]) and any("ConvInteger" in n for n in dyn["notes"])
     fp32 = dyn["rows"][0]["metrics"]["accuracy"]
     assert _row(dyn, "model.int8.onnx")["metrics"]["accuracy"] >= fp32 - 0.01
     # an MLP can be quantized statically too; without training rows static is a clear error
-    brun, _ = breast
+    brun = shutil.copytree(breast[0], tmp_path / "breast")
     st = run_export(brun, {"format": "onnx", "quantize": "int8", "int8_method": "static", "latency_runs": 0})
     assert _row(st, "model.int8.onnx")["metrics"]["accuracy"] >= st["rows"][0]["metrics"]["accuracy"] - 0.01
     bare = tmp_path / "bare"
@@ -142,7 +142,7 @@ def test_int8_method_auto_choice():
 def test_report_contents(breast):
     run, reports = breast
     saved = json.loads((run / "exports" / "report.json").read_text())
-    assert saved["rows"][0]["name"].startswith("weights.safetensors")   # the last export's report
+    assert saved["spec"]["quantize"] == "bf16" and saved == json.loads(json.dumps(reports["bf16"]))   # the last export's
     rep = reports["int8"]
     assert rep["task"] == "classification" and rep["test_rows"] == len(_test_split(run)[1])
     assert [r["name"] for r in rep["rows"]][1:] == ["model.onnx", "model.int8.onnx"]
@@ -160,8 +160,8 @@ def test_report_contents(breast):
 # --- pruning ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_pruned_model_reaches_sparsity(breast, scope):
-    run, _ = breast
+def test_pruned_model_reaches_sparsity(breast, scope, tmp_path):
+    run = shutil.copytree(breast[0], tmp_path / "run")      # its report.json: not over the module's run's
     before = (run / "model" / "weights.safetensors").read_bytes()
     rep = run_export(run, {"format": "safetensors", "prune": 0.6, "prune_scope": scope, "finetune_epochs": 2,
                            "latency_runs": 0})
@@ -179,8 +179,8 @@ def test_pruned_model_reaches_sparsity(breast, scope):
     assert pruned["metrics"]["accuracy"] > 0.8   # fine-tuned: still a working classifier
 
 
-def test_pruned_int8_onnx(breast):
-    run, _ = breast
+def test_pruned_int8_onnx(breast, tmp_path):
+    run = shutil.copytree(breast[0], tmp_path / "run")
     rep = run_export(run, {"format": "onnx", "quantize": "int8", "prune": 0.5, "latency_runs": 0})
     names = [r["name"] for r in rep["rows"]]
     assert names[1:] == ["pruned model (fp32 torch eager)", "model.pruned.onnx", "model.pruned.int8.onnx"]
@@ -400,10 +400,6 @@ def test_predict_cli_with_artifact(breast, tmp_path):
     """`lepton predict EXPORT` once lepton.predict.load dispatches files to load_artifact."""
     run, _ = breast
     artifact = run / "exports" / "model.int8.onnx"
-    try:
-        lepton.load(artifact)
-    except LeptonError:
-        pytest.skip("lepton.predict.load does not dispatch exported files to load_artifact yet")
     r = run_cli("predict", artifact, "--input", BREAST_CSV, "--output", tmp_path / "o.csv", timeout=60)
     assert r.returncode == 0, r.stderr
     expected = load_artifact(artifact).predict_file(str(BREAST_CSV))["prediction"]
@@ -417,8 +413,8 @@ def test_predict_cli_with_artifact(breast, tmp_path):
                               tmp_path / "y.csv", timeout=60), "not a readable ONNX model")
 
 
-def test_export_cli_prints_table(breast):
-    run, _ = breast
+def test_export_cli_prints_table(breast, tmp_path):
+    run = shutil.copytree(breast[0], tmp_path / "run")         # it writes exports: not into the module's run
     r = run_cli("export", run, "--format", "onnx", "--quantize", "fp16", "--latency-runs", "5", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "model.fp16.onnx" in r.stdout and "report:" in r.stdout
@@ -440,12 +436,8 @@ def _raw_rows(n: int, drop_target: bool = True) -> list[dict]:
 
 
 def _first_line(proc, timeout: float = 90) -> str:
-    q: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: q.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = q.get(timeout=timeout)
-    except queue.Empty:
-        raise AssertionError("lepton serve printed nothing") from None
+    """The URL `lepton serve` prints first."""
+    line = first_line(proc, timeout)
     assert line.startswith("serving on http://"), (line, proc.poll())
     return line.split()[-1]
 

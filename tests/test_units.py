@@ -510,13 +510,14 @@ def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
     assert ev[1]["lr"] == 0.005 and "not improved" in ev[1]["reason"]
 
 
-def test_step_meter_reports_whole_steps_over_a_full_window_only():
+def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
+    import lepton.worker.meter as meter_module
     from lepton.worker.meter import StepMeter
+    clock = Clock()                                 # processor time, advanced by the "work" below
+    monkeypatch.setattr(meter_module.time, "process_time", clock)
 
     def burn(s):
-        end = time.process_time() + s
-        while time.process_time() < end:
-            pass
+        clock.t += s
 
     m = StepMeter(on_gpu=False, window=3)
     for i in range(5):
@@ -534,8 +535,8 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only():
     m.begin()
     f = m.fields()
     assert f["step_samples"] == 10 and f["step_compute_s"] == pytest.approx(2e-3)
-    # the whole step, the discarded one left out, the outlier too (a median: a mean would be > 12 ms)
-    assert 3e-3 <= f["step_busy_s"] < 10e-3
+    # the whole step (3 ms), the discarded one left out, the outlier too (a median: a mean would be 13 ms)
+    assert f["step_busy_s"] == pytest.approx(3e-3)
     beat = dict(f)
     m.reset()
     beat.update(m.fields())          # heartbeat fields are merged: the last plan's medians must not stay
