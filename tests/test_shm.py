@@ -32,7 +32,8 @@ def _rank_main(rank: int, world: int, port: int, scenario: str, out: mp.Queue) -
             import lepton.comm.shm as shm_module
             shm_module.FULL_REDUCE_BYTES = 0
         store = dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=30))
-        shm = ShmAllreduce.connect(dist.PrefixStore("t/", store), rank, world, CAPACITY, timeout_s=20)
+        # a timeout far beyond the 60 s the test waits for an answer: only the detection can end a wait
+        shm = ShmAllreduce.connect(dist.PrefixStore("t/", store), rank, world, CAPACITY, timeout_s=600)
         if scenario.startswith("exact"):
             results = []
             for call in range(8):
@@ -109,8 +110,7 @@ def test_sum_and_max_equal_the_rank_order_reduction_on_every_rank(scenario):
                                              ("hang", "the coordinator regrouped")])
 def test_a_waiting_rank_gives_up_instead_of_hanging(scenario, needle):
     rank0 = _run(2, scenario, expect=1)[0]
-    assert rank0[1] == "error" and needle in rank0[2], rank0
-    assert rank0[3] < 5.0                                   # seconds, not the 20 s collective timeout
+    assert rank0[1] == "error" and needle in rank0[2], rank0   # the detection, not the (600 s) timeout
     if scenario == "hang":                                  # it slept on its futex, it did not spin
         assert rank0[4] < 0.5 * rank0[3], f"{rank0[4]:.3f} s of CPU in {rank0[3]:.3f} s of waiting"
 
