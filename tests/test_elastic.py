@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import lepton
-from conftest import job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
+from conftest import coordinator_url, job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -167,23 +167,25 @@ def test_ctrl_c_then_resume_equals_uninterrupted(setup, procs, tmp_path):
 def test_sigterm_to_a_worker_leaves_gracefully(setup, procs, tmp_path):
     root, _, ref = setup
     run_dir = tmp_path / "run"
-    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 3)
-    url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
-    env = {"LEPTON_FAULTS": "slow:rank=*:seconds=0.15"}   # room for a new worker to start and join
-    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token", env=env)
-               for _ in range(3)]
+    # min_workers=3: after the leave the run waits for the new worker (seconds to start) instead of
+    # racing it to the end
+    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 3,
+                         "--set", "cluster.min_workers=3", "--set", "cluster.wait_for_workers_s=120")
+    url = coordinator_url(coord)
+    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token") for _ in range(3)]
     _wait_for(lambda: _step(run_dir) >= 8, 60, "step 8")
     workers[1].send_signal(signal.SIGTERM)
     assert workers[1].wait(timeout=30) == 0
-    # and a new worker joins the running job
-    _wait_for(lambda: kinds(run_dir).count("generation") >= 2, 30, "the regroup")
-    workers.append(procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token", env=env))
+    # and a new worker joins the job
+    _wait_for(lambda: "worker_left" in kinds(run_dir), 30, "the leave")
+    workers.append(procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token"))
     assert coord.wait(timeout=120) == 0, coord.stderr.read()
     s = _check_same_model(run_dir, ref)
     ev = events(run_dir)
     assert [e["kind"] for e in ev].count("worker_left") == 1 and "worker_lost" not in [e["kind"] for e in ev]
     gens = [e for e in ev if e["kind"] == "generation"]
-    assert len(gens) == 3 and len(gens[1]["members"]) == 2 and len(gens[2]["members"]) == 3
+    left = next(e["worker"] for e in ev if e["kind"] == "worker_left")
+    assert len(gens) == 2 and len(gens[1]["members"]) == 3 and left not in gens[1]["members"]
     assert s["workers"] == 3
 
 
