@@ -88,6 +88,15 @@ class Procs:
                     stream.close()
 
 
+def expect_cli_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input: exit 2 and one stderr line, no traceback, naming every one of ``needles``."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
 def first_line(proc: subprocess.Popen, timeout: float = 60) -> str:
     """``proc``'s first stdout line, or an AssertionError after ``timeout``: a bare readline would
     block the test (and the reaping of its processes) for good if the process printed nothing."""

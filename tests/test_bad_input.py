@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import job_dict, make_classification_csv, run_cli
+from conftest import expect_cli_error, job_dict, make_classification_csv, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,15 +18,8 @@ def _write_job(tmp_path, job, name="job.yaml"):
 
 def _expect_error(tmp_path, job_file, *needles, extra=()):
     run_dir = tmp_path / "never-created"
-    r = run_cli("train", job_file, "--run-dir", run_dir, "--no-progress", *extra, timeout=60)
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    expect_cli_error(run_cli("train", job_file, "--run-dir", run_dir, "--no-progress", *extra, timeout=60), *needles)
     assert not run_dir.exists(), "a refused job must not create its run directory"
-    return lines[0]
 
 
 def test_missing_data_file(tmp_path):

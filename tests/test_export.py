@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import lepton
-from conftest import REPO, first_line, job_dict, make_classification_csv, run_cli
+from conftest import REPO, expect_cli_error, first_line, job_dict, make_classification_csv, run_cli
 from lepton.errors import DataError, LeptonError, SpecError
 from lepton.export import ExportSpec, run_export
 from lepton.export.artifacts import ArtifactPredictor, load_artifact
@@ -311,31 +311,23 @@ def test_bad_input_to_an_artifact(breast, tmp_path):
         p.predict_array(np.zeros((2, 7), dtype=np.float32))
 
 
-def _expect_cli_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 def test_cli_errors(breast, tmp_path):
     run, _ = breast
     (tmp_path / "bad.onnx").write_bytes(b"garbage" * 20)
-    _expect_cli_error(run_cli("serve", tmp_path / "bad.onnx", "--bind", "127.0.0.1:0", timeout=60),
+    expect_cli_error(run_cli("serve", tmp_path / "bad.onnx", "--bind", "127.0.0.1:0", timeout=60),
                       "lepton serve: error:", "bad.onnx", "not a readable ONNX model")
-    _expect_cli_error(run_cli("serve", tmp_path / "absent.onnx", "--bind", "127.0.0.1:0", timeout=60),
+    expect_cli_error(run_cli("serve", tmp_path / "absent.onnx", "--bind", "127.0.0.1:0", timeout=60),
                       "absent.onnx", "no such")
-    _expect_cli_error(run_cli("export", run, "--format", "safetensors", "--quantize", "int8", timeout=60),
+    expect_cli_error(run_cli("export", run, "--format", "safetensors", "--quantize", "int8", timeout=60),
                       "lepton export: error:", "needs format onnx")
-    _expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "prune")
+    expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "prune")
     r = run_cli("export", run, "--quantize", "int8", "--int8-method", "weights", timeout=60)
     assert r.returncode == 2 and "--int8-method: invalid choice" in r.stderr.splitlines()[-1], r.stderr
-    _expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
+    expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
     damaged = tmp_path / "damaged"
     shutil.copytree(run / "model", damaged / "model")
     (damaged / "model" / "weights.safetensors").write_bytes(b"")
-    _expect_cli_error(run_cli("serve", damaged, "--bind", "127.0.0.1:0", timeout=60),
+    expect_cli_error(run_cli("serve", damaged, "--bind", "127.0.0.1:0", timeout=60),
                       "lepton serve: error:", "weights.safetensors: cannot read the weights")
     with pytest.raises(SpecError, match="unknown field 'bogus'"):
         run_export(run, {"bogus": 1})
@@ -380,7 +372,7 @@ def test_export_failing_after_training_still_prints_the_summary(tmp_path):
                 timeout=180)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "run completed" in r.stdout and "accuracy" in r.stdout, r.stdout      # the training summary
-    _expect_cli_error(r, "lepton train: error: training completed (summary above), but the export failed:",
+    expect_cli_error(r, "lepton train: error: training completed (summary above), but the export failed:",
                       "no prepared test (or validation) rows")
     assert (tmp_path / "run" / "model" / "weights.safetensors").is_file()
 
@@ -406,10 +398,10 @@ def test_predict_cli_with_artifact(breast, tmp_path):
     assert pacsv.read_csv(tmp_path / "o.csv").column("prediction").to_pylist() == expected
     bad = tmp_path / "bad.csv"
     bad.write_text("mean_radius,foo\n1,2\n")
-    _expect_cli_error(run_cli("predict", artifact, "--input", bad, "--output", tmp_path / "x.csv", timeout=60),
+    expect_cli_error(run_cli("predict", artifact, "--input", bad, "--output", tmp_path / "x.csv", timeout=60),
                       "missing feature column(s)")
     (tmp_path / "corrupt.onnx").write_bytes(b"nope" * 10)
-    _expect_cli_error(run_cli("predict", tmp_path / "corrupt.onnx", "--input", BREAST_CSV, "--output",
+    expect_cli_error(run_cli("predict", tmp_path / "corrupt.onnx", "--input", BREAST_CSV, "--output",
                               tmp_path / "y.csv", timeout=60), "not a readable ONNX model")
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lepton
-from conftest import job_dict, make_classification_csv, run_cli, weights
+from conftest import expect_cli_error, job_dict, make_classification_csv, run_cli, weights
 from lepton.errors import DataError, LeptonError
 from lepton.export.artifacts import ArtifactPredictor
 from lepton.predict import Predictor
@@ -77,14 +77,6 @@ def test_predict_without_model(tmp_path):
 
 # --- bad input to prediction: one clear error naming the cell, nothing written ---------------------
 
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 def _rows(data, n: int) -> list[dict]:
     rows = list(csv.DictReader(open(data)))[:n]
     for row in rows:
@@ -120,7 +112,7 @@ def test_predict_cli_refuses_infinity_and_writes_nothing(trained, tmp_path):
     _, data, res = trained
     bad = _with_cell(data, tmp_path / "bad.csv", 0, "f1", "inf")
     r = run_cli("predict", res.run_dir, "--input", bad, "--output", tmp_path / "o.csv", timeout=60)
-    _one_line_error(r, "column 'f1', row 1 (line 2): inf is not a finite number")
+    expect_cli_error(r, "column 'f1', row 1 (line 2): inf is not a finite number")
     assert not (tmp_path / "o.csv").exists()
 
 
@@ -192,10 +184,10 @@ def test_predict_cli_output_refusals(trained, tmp_path):
     rows = tmp_path / "rows.csv"
     rows.write_bytes(data.read_bytes())
     r = run_cli("predict", res.run_dir, "--input", rows, "--output", tmp_path / "." / "rows.csv", timeout=60)
-    _one_line_error(r, "--output", "is the input file")
+    expect_cli_error(r, "--output", "is the input file")
     assert rows.read_bytes() == data.read_bytes()
     r = run_cli("predict", res.run_dir, "--input", rows, "--output", tmp_path, timeout=60)
-    _one_line_error(r, f"--output {tmp_path}: is a directory")
+    expect_cli_error(r, f"--output {tmp_path}: is a directory")
 
 
 def test_predict_input_name_and_directory(trained, tmp_path):
@@ -252,7 +244,7 @@ def test_predict_cli_with_damaged_model(trained, tmp_path):
     shutil.copytree(res.run_dir / "model", tmp_path / "run" / "model")
     _damage(tmp_path / "run" / "model", "truncated weights")
     r = run_cli("predict", tmp_path / "run", "--input", data, "--output", tmp_path / "o.csv", timeout=60)
-    _one_line_error(r, "weights.safetensors: cannot read the weights")
+    expect_cli_error(r, "weights.safetensors: cannot read the weights")
     assert not (tmp_path / "o.csv").exists()
 
 
