@@ -74,11 +74,12 @@ class Procs:
 
     def reap(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            # the whole session, even when its leader has exited: a launcher that died leaves its
+            # workers running in its process group (start_new_session makes the group id its pid)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -86,6 +87,23 @@ class Procs:
             for stream in (p.stdout, p.stderr):
                 if stream:
                     stream.close()
+
+
+def free_port() -> int:
+    """A free TCP port *below* the kernel's ephemeral range: a port from that range (what binding port 0
+    gives) can be handed to some outgoing connection (a worker reconnecting, say) while the test holds
+    it unbound, and a connect to an unbound port of that range can even connect to itself."""
+    import random
+    import socket
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def expect_cli_error(r: subprocess.CompletedProcess, *needles: str) -> None:

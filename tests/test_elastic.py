@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import lepton
-from conftest import coordinator_url, job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
+from conftest import coordinator_url, free_port, job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -150,8 +150,11 @@ def _step(run_dir) -> int:
 def test_ctrl_c_then_resume_equals_uninterrupted(setup, procs, tmp_path):
     root, _, ref = setup
     run_dir = tmp_path / "run"
+    # slower steps than SLOW: state.json's progress lags up to a second and the stop reaches the
+    # workers at their next heartbeat, so the Ctrl-C must land with seconds of the run left (44 steps ×
+    # 0.15 s), not ~1.3 s
     p = procs.lepton("train", root / "job.yaml", "--workers", 3, "--run-dir", run_dir, "--no-progress",
-                     env={"LEPTON_FAULTS": SLOW})
+                     env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.15"})
     _wait_for(lambda: _step(run_dir) >= 8, 60, "step 8")
     os.killpg(p.pid, signal.SIGINT)               # what a terminal's Ctrl-C does
     assert p.wait(timeout=60) == 130
@@ -191,13 +194,9 @@ def test_sigterm_to_a_worker_leaves_gracefully(setup, procs, tmp_path):
 
 def test_coordinator_killed_and_restarted(setup, procs, tmp_path):
     """Workers keep training through a coordinator outage and are adopted by its replacement."""
-    import socket
     root, _, ref = setup
     run_dir = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bind = f"127.0.0.1:{port}"
+    bind = f"127.0.0.1:{free_port()}"            # the restarted coordinator binds it again
     coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 2, "--bind", bind)
     url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
     env = {"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"}
