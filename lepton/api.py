@@ -48,8 +48,12 @@ def _as_job(job, overrides: list[str] | None) -> JobSpec:
 
 
 def train(job=None, workers: int | None = None, run_dir: str | Path | None = None, resume: bool = False,
-          overrides: list[str] | None = None, progress: bool = False, threads: int | None = None) -> TrainResult:
+          overrides: list[str] | None = None, progress: bool = False, threads: int | None = None,
+          data_from: str | Path | None = None) -> TrainResult:
     """Train with a local coordinator and ``workers`` local worker processes; blocks until the end.
+
+    ``data_from``: train on that run directory's prepared data (its split, preprocessing and rows, e.g.
+    to compare models on the same split) instead of reading ``data.path`` again.
 
     Raises ``LeptonError`` for bad input; a run that fails or is interrupted returns its status and
     reason (the run directory stays resumable). When the job's ``export:`` phase fails after training
@@ -57,6 +61,8 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     overrides = list(overrides or [])
     if resume and overrides:
         raise LeptonError(RESUME_KEEPS_THE_SPEC)
+    if resume and data_from is not None:
+        raise LeptonError("data_from applies to a new run; a resumed run keeps its own prepared data")
     if workers is not None and not resume:
         overrides.append(f"cluster.workers={workers}")
     if resume:
@@ -75,7 +81,7 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         listener = Listener()
         local = LocalWorkers(listener.url, token, spec.cluster.workers, threads)
         try:
-            opened = open_run(spec, run_dir, False, token=token)
+            opened = open_run(spec, run_dir, False, token=token, data_from=data_from)
         except BaseException:
             local.wait(timeout_s=0)
             listener.close()
@@ -107,7 +113,7 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
     if coord.phase.value == "completed" and opened.job.export is not None:
         from .export.pipeline import run_export
         try:
-            report = run_export(opened.run.root, opened.job.export,
+            report = run_export(opened.run.root, opened.job.export, progress=progress,
                                 log=lambda m: console.print(m, markup=False, highlight=False))
         except LeptonError as e:     # raising would lose the result of the training that did complete
             export_error = str(e)

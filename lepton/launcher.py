@@ -7,6 +7,7 @@ before anything is written (invariant 4).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,10 @@ from pathlib import Path
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
-from .models import build_model, num_outputs
+from .models import build_model, load_init_weights, num_outputs
 from .spec import JobSpec, parse_job
 from .storage.checkpoint import readable_state_dir
-from .storage.prepared import cache_state, fingerprint, prepare
+from .storage.prepared import DataCache, cache_state, fingerprint, prepare
 from .storage.rundir import RunDir, atomic_write_bytes
 
 
@@ -42,8 +43,10 @@ def default_run_dir(job: JobSpec) -> Path:
 
 
 def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, workers: int | None = None,
-             token: str | None = None) -> OpenRun:
-    """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one."""
+             token: str | None = None, data_from: str | Path | None = None) -> OpenRun:
+    """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one.
+    ``data_from``: a new run trains on that run's prepared data (the same split, preprocessing and rows)
+    instead of preparing ``job.data`` again."""
     if resume:
         if run_dir is None:
             raise LeptonError("--resume needs --run-dir DIR (the run to continue)")
@@ -77,9 +80,17 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     run = RunDir(run_dir or default_run_dir(job))
     if run.holds_run():
         raise LeptonError(f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir")
-    prepared = prepare(job)                 # every data error surfaces here, before any write
-    pre = prepared.preprocessor
-    build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))   # and every model error
+    if data_from is None:
+        prepared = prepare(job)             # every data error surfaces here, before any write
+        pre, train_rows = prepared.preprocessor, prepared.report["train_rows"]
+    else:
+        source = RunDir(data_from)
+        try:
+            train_rows = _manifest(source)["train_rows"]      # written last: the data is complete
+            pre = DataCache(source).preprocessor
+        except (OSError, ValueError, KeyError):
+            raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+    load_init_weights(job, build_model(job, pre.input_shape, num_outputs(job.task, pre.classes)))  # every model error
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -89,8 +100,25 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         import cloudpickle
         atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
     run.write_job(job.to_yaml_dict())
-    prepared.write(run, fingerprint(job))
-    return OpenRun(job, run, run.create_token(token), prepared.report["train_rows"], None, _factory_path(run))
+    if data_from is None:
+        prepared.write(run, fingerprint(job))
+    else:
+        _share_prepared(source, run)
+    return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run))
+
+
+def _share_prepared(source: RunDir, run: RunDir) -> None:
+    """``source``'s prepared files into ``run``: hard links (prepared files are only ever replaced by a
+    rename, never written in place, so sharing them is safe), a copy across file systems; the manifest
+    last, as ``PreparedData.write`` does, so an interrupted copy reads as missing."""
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in source.data_dir.iterdir() if p.is_file() and p.name != "manifest.json")
+    for name in names + ["manifest.json"]:
+        src, dst = source.data_dir / name, run.data_dir / name
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def _manifest(run: RunDir) -> dict:

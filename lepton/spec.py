@@ -87,11 +87,19 @@ class ModelSpec(_Strict):
     """``mlp``: Dense layers (a Keras Sequential); ``cnn``: conv/pool then dense layers;
     ``factory``: ``"module:function"`` (or a callable from the Python API) called as
     ``build(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module``.
-    The output layer (classes, or 1 for regression) is added by Lepton for mlp and cnn."""
+    The output layer (classes, or 1 for regression) is added by Lepton for mlp and cnn.
+    ``init_weights`` starts training from saved weights (this model's parameter names and shapes, in a
+    safetensors file such as another run's ``model/weights.safetensors``); with ``keep_zeros`` the
+    entries of weight matrices and kernels that are exactly zero there stay zero (a pruned model's
+    fine-tune: ``lepton export --prune … --finetune-epochs N`` runs one)."""
 
     type: Literal["mlp", "cnn", "factory"]
     layers: list[Any] = Field(default_factory=list)
     factory: Any = None
+    init_weights: Optional[str] = Field(
+        None, description="safetensors file of this model's weights to start from (default: random init)")
+    keep_zeros: bool = Field(
+        False, description="weights that are exactly zero in init_weights stay zero (fine-tuning a pruned model)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -102,6 +110,8 @@ class ModelSpec(_Strict):
                 raise ValueError(f"model.factory must look like 'module:function' (got {self.factory!r})")
         elif self.factory is not None:
             raise ValueError(f"model.factory is only allowed with type 'factory' (type is {self.type!r})")
+        if self.keep_zeros and not self.init_weights:
+            raise ValueError("model.keep_zeros keeps the zeros of model.init_weights: give init_weights too")
         item = DenseLayer if self.type == "mlp" else CnnLayer
         from pydantic import TypeAdapter
         self.layers = TypeAdapter(list[item]).validate_python(self.layers)
@@ -359,6 +369,9 @@ def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | N
     if base_dir is not None and "://" not in job.data.path and not Path(job.data.path).is_absolute():
         # a relative data path means "next to the job file", whatever the current directory is
         job.data.path = str((base_dir / job.data.path).resolve())
+    init = job.model.init_weights
+    if base_dir is not None and init and not Path(init).is_absolute():
+        job.model.init_weights = str((base_dir / init).resolve())     # next to the job file too
     return job
 
 

@@ -69,6 +69,28 @@ def test_unknown_model_type(tmp_path, csv_data):
     _expect_error(tmp_path, job, "model.type", "'mlp', 'cnn' or 'factory'", "transformer")
 
 
+def test_init_weights_are_checked_before_anything_is_written(tmp_path, csv_data):
+    """model.init_weights that is missing, not safetensors, or another model's; keep_zeros without it."""
+    import torch
+    from safetensors.torch import save_file
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    other = tmp_path / "other.safetensors"
+    save_file({"0.weight": torch.zeros(3, 3)}, str(other))
+    wrong = tmp_path / "wrong.safetensors"          # this model's names, another width
+    save_file({"0.weight": torch.zeros(7, 6), "0.bias": torch.zeros(7), "2.weight": torch.zeros(3, 7),
+               "2.bias": torch.zeros(3)}, str(wrong))
+    cases = [({"init_weights": str(tmp_path / "absent.safetensors")}, ("model.init_weights", "absent.safetensors", "no such file")),
+             ({"init_weights": str(garbage)}, ("model.init_weights", "garbage.safetensors", "not a readable safetensors")),
+             ({"init_weights": str(other)}, ("model.init_weights", "not this model's weights", "unexpected")),
+             ({"init_weights": str(wrong)}, ("model.init_weights", "0.weight has shape [7, 6]", "[8, 6]")),
+             ({"keep_zeros": True}, ("model.keep_zeros", "init_weights"))]
+    for i, (fields, needles) in enumerate(cases):
+        job = job_dict(csv_data, model__layers=[{"units": 8, "activation": "relu"}])
+        job["model"].update(fields)
+        _expect_error(tmp_path, _write_job(tmp_path, job, f"job{i}.yaml"), *needles)
+
+
 def test_unknown_optimizer(tmp_path, csv_data):
     job = job_dict(csv_data)
     job["train"]["optimizer"]["name"] = "lbfgs"

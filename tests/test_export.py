@@ -159,13 +159,25 @@ def test_report_contents(breast):
 
 # --- pruning ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_pruned_model_reaches_sparsity(breast, scope, tmp_path):
-    run = shutil.copytree(breast[0], tmp_path / "run")      # its report.json: not over the module's run's
-    before = (run / "model" / "weights.safetensors").read_bytes()
+def _pruned_and_tuned(breast, tmp_path, scope: str, workers: int | None) -> tuple[Path, dict]:
+    run = shutil.copytree(breast[0], tmp_path / f"run-{scope}-{workers}")   # not over the module's run's report
     rep = run_export(run, {"format": "safetensors", "prune": 0.6, "prune_scope": scope, "finetune_epochs": 2,
-                           "latency_runs": 0})
-    assert rep["pruning"]["sparsity"] >= 0.6 - 1e-3 and len(rep["pruning"]["finetune_loss"]) == 2
+                           "finetune_workers": workers, "latency_runs": 0})
+    return run, rep
+
+
+@pytest.mark.parametrize("scope,workers", [("global", None), ("layer", 2)])
+def test_pruned_model_reaches_sparsity(breast, scope, workers, tmp_path):
+    before = (breast[0] / "model" / "weights.safetensors").read_bytes()
+    run, rep = _pruned_and_tuned(breast, tmp_path, scope, workers)
+    tuned = rep["pruning"]["finetune"]
+    assert rep["pruning"]["sparsity"] >= 0.6 - 1e-3 and len(tuned["val_loss"]) == 2
+    # a distributed run of its own: coordinator and worker processes, the run's worker count by default
+    child = Path(tuned["run_dir"])
+    assert child.parent == run / "exports" / "finetune" and tuned["workers"] == (workers or 1)   # the module run has 1
+    gens = [json.loads(l) for l in (child / "events.jsonl").read_text().splitlines()]
+    assert [len(e["members"]) for e in gens if e["kind"] == "generation"] == [tuned["workers"]]
+    assert yaml.safe_load((child / "job.yaml").read_text())["model"]["keep_zeros"] is True
     w = load_file(str(run / "exports" / "model.pruned.safetensors"))
     layers = [k for k in w if k.endswith("weight")]
     zeros = sum(int((w[k] == 0).sum()) for k in layers)
@@ -177,6 +189,15 @@ def test_pruned_model_reaches_sparsity(breast, scope, tmp_path):
     assert (run / "model" / "weights.safetensors").read_bytes() == before, "the run's model must not change"
     pruned = _row(rep, "model.pruned.safetensors")
     assert pruned["metrics"]["accuracy"] > 0.8   # fine-tuned: still a working classifier
+
+
+def test_finetune_gives_the_same_model_for_any_worker_count(breast, tmp_path):
+    """Invariant 1 holds for the fine-tune too: it is a Lepton run, and keep_zeros masks identically."""
+    tuned = [load_file(str(_pruned_and_tuned(breast, tmp_path, "global", w)[0] / "exports" / "model.pruned.safetensors"))
+             for w in (1, 3)]
+    diff = max(float((tuned[0][k] - tuned[1][k]).abs().max() / (tuned[1][k].abs().max() + 1e-12)) for k in tuned[1])
+    assert diff <= 1e-4, f"1 and 3 fine-tune workers differ by {diff:.2e}"
+    assert all(torch.equal(tuned[0][k] == 0, tuned[1][k] == 0) for k in tuned[1])
 
 
 def test_pruned_int8_onnx(breast, tmp_path):

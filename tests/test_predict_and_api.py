@@ -267,6 +267,23 @@ def test_python_api_with_factory_callable(tmp_path, csv_data):
     assert len(p.predict_file(str(csv_data))["prediction"]) == 240
 
 
+def test_a_new_run_from_another_runs_data_and_weights(trained, tmp_path):
+    """``data_from``: the source run's prepared split, not ``data.path`` (gone here); ``model.init_weights``:
+    training starts from the source's final weights (a step of lr 1e-12 leaves them where they were)."""
+    root, _, ref = trained
+    job = job_dict(tmp_path / "gone.csv", train__epochs=1, train__optimizer={"name": "sgd", "lr": 1e-12})
+    job["model"]["init_weights"] = str(ref.run_dir / "model" / "weights.safetensors")
+    res = lepton.train(job, workers=2, run_dir=tmp_path / "run", data_from=ref.run_dir)
+    assert res.status == "completed", res.reason
+    for f in (ref.run_dir / "data").iterdir():
+        assert (res.run_dir / "data" / f.name).read_bytes() == f.read_bytes(), f.name
+    got, want = weights(res.run_dir), weights(ref.run_dir)
+    assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    with pytest.raises(LeptonError, match="no complete prepared data"):
+        lepton.train(job, workers=1, run_dir=tmp_path / "never", data_from=tmp_path / "run" / "model")
+    assert not (tmp_path / "never").exists()
+
+
 def test_regression_end_to_end(tmp_path):
     g = np.random.default_rng(0)
     x = g.normal(size=(300, 4))

@@ -35,7 +35,10 @@ def add_export_commands(sub) -> None:
                    help="with --prune. global: smallest weights over all layers (default); layer: AMOUNT of"
                         " each layer")
     e.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
-                   help="fine-tune the pruned model for N epochs on the run's training split (single process)")
+                   help="fine-tune the pruned model for N epochs on the run's training split (a distributed"
+                        " run in RUN_DIR/exports/finetune/; the zeros stay zero)")
+    e.add_argument("--finetune-workers", type=int, metavar="N",
+                   help="worker processes of the fine-tune (default: the run's cluster.workers)")
     e.add_argument("--latency-runs", type=int, default=200, metavar="N",
                    help="timed calls per batch size in the report (default 200; 0 skips timing)")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -64,13 +67,14 @@ def cmd_export(a) -> int:
     raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize,
            "int8_method": a.int8_method or "auto", "prune": a.prune,
            "prune_scope": a.prune_scope or "global", "finetune_epochs": a.finetune_epochs,
+           "finetune_workers": a.finetune_workers,
            "latency_runs": a.latency_runs}
     spec = as_spec(raw, source="options")
 
     def log(msg: str) -> None:
         console.print(msg, markup=False, highlight=False)
 
-    report = run_export(a.run_dir, spec, log=None if a.json else log)
+    report = run_export(a.run_dir, spec, log=None if a.json else log, progress=not a.json)
     if a.json:
         print(json.dumps(report, indent=2))
         return 0

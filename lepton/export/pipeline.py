@@ -7,7 +7,8 @@ Contract of ``run_export(run_dir, spec)``:
 - reads the run's final model (``model/``) and its prepared test split (``data/test_*.npy``); a run
   without them is a ``LeptonError`` that says what is missing;
 - when ``spec.prune`` is set, prunes a copy of the model (``prune.prune_model``), fine-tuning it for
-  ``spec.finetune_epochs`` first; the run's own ``model/`` is never modified;
+  ``spec.finetune_epochs`` first (a distributed run in ``RUN_DIR/exports/finetune/``; ``progress``
+  shows its bar); the run's own ``model/`` is never modified;
 - writes one artifact per format into ``RUN_DIR/exports/`` (names from ``artifacts.artifact_name``,
   replaced atomically when they exist). An ONNX artifact in int8/fp16/bf16 is made from the fp32 ONNX
   export, which is written too (``model[.pruned].onnx``) so the report shows what the compression cost;
@@ -136,7 +137,8 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
     return out, notes
 
 
-def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: Log | None = None) -> dict:
+def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: Log | None = None,
+               progress: bool = False) -> dict:
     """Run the export phase on a completed run (see module doc); returns the report."""
     spec = as_spec(spec)
     log = log or (lambda msg: None)
@@ -163,7 +165,8 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
     pruning = None
     if spec.prune is not None:
         from .prune import prune_model
-        pruning = prune_model(model, run, spec.prune, spec.prune_scope, spec.finetune_epochs, log)
+        pruning = prune_model(model, run, spec.prune, spec.prune_scope, spec.finetune_epochs,
+                              spec.finetune_workers, log, progress)
 
     run.exports_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, str, Path]] = []

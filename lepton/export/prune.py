@@ -1,37 +1,33 @@
-"""Magnitude pruning (torch.nn.utils.prune), an optional fine-tune that keeps the sparsity, then
-making it permanent.
+"""Magnitude pruning (torch.nn.utils.prune), an optional fine-tune that keeps the sparsity.
 
-Contract of ``prune_model(model, run, amount, scope, finetune_epochs)``:
+Contract of ``prune_model(model, run, amount, scope, finetune_epochs, finetune_workers)``:
 - the weights of every ``nn.Linear`` and ``nn.ConvNd`` are pruned by L1 magnitude: ``scope="global"``
   removes the ``amount`` fraction of smallest weights over all those layers together (layers that
   matter less lose more), ``scope="layer"`` removes ``amount`` of each layer's weights; biases are kept;
-- fine-tuning trains the *masked* model (prune's ``weight = weight_orig * weight_mask``
-  re-parametrisation), so a pruned weight gets no value back however the optimizer moves
-  ``weight_orig``; then ``prune.remove`` bakes the zeros into plain ``weight`` tensors;
-- the model is modified in place and returns a dict for the report (sparsity reached, per-epoch loss).
-
-The fine-tune is a single-process loop (for now): it reuses the run's prepared training cache
-(``RUN_DIR/data/train_*.npy``), its job's optimizer and global batch size, and the deterministic
-sampler of distributed training with one share, so it sees the batches a one-worker run would.
-Fine-tuning through the coordinator and workers (``lepton train``'s distributed trainer) is future work.
+  the pruning is made permanent at once (``prune.remove``: the zeros are plain entries of ``weight``);
+- fine-tuning is a distributed Lepton run of its own, ``RUN_DIR/exports/finetune/run/`` (coordinator and
+  ``finetune_workers`` local worker processes, the run's worker count by default): the run's job for
+  ``finetune_epochs`` epochs, starting from the pruned weights (``model.init_weights``) with
+  ``model.keep_zeros`` (a pruned weight gets no gradient and stays exactly zero, as prune's ``weight_orig
+  × mask`` would), on the run's own prepared data (the same split; ``lepton.train(data_from=…)``), with
+  a fresh optimizer and schedule and the job's evaluation and policies (keep-best picks among the
+  fine-tune's validations); its final model replaces the pruned weights;
+- the model is modified in place; returns a dict for the report (sparsity reached, the fine-tune's run).
 """
 from __future__ import annotations
 
-import time
+import shutil
 from typing import Callable
 
-import numpy as np
-import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import prune
 
-from .. import metrics
 from ..errors import LeptonError
-from ..models import build_optimizer
-from ..sampler import GlobalBatchSampler
-from ..spec import parse_job
-from ..storage.prepared import DataCache
-from ..storage.rundir import RunDir
+from ..storage.checkpoint import MODEL_WEIGHTS
+from ..storage.rundir import RunDir, read_jsonl
+
+FINETUNE_DIR = "finetune"      # under RUN_DIR/exports/: init.safetensors (the pruned weights) and run/
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -65,51 +61,54 @@ def make_permanent(model: nn.Module) -> None:
             prune.remove(m, name)
 
 
-def finetune(model: nn.Module, run: RunDir, epochs: int, log: Callable[[str], None] | None = None) -> list[float]:
-    """``epochs`` passes over the run's training split on the (masked) model; mean loss per epoch."""
-    try:
-        job = parse_job(run.read_job_dict(), source=str(run.job_yaml))
-        x, y = DataCache(run).get("train")
-    except (OSError, ValueError) as e:
-        raise LeptonError(f"{run.root}: cannot read the training cache for fine-tuning ({e})") from None
-    sampler = GlobalBatchSampler(len(y), job.train.batch_size, job.seed)
-    # the optimizer sees weight_orig (not the masked weight): a fresh one, with the run's settings
-    optimizer = build_optimizer(job, model.parameters())
-    torch.manual_seed(job.seed)
-    losses = []
-    model.train()
-    for epoch in range(epochs):
-        total, count, t0 = 0.0, 0, time.perf_counter()
-        # continue the run's sequence of epoch permutations rather than replaying its first epochs
-        first = (job.train.epochs + epoch) * sampler.steps_per_epoch
-        for s in range(sampler.steps_per_epoch):
-            step = first + s
-            idx, batch = sampler.worker_slice(step, [1.0], 0)
-            xb = torch.from_numpy(np.take(x, idx, axis=0))
-            yb = torch.from_numpy(np.take(y, idx, axis=0))
-            optimizer.zero_grad(set_to_none=True)
-            loss = metrics.loss_fn(job.task, model(xb), yb)
-            (loss / batch).backward()     # the loss is a sum (design invariant 1): mean over B here
-            optimizer.step()
-            total += float(loss.detach())
-            count += len(idx)
-        losses.append(total / max(count, 1))
-        if log:
-            log(f"fine-tune epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
+def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
+    """Fine-tune the pruned ``model`` in place as a distributed run (module doc); what the report shows."""
+    from ..api import train
+    job = run.read_job_dict()
+    child = RunDir(run.exports_dir / FINETUNE_DIR)
+    shutil.rmtree(child.root, ignore_errors=True)      # an earlier export's fine-tune: derived, replaced
+    child.root.mkdir(parents=True)
+    init = child.root / "init.safetensors"
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init))
+    workers = workers or int(job.get("cluster", {}).get("workers", 1))
+    job["name"] = f"{job.get('name', 'job')}-finetune"
+    job["model"].update(init_weights=str(init), keep_zeros=True)
+    if run.factory_pickle.exists():     # a callable from the Python API: job.yaml holds only its name
+        import cloudpickle
+        job["model"]["factory"] = cloudpickle.loads(run.factory_pickle.read_bytes())
+    job["train"]["epochs"] = epochs
+    job["export"] = None
+    cluster = job.setdefault("cluster", {})
+    # the run's placement options were for its own worker count
+    cluster.update(shares=None, max_workers=None, min_workers=min(int(cluster.get("min_workers", 1)), workers))
+    if log:
+        log(f"fine-tuning the pruned model: {epochs} epoch(s), {workers} worker(s), run {child.root / 'run'}")
+    res = train(job, workers=workers, run_dir=child.root / "run", progress=progress, data_from=run.root)
+    if res.status != "completed":
+        raise LeptonError(f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})")
+    model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))
     model.eval()
-    return losses
+    s = res.summary or {}
+    vals = [r["loss"] for r in read_jsonl(res.run_dir / "metrics.jsonl")
+            if r.get("kind") == "eval" and r.get("split") == "val" and "loss" in r]
+    return {"run_dir": str(res.run_dir), "workers": workers, "epochs": epochs, "steps": s.get("steps"),
+            "train_loss": (s.get("train") or {}).get("loss"), "val_loss": vals}
 
 
 def prune_model(model: nn.Module, run: RunDir, amount: float, scope: str = "global", finetune_epochs: int = 0,
-                log: Callable[[str], None] | None = None) -> dict:
+                finetune_workers: int | None = None, log: Callable[[str], None] | None = None,
+                progress: bool = False) -> dict:
     """Prune ``model`` in place (see module doc); returns what the report shows about it."""
     apply_pruning(model, amount, scope)
+    make_permanent(model)
     reached = sparsity(model)
     if log:
         log(f"pruned {scope} L1 magnitude: {reached:.1%} of the Linear/Conv weights are zero")
-    losses = finetune(model, run, finetune_epochs, log) if finetune_epochs else []
-    make_permanent(model)
+    tuned = finetune(model, run, finetune_epochs, finetune_workers, log, progress) if finetune_epochs else None
     model.eval()
-    return {"amount": amount, "scope": scope, "method": "l1_unstructured", "sparsity": sparsity(model),
-            "finetune_epochs": finetune_epochs, "finetune_loss": losses,
-            "finetune_mode": "single-process" if finetune_epochs else None}
+    after = sparsity(model)
+    if after < reached:         # keep_zeros failed: never ship that as "pruned"
+        raise LeptonError(f"the fine-tune lost sparsity ({reached:.1%} → {after:.1%} zeros); its run: {tuned['run_dir']}")
+    return {"amount": amount, "scope": scope, "method": "l1_unstructured", "sparsity": after,
+            "finetune_epochs": finetune_epochs, "finetune": tuned}

@@ -147,6 +147,15 @@ def print_report(report: dict, console=None) -> None:
     if not con.is_terminal:
         con = Console(width=max(con.width, 170), file=con.file)
     con.print(report_table(report))
+    pruning = report.get("pruning")
+    if pruning:
+        line = f"pruned: {pruning['sparsity']:.1%} of the Linear/Conv weights are zero ({pruning['scope']} L1)"
+        tuned = pruning.get("finetune")
+        if tuned:
+            vals = tuned.get("val_loss") or []
+            line += (f"; fine-tuned {tuned['epochs']} epoch(s) on {tuned['workers']} worker(s)"
+                     + (f", val loss {vals[0]:.4g} → {vals[-1]:.4g}" if vals else "") + f" (run: {tuned['run_dir']})")
+        con.print(line, markup=False, highlight=False)
     for note in report.get("notes", []):
         con.print(f"note: {note}", markup=False, highlight=False)
     con.print(f"report: {Path(report['run_dir']) / 'exports' / 'report.json'}", markup=False, highlight=False)

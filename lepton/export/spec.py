@@ -6,7 +6,8 @@
       int8_method: auto            # auto (static for convolutional classifiers) | static | dynamic
       prune: 0.5                   # fraction of Linear/Conv weights set to zero (L1 magnitude)
       prune_scope: global          # global (over all layers) | layer (the fraction of each layer)
-      finetune_epochs: 2           # fine-tune the pruned model (single process, keeps the sparsity)
+      finetune_epochs: 2           # fine-tune the pruned model (a distributed run; keeps the sparsity)
+      finetune_workers: 2          # its worker processes (default: the run's cluster.workers)
       latency_runs: 200            # timed calls per batch size in the report
 
 This module imports only pydantic so that ``lepton.spec`` can use ``ExportSpec`` as a field type
@@ -37,7 +38,9 @@ class ExportSpec(BaseModel):
     prune: Optional[float] = Field(
         None, gt=0, lt=1, description="fraction of Linear/Conv weights to zero by L1 magnitude")
     prune_scope: Literal["global", "layer"] = "global"
-    finetune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (single process)")
+    finetune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (a distributed run)")
+    finetune_workers: Optional[int] = Field(
+        None, gt=0, description="worker processes of the fine-tune (default: the run's cluster.workers)")
     latency_runs: int = Field(200, ge=0, description="timed calls per batch size in the report (0: no timing)")
 
     @field_validator("format", mode="before")
@@ -57,6 +60,8 @@ class ExportSpec(BaseModel):
                              f" (got {', '.join(self.formats)}); torchscript and safetensors take fp16 or bf16")
         if self.finetune_epochs and self.prune is None:
             raise ValueError("finetune_epochs fine-tunes a pruned model: give prune too (e.g. prune: 0.5)")
+        if self.finetune_workers and not self.finetune_epochs:
+            raise ValueError("finetune_workers applies to a fine-tune: give finetune_epochs too")
         return self
 
     @property

@@ -19,7 +19,7 @@ import torch
 
 from .. import metrics, policies
 from ..comm import FlatGradients, GenerationGroup
-from ..models import build_model, build_optimizer, num_outputs
+from ..models import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
 from ..storage.prepared import DataCache
@@ -54,7 +54,12 @@ class Trainer:
         self.job, self.task, self.cache = job, job.task, cache
         self.device = device or torch.device("cpu")
         pre = cache.preprocessor
-        self.model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory).to(self.device)
+        model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
+        load_init_weights(job, model)
+        self.model = model.to(self.device)
+        # model.keep_zeros: the zeros of the starting weights (a pruned model), from the init file even
+        # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
+        self.masks = zero_masks(self.model) if job.model.keep_zeros else []
         self.optimizer = build_optimizer(job, self.model.parameters())
         # extra slots reduced with the gradients (EXTRA_SLOTS): loss sum, sample count, regroup votes,
         # plan votes, then one per rank for the next plan's shares (sized by train_step)
@@ -206,7 +211,16 @@ class Trainer:
             self.bad_steps = 0
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr_at(self.step)
+            # keep_zeros: a zero gradient gives a zero entry no update (Adam's moments stay 0, weight
+            # decay scales 0), as prune's weight_orig × mask would; the weights are masked again after
+            # the step so no rounding can bring one back
+            for param, mask in self.masks:
+                param.grad.mul_(mask)
             self.optimizer.step()
+            if self.masks:
+                with torch.no_grad():
+                    for param, mask in self.masks:
+                        param.mul_(mask)
         else:
             self.bad_steps += 1
             self.lr_scale *= self.job.train.divergence.lr_factor
