@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from .comm.batchnorm import check_micro_batches
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
@@ -90,7 +91,9 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
             pre = DataCache(source).preprocessor
         except (OSError, ValueError, KeyError):
             raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
-    load_init_weights(job, build_model(job, pre.input_shape, num_outputs(job.task, pre.classes)))  # every model error
+    model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))      # every model error
+    load_init_weights(job, model)
+    check_micro_batches(job.cluster.max_micro_batch, model)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

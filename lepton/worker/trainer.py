@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics, policies
-from ..comm import FlatGradients, GenerationGroup
+from ..comm import FlatGradients, GenerationGroup, batchnorm
 from ..models import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
@@ -56,6 +56,9 @@ class Trainer:
         pre = cache.preprocessor
         model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
         load_init_weights(job, model)
+        # BatchNorm layers normalise over the global batch: every pass of a step is then a collective
+        batchnorm.check_micro_batches(job.cluster.max_micro_batch, model)
+        self.global_bn = batchnorm.convert(model) > 0
         self.model = model.to(self.device)
         # model.keep_zeros: the zeros of the starting weights (a pruned model), from the init file even
         # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
@@ -170,18 +173,21 @@ class Trainer:
         self.model.train()
         self.grads.zero()
         extra = self.grads.extra
-        if len(idx):
+        # with global BatchNorm every rank makes exactly one pass, an empty one if its slice is empty
+        # (its layers' statistics are collectives); otherwise a rank without samples computes nothing
+        if len(idx) or self.global_bn:
             chunk = self.job.cluster.max_micro_batch or len(idx)
             loss_sum = 0.0
-            for lo in range(0, len(idx), chunk):
-                part = idx[lo:lo + chunk]
-                xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
-                yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
-                loss = metrics.loss_fn(self.task, self.model(xb), yb)
-                if self.poison and self.poison(self.step):
-                    loss = loss * float("nan")
-                loss.backward()
-                loss_sum += float(loss.detach())
+            with batchnorm.reducing(group if self.global_bn else None):
+                for lo in range(0, max(len(idx), 1), max(chunk, 1)):
+                    part = idx[lo:lo + chunk]
+                    xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
+                    yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
+                    loss = metrics.loss_fn(self.task, self.model(xb), yb)
+                    if self.poison and self.poison(self.step):
+                        loss = loss * float("nan")
+                    loss.backward()
+                    loss_sum += float(loss.detach())
             if self.compute_hook:
                 self.compute_hook(len(idx))
             extra[0] = loss_sum
@@ -270,8 +276,10 @@ class Trainer:
 
     @torch.no_grad()
     def replicas_agree(self, group: GenerationGroup) -> bool:
-        """Invariant 3, checked: the max and the min over ranks of a parameter checksum coincide."""
-        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in self.model.parameters()).cpu()
+        """Invariant 3, checked: the max and the min over ranks of a checksum of the parameters and the
+        floating-point buffers (BatchNorm's running statistics) coincide."""
+        state = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
+        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in state).cpu()
         t = torch.stack([c, -c])
         group.allreduce(t, op="max")
         return bool(t[0] == -t[1])
