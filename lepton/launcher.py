@@ -25,7 +25,7 @@ from .models import build_model, load_init_weights, num_outputs
 from .spec import JobSpec, parse_job
 from .storage.checkpoint import readable_state_dir
 from .storage.prepared import DataCache, cache_state, fingerprint, prepare
-from .storage.rundir import RunDir, atomic_write_bytes
+from .storage.rundir import RunDir, atomic_write_bytes, fsync_dir
 
 
 @dataclass
@@ -37,6 +37,9 @@ class OpenRun:
     resume_checkpoint: dict | None
     factory_pickle: str | None
     previous_generation: int | None = None
+
+
+INIT_WEIGHTS = "init_weights.safetensors"     # a run's copy of model.init_weights
 
 
 def default_run_dir(job: JobSpec) -> Path:
@@ -91,6 +94,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
             pre = DataCache(source).preprocessor
         except (OSError, ValueError, KeyError):
             raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+        _check_same_data(job, pre, source)
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))      # every model error
     load_init_weights(job, model)
     check_micro_batches(job.cluster.max_micro_batch, model)
@@ -102,6 +106,12 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     if callable(factory):
         import cloudpickle
         atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
+    if job.model.init_weights:
+        # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its masks
+        # from it), whatever happens to the original afterwards
+        init = run.root / INIT_WEIGHTS
+        _copy_into(Path(job.model.init_weights), init)
+        job.model.init_weights = str(init.resolve())
     run.write_job(job.to_yaml_dict())
     if data_from is None:
         prepared.write(run, fingerprint(job))
@@ -121,7 +131,29 @@ def _share_prepared(source: RunDir, run: RunDir) -> None:
         try:
             os.link(src, dst)
         except OSError:
-            shutil.copy2(src, dst)
+            _copy_into(src, dst)
+    fsync_dir(run.data_dir)
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    """A file copied under a temporary name, fsynced and renamed (invariant 4)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:
+    """``data_from``'s prepared data must be what ``job`` describes: its task, target and input shape."""
+    pairs = [("task", job.task, pre.task), ("data.target", job.data.target, pre.target)]
+    if job.data.shape is not None:
+        pairs.append(("data.shape", list(job.data.shape), list(pre.shape or [])))
+    for field, ours, theirs in pairs:
+        if ours != theirs:
+            raise LeptonError(f"{source.root}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
+                              " data_from takes a run prepared for the same task and data")
 
 
 def _manifest(run: RunDir) -> dict:

@@ -130,7 +130,9 @@ def load_init_weights(job: JobSpec, model: nn.Module) -> None:
 def zero_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """``model.keep_zeros``: (parameter, mask of its non-zero entries) for every weight matrix or kernel
     (two or more dimensions; biases and norm scales are never pruned) that holds a zero."""
-    return [(p, p.detach() != 0) for p in model.parameters() if p.dim() >= 2 and bool((p == 0).any())]
+    # a frozen parameter (requires_grad False) has no gradient and is never updated: nothing to mask
+    return [(p, p.detach() != 0) for p in model.parameters()
+            if p.requires_grad and p.dim() >= 2 and bool((p == 0).any())]
 
 
 def build_optimizer(job: JobSpec, params) -> torch.optim.Optimizer:

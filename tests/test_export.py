@@ -174,10 +174,17 @@ def test_pruned_model_reaches_sparsity(breast, scope, workers, tmp_path):
     assert rep["pruning"]["sparsity"] >= 0.6 - 1e-3 and len(tuned["val_loss"]) == 2
     # a distributed run of its own: coordinator and worker processes, the run's worker count by default
     child = Path(tuned["run_dir"])
-    assert child.parent == run / "exports" / "finetune" and tuned["workers"] == (workers or 1)   # the module run has 1
+    assert child == run / "exports" / "finetune" and tuned["workers"] == (workers or 1)   # the module run has 1
     gens = [json.loads(l) for l in (child / "events.jsonl").read_text().splitlines()]
     assert [len(e["members"]) for e in gens if e["kind"] == "generation"] == [tuned["workers"]]
-    assert yaml.safe_load((child / "job.yaml").read_text())["model"]["keep_zeros"] is True
+    model = yaml.safe_load((child / "job.yaml").read_text())["model"]
+    assert model["keep_zeros"] is True and model["init_weights"] == str(child / "init_weights.safetensors")
+    # what was exported is the fine-tune's model, and the fine-tune moved the pruned weights
+    exported, final = (load_file(str(f)) for f in (run / "exports" / "model.pruned.safetensors",
+                                                     child / "model" / "weights.safetensors"))
+    init = load_file(str(child / "init_weights.safetensors"))
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    assert any(not torch.equal(init[k], final[k]) for k in final if k.endswith("weight"))
     w = load_file(str(run / "exports" / "model.pruned.safetensors"))
     layers = [k for k in w if k.endswith("weight")]
     zeros = sum(int((w[k] == 0).sum()) for k in layers)

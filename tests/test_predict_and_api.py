@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import pyarrow.csv as pacsv
 import torch
+import yaml
 from torch import nn
 
 import lepton
@@ -279,9 +280,17 @@ def test_a_new_run_from_another_runs_data_and_weights(trained, tmp_path):
         assert (res.run_dir / "data" / f.name).read_bytes() == f.read_bytes(), f.name
     got, want = weights(res.run_dir), weights(ref.run_dir)
     assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
-    with pytest.raises(LeptonError, match="no complete prepared data"):
-        lepton.train(job, workers=1, run_dir=tmp_path / "never", data_from=tmp_path / "run" / "model")
-    assert not (tmp_path / "never").exists()
+    # the run keeps its own copy of the starting weights (a resume or a late worker reads it again)
+    copy = res.run_dir / "init_weights.safetensors"
+    assert copy.read_bytes() == (ref.run_dir / "model" / "weights.safetensors").read_bytes()
+    assert yaml.safe_load((res.run_dir / "job.yaml").read_text())["model"]["init_weights"] == str(copy)
+    refused = [(tmp_path / "run" / "model", job, "no complete prepared data"),
+               (ref.run_dir, {**job, "task": "regression"}, "its prepared data has task 'classification'"),
+               (ref.run_dir, {**job, "data": {**job["data"], "target": "other"}}, "data.target 'label'")]
+    for source, bad, needle in refused:
+        with pytest.raises(LeptonError, match=needle):
+            lepton.train(bad, workers=1, run_dir=tmp_path / "never", data_from=source)
+        assert not (tmp_path / "never").exists()
 
 
 def test_regression_end_to_end(tmp_path):

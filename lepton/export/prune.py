@@ -5,18 +5,22 @@ Contract of ``prune_model(model, run, amount, scope, finetune_epochs, finetune_w
   removes the ``amount`` fraction of smallest weights over all those layers together (layers that
   matter less lose more), ``scope="layer"`` removes ``amount`` of each layer's weights; biases are kept;
   the pruning is made permanent at once (``prune.remove``: the zeros are plain entries of ``weight``);
-- fine-tuning is a distributed Lepton run of its own, ``RUN_DIR/exports/finetune/run/`` (coordinator and
-  ``finetune_workers`` local worker processes, the run's worker count by default): the run's job for
-  ``finetune_epochs`` epochs, starting from the pruned weights (``model.init_weights``) with
-  ``model.keep_zeros`` (a pruned weight gets no gradient and stays exactly zero, as prune's ``weight_orig
-  × mask`` would), on the run's own prepared data (the same split; ``lepton.train(data_from=…)``), with
-  a fresh optimizer and schedule and the job's evaluation and policies (keep-best picks among the
-  fine-tune's validations); its final model replaces the pruned weights;
+- fine-tuning is a distributed Lepton run of its own, ``RUN_DIR/exports/finetune/`` (coordinator and
+  ``finetune_workers`` local worker processes, the run's worker count by default, on this machine's
+  device): the run's job for ``finetune_epochs`` epochs, starting from the pruned weights
+  (``model.init_weights``, which the run copies in) with ``model.keep_zeros`` (a pruned weight gets no
+  gradient and stays exactly zero, as prune's ``weight_orig × mask`` would), on the run's own prepared
+  data (the same split; ``lepton.train(data_from=…)``), with a fresh optimizer and schedule and the job's
+  evaluation and policies (keep-best picks among the fine-tune's validations); its epochs visit the
+  training split in the orders of the run's first epochs (the same seed). Its final model replaces the
+  pruned weights; a later export with a fine-tune replaces that run;
 - the model is modified in place; returns a dict for the report (sparsity reached, the fine-tune's run).
 """
 from __future__ import annotations
 
 import shutil
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import load_file, save_file
@@ -27,7 +31,7 @@ from ..errors import LeptonError
 from ..storage.checkpoint import MODEL_WEIGHTS
 from ..storage.rundir import RunDir, read_jsonl
 
-FINETUNE_DIR = "finetune"      # under RUN_DIR/exports/: init.safetensors (the pruned weights) and run/
+FINETUNE_DIR = "finetune"      # the fine-tune's run directory, under RUN_DIR/exports/
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -65,26 +69,30 @@ def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = N
              log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """Fine-tune the pruned ``model`` in place as a distributed run (module doc); what the report shows."""
     from ..api import train
+    from ..spec import parse_job
     job = run.read_job_dict()
-    child = RunDir(run.exports_dir / FINETUNE_DIR)
-    shutil.rmtree(child.root, ignore_errors=True)      # an earlier export's fine-tune: derived, replaced
-    child.root.mkdir(parents=True)
-    init = child.root / "init.safetensors"
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init))
     workers = workers or int(job.get("cluster", {}).get("workers", 1))
-    job["name"] = f"{job.get('name', 'job')}-finetune"
-    job["model"].update(init_weights=str(init), keep_zeros=True)
-    if run.factory_pickle.exists():     # a callable from the Python API: job.yaml holds only its name
-        import cloudpickle
-        job["model"]["factory"] = cloudpickle.loads(run.factory_pickle.read_bytes())
-    job["train"]["epochs"] = epochs
-    job["export"] = None
-    cluster = job.setdefault("cluster", {})
-    # the run's placement options were for its own worker count
-    cluster.update(shares=None, max_workers=None, min_workers=min(int(cluster.get("min_workers", 1)), workers))
-    if log:
-        log(f"fine-tuning the pruned model: {epochs} epoch(s), {workers} worker(s), run {child.root / 'run'}")
-    res = train(job, workers=workers, run_dir=child.root / "run", progress=progress, data_from=run.root)
+    child = run.exports_dir / FINETUNE_DIR
+    with tempfile.TemporaryDirectory(prefix="lepton-finetune-") as tmp:
+        init = Path(tmp) / "pruned.safetensors"        # the run copies it in (model.init_weights)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init))
+        job["name"] = f"{job.get('name', 'job')}-finetune"
+        job["model"].update(init_weights=str(init), keep_zeros=True)
+        if run.factory_pickle.exists():     # a callable from the Python API: job.yaml holds only its name
+            import cloudpickle
+            job["model"]["factory"] = cloudpickle.loads(run.factory_pickle.read_bytes())
+        job["train"]["epochs"] = epochs
+        job["export"] = None
+        cluster = job.setdefault("cluster", {})
+        # the run's placement options were for its own worker count and machines; the fine-tune runs
+        # here, on a GPU if this machine has one
+        cluster.update(workers=workers, shares=None, max_workers=None, device="auto",
+                       min_workers=min(int(cluster.get("min_workers", 1)), workers))
+        parse_job(job, source=f"{run.job_yaml} (as the fine-tune's job)")    # before anything is deleted
+        shutil.rmtree(child, ignore_errors=True)      # an earlier export's fine-tune: derived, replaced
+        if log:
+            log(f"fine-tuning the pruned model: {epochs} epoch(s), {workers} worker(s), run {child}")
+        res = train(job, run_dir=child, progress=progress, data_from=run.root)
     if res.status != "completed":
         raise LeptonError(f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})")
     model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))

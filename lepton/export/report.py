@@ -154,7 +154,8 @@ def print_report(report: dict, console=None) -> None:
         if tuned:
             vals = tuned.get("val_loss") or []
             line += (f"; fine-tuned {tuned['epochs']} epoch(s) on {tuned['workers']} worker(s)"
-                     + (f", val loss {vals[0]:.4g} → {vals[-1]:.4g}" if vals else "") + f" (run: {tuned['run_dir']})")
+                     + (f", val loss after the first validation {vals[0]:.4g}, at the end {vals[-1]:.4g}" if vals else "")
+                     + f" (run: {tuned['run_dir']})")
         con.print(line, markup=False, highlight=False)
     for note in report.get("notes", []):
         con.print(f"note: {note}", markup=False, highlight=False)
