@@ -97,7 +97,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         _check_same_data(job, pre, source)
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))      # every model error
     load_init_weights(job, model)
-    check_micro_batches(job.cluster.max_micro_batch, model)
+    if job.model.batch_norm == "global":
+        check_micro_batches(job.cluster.max_micro_batch, model)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -100,6 +100,10 @@ class ModelSpec(_Strict):
         None, description="safetensors file of this model's weights to start from (default: random init)")
     keep_zeros: bool = Field(
         False, description="weights that are exactly zero in init_weights stay zero (fine-tuning a pruned model)")
+    batch_norm: Literal["global", "local"] = Field(
+        "global", description="BatchNorm statistics in training: global (over the global batch: the same model for"
+                              " any worker count; a collective per layer and pass) or local (each worker's slice,"
+                              " as DDP without SyncBatchNorm: faster, but the model depends on the split)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -121,3 +121,17 @@ def test_a_model_with_batch_norm_is_the_same_for_any_worker_count(tmp_path):
     diff = max_rel_diff({k: v.float() for k, v in w3.items()}, {k: v.float() for k, v in w1.items()})
     assert diff <= 1e-4, f"3 workers with unequal shares differ from 1 by {diff:.2e}"
     assert runs["3-unequal"].summary["test"]["accuracy"] == pytest.approx(runs["1"].summary["test"]["accuracy"], abs=1e-9)
+
+
+def test_local_batch_norm_is_per_worker_and_allows_micro_batches(tmp_path):
+    """model.batch_norm: local keeps torch's BatchNorm (each worker's slice, as in DDP); global refuses
+    micro-batches before anything is written."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=200)
+    job = job_dict(data, model={"type": "factory", "factory": "factory_models:build_bn"}, train__epochs=1)
+    job["cluster"]["max_micro_batch"] = 4
+    with pytest.raises(SpecError, match="cluster.max_micro_batch: the model has BatchNorm"):
+        lepton.train(job, workers=2, run_dir=tmp_path / "global")
+    assert not (tmp_path / "global").exists()
+    job["model"]["batch_norm"] = "local"
+    res = lepton.train(job, workers=2, run_dir=tmp_path / "local")
+    assert res.status == "completed", res.reason

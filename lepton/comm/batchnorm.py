@@ -13,10 +13,11 @@ batch, and the weight and bias gradients are each rank's own sums, added up by t
 reduction like every other gradient.
 
 Contract:
-- ``convert(model)`` swaps every ``BatchNorm1d/2d/3d`` that tracks running statistics for a
-  ``GlobalBatchNorm`` holding the same parameter and buffer objects under the same names (checkpoints,
-  the final model and exported artifacts keep plain BatchNorm layers' state dicts); call it before the
-  optimizer is built;
+- with ``model.batch_norm: global`` (the default; ``local`` leaves BatchNorm as it is: per-rank
+  statistics, as in DDP without SyncBatchNorm) the trainer calls ``convert(model)``, which swaps every
+  ``BatchNorm1d/2d/3d`` that tracks running statistics for a ``GlobalBatchNorm`` holding the same
+  parameter and buffer objects under the same names (checkpoints, the final model and exported
+  artifacts keep plain BatchNorm layers' state dicts); call it before the optimizer is built;
 - in training mode every forward *and* backward pass of such a layer is a collective: the trainer runs a
   step's forward and backward inside ``reducing(group)``, and every rank makes the same passes in the
   same order — one per step, so no micro-batches (the spec refuses ``cluster.max_micro_batch`` for such a
@@ -154,5 +155,5 @@ def check_micro_batches(max_micro_batch: int | None, model: nn.Module) -> None:
     shares different numbers of collective passes): refused for a model with BatchNorm layers."""
     if max_micro_batch and any(type(m) in _CONVERTIBLE or isinstance(m, GlobalBatchNorm) for m in model.modules()):
         raise SpecError("cluster.max_micro_batch: the model has BatchNorm layers, which normalise over the whole"
-                        " global batch in one pass per worker; micro-batches would change that (remove"
-                        " max_micro_batch, or give the workers more memory)")
+                        " global batch in one pass per worker (model.batch_norm: global); micro-batches would"
+                        " change that (remove max_micro_batch, or set model.batch_norm: local)")

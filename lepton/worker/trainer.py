@@ -56,9 +56,11 @@ class Trainer:
         pre = cache.preprocessor
         model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes), factory)
         load_init_weights(job, model)
-        # BatchNorm layers normalise over the global batch: every pass of a step is then a collective
-        batchnorm.check_micro_batches(job.cluster.max_micro_batch, model)
-        self.global_bn = batchnorm.convert(model) > 0
+        # model.batch_norm global (default): BatchNorm layers normalise over the global batch, and every
+        # pass of a step is then a collective
+        self.global_bn = job.model.batch_norm == "global" and batchnorm.convert(model) > 0
+        if self.global_bn:
+            batchnorm.check_micro_batches(job.cluster.max_micro_batch, model)
         self.model = model.to(self.device)
         # model.keep_zeros: the zeros of the starting weights (a pruned model), from the init file even
         # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
