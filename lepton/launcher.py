@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .comm.batchnorm import check_micro_batches
+from .comm import batchnorm
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
@@ -97,8 +97,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         _check_same_data(job, pre, source)
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))      # every model error
     load_init_weights(job, model)
-    if job.model.batch_norm == "global":
-        check_micro_batches(job.cluster.max_micro_batch, model)
+    batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
+    batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

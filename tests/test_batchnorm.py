@@ -26,6 +26,8 @@ class ThreadGroup:
         group = self
 
         class Member:
+            world = group.world
+
             def allreduce(self, t):
                 group.slots[rank] = t.clone()
                 group.barrier.wait()
@@ -38,26 +40,35 @@ class ThreadGroup:
         return Member()
 
 
-def _pair(channels=5, dims=2):
+def _pair(channels=5, dims=2, affine=True, momentum=0.3):
     torch.manual_seed(0)
-    ref = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(channels, momentum=0.3)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-1, 1)
-    box = nn.Sequential(ref)
-    mine = nn.Sequential(type(ref)(channels, momentum=0.3))
+    kind = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    ref = kind(channels, momentum=momentum, affine=affine)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    # an in-place op after the layer (common in CNNs) must not break its backward
+    box = nn.Sequential(ref, nn.ReLU(inplace=True))
+    mine = nn.Sequential(kind(channels, momentum=momentum, affine=affine), nn.ReLU(inplace=True))
     mine.load_state_dict(box.state_dict())
     assert batchnorm.convert(mine) == 1 and isinstance(mine[0], batchnorm.GlobalBatchNorm)
     return box, mine
 
 
-@pytest.mark.parametrize("splits", [[12], [5, 7], [3, 0, 9]])
-def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits):
-    box, mine = _pair()
-    x = torch.randn(sum(splits), 5, 4, 3) * 3 + 7        # an offset mean: E[x²] − E[x]² must not cancel
+@pytest.mark.parametrize("splits,dims,affine,momentum", [([12], 2, True, 0.3), ([5, 7], 2, True, 0.3),
+                                                         ([3, 0, 9], 2, True, 0.3), ([6, 7], 1, False, None),
+                                                         ([2, 5, 4], 3, True, None)])
+def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dims, affine, momentum):
+    box, mine = _pair(dims=dims, affine=affine, momentum=momentum)
+    shape = {1: (5,), 2: (5, 4, 3), 3: (5, 2, 3, 2)}[dims]
+    x = torch.randn(sum(splits), *shape) * 3 + 7     # an offset mean: E[x²] − E[x]² must not cancel
     dy = torch.randn_like(x)
     xr = x.clone().requires_grad_(True)
-    (box(xr) * dy).sum().backward()
+    for _ in range(2):                               # two steps: the running statistics' update twice
+        xr.grad = None
+        box.zero_grad()
+        (box(xr) * dy).sum().backward()
 
     group = ThreadGroup(len(splits))
     bounds = [sum(splits[:r]) for r in range(len(splits) + 1)]
@@ -68,9 +79,15 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits):
             model = mine if r == 0 else __import__("copy").deepcopy(mine)
             replicas.append(model)
             xs = x[bounds[r]:bounds[r + 1]].clone().requires_grad_(True)
-            with batchnorm.reducing(group.member(r)):
-                (model(xs) * dy[bounds[r]:bounds[r + 1]]).sum().backward()
-            grads[r] = (xs.grad, model[0].weight.grad, model[0].bias.grad, model.state_dict())
+            for _ in range(2):
+                xs.grad = None
+                for p in model.parameters():
+                    p.grad = None
+                with batchnorm.reducing(group.member(r), len(x)):
+                    (model(xs) * dy[bounds[r]:bounds[r + 1]]).sum().backward()
+                assert not batchnorm.step_totals()[2], "the ranks' passes paired up"
+            bn = model[0]
+            grads[r] = (xs.grad, bn.weight.grad if affine else None, bn.bias.grad if affine else None, model.state_dict())
         except Exception as e:      # surfaced below, not lost in the thread
             errors.append(e)
             group.barrier.abort()
@@ -82,9 +99,9 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits):
     assert not errors, errors
     dx = torch.cat([g[0] for g in grads])
     assert torch.allclose(dx, xr.grad, atol=1e-5, rtol=1e-4)
-    # weight/bias gradients: each rank's own sums, added up by the step's gradient reduction
-    assert torch.allclose(sum(g[1] for g in grads), box[0].weight.grad, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(sum(g[2] for g in grads), box[0].bias.grad, atol=1e-4, rtol=1e-4)
+    if affine:  # weight/bias gradients: each rank's own sums, added up by the step's gradient reduction
+        assert torch.allclose(sum(g[1] for g in grads), box[0].weight.grad, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(sum(g[2] for g in grads), box[0].bias.grad, atol=1e-4, rtol=1e-4)
     for g in grads:                  # every rank's running statistics: those of the whole batch
         for k, v in box.state_dict().items():
             assert torch.allclose(g[3][k].float(), v.float(), atol=1e-5, rtol=1e-5), k
@@ -99,11 +116,48 @@ def test_outside_a_step_and_in_evaluation_it_is_batch_norm():
     assert list(mine.state_dict()) == list(box.state_dict())        # same names: checkpoints, exports
 
 
-def test_micro_batches_are_refused_for_a_model_with_batch_norm():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    batchnorm.check_micro_batches(None, model)
+def test_what_global_batch_norm_refuses():
+    """Micro-batches; BatchNorm layers it cannot make global (they would silently stay per worker);
+    a batch size that leaves every epoch a 1-sample last step for an (N, C) BatchNorm."""
+    assert batchnorm.prepare(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "global", None)
+    assert not batchnorm.prepare(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "local", 64)
     with pytest.raises(SpecError, match="cluster.max_micro_batch: the model has BatchNorm"):
-        batchnorm.check_micro_batches(64, model)
+        batchnorm.prepare(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "global", 64)
+    for odd in (nn.BatchNorm1d(4, track_running_stats=False), nn.LazyBatchNorm1d()):
+        with pytest.raises(SpecError, match=f"also has {type(odd).__name__}.*model.batch_norm: local"):
+            batchnorm.prepare(nn.Sequential(nn.Linear(3, 4), odd), "global", None)
+    mlp, cnn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    batchnorm.check_last_step(mlp, (3,), train_rows=100, batch_size=16)          # 100 % 16 = 4
+    batchnorm.check_last_step(cnn, (1, 5, 5), train_rows=97, batch_size=16)      # 9 values per channel
+    with pytest.raises(SpecError, match="train.batch_size: 16 leaves 1 sample .*97 training rows"):
+        batchnorm.check_last_step(mlp, (3,), train_rows=97, batch_size=16)
+
+
+def test_passes_that_do_not_pair_up_are_detected():
+    """Two ranks that call two same-width layers in opposite orders: same number of collectives, but
+    the tags differ, so the statistics are not silently mixed."""
+    torch.manual_seed(0)
+    base = nn.ModuleList([nn.BatchNorm1d(3), nn.BatchNorm1d(3)])
+    batchnorm.convert(base)
+    group, seen, errors = ThreadGroup(2), [None, None], []
+
+    def rank(r):
+        try:
+            layers = __import__("copy").deepcopy(base)
+            order = [layers[0], layers[1]] if r == 0 else [layers[1], layers[0]]
+            x = torch.randn(4, 3, requires_grad=True)
+            with batchnorm.reducing(group.member(r), 8):
+                order[1](order[0](x)).sum().backward()
+            seen[r] = batchnorm.step_totals()[2]
+        except Exception as e:
+            errors.append(e)
+            group.barrier.abort()
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and seen == [True, True]
 
 
 def test_a_model_with_batch_norm_is_the_same_for_any_worker_count(tmp_path):
@@ -135,3 +189,15 @@ def test_local_batch_norm_is_per_worker_and_allows_micro_batches(tmp_path):
     job["model"]["batch_norm"] = "local"
     res = lepton.train(job, workers=2, run_dir=tmp_path / "local")
     assert res.status == "completed", res.reason
+
+
+def test_a_skipped_step_leaves_the_running_statistics_alone(tmp_path, monkeypatch):
+    """A step skipped for a non-finite loss changes nothing anywhere: its forward pass had already
+    moved BatchNorm's running statistics, which are put back."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=200)
+    job = job_dict(data, model={"type": "factory", "factory": "factory_models:build_bn"}, train__epochs=1)
+    monkeypatch.setenv("LEPTON_FAULTS", "nan:rank=1:step=3")
+    res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    assert int(weights(res.run_dir)["1.num_batches_tracked"]) == res.summary["steps"] - 1
+    assert res.summary["replicas_agree"] is True

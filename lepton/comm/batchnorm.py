@@ -6,28 +6,36 @@ parallel each rank sees only its slice: per-rank statistics make the result depe
 batch was split (DDP's default behaviour), and the replicas' running statistics drift apart. torch's
 ``SyncBatchNorm`` reduces the statistics across ranks but runs on GPUs only. ``GlobalBatchNorm`` does
 the same math with the generation's own ``allreduce`` (shared memory on one host, gloo or NCCL
-otherwise): in the forward pass each rank adds its per-channel count, sum and sum of squares (float64,
-so that E[x²] − E[x]² does not cancel), in the backward pass the two per-channel sums the input
-gradient needs, Σdy and Σdy·x̂. Every rank then normalises with the statistics of the whole global
-batch, and the weight and bias gradients are each rank's own sums, added up by the step's gradient
-reduction like every other gradient.
+otherwise): in the forward pass each rank adds its per-channel sum and sum of squares (float64, so
+that E[x²] − E[x]² does not cancel; the global count is known on the host from the step's batch size,
+so nothing waits on a device), in the backward pass the two per-channel sums the input gradient
+needs, Σdy and Σdy·x̂. Every rank then normalises with the statistics of the whole global batch, and the
+weight and bias gradients are each rank's own sums, added up by the step's gradient reduction like
+every other gradient. The element-wise passes are torch's fused BatchNorm kernels in evaluation form
+(fed the global statistics); with one worker the layer is torch's BatchNorm itself.
 
 Contract:
 - with ``model.batch_norm: global`` (the default; ``local`` leaves BatchNorm as it is: per-rank
-  statistics, as in DDP without SyncBatchNorm) the trainer calls ``convert(model)``, which swaps every
-  ``BatchNorm1d/2d/3d`` that tracks running statistics for a ``GlobalBatchNorm`` holding the same
-  parameter and buffer objects under the same names (checkpoints, the final model and exported
-  artifacts keep plain BatchNorm layers' state dicts); call it before the optimizer is built;
+  statistics, as in DDP without SyncBatchNorm) ``prepare`` swaps every ``BatchNorm1d/2d/3d`` and
+  ``SyncBatchNorm`` that tracks running statistics for a ``GlobalBatchNorm`` holding the same parameter
+  and buffer objects under the same names (checkpoints, the final model and exported artifacts keep
+  plain BatchNorm state dicts), before the optimizer is built; any other BatchNorm (a subclass, a lazy
+  one, one without running statistics) is a ``SpecError`` rather than silently per-rank;
 - in training mode every forward *and* backward pass of such a layer is a collective: the trainer runs a
-  step's forward and backward inside ``reducing(group)``, and every rank makes the same passes in the
-  same order — one per step, so no micro-batches (the spec refuses ``cluster.max_micro_batch`` for such a
-  model), and a rank whose slice is empty still makes its pass;
+  step's forward and backward inside ``reducing(group, batch)``, and every rank makes the same passes in
+  the same order — one per step, so no micro-batches (refused), and a rank whose slice is empty still
+  makes its pass. Each collective carries a sequence tag; ranks whose passes do not pair up (a model
+  that calls its layers a data-dependent number of times) fail the step instead of mixing statistics
+  (``step_totals``). The time spent in these collectives is taken out of the compute window the
+  balancer measures (``step_totals``);
 - outside ``reducing`` (a forward in training mode that is not a step) it uses its own batch's
   statistics, as BatchNorm does; evaluation mode uses the running statistics: no collective.
 """
 from __future__ import annotations
 
+import math
 import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -36,104 +44,164 @@ from torch import nn
 
 from ..errors import SpecError
 
-# the generation group of the step this thread is computing; the forward pass runs in the thread that
-# called it, and hands the group to its backward (which autograd may run on another thread) in ``ctx``
-_local = threading.local()
+_BN = nn.modules.batchnorm._BatchNorm
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class _Totals:
+    """What the passes of one step did: collectives made, their wall and processor seconds, and a
+    device flag set when the ranks' passes did not pair up."""
+
+    def __init__(self):
+        self.calls, self.wall, self.cpu, self.mismatched = 0, 0.0, 0.0, None
+
+
+class _Step(threading.local):
+    """The step this thread is computing: its generation group, global batch size and totals. The
+    forward pass runs in the thread that called it and hands them to its backward (which autograd may
+    run on another thread) in ``ctx``."""
+    group = None
+    batch = 0
+    totals = _Totals()
+
+
+_step = _Step()
 
 
 @contextmanager
-def reducing(group):
-    """The global-batch statistics of the passes run inside come from ``group`` (a ``GenerationGroup``)."""
-    previous = getattr(_local, "group", None)
-    _local.group = group
+def reducing(group, batch: int):
+    """The training passes run inside normalise over the global batch of ``batch`` samples, reduced
+    over ``group`` (a ``GenerationGroup``; None: each rank's own batch)."""
+    previous = (_step.group, _step.batch, _step.totals)
+    _step.group, _step.batch, _step.totals = group, batch, _Totals()
     try:
         yield
     finally:
-        _local.group = previous
+        _step.group, _step.batch = previous[:2]      # the totals stay readable (step_totals)
 
 
-def _sum_over_ranks(group, t: torch.Tensor) -> None:
-    if group is not None:
-        group.allreduce(t)
+def step_totals() -> tuple[float, float, bool]:
+    """Wall and processor seconds the last step spent in BatchNorm collectives, and whether some rank's
+    passes did not pair up with the others' (every rank sees it: the tags are reduced too)."""
+    t = _step.totals
+    return t.wall, t.cpu, t.mismatched is not None and bool(t.mismatched)
+
+
+def _reduce(group, t: torch.Tensor, tag: float, totals: _Totals) -> None:
+    """Sum ``t`` (whose last slot holds ``tag``) over the ranks; a reduced tag other than world × tag
+    means the ranks paired different passes."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    group.allreduce(t)
+    totals.wall += time.perf_counter() - w0
+    totals.cpu += time.process_time() - c0
+    if t.device.type == "cpu":
+        bad = float(t[-1]) != tag * group.world
+        totals.mismatched = bool(totals.mismatched) or bad
+    else:                                     # stays on the device: read once per step
+        bad = t[-1] != tag * group.world
+        totals.mismatched = bad if totals.mismatched is None else (totals.mismatched | bad)
+
+
+def _tag(call: int, layer: int) -> float:
+    """Which pass of the step (its ordinal) on which layer: ranks must pair the same ones."""
+    return float(call * 4096 + layer % 4096)
+
+
+def _count(x: torch.Tensor, batch: int) -> int:
+    """Values per channel in the global batch: every rank's slice has the same per-sample shape."""
+    return batch * math.prod(x.shape[2:])
 
 
 class _GlobalNorm(torch.autograd.Function):
-    """y = x̂·weight + bias with x̂ = (x − mean) / sqrt(var + eps) over the global batch; also returns
-    the batch mean, the biased variance and the global count (for the running statistics)."""
+    """y = (x − mean) / sqrt(var + eps) · weight + bias with the global batch's mean and (biased)
+    variance, which it also returns (for the running statistics)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, group):
+    def forward(ctx, x, weight, bias, eps: float, group, batch: int, totals: _Totals, layer: int):
         c, dims = x.shape[1], [0] + list(range(2, x.dim()))
+        total = _count(x, batch)
+        if total < 2:        # every rank knows the same count: every rank raises
+            raise ValueError(f"BatchNorm needs more than 1 value per channel when training (this step's global"
+                             f" batch has {total})")
         n = x.numel() // c
-        stats = torch.zeros(1 + 2 * c, dtype=torch.float64, device=x.device)
+        tag = _tag(totals.calls, layer)
         if n:
-            var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-            m = mean.double()
-            stats[0] = n
-            stats[1:1 + c] = n * m
-            stats[1 + c:] = n * (var.double() + m * m)
-        _sum_over_ranks(group, stats)
-        total = float(stats[0])
-        if total < 2:       # every rank holds the same count, so every rank raises
-            raise ValueError(f"BatchNorm needs more than 1 value per channel when training (the global"
-                             f" batch has {int(total)})")
-        mean = stats[1:1 + c] / total
-        var = (stats[1 + c:] / total - mean * mean).clamp_min(0)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        invstd = (var + eps).rsqrt().to(x.dtype)
-        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
-        y = xhat * weight.view(shape) + bias.view(shape) if weight is not None else xhat
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.total, ctx.group, ctx.dims, ctx.shape = total, group, dims, shape
-        count = stats[0].clone()
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            m = torch.cat([mean, var]).double()
+            stats = torch.cat([m[:c] * n, torch.addcmul(m[c:], m[:c], m[:c]).mul_(n), m.new_full((1,), tag)])
+        else:
+            stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+            stats[-1] = tag
+        _reduce(group, stats, tag, totals)
+        mean = stats[:c] / total
+        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+        mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
+        y = F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)     # torch's fused pass
+        ctx.save_for_backward(x, weight, mean_x, var_x)
+        ctx.eps, ctx.total, ctx.group, ctx.totals, ctx.layer = eps, total, group, totals, layer
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, dy, _mean, _var, _count):
-        xhat, weight, invstd = ctx.saved_tensors
-        c, dims, shape = xhat.shape[1], ctx.dims, ctx.shape
-        sums = torch.zeros(2 * c, dtype=torch.float64, device=dy.device)
-        if dy.numel():
-            sums[:c] = dy.sum(dims).double()
-            sums[c:] = (dy * xhat).sum(dims).double()
-        own = sums.clone()           # this rank's Σdy, Σdy·x̂: its bias and weight gradients
-        _sum_over_ranks(ctx.group, sums)
-        mean_dy = (sums[:c] / ctx.total).to(dy.dtype).view(shape)
-        mean_dy_xhat = (sums[c:] / ctx.total).to(dy.dtype).view(shape)
-        scale = invstd if weight is None else invstd * weight
-        dx = (dy - mean_dy - xhat * mean_dy_xhat) * scale.view(shape)
-        dweight = own[c:].to(dy.dtype) if weight is not None else None
-        dbias = own[:c].to(dy.dtype) if weight is not None else None
-        return dx, dweight, dbias, None, None
+    def backward(ctx, dy, _mean, _var):
+        x, weight, mean, var = ctx.saved_tensors
+        c, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        w = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+        if x.numel():
+            # evaluation-form backward, fused: dy·w·invstd and this rank's Σdy·x̂, Σdy
+            gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+        else:                # (that kernel divides by zero on an empty batch)
+            gi, gw, gb = torch.zeros_like(x), torch.zeros_like(w), torch.zeros_like(w)
+        ctx.totals.calls += 1
+        tag = -_tag(ctx.totals.calls, ctx.layer)
+        sums = torch.cat([gb.double(), gw.double(), torch.tensor([tag], dtype=torch.float64, device=x.device)])
+        _reduce(ctx.group, sums, tag, ctx.totals)
+        invstd = (var + ctx.eps).rsqrt()
+        k = w * invstd
+        # dx = k·(dy − mean(dy) − x̂·mean(dy·x̂)) = gi − b·x − a, with b = k·invstd·mean(dy·x̂) and
+        # a = k·mean(dy) − b·mean (per channel)
+        b = k * invstd * (sums[c:2 * c] / ctx.total).to(x.dtype)
+        a = k * (sums[:c] / ctx.total).to(x.dtype) - b * mean
+        dx = gi - x * b.view(shape) - a.view(shape)
+        return dx, (gw if weight is not None else None), (gb if weight is not None else None), None, None, None, None, None
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(_BN):
     """BatchNorm whose training statistics are those of the global batch (module doc)."""
+
+    layer = 0           # its place among the model's global BatchNorm layers (``convert``): in the tags
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected at least 2-D input (batch, channels, ...), got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = _step.group
+        if not self.training or group is None or group.world == 1:
+            return super().forward(x)        # torch's BatchNorm: running statistics, or its own batch
         self._check_input_dim(x)
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        y, mean, var, count = _GlobalNorm.apply(x, self.weight, self.bias, self.eps, getattr(_local, "group", None))
-        with torch.no_grad():
+        _step.totals.calls += 1
+        y, mean, var = _GlobalNorm.apply(x, self.weight, self.bias, self.eps, group, _step.batch, _step.totals,
+                                         self.layer)
+        with torch.no_grad():                # as torch's BatchNorm, from the global statistics
             self.num_batches_tracked.add_(1)
-            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            n = float(count)
-            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-            self.running_var.mul_(1 - m).add_((var * n / (n - 1)).to(self.running_var.dtype), alpha=m)
+            m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum   # no host sync
+            n = _count(x, _step.batch)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+            self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), m)
         return y
 
 
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
 def convert(model: nn.Module) -> int:
-    """Swap the model's BatchNorm layers for ``GlobalBatchNorm`` in place (module doc); how many."""
+    """Swap the model's convertible BatchNorm layers for ``GlobalBatchNorm`` in place; how many."""
+    swapped = _swap(model)
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, GlobalBatchNorm)):
+        m.layer = i
+    return swapped
+
+
+def _swap(model: nn.Module) -> int:
     swapped = 0
     for name, child in model.named_children():
         if type(child) in _CONVERTIBLE and child.track_running_stats:
@@ -146,14 +214,43 @@ def convert(model: nn.Module) -> int:
             setattr(model, name, new)
             swapped += 1
         else:
-            swapped += convert(child)
+            swapped += _swap(child)
     return swapped
 
 
-def check_micro_batches(max_micro_batch: int | None, model: nn.Module) -> None:
-    """Micro-batches would normalise each part with its own statistics (and give ranks with different
-    shares different numbers of collective passes): refused for a model with BatchNorm layers."""
-    if max_micro_batch and any(type(m) in _CONVERTIBLE or isinstance(m, GlobalBatchNorm) for m in model.modules()):
+def prepare(model: nn.Module, mode: str, max_micro_batch: int | None) -> bool:
+    """``model.batch_norm: global``: convert the model (in place) and check that it can be trained so;
+    True when it has global BatchNorm layers (its steps then make collective passes)."""
+    if mode != "global":
+        return False
+    swapped = convert(model)
+    left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BN) and not isinstance(m, GlobalBatchNorm)})
+    if left:
+        raise SpecError(f"model.batch_norm: global normalises BatchNorm1d/2d/3d and SyncBatchNorm layers that track"
+                        f" running statistics over the global batch; this model also has {', '.join(left)}, which"
+                        " would stay per worker: set model.batch_norm: local (or use those layer types)")
+    if swapped and max_micro_batch:
         raise SpecError("cluster.max_micro_batch: the model has BatchNorm layers, which normalise over the whole"
                         " global batch in one pass per worker (model.batch_norm: global); micro-batches would"
                         " change that (remove max_micro_batch, or set model.batch_norm: local)")
+    return swapped > 0
+
+
+def check_last_step(model: nn.Module, input_shape: tuple[int, ...], train_rows: int, batch_size: int) -> None:
+    """A step of one sample cannot be batch-normalised where a layer sees one value per channel (an
+    (N, C) input): when every epoch ends with such a step (no drop_last), refuse the batch size now
+    rather than fail after the first epoch."""
+    if not any(isinstance(m, _BN) for m in model.modules()) or (train_rows % batch_size != 1 and batch_size != 1):
+        return
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.train()(torch.zeros((1,) + tuple(input_shape)))
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        raise SpecError(f"train.batch_size: {batch_size} leaves 1 sample for the last step of every epoch"
+                        f" ({train_rows} training rows), and the model's BatchNorm cannot normalise one sample in"
+                        " training; choose another batch size") from None
+    finally:
+        model.train(was)

@@ -58,10 +58,12 @@ class Trainer:
         load_init_weights(job, model)
         # model.batch_norm global (default): BatchNorm layers normalise over the global batch, and every
         # pass of a step is then a collective
-        self.global_bn = job.model.batch_norm == "global" and batchnorm.convert(model) > 0
-        if self.global_bn:
-            batchnorm.check_micro_batches(job.cluster.max_micro_batch, model)
+        self.global_bn = batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
         self.model = model.to(self.device)
+        # BatchNorm running statistics change in the forward pass: a step skipped for a non-finite loss
+        # puts them back, so that it changes nothing anywhere (a NaN running variance would stay for good)
+        self.bn_buffers = [b for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                           for b in m.buffers()]
         # model.keep_zeros: the zeros of the starting weights (a pruned model), from the init file even
         # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
         self.masks = zero_masks(self.model) if job.model.keep_zeros else []
@@ -177,10 +179,11 @@ class Trainer:
         extra = self.grads.extra
         # with global BatchNorm every rank makes exactly one pass, an empty one if its slice is empty
         # (its layers' statistics are collectives); otherwise a rank without samples computes nothing
+        bn_before = [b.clone() for b in self.bn_buffers]
         if len(idx) or self.global_bn:
             chunk = self.job.cluster.max_micro_batch or len(idx)
             loss_sum = 0.0
-            with batchnorm.reducing(group if self.global_bn else None):
+            with batchnorm.reducing(group if self.global_bn else None, batch):
                 for lo in range(0, max(len(idx), 1), max(chunk, 1)):
                     part = idx[lo:lo + chunk]
                     xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
@@ -201,6 +204,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()      # kernels run asynchronously: the compute window ends here
         compute, compute_cpu = time.perf_counter() - t0, time.process_time() - c0
+        if self.global_bn:
+            waited, waited_cpu, mismatched = batchnorm.step_totals()
+            if mismatched:      # every rank sees it: the tags were reduced too
+                raise RuntimeError(f"step {self.step}: the ranks' BatchNorm passes did not pair up (the model calls"
+                                   " its BatchNorm layers a different number of times or in another order on some"
+                                   " rank); set model.batch_norm: local for such a model")
+            # the balancer measures compute: time in these collectives is waiting for peers, not compute
+            compute, compute_cpu = max(compute - waited, 0.0), max(compute_cpu - waited_cpu, 0.0)
         group.allreduce(self.grads.flat)
         clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         u0 = clock()
@@ -230,6 +241,8 @@ class Trainer:
                     for param, mask in self.masks:
                         param.mul_(mask)
         else:
+            for b, before in zip(self.bn_buffers, bn_before):
+                b.copy_(before)
             self.bad_steps += 1
             self.lr_scale *= self.job.train.divergence.lr_factor
             if self.bad_steps >= self.job.train.divergence.max_consecutive:
