@@ -8,6 +8,7 @@ Contract with the worker loop (which touches the trainer only between steps):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -179,11 +180,11 @@ class Trainer:
         extra = self.grads.extra
         # with global BatchNorm every rank makes exactly one pass, an empty one if its slice is empty
         # (its layers' statistics are collectives); otherwise a rank without samples computes nothing
-        bn_before = [b.clone() for b in self.bn_buffers]
+        bn_before = [b.clone() for b in self.bn_buffers] if self.bn_buffers else ()
         if len(idx) or self.global_bn:
             chunk = self.job.cluster.max_micro_batch or len(idx)
             loss_sum = 0.0
-            with batchnorm.reducing(group if self.global_bn else None, batch):
+            with batchnorm.reducing(group, batch) if self.global_bn else contextlib.nullcontext():
                 for lo in range(0, max(len(idx), 1), max(chunk, 1)):
                     part = idx[lo:lo + chunk]
                     xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
