@@ -6,6 +6,7 @@ before anything is written (invariant 4).
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -74,6 +75,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
             print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
                   f" with the run's prepared data in {run.data_dir}", file=sys.stderr)
         manifest = _manifest(run)
+        _check_model(job, DataCache(run).preprocessor, manifest["train_rows"])   # a run from an older version
         ckpt = state.get("latest_checkpoint")
         if ckpt and readable_state_dir(ckpt["path"]) is None:
             raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
@@ -95,10 +97,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         except (OSError, ValueError, KeyError):
             raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
         _check_same_data(job, pre, source)
-    model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))      # every model error
-    load_init_weights(job, model)
-    batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
-    batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
+    _check_model(job, pre, train_rows)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -119,6 +118,20 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     else:
         _share_prepared(source, run)
     return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run))
+
+
+def _check_model(job: JobSpec, pre, train_rows: int) -> None:
+    """Every model error before anything is written or started: it builds, takes ``init_weights``, and
+    its BatchNorm layers can be trained as ``model.batch_norm`` says. On a copy: a factory may hand out
+    one shared instance, which the workers' pickle of it must not see converted or loaded."""
+    model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))
+    try:
+        model = copy.deepcopy(model)
+    except Exception:      # a model that cannot be copied is checked in place (nothing better to do)
+        pass
+    load_init_weights(job, model)
+    batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
+    batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
 
 
 def _share_prepared(source: RunDir, run: RunDir) -> None:

@@ -1,4 +1,5 @@
 """A user model module for the ``model.factory: module:function`` tests."""
+import torch
 from torch import nn
 
 
@@ -12,3 +13,19 @@ def build_bn(input_shape, num_outputs):
     to full-size steps that differ with the summation order (the model's outputs would not)."""
     return nn.Sequential(nn.Linear(input_shape[0], 12, bias=False), nn.BatchNorm1d(12), nn.ReLU(),
                          nn.Linear(12, num_outputs))
+
+
+class _WithMask(nn.Module):
+    """build_bn's model plus a buffer that holds -inf by design (as a causal attention mask does)."""
+
+    def __init__(self, input_shape, num_outputs):
+        super().__init__()
+        self.net = build_bn(input_shape, num_outputs)
+        self.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_bn_masked(input_shape, num_outputs):
+    return _WithMask(input_shape, num_outputs)

@@ -186,9 +186,24 @@ def test_local_batch_norm_is_per_worker_and_allows_micro_batches(tmp_path):
     with pytest.raises(SpecError, match="cluster.max_micro_batch: the model has BatchNorm"):
         lepton.train(job, workers=2, run_dir=tmp_path / "global")
     assert not (tmp_path / "global").exists()
-    job["model"]["batch_norm"] = "local"
+    job["model"].update(batch_norm="local", factory="factory_models:build_bn_masked")
     res = lepton.train(job, workers=2, run_dir=tmp_path / "local")
     assert res.status == "completed", res.reason
+    # every rank evaluates with rank 0's running statistics (as DDP); a -inf buffer agrees with itself
+    assert res.summary["replicas_agree"] is True
+
+
+def test_a_factory_that_hands_out_one_instance(tmp_path):
+    """The launcher checks the model on a copy: the user's instance (and the workers' pickle of the
+    factory) keeps plain BatchNorm, and the workers still normalise over the global batch."""
+    from factory_models import build_bn
+    data = make_classification_csv(tmp_path / "data.csv", rows=300)
+    shared = build_bn((6,), 3)
+    job = job_dict(data, model={"type": "factory", "factory": lambda shape, n: shared})
+    job["cluster"]["shares"] = [1, 2, 5]        # a 1-sample slice: per-worker statistics would fail
+    res = lepton.train(job, workers=3, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    assert type(shared[1]) is nn.BatchNorm1d
 
 
 def test_a_skipped_step_leaves_the_running_statistics_alone(tmp_path, monkeypatch):

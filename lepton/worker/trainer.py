@@ -292,18 +292,39 @@ class Trainer:
 
     @torch.no_grad()
     def replicas_agree(self, group: GenerationGroup) -> bool:
-        """Invariant 3, checked: the max and the min over ranks of a checksum of the parameters and the
-        floating-point buffers (BatchNorm's running statistics) coincide."""
-        state = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
-        c = sum(p.double().sum() + (p.double() * p.double()).sum() for p in state).cpu()
+        """Invariant 3, checked: the max and the min over ranks of a checksum of the parameters and of
+        BatchNorm's running statistics coincide (non-finite values count as 0: a buffer that holds -inf
+        by design, such as an attention mask, must not make a replica disagree with itself)."""
+        self.sync_local_batch_norm(group)
+        state = list(self.model.parameters()) + [b for b in self.bn_buffers if b.is_floating_point()]
+        finite = (torch.nan_to_num(p.double(), 0.0, 0.0, 0.0) for p in state)
+        c = sum(v.sum() + (v * v).sum() for v in finite).cpu()
         t = torch.stack([c, -c])
         group.allreduce(t, op="max")
         return bool(t[0] == -t[1])
 
     # --- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
+    def sync_local_batch_norm(self, group: GenerationGroup) -> None:
+        """``model.batch_norm: local``: each rank's running statistics follow its own slices; give every
+        rank rank 0's (what DDP's broadcast_buffers does, and what the checkpoints and the final model
+        hold), so that evaluation scores one model. A collective: every rank calls it."""
+        own = [b for b in self.bn_buffers if b.is_floating_point()]
+        if self.global_bn or not own or group.world == 1:
+            return
+        flat = torch.cat([b.reshape(-1).double() for b in own])
+        if group.rank != 0:
+            flat.zero_()
+        group.allreduce(flat)             # rank 0's values + zeros: exact
+        offset = 0
+        for b in own:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    @torch.no_grad()
     def evaluate(self, group: GenerationGroup, split: str, confusion: bool = False) -> dict:
         """Metrics of ``split``; each rank scores a contiguous slice and the sums are reduced exactly."""
+        self.sync_local_batch_norm(group)
         x, y = self.cache.get(split)
         counts = split_counts(len(y), [1.0] * group.world)
         lo = sum(counts[:group.rank])
