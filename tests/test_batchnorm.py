@@ -1,7 +1,7 @@
 """Global-batch BatchNorm (lepton/comm/batchnorm.py): the math against torch's BatchNorm, ranks
 simulated by threads that sum through a barrier, and a model with BatchNorm trained by real worker
 processes that is the same for 1 and 3 workers with unequal shares (invariant 1)."""
-import json
+import copy
 import threading
 
 import pytest
@@ -76,7 +76,7 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
 
     def rank(r):
         try:
-            model = mine if r == 0 else __import__("copy").deepcopy(mine)
+            model = mine if r == 0 else copy.deepcopy(mine)
             replicas.append(model)
             xs = x[bounds[r]:bounds[r + 1]].clone().requires_grad_(True)
             for _ in range(2):
@@ -143,7 +143,7 @@ def test_passes_that_do_not_pair_up_are_detected():
 
     def rank(r):
         try:
-            layers = __import__("copy").deepcopy(base)
+            layers = copy.deepcopy(base)
             order = [layers[0], layers[1]] if r == 0 else [layers[1], layers[0]]
             x = torch.randn(4, 3, requires_grad=True)
             with batchnorm.reducing(group.member(r), 8):

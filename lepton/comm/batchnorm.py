@@ -194,15 +194,16 @@ class GlobalBatchNorm(_BN):
 
 
 def convert(model: nn.Module) -> int:
-    """Swap the model's convertible BatchNorm layers for ``GlobalBatchNorm`` in place; how many."""
-    swapped = _swap(model)
-    for i, m in enumerate(m for m in model.modules() if isinstance(m, GlobalBatchNorm)):
+    """Swap the model's convertible BatchNorm layers for ``GlobalBatchNorm`` in place; how many global
+    layers it has then (layers converted before count too: a factory may hand out one instance)."""
+    _swap(model)
+    layers = [m for m in model.modules() if isinstance(m, GlobalBatchNorm)]
+    for i, m in enumerate(layers):
         m.layer = i
-    return swapped
+    return len(layers)
 
 
-def _swap(model: nn.Module) -> int:
-    swapped = 0
+def _swap(model: nn.Module) -> None:
     for name, child in model.named_children():
         if type(child) in _CONVERTIBLE and child.track_running_stats:
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
@@ -212,10 +213,8 @@ def _swap(model: nn.Module) -> int:
                 setattr(new, buf, getattr(child, buf))
             new.train(child.training)
             setattr(model, name, new)
-            swapped += 1
         else:
-            swapped += _swap(child)
-    return swapped
+            _swap(child)
 
 
 def prepare(model: nn.Module, mode: str, max_micro_batch: int | None) -> bool:
@@ -223,9 +222,7 @@ def prepare(model: nn.Module, mode: str, max_micro_batch: int | None) -> bool:
     True when it has global BatchNorm layers (its steps then make collective passes)."""
     if mode != "global":
         return False
-    convert(model)
-    # layers converted before (a factory that hands out one model instance) count as well
-    swapped = sum(isinstance(m, GlobalBatchNorm) for m in model.modules())
+    swapped = convert(model)
     left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BN) and not isinstance(m, GlobalBatchNorm)})
     if left:
         raise SpecError(f"model.batch_norm: global normalises BatchNorm1d/2d/3d and SyncBatchNorm layers that track"
