@@ -59,7 +59,11 @@ def _pair(channels=5, dims=2, affine=True, momentum=0.3):
 @pytest.mark.parametrize("splits,dims,affine,momentum", [([12], 2, True, 0.3), ([5, 7], 2, True, 0.3),
                                                          ([3, 0, 9], 2, True, 0.3), ([6, 7], 1, False, None),
                                                          ([2, 5, 4], 3, True, None)])
-def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dims, affine, momentum):
+@pytest.mark.parametrize("arithmetic", ["host", "device"])
+def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dims, affine, momentum, arithmetic,
+                                                                     monkeypatch):
+    if arithmetic == "device":       # the torch implementation a GPU runs, here on CPU tensors
+        monkeypatch.setattr(batchnorm, "_on_host", lambda t: False)
     box, mine = _pair(dims=dims, affine=affine, momentum=momentum)
     shape = {1: (5,), 2: (5, 4, 3), 3: (5, 2, 3, 2)}[dims]
     x = torch.randn(sum(splits), *shape) * 3 + 7     # an offset mean: E[x²] − E[x]² must not cancel

@@ -14,6 +14,10 @@ weight and bias gradients are each rank's own sums, added up by the step's gradi
 every other gradient. The element-wise passes are torch's fused BatchNorm kernels in evaluation form
 (fed the global statistics); with one worker the layer is torch's BatchNorm itself.
 
+Cost: two collectives per layer per step, each a point where the ranks line up. Measured with
+``benchmarks/batchnorm.py`` (3-BatchNorm CNN, 2 workers on 2 cores): none at 128 samples per worker,
+~30% of the throughput at 32 per worker, where each layer's compute is shorter than a barrier.
+
 Contract:
 - with ``model.batch_norm: global`` (the default; ``local`` leaves BatchNorm as it is: per-rank
   statistics, as in DDP without SyncBatchNorm) ``prepare`` swaps every ``BatchNorm1d/2d/3d`` and
@@ -38,6 +42,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,7 +100,7 @@ def _reduce(group, t: torch.Tensor, tag: float, totals: _Totals) -> None:
     totals.wall += time.perf_counter() - w0
     totals.cpu += time.process_time() - c0
     if t.device.type == "cpu":
-        bad = float(t[-1]) != tag * group.world
+        bad = t.numpy()[-1] != tag * group.world
         totals.mismatched = bool(totals.mismatched) or bad
     else:                                     # stays on the device: read once per step
         bad = t[-1] != tag * group.world
@@ -112,58 +117,106 @@ def _count(x: torch.Tensor, batch: int) -> int:
     return batch * math.prod(x.shape[2:])
 
 
+# The per-channel arithmetic around the two collectives, in float64. Two implementations of the same
+# formulas: on the host in numpy (a numpy call costs ~1 µs where a torch call on a small CPU tensor costs
+# 3–5 µs, and a layer makes ~20 of them per step: most of this layer's overhead on small batches), on a
+# device in torch (the values stay there: no host synchronisation per layer).
+
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS     # (numpy has no bfloat16)
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _global_stats(x: torch.Tensor, n: int, total: int, group, tag: float, totals: _Totals):
+    """This rank's ``n`` values per channel → the global batch's mean and biased variance (x's dtype),
+    and the unbiased variance for the running statistics."""
+    c = x.shape[1]
+    local = torch.batch_norm_update_stats(x, None, None, 0.0) if n else None   # mean, biased variance
+    if _on_host(x):
+        s = np.zeros(2 * c + 1)
+        if local is not None:       # per-rank sums Σx = n·mean, Σx² = n·(var + mean²)
+            s[:c], s[c:-1] = local[0].numpy(), local[1].numpy()
+            s[c:-1] += s[:c] * s[:c]
+            s[:-1] *= n
+        s[-1] = tag
+        _reduce(group, torch.from_numpy(s), tag, totals)
+        mean, sq = s[:c] / total, s[c:-1] / total
+        var = np.maximum(sq - mean * mean, 0.0)
+        out = torch.from_numpy(np.concatenate([mean, var, var * (total / (total - 1))])).to(x.dtype)
+    else:
+        s = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+        if local is not None:
+            m = torch.cat(local).double()
+            s[:c], s[c:-1] = m[:c] * n, torch.addcmul(m[c:], m[:c], m[:c]).mul_(n)
+        s[-1] = tag
+        _reduce(group, s, tag, totals)
+        mean = s[:c] / total
+        var = (s[c:-1] / total - mean * mean).clamp_min(0)
+        out = torch.cat([mean, var, var * (total / (total - 1))]).to(x.dtype)
+    return out[:c], out[c:2 * c], out[2 * c:]
+
+
+def _input_grad_terms(gb, gw, weight, mean, var, eps: float, total: int, group, tag: float, totals: _Totals):
+    """This rank's Σdy (``gb``) and Σdy·x̂ (``gw``) → per-channel (b, a) such that the input gradient
+    is dx = dy·w·invstd − b·x − a over the global batch:
+    dx = k·(dy − mean(dy) − x̂·mean(dy·x̂)) with k = w·invstd, so b = k·invstd·mean(dy·x̂) and
+    a = k·mean(dy) − b·mean."""
+    c = gb.shape[0]
+    if _on_host(gb):
+        s = np.empty(2 * c + 1)
+        s[:c], s[c:-1], s[-1] = gb.numpy(), gw.numpy(), tag
+        _reduce(group, torch.from_numpy(s), tag, totals)
+        invstd = 1.0 / np.sqrt(var.numpy().astype(np.float64) + eps)
+        k = invstd if weight is None else weight.detach().numpy() * invstd
+        b = k * invstd * (s[c:-1] / total)
+        a = k * (s[:c] / total) - b * mean.numpy()
+        out = torch.from_numpy(np.concatenate([b, a])).to(gb.dtype)
+    else:
+        s = torch.cat([gb.double(), gw.double(), torch.tensor([tag], dtype=torch.float64, device=gb.device)])
+        _reduce(group, s, tag, totals)
+        invstd = (var.double() + eps).rsqrt()
+        k = invstd if weight is None else weight.detach().double() * invstd
+        b = k * invstd * (s[c:-1] / total)
+        a = k * (s[:c] / total) - b * mean.double()
+        out = torch.cat([b, a]).to(gb.dtype)
+    return out[:c], out[c:]
+
+
 class _GlobalNorm(torch.autograd.Function):
     """y = (x − mean) / sqrt(var + eps) · weight + bias with the global batch's mean and (biased)
-    variance, which it also returns (for the running statistics)."""
+    variance; also returns the mean and the unbiased variance (for the running statistics)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, group, batch: int, totals: _Totals, layer: int):
-        c, dims = x.shape[1], [0] + list(range(2, x.dim()))
+        c = x.shape[1]
         total = _count(x, batch)
         if total < 2:        # every rank knows the same count: every rank raises
             raise ValueError(f"BatchNorm needs more than 1 value per channel when training (this step's global"
                              f" batch has {total})")
-        n = x.numel() // c
-        tag = _tag(totals.calls, layer)
-        if n:
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-            m = torch.cat([mean, var]).double()
-            stats = torch.cat([m[:c] * n, torch.addcmul(m[c:], m[:c], m[:c]).mul_(n), m.new_full((1,), tag)])
-        else:
-            stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
-            stats[-1] = tag
-        _reduce(group, stats, tag, totals)
-        mean = stats[:c] / total
-        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
-        mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
-        y = F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)     # torch's fused pass
-        ctx.save_for_backward(x, weight, mean_x, var_x)
+        mean, var, unbiased = _global_stats(x, x.numel() // c, total, group, _tag(totals.calls, layer), totals)
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)     # torch's fused pass
+        ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.total, ctx.group, ctx.totals, ctx.layer = eps, total, group, totals, layer
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, dy, _mean, _var):
         x, weight, mean, var = ctx.saved_tensors
-        c, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
-        w = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
         if x.numel():
             # evaluation-form backward, fused: dy·w·invstd and this rank's Σdy·x̂, Σdy
+            w = weight if weight is not None else torch.ones_like(mean)
             gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
         else:                # (that kernel divides by zero on an empty batch)
-            gi, gw, gb = torch.zeros_like(x), torch.zeros_like(w), torch.zeros_like(w)
+            gi, gw, gb = torch.zeros_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
         ctx.totals.calls += 1
         tag = -_tag(ctx.totals.calls, ctx.layer)
-        sums = torch.cat([gb.double(), gw.double(), torch.tensor([tag], dtype=torch.float64, device=x.device)])
-        _reduce(ctx.group, sums, tag, ctx.totals)
-        invstd = (var + ctx.eps).rsqrt()
-        k = w * invstd
-        # dx = k·(dy − mean(dy) − x̂·mean(dy·x̂)) = gi − b·x − a, with b = k·invstd·mean(dy·x̂) and
-        # a = k·mean(dy) − b·mean (per channel)
-        b = k * invstd * (sums[c:2 * c] / ctx.total).to(x.dtype)
-        a = k * (sums[:c] / ctx.total).to(x.dtype) - b * mean
-        dx = gi - x * b.view(shape) - a.view(shape)
+        b, a = _input_grad_terms(gb, gw, weight, mean, var, ctx.eps, ctx.total, ctx.group, tag, ctx.totals)
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        dx = torch.addcmul(gi, x, b.view(shape), value=-1).sub_(a.view(shape))
         return dx, (gw if weight is not None else None), (gb if weight is not None else None), None, None, None, None, None
 
 
@@ -182,14 +235,13 @@ class GlobalBatchNorm(_BN):
             return super().forward(x)        # torch's BatchNorm: running statistics, or its own batch
         self._check_input_dim(x)
         _step.totals.calls += 1
-        y, mean, var = _GlobalNorm.apply(x, self.weight, self.bias, self.eps, group, _step.batch, _step.totals,
-                                         self.layer)
+        y, mean, unbiased = _GlobalNorm.apply(x, self.weight, self.bias, self.eps, group, _step.batch, _step.totals,
+                                              self.layer)
         with torch.no_grad():                # as torch's BatchNorm, from the global statistics
             self.num_batches_tracked.add_(1)
             m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum   # no host sync
-            n = _count(x, _step.batch)
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-            self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), m)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         return y
 
 
