@@ -32,7 +32,7 @@ def metric_value(metrics: dict, name: str) -> Optional[float]:
     return metrics.get(name.split(".", 1)[1] if "." in name else name)
 
 
-class _Tracker:
+class Tracker:
     """Best value so far of one metric, and evaluations since it last improved by more than min_delta."""
 
     def __init__(self, mode: str, min_delta: float):
@@ -68,7 +68,7 @@ class _Tracker:
 class ReduceLROnPlateau:
     def __init__(self, spec: PlateauSpec, base_lr: float):
         self.spec, self.base_lr = spec, base_lr
-        self.track = _Tracker(spec.mode, spec.min_delta)
+        self.track = Tracker(spec.mode, spec.min_delta)
         self.factor = 1.0
 
     def state(self) -> dict:
@@ -97,7 +97,7 @@ class ReduceLROnPlateau:
 class EarlyStopping:
     def __init__(self, spec: EarlyStoppingSpec):
         self.spec = spec
-        self.track = _Tracker(spec.mode, spec.min_delta)
+        self.track = Tracker(spec.mode, spec.min_delta)
 
     def state(self) -> dict:
         return self.track.state()

@@ -161,12 +161,15 @@ def test_keep_best_weighs_the_final_model_too(data, tmp_path):
 
 def test_keep_best_never_takes_a_non_finite_value(data):
     from types import SimpleNamespace
+    from lepton.policies import Tracker
     from lepton.worker.trainer import Trainer
     job = parse_job({**job_dict(data), "policies": {"keep_best": {"metric": "val.loss", "mode": "min"}}})
-    t = SimpleNamespace(job=job, best_value=None, best_step=None, step=10)
+    t = SimpleNamespace(job=job, keep_best=Tracker("min", 0.0), step=10)
     assert not Trainer.improved(t, {"loss": float("nan")})
     t.step = 20
-    assert Trainer.improved(t, {"loss": 0.5}) and (t.best_value, t.best_step) == (0.5, 20)
+    assert Trainer.improved(t, {"loss": 0.5}) and (t.keep_best.best, t.keep_best.best_step) == (0.5, 20)
+    t.step = 30
+    assert not Trainer.improved(t, {"loss": 0.5}) and t.keep_best.best_step == 20     # equal is no better
 
 def test_tensorboard_event_files(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

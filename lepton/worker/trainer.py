@@ -78,8 +78,8 @@ class Trainer:
         self.plan_lr = 1.0                # the evaluation policies' learning-rate factor
         self.policies = policies.build(job.policies, job.train.optimizer.lr)
         self.stopped_early = False        # early stopping decided: train no further
-        self.best_value: float | None = None   # keep-best: best validation value and its step
-        self.best_step: int | None = None
+        kb = job.policies.keep_best
+        self.keep_best = policies.Tracker(kb.mode, 0.0) if kb else None   # best validation value and its step
         self.bad_steps = 0
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
@@ -104,7 +104,8 @@ class Trainer:
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.bad_steps = int(state.get("bad_steps", 0))
         self.plan_lr = float(state.get("plan_lr", 1.0))
-        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        if self.keep_best:
+            self.keep_best.best, self.keep_best.best_step = state.get("best_value"), state.get("best_step")
         for p, st in zip(self.policies, state.get("policies", [])):
             p.load(st)
         self.stopped_early = bool(state.get("stopped_early", False))
@@ -138,17 +139,21 @@ class Trainer:
                 out.append(d)
         return out
 
+    @property
+    def best_value(self) -> float | None:
+        return self.keep_best.best if self.keep_best else None
+
+    @property
+    def best_step(self) -> int | None:
+        return self.keep_best.best_step if self.keep_best else None
+
     def improved(self, metrics: dict) -> bool:
         """Keep-best: is this validation the best so far? Every rank sees the same reduced metrics,
         so every rank answers the same."""
-        kb = self.job.policies.keep_best
-        value = metrics.get(kb.metric.split(".", 1)[1]) if kb else None
-        if value is None or not math.isfinite(value):    # NaN compares false with everything: never the best
+        if not self.keep_best:
             return False
-        if self.best_value is None or (value < self.best_value if kb.mode == "min" else value > self.best_value):
-            self.best_value, self.best_step = value, self.step
-            return True
-        return False
+        value = metrics.get(self.job.policies.keep_best.metric.split(".", 1)[1])
+        return value is not None and self.keep_best.update(self.step, value)
 
     @property
     def epoch(self) -> int:
