@@ -67,9 +67,12 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
             import cloudpickle
             job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
         cache = cache_state(run, job)
-        if cache == "missing":                # the first start ended while preparing the data
+        shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
+        if cache == "missing" and shared:     # the first start ended while linking another run's data
+            _share_prepared(_prepared_source(shared)[0], run)
+        elif cache == "missing":              # the first start ended while preparing the data
             prepare(job).write(run, fingerprint(job))
-        elif cache == "changed":
+        elif cache == "changed" and not shared:
             # resuming continues on the data the run trained on, in the same order (design §3); a
             # re-read would change the split, the steps per epoch and the samples left in this epoch
             print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
@@ -90,12 +93,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         prepared = prepare(job)             # every data error surfaces here, before any write
         pre, train_rows = prepared.preprocessor, prepared.report["train_rows"]
     else:
-        source = RunDir(data_from)
-        try:
-            train_rows = _manifest(source)["train_rows"]      # written last: the data is complete
-            pre = DataCache(source).preprocessor
-        except (OSError, ValueError, KeyError):
-            raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+        source, train_rows, pre = _prepared_source(data_from)
         _check_same_data(job, pre, source)
     _check_model(job, pre, train_rows)
     try:
@@ -112,6 +110,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         init = run.root / INIT_WEIGHTS
         _copy_into(Path(job.model.init_weights), init)
         job.model.init_weights = str(init.resolve())
+    if data_from is not None:     # before job.yaml: a resume of a run interrupted while linking links again
+        atomic_write_bytes(run.data_from_file, str(source.root.resolve()).encode())
     run.write_job(job.to_yaml_dict())
     if data_from is None:
         prepared.write(run, fingerprint(job))
@@ -134,6 +134,17 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
 
 
+def _prepared_source(path: str | Path):
+    """The run directory ``data_from`` names, its training rows and preprocessor: it must hold complete
+    prepared data."""
+    source = RunDir(path)
+    try:
+        train_rows = _manifest(source)["train_rows"]       # written last: the data is complete
+        return source, train_rows, DataCache(source).preprocessor
+    except (OSError, ValueError, KeyError):
+        raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+
+
 def _share_prepared(source: RunDir, run: RunDir) -> None:
     """``source``'s prepared files into ``run``: hard links (prepared files are only ever replaced by a
     rename, never written in place, so sharing them is safe), a copy across file systems; the manifest
@@ -142,6 +153,7 @@ def _share_prepared(source: RunDir, run: RunDir) -> None:
     names = sorted(p.name for p in source.data_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     for name in names + ["manifest.json"]:
         src, dst = source.data_dir / name, run.data_dir / name
+        dst.unlink(missing_ok=True)        # left by an interrupted first attempt
         try:
             os.link(src, dst)
         except OSError:

@@ -293,6 +293,26 @@ def test_a_new_run_from_another_runs_data_and_weights(trained, tmp_path):
         assert not (tmp_path / "never").exists()
 
 
+def test_a_run_interrupted_while_linking_another_runs_data_links_again_on_resume(trained, tmp_path):
+    """A start that ended between job.yaml and the manifest link leaves part of the data: the resume
+    takes it from the source run again, never from ``data.path`` (here a different file)."""
+    from lepton.launcher import open_run
+    from lepton.spec import parse_job
+    root, _, ref = trained
+    other = tmp_path / "other.csv"
+    make_classification_csv(other, rows=50, seed=9)
+    opened = open_run(parse_job(job_dict(other, train__epochs=1)), tmp_path / "run", False, data_from=ref.run_dir)
+    data = opened.run.data_dir
+    (data / "manifest.json").unlink()
+    victim = sorted(p for p in data.iterdir() if p.is_file())[0]
+    victim.unlink()                      # a hard link to the source's file: never write through it
+    victim.write_bytes(b"partial")
+    again = open_run(None, tmp_path / "run", True)
+    assert again.train_rows == opened.train_rows
+    for f in (ref.run_dir / "data").iterdir():
+        assert (data / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_regression_end_to_end(tmp_path):
     g = np.random.default_rng(0)
     x = g.normal(size=(300, 4))

@@ -111,6 +111,8 @@ class RunDir:
     @property
     def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
     @property
+    def data_from_file(self) -> Path: return self.root / "data_from"    # the run whose prepared data it shares
+    @property
     def tensorboard_dir(self) -> Path: return self.root / "tensorboard"
 
     @property
