@@ -66,11 +66,12 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
         monkeypatch.setattr(batchnorm, "_on_host", lambda t: False)
     box, mine = _pair(dims=dims, affine=affine, momentum=momentum)
     shape = {1: (5,), 2: (5, 4, 3), 3: (5, 2, 3, 2)}[dims]
-    x = torch.randn(sum(splits), *shape) * 3 + 7     # an offset mean: E[x²] − E[x]² must not cancel
+    # two steps on different batches: the running statistics' update twice (momentum None: their mean)
+    batches = [torch.randn(sum(splits), *shape) * 3 + 7 + i for i in range(2)]   # an offset mean: E[x²] − E[x]²
+    x = batches[-1]                                                               # must not cancel
     dy = torch.randn_like(x)
-    xr = x.clone().requires_grad_(True)
-    for _ in range(2):                               # two steps: the running statistics' update twice
-        xr.grad = None
+    for xb in batches:
+        xr = xb.clone().requires_grad_(True)
         box.zero_grad()
         (box(xr) * dy).sum().backward()
 
@@ -82,9 +83,8 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
         try:
             model = mine if r == 0 else copy.deepcopy(mine)
             replicas.append(model)
-            xs = x[bounds[r]:bounds[r + 1]].clone().requires_grad_(True)
-            for _ in range(2):
-                xs.grad = None
+            for xb in batches:
+                xs = xb[bounds[r]:bounds[r + 1]].clone().requires_grad_(True)
                 for p in model.parameters():
                     p.grad = None
                 with batchnorm.reducing(group.member(r), len(x)):
