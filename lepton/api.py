@@ -86,7 +86,7 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
             local.wait(timeout_s=0)
             listener.close()
             raise
-    local.attach_logs(opened.run.root / "logs")
+    local.attach_logs(opened.run.logs_dir)
     server = start_coordinator(opened, listener)
     coord = server.coord
     if progress:

@@ -40,7 +40,6 @@ class OpenRun:
     previous_generation: int | None = None
 
 
-INIT_WEIGHTS = "init_weights.safetensors"     # a run's copy of model.init_weights
 
 
 def default_run_dir(job: JobSpec) -> Path:
@@ -107,7 +106,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     if job.model.init_weights:
         # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its masks
         # from it), whatever happens to the original afterwards
-        init = run.root / INIT_WEIGHTS
+        init = run.init_weights
         _copy_into(Path(job.model.init_weights), init)
         job.model.init_weights = str(init.resolve())
     if data_from is not None:     # before job.yaml: a resume of a run interrupted while linking links again

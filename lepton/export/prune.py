@@ -31,8 +31,6 @@ from ..errors import LeptonError
 from ..storage.checkpoint import MODEL_WEIGHTS
 from ..storage.rundir import RunDir, read_jsonl
 
-FINETUNE_DIR = "finetune"      # the fine-tune's run directory, under RUN_DIR/exports/
-
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -72,7 +70,7 @@ def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = N
     from ..spec import parse_job
     job = run.read_job_dict()
     workers = workers or int(job.get("cluster", {}).get("workers", 1))
-    child = run.exports_dir / FINETUNE_DIR
+    child = run.finetune_dir
     with tempfile.TemporaryDirectory(prefix="lepton-finetune-") as tmp:
         init = Path(tmp) / "pruned.safetensors"        # the run copies it in (model.init_weights)
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init))

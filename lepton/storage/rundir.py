@@ -1,6 +1,8 @@
 """The run directory: the one object that owns every path of a run (design.md §4).
 
-Nothing else in Lepton builds a path inside a run directory by hand; it asks ``RunDir``. Every file
+Every path at the top of a run directory, and every folder in it, comes from ``RunDir``; the files inside
+data/, model/, checkpoints/ and logs/ are named by the one module that writes them (PreparedData, the
+checkpoint writer, the local-worker launcher). Every file
 that a crash could leave half-written is written to a temporary name and renamed (invariant 4).
 """
 from __future__ import annotations
@@ -112,6 +114,12 @@ class RunDir:
     def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
     @property
     def data_from_file(self) -> Path: return self.root / "data_from"    # the run whose prepared data it shares
+    @property
+    def init_weights(self) -> Path: return self.root / "init_weights.safetensors"   # its copy of model.init_weights
+    @property
+    def logs_dir(self) -> Path: return self.root / "logs"          # local workers' output (worker-K.log)
+    @property
+    def finetune_dir(self) -> Path: return self.exports_dir / "finetune"   # the pruned model's fine-tune run
     @property
     def tensorboard_dir(self) -> Path: return self.root / "tensorboard"
 
