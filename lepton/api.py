@@ -67,8 +67,12 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         overrides.append(f"cluster.workers={workers}")
     if resume:
         opened = open_run(None, run_dir, True, workers)
-        listener = Listener()
-        local = LocalWorkers(listener.url, opened.token, opened.job.cluster.workers, threads)
+        try:
+            listener = Listener()
+            local = LocalWorkers(listener.url, opened.token, opened.job.cluster.workers, threads)
+        except BaseException:
+            opened.release()
+            raise
     else:
         spec = _as_job(job, overrides)
         if spec.cluster.device == "cuda":
@@ -86,6 +90,14 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
             local.wait(timeout_s=0)
             listener.close()
             raise
+    try:
+        return _run(opened, local, listener, progress)
+    finally:
+        opened.release()        # the run directory is free for a resume or an export
+
+
+def _run(opened, local, listener, progress: bool) -> TrainResult:
+    """The opened run to its end: coordinator, local workers, progress, then the export phase."""
     local.attach_logs(opened.run.logs_dir)
     server = start_coordinator(opened, listener)
     coord = server.coord

@@ -203,7 +203,7 @@ def cmd_status(a) -> int:
 
 def cmd_predict(a) -> int:
     from .predict import check_output, load
-    check_output(a.output, a.input, label="--output ")       # before any work
+    check_output(a.output, a.input, label="--output ", model_path=a.run_dir)       # before any work
     p = load(a.run_dir)
     result = p.predict_file(a.input)
     p.write_csv(result, a.output)

@@ -15,9 +15,17 @@ def read_token(token_file: str | None) -> str:
     """The bearer token from ``--token-file`` or ``LEPTON_TOKEN``."""
     if token_file:
         p = Path(token_file)
-        if not p.is_file():
+        if p.is_dir():
+            raise LeptonError(f"{p}: is a folder; --token-file names the run's token file (RUN_DIR/token)")
+        if not p.exists():
             raise LeptonError(f"{p}: token file not found")
-        return p.read_text().strip()
+        try:
+            token = p.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LeptonError(f"{p}: cannot read the token file ({e})") from None
+        if not token or any(c.isspace() or not c.isprintable() for c in token):
+            raise LeptonError(f"{p}: not a token file (empty, or more than one word); use RUN_DIR/token")
+        return token
     token = os.environ.get("LEPTON_TOKEN")
     if not token:
         raise LeptonError("no token: pass --token-file FILE (RUN_DIR/token) or set LEPTON_TOKEN")

@@ -23,10 +23,10 @@ from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
 from .models import build_model, load_init_weights, num_outputs
-from .spec import JobSpec, parse_job
+from .spec import JobSpec, parse_job, read_yaml
 from .storage.checkpoint import readable_state_dir
-from .storage.prepared import DataCache, cache_state, fingerprint, prepare
-from .storage.rundir import RunDir, atomic_write_bytes, fsync_dir
+from .storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
+from .storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
 
 
 @dataclass
@@ -38,6 +38,11 @@ class OpenRun:
     resume_checkpoint: dict | None
     factory_pickle: str | None
     previous_generation: int | None = None
+    lock: RunLock | None = None       # held while this process runs the run (``release`` when done)
+
+    def release(self) -> None:
+        if self.lock:
+            self.lock.release()
 
 
 
@@ -50,7 +55,8 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
              token: str | None = None, data_from: str | Path | None = None) -> OpenRun:
     """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one.
     ``data_from``: a new run trains on that run's prepared data (the same split, preprocessing and rows)
-    instead of preparing ``job.data`` again."""
+    instead of preparing ``job.data`` again. The returned run holds the run directory's lock
+    (``OpenRun.release``); a refused one releases it."""
     if resume:
         if run_dir is None:
             raise LeptonError("--resume needs --run-dir DIR (the run to continue)")
@@ -60,34 +66,23 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         state = run.read_state()
         if state.get("status") == "completed":
             raise LeptonError(f"{run.root}: this run already completed; nothing to resume")
-        overrides = [f"cluster.workers={workers}"] if workers else []
-        job = parse_job(run.read_job_dict(), source=str(run.job_yaml), overrides=overrides)
-        if run.factory_pickle.exists():
-            import cloudpickle
-            job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
-        cache = cache_state(run, job)
-        shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
-        if cache == "missing" and shared:     # the first start ended while linking another run's data
-            _share_prepared(_prepared_source(shared)[0], run)
-        elif cache == "missing":              # the first start ended while preparing the data
-            prepare(job).write(run, fingerprint(job))
-        elif cache == "changed" and not shared:
-            # resuming continues on the data the run trained on, in the same order (design §3); a
-            # re-read would change the split, the steps per epoch and the samples left in this epoch
-            print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
-                  f" with the run's prepared data in {run.data_dir}", file=sys.stderr)
-        manifest = _manifest(run)
-        _check_model(job, DataCache(run).preprocessor, manifest["train_rows"])   # a run from an older version
-        ckpt = state.get("latest_checkpoint")
-        if ckpt and readable_state_dir(ckpt["path"]) is None:
-            raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
-        return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run),
-                       state.get("generation"))
+        lock = run.lock()
+        try:
+            return _reopen(run, state, workers, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     assert job is not None
     run = RunDir(run_dir or default_run_dir(job))
     if run.holds_run():
         raise LeptonError(f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if run.root.exists() and not run.root.is_dir():
+        raise LeptonError(f"{run.root}: cannot create the run directory: a file of that name exists")
+    # hidden files (.gitkeep, a lock left by a start that failed) and a fresh volume's lost+found are no one's data
+    if run.root.is_dir() and any(not p.name.startswith(".") and p.name != "lost+found" for p in run.root.iterdir()):
+        raise LeptonError(f"{run.root}: this folder is not empty and holds no run; a new run goes into a new or"
+                          " empty folder (its files would be overwritten)")
     if data_from is None:
         prepared = prepare(job)             # every data error surfaces here, before any write
         pre, train_rows = prepared.preprocessor, prepared.report["train_rows"]
@@ -99,24 +94,60 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LeptonError(f"{run.root}: cannot create the run directory: {e.strerror or e}") from None
-    factory = job.model.factory
-    if callable(factory):
+    lock = run.lock()
+    try:
+        factory = job.model.factory
+        if callable(factory):
+            import cloudpickle
+            atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
+        if job.model.init_weights:
+            # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its
+            # masks from it), whatever happens to the original afterwards
+            init = run.init_weights
+            _copy_into(Path(job.model.init_weights), init)
+            job.model.init_weights = str(init.resolve())
+        if data_from is not None:   # before job.yaml: a resume of a run interrupted while linking links again
+            atomic_write_bytes(run.data_from_file, str(source.root.resolve()).encode())
+        run.write_job(job.to_yaml_dict())
+        if data_from is None:
+            prepared.write(run, fingerprint(job))
+        else:
+            _share_prepared(source, run)
+        return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run), lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> OpenRun:
+    """``open_run`` for ``--resume``, with the run's lock held."""
+    overrides = [f"cluster.workers={workers}"] if workers else []
+    job = parse_job(read_yaml(run.job_yaml), source=str(run.job_yaml), overrides=overrides)
+    if run.factory_pickle.exists():
         import cloudpickle
-        atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
-    if job.model.init_weights:
-        # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its masks
-        # from it), whatever happens to the original afterwards
-        init = run.init_weights
-        _copy_into(Path(job.model.init_weights), init)
-        job.model.init_weights = str(init.resolve())
-    if data_from is not None:     # before job.yaml: a resume of a run interrupted while linking links again
-        atomic_write_bytes(run.data_from_file, str(source.root.resolve()).encode())
-    run.write_job(job.to_yaml_dict())
-    if data_from is None:
-        prepared.write(run, fingerprint(job))
-    else:
-        _share_prepared(source, run)
-    return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run))
+        job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
+    cache = cache_state(run, job)
+    shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
+    if cache == "missing" and shared:     # the first start ended while linking another run's data
+        _share_prepared(_prepared_source(shared)[0], run)
+    elif cache == "missing":              # the first start ended while preparing the data
+        prepare(job).write(run, fingerprint(job))
+    elif cache == "changed" and not shared:
+        # resuming continues on the data the run trained on, in the same order (design §3); a
+        # re-read would change the split, the steps per epoch and the samples left in this epoch
+        print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
+              f" with the run's prepared data in {run.data_dir}", file=sys.stderr)
+    manifest, cache = _readable_data(run)
+    _check_model(job, cache.preprocessor, manifest["train_rows"])   # a run from an older version
+    ckpt = state.get("latest_checkpoint")
+    if ckpt:
+        # this run's own checkpoint of that name: state.json keeps absolute paths, and a run that was
+        # moved or copied must not resume from the original's folder
+        ckpt = {**ckpt, "path": str(run.checkpoints_dir / Path(ckpt["path"]).name)}
+        if readable_state_dir(ckpt["path"]) is None:
+            raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
+    return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run),
+                   state.get("generation"), lock)
 
 
 def _check_model(job: JobSpec, pre, train_rows: int) -> None:
@@ -129,8 +160,32 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     except Exception:      # a model that cannot be copied is checked in place (nothing better to do)
         pass
     load_init_weights(job, model)
+    _check_outputs(job, model, pre)
     batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
     batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
+
+
+def _check_outputs(job: JobSpec, model, pre) -> None:
+    """A forward pass on two zero rows: a factory model that does not take the data's shape, or gives
+    another number of outputs than the task needs, is refused now rather than after an epoch."""
+    import torch
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return                    # a factory that places its model itself: checked where it trains
+    want = num_outputs(job.task, pre.classes)
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((2,) + tuple(pre.input_shape)))
+    except Exception as e:        # whatever the user's model raises, the user needs its first line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LeptonError(f"model: a forward pass on a batch of shape {(2,) + tuple(pre.input_shape)} failed:"
+                          f" {type(e).__name__}: {first}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 or out[0].numel() != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LeptonError(f"model: gives output {got} for a batch of 2, expected (2, {want}) for this"
+                          f" {job.task} task ({'classes: ' + str(len(pre.classes)) if pre.classes else 'one value'})")
 
 
 def _prepared_source(path: str | Path):
@@ -179,6 +234,19 @@ def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:
         if ours != theirs:
             raise LeptonError(f"{source.root}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
                               " data_from takes a run prepared for the same task and data")
+
+
+def _readable_data(run: RunDir):
+    """The run's manifest and its prepared splits, every file opened once: a file deleted or damaged
+    since is one line now, not a traceback from every worker."""
+    try:
+        cache = DataCache(run)
+        for split in SPLITS:
+            cache.get(split)
+        return _manifest(run), cache
+    except (OSError, ValueError, KeyError) as e:
+        raise LeptonError(f"{run.data_dir}: the prepared data is damaged ({e}); start a new run (or delete"
+                          f" {run.data_dir / 'manifest.json'} to prepare it again from data.path)") from None
 
 
 def _manifest(run: RunDir) -> dict:

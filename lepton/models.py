@@ -95,7 +95,12 @@ def build_model(job: JobSpec, input_shape: tuple[int, ...], num_outputs: int, fa
     if spec.type == "cnn":
         return _cnn(spec, input_shape, num_outputs)
     fn = resolve_factory(factory or spec.factory)
-    model = fn(tuple(input_shape), num_outputs)
+    try:
+        model = fn(tuple(input_shape), num_outputs)
+    except Exception as e:        # the user's code: its first line, not our traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SpecError(f"model.factory {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {first}"
+                        f" (it is called as factory(input_shape, num_outputs))") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model

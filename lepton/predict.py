@@ -199,9 +199,11 @@ def rows_as_table(rows) -> pa.Table:
     return pa.table(cols)
 
 
-def check_output(path: str | Path, input_path: str | None = None, label: str = "") -> Path:
+def check_output(path: str | Path, input_path: str | None = None, label: str = "",
+                 model_path: str | Path | None = None) -> Path:
     """``path`` as the place of a new predictions file, checked before any work: not a directory, not
-    inside a file, and not the input (the predictions would replace the data they came from).
+    inside a file, not the input (the predictions would replace the data they came from), and not the
+    model it predicts with nor anything in its run's model/, exports/, checkpoints/ or data/.
     ``label`` goes before the path in messages (``--output `` on the command line)."""
     p = Path(path)
     if p.is_dir():
@@ -216,7 +218,23 @@ def check_output(path: str | Path, input_path: str | None = None, label: str = "
         if same:
             raise LeptonError(f"{label}{path}: is the input file; the predictions would overwrite the data,"
                               " write them to another file")
+    if model_path is not None:
+        target = p.resolve()
+        for kept in _model_files(Path(model_path)):
+            if target == kept or kept in target.parents:
+                raise LeptonError(f"{label}{path}: is among the model's files ({kept}), which predictions must not"
+                                  " overwrite or join; write them somewhere else")
     return p
+
+
+def _model_files(model: Path) -> list[Path]:
+    """What predicting with ``model`` (a run, a model directory or an artifact) must leave alone."""
+    model = model.resolve()
+    kept = [model] if model.is_file() or (model / "lepton.json").exists() else []     # an artifact, a model dir
+    for root in (model, model.parent, model.parent.parent):
+        if (root / "model" / "lepton.json").exists():       # a run directory
+            kept += [root / d for d in ("model", "exports", "checkpoints", "data")]
+    return kept
 
 
 def load(path: str | Path) -> Predictor:

@@ -112,6 +112,9 @@ class ModelSpec(_Strict):
                 raise ValueError("model.type 'factory' needs model.factory ('module:function')")
             if isinstance(self.factory, str) and ":" not in self.factory:
                 raise ValueError(f"model.factory must look like 'module:function' (got {self.factory!r})")
+            if self.layers:
+                raise ValueError("model.layers is not used with type 'factory' (the factory builds the model);"
+                                 " remove it")
         elif self.factory is not None:
             raise ValueError(f"model.factory is only allowed with type 'factory' (type is {self.type!r})")
         if self.keep_zeros and not self.init_weights:
@@ -284,8 +287,10 @@ class JobSpec(_Strict):
 
 def _format_loc(loc: tuple) -> str:
     parts = []
-    for p in loc:
-        if isinstance(p, int):
+    for i, p in enumerate(loc):
+        if isinstance(p, int) and i == 1 and loc[0] == "model":
+            parts.append(f".layers[{p}]")      # the layers are validated by the model section's validator
+        elif isinstance(p, int):
             parts.append(f"[{p}]")
         elif p in ("function-after", "function-before") or str(p).startswith(("function-", "tagged-union")):
             continue
@@ -318,6 +323,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msgs.append(f"unknown field '{loc}'{hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "union_tag_not_found":
+                msg = "a cnn layer needs a type: conv, maxpool, avgpool or dense"
             got = e.get("input")
             tail = f" (got {got!r})" if e["type"] != "value_error" and not isinstance(got, (dict, list)) else ""
             msgs.append(f"{loc}: {msg}{tail}" if loc else msg)
@@ -344,12 +351,35 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, so
+    a second ``epochs:`` would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue          # `<<: *defaults`: merged keys may be overridden by the section's own
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue          # an unhashable key: the base loader says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one section",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: job file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not UTF-8 text (byte {e.start}); a job file is a UTF-8 YAML file") from None
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the job file: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -1,5 +1,6 @@
 """Bad input: one clear line naming the problem, a non-zero exit, no traceback, nothing written."""
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,118 @@ def test_summary_says_how_many_epochs_ran():
     con = Console(record=True, width=120)
     con.print(summary_table({"status": "completed", "steps": 182, "epochs": 14, "epochs_planned": 40}, "run"))
     assert "14 of 40" in con.export_text()
+
+
+# --- found by an audit of bad input (session 15) -----------------------------------------------------
+
+def test_a_folder_that_holds_no_run_is_never_written_into(tmp_path, csv_data):
+    job = _write_job(tmp_path, job_dict(csv_data, train__epochs=1))
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "weights.safetensors").write_bytes(b"the user's own file")
+    (mine / "notes.txt").write_text("mine")
+    before = _snapshot(mine)
+    expect_cli_error(run_cli("train", job, "--run-dir", mine, "--no-progress", timeout=60),
+                     str(mine), "not empty and holds no run")
+    assert _snapshot(mine) == before
+
+
+@pytest.mark.parametrize("text,needles", [
+    (b"name: x\ntrain:\n  epochs: 40\n  epochs: 1\n", ("key 'epochs' appears twice", "line 4")),
+    (b"\xff\xfen\x00a\x00m\x00e\x00", ("not UTF-8 text",)),
+])
+def test_job_files_that_yaml_would_misread(tmp_path, text, needles):
+    from lepton.errors import SpecError
+    from lepton.spec import load_job
+    p = tmp_path / "job.yaml"
+    p.write_bytes(text)
+    with pytest.raises(SpecError) as e:
+        load_job(p)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+@pytest.mark.parametrize("layers,needle", [
+    ([{"units": "ten"}], "model.layers[0].units"),
+])
+def test_layer_errors_name_the_layers_field(tmp_path, csv_data, layers, needle):
+    from lepton.errors import SpecError
+    from lepton.spec import parse_job
+    job = job_dict(csv_data)
+    job["model"]["layers"] = layers
+    with pytest.raises(SpecError, match=re.escape(needle)):
+        parse_job(job)
+    job["model"] = {"type": "cnn", "layers": [{"type": "conv", "filters": 2}, {"units": 3}]}
+    with pytest.raises(SpecError, match=re.escape("model.layers[1]: a cnn layer needs a type")):
+        parse_job(job)
+    job["model"] = {"type": "factory", "factory": "factory_models:build", "layers": [{"units": 3}]}
+    with pytest.raises(SpecError, match="model.layers is not used with type 'factory'"):
+        parse_job(job)
+
+
+def _rows(n=12):
+    return b"".join(b"%d,%d,%s\n" % (i, i % 3, b"xy"[i % 2:i % 2 + 1]) for i in range(n))
+
+
+@pytest.mark.parametrize("content,needles", [
+    (b"a,b,label\n1,2,x\n3,4\n5,6,y\n", ("line 3", "Expected 3 columns")),
+    (b"a,\xe4b,label\n1,2,x\n", ("header is not UTF-8",)),
+    (b"a,b,label\n1,2,x\n3,4,malign\xe9nt\n" + _rows(), ("column 'label' row 2", "not UTF-8")),
+    (b"a,,label\n" + _rows(), ("column 2 has no name",)),
+])
+def test_csv_problems_are_named_where_they_are(tmp_path, content, needles):
+    from lepton.errors import DataError
+    from lepton.spec import parse_job
+    from lepton.storage.prepared import prepare
+    p = tmp_path / "d.csv"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        prepare(parse_job(job_dict(p)))
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_columns_the_job_does_not_read_may_be_anything(tmp_path):
+    """A trailing comma on every line (an unnamed empty column) and a non-UTF-8 column the job does not
+    use are no reason to refuse the data."""
+    from lepton.spec import parse_job
+    from lepton.storage.prepared import prepare
+    p = tmp_path / "d.csv"
+    p.write_bytes(b"a,b,label,\n" + _rows().replace(b"\n", b",\n"))
+    assert prepare(parse_job(job_dict(p))).preprocessor.feature_names == ["a", "b"]
+    p.write_bytes(b"a,b,label,note\n" + _rows().replace(b"\n", b",caf\xe9\n"))
+    assert prepare(parse_job(job_dict(p, data__features=["a", "b"]))).report["train_rows"] > 0
+
+
+def test_a_factory_that_raises_or_gives_the_wrong_outputs(tmp_path, csv_data):
+    (tmp_path / "bad_factories.py").write_text(
+        "from torch import nn\n"
+        "def boom(shape, n):\n    raise RuntimeError('boom in user factory')\n"
+        "def seven(shape, n):\n    return nn.Linear(shape[0], 7)\n")
+    for name, needles in (("boom", ("model.factory", "RuntimeError: boom in user factory")),
+                          ("seven", ("model: gives output (2, 7)", "expected (2, 3)"))):
+        job = job_dict(csv_data)
+        job["model"] = {"type": "factory", "factory": f"bad_factories:{name}"}
+        run_dir = tmp_path / f"never-{name}"
+        r = run_cli("train", _write_job(tmp_path, job), "--run-dir", run_dir, "--no-progress", timeout=60,
+                    env={"PYTHONPATH": str(tmp_path)})
+        expect_cli_error(r, *needles)
+        assert not run_dir.exists()
+
+
+def test_an_empty_or_wrong_token_file(tmp_path):
+    from lepton.client import read_token
+    from lepton.errors import LeptonError
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(LeptonError, match="not a token file"):
+        read_token(str(tmp_path / "empty"))
+    with pytest.raises(LeptonError, match="is a folder"):
+        read_token(str(tmp_path))
+
+
+def test_yaml_merge_keys_still_load(tmp_path, csv_data):
+    from lepton.spec import load_job
+    job = job_dict(csv_data)
+    text = yaml.safe_dump({k: v for k, v in job.items() if k != "train"})
+    p = tmp_path / "job.yaml"
+    p.write_text(text + "train:\n  <<: {epochs: 2, batch_size: 8}\n  epochs: 3\n")
+    t = load_job(p).train
+    assert (t.epochs, t.batch_size) == (3, 8)

@@ -302,6 +302,7 @@ def test_a_run_interrupted_while_linking_another_runs_data_links_again_on_resume
     other = tmp_path / "other.csv"
     make_classification_csv(other, rows=50, seed=9)
     opened = open_run(parse_job(job_dict(other, train__epochs=1)), tmp_path / "run", False, data_from=ref.run_dir)
+    opened.release()
     data = opened.run.data_dir
     (data / "manifest.json").unlink()
     victim = sorted(p for p in data.iterdir() if p.is_file())[0]
@@ -343,3 +344,16 @@ def test_cnn_on_images(tmp_path):
     assert res.summary["test"]["accuracy"] > 0.9
     meta = json.loads((res.run_dir / "model" / "lepton.json").read_text())
     assert meta["input_shape"] == [1, 6, 6] and meta["classes"] == [0, 1]
+
+
+def test_predictions_never_overwrite_the_model(trained, tmp_path):
+    from lepton.predict import check_output
+    root, csv_data, ref = trained
+    run = ref.run_dir
+    for out, model in ((run / "model" / "lepton.json", run), (run / "model" / "new.csv", run / "model"),
+                       (run / "checkpoints" / "p.csv", run)):
+        with pytest.raises(LeptonError, match="is among the model's files"):
+            check_output(out, str(csv_data), model_path=model)
+    assert check_output(run / "predictions.csv", str(csv_data), model_path=run) == run / "predictions.csv"
+    r = run_cli("predict", run, "--input", csv_data, "--output", run / "model" / "weights.safetensors")
+    expect_cli_error(r, "is among the model's files")

@@ -457,7 +457,11 @@ def test_resume_keeps_the_prepared_data_when_the_source_changed(tmp_path, capsys
     first = open_run(job, tmp_path / "run", resume=False)
     manifest = (tmp_path / "run" / "data" / "manifest.json").read_text()
     make_classification_csv(data, rows=200, seed=5)            # edited
+    with pytest.raises(LeptonError, match="another lepton process is running this run"):
+        open_run(None, tmp_path / "run", resume=True)          # the first still holds it
+    first.release()
     again = open_run(None, tmp_path / "run", resume=True)
+    again.release()
     assert again.train_rows == first.train_rows
     assert (tmp_path / "run" / "data" / "manifest.json").read_text() == manifest
     assert "resuming with the run's prepared data" in capsys.readouterr().err
@@ -600,3 +604,42 @@ def test_keep_zeros_masks_only_trainable_weight_matrices():
     masks = zero_masks(model)
     assert [p is model[1].weight for p, _ in masks] == [True]
     assert masks[0][1].sum() == model[1].weight.numel() - 1
+
+
+def test_a_moved_run_resumes_from_its_own_checkpoints(tmp_path):
+    """state.json keeps absolute checkpoint paths: a copied or moved run must resume from its own
+    checkpoints/ folder, never from the original's."""
+    import json
+    from conftest import make_classification_csv
+    from lepton.launcher import open_run
+    from lepton.storage.checkpoint import STATE_FILE
+    data = make_classification_csv(tmp_path / "data.csv", rows=120)
+    open_run(parse_job(job_dict(data)), tmp_path / "run", resume=False).release()
+    original = tmp_path / "original" / "checkpoints" / "step-000000010"
+    original.mkdir(parents=True)
+    (original / STATE_FILE).write_bytes(b"the original run's state")
+    (tmp_path / "run" / "state.json").write_text(json.dumps(
+        {"status": "stopped", "latest_checkpoint": {"step": 10, "path": str(original)}}))
+    with pytest.raises(LeptonError, match="missing checkpoint"):
+        open_run(None, tmp_path / "run", resume=True)
+    own = tmp_path / "run" / "checkpoints" / "step-000000010"
+    own.mkdir(parents=True)
+    (own / STATE_FILE).write_bytes(b"this run's state")
+    opened = open_run(None, tmp_path / "run", resume=True)
+    opened.release()
+    assert opened.resume_checkpoint["path"] == str(own)
+    (tmp_path / "run" / "data" / "val_x.npy").unlink()
+    with pytest.raises(LeptonError, match="the prepared data is damaged"):
+        open_run(None, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "state.json").write_text("{garbage")
+    with pytest.raises(LeptonError, match="state.json: unreadable run state"):
+        open_run(None, tmp_path / "run", resume=True)
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path):
+    from lepton.storage.checkpoint import STATE_FILE, CheckpointUnreadable, read_checkpoint
+    ck = tmp_path / "step-000000004"
+    ck.mkdir()
+    (ck / STATE_FILE).write_bytes(b"\xb4 not a checkpoint")
+    with pytest.raises(CheckpointUnreadable, match=r"step-000000004/state\.pt: unreadable checkpoint"):
+        read_checkpoint(ck)

@@ -81,8 +81,21 @@ def _to_host(obj):
     return copy.deepcopy(obj)
 
 
+class CheckpointUnreadable(Exception):
+    """A checkpoint file that exists but cannot be loaded (truncated, overwritten, another format)."""
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    return torch.load((readable_state_dir(path) or Path(path)) / STATE_FILE, map_location="cpu", weights_only=False)
+    file = (readable_state_dir(path) or Path(path)) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:      # torch.load raises pickle, zip and runtime errors alike
+        raise CheckpointUnreadable(f"{file}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointUnreadable(f"{file}: unreadable checkpoint (not a Lepton state)")
+    return state
 
 
 class AsyncCheckpointer:

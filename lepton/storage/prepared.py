@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..spec import DataSpec, JobSpec
 from .preprocess import Preprocessor, column_is_missing, looks_numeric, to_float, to_strings
 from .rundir import RunDir, atomic_write_bytes, atomic_write_json
-from .tables import detect_format, read_table
+from .tables import check_used_columns, detect_format, read_table
 
 SPLITS = ("train", "val", "test")
 
@@ -78,7 +78,9 @@ def prepare(job: JobSpec) -> PreparedData:
     if spec.target not in names:
         raise DataError(f"{src}: target column '{spec.target}' not found (columns: {', '.join(names)})")
     if spec.features == "all":
-        features = [c for c in names if c != spec.target]
+        # a line that ends with a comma gives an unnamed, empty last column: not a feature
+        features = [c for c in names if c != spec.target
+                    and (c.strip() or table.column(c).null_count < table.num_rows)]
     else:
         unknown = [c for c in spec.features if c not in names]
         if unknown:
@@ -89,6 +91,7 @@ def prepare(job: JobSpec) -> PreparedData:
         raise DataError(f"{src}: data.features lists the target column '{spec.target}'")
     if not features:
         raise DataError(f"{src}: no feature columns (the file has only the target '{spec.target}')")
+    check_used_columns(table, features + [spec.target], src)
     bad_cat = [c for c in spec.categorical if c not in features]
     if bad_cat:
         raise DataError(f"data.categorical: {', '.join(map(repr, bad_cat))} not among the feature columns")

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import DataError
+from .tables import check_used_columns
 
 # A string column where at least this fraction of values parse as numbers is a numeric column with
 # bad values (an error that names the row), not a categorical column.
@@ -208,6 +209,7 @@ class Preprocessor:
         if missing_cols:
             raise DataError(f"{source}: missing feature column(s) {', '.join(repr(c) for c in missing_cols)}"
                             f" (the model needs: {', '.join(self.feature_names)})")
+        check_used_columns(table, self.feature_names, source)
         raw = {}
         for st in self.columns:
             col = table.column(st.name)

@@ -8,6 +8,7 @@ that a crash could leave half-written is written to a temporary name and renamed
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+
+from ..errors import LeptonError
 
 
 def _umask() -> int:
@@ -137,7 +140,15 @@ class RunDir:
         return self.state_json.exists() or self.job_yaml.exists()
 
     def read_state(self) -> dict:
-        return json.loads(self.state_json.read_text()) if self.state_json.exists() else {}
+        if not self.state_json.exists():
+            return {}
+        try:
+            state = json.loads(self.state_json.read_text())
+        except (OSError, ValueError) as e:
+            raise LeptonError(f"{self.state_json}: unreadable run state ({e})") from None
+        if not isinstance(state, dict):
+            raise LeptonError(f"{self.state_json}: unreadable run state (not a JSON object)")
+        return state
 
     def read_job_dict(self) -> dict:
         return yaml.safe_load(self.job_yaml.read_text())
@@ -157,6 +168,11 @@ class RunDir:
         with open(path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
+    def lock(self) -> "RunLock":
+        """Hold the run for this process: while it lives, another coordinator on this directory is
+        refused (two would write the same state, events and checkpoints)."""
+        return RunLock(self.root / ".lock")
+
     def create_token(self, token: str | None = None) -> str:
         """The run's bearer token in ``token`` (mode 0600): the existing one on resume, else ``token``
         or a fresh random one."""
@@ -165,3 +181,26 @@ class RunDir:
         token = token or new_token()
         atomic_write_bytes(self.token_file, (token + "\n").encode(), mode=0o600)
         return token
+
+
+class RunLock:
+    """An exclusive ``flock`` on a file in the run directory, held until ``release`` or the end of the
+    process (a crash included: the kernel drops it, so a stale lock never blocks a resume)."""
+
+    def __init__(self, path: Path):
+        try:
+            self._f = open(path, "a")
+        except OSError as e:
+            raise LeptonError(f"{path.parent}: cannot write in the run directory ({e.strerror or e})") from None
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return            # a file system without locks (some NFS/FUSE): run unguarded, as before
+            self._f.close()
+            raise LeptonError(f"{path.parent}: another lepton process is running this run (wait for it to end,"
+                              " or stop it with Ctrl-C)") from None
+
+    def release(self) -> None:
+        if not self._f.closed:
+            self._f.close()          # closing the file drops the lock

@@ -55,18 +55,59 @@ def read_table(path: str, fmt: str | None = None) -> pa.Table:
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
     table = _parse(path, kind, raw)
+    try:
+        names = table.column_names
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: the header is not UTF-8 text; save the file as UTF-8") from None
     # pyarrow keeps repeated names, but then cannot look either column up by name
-    repeated = [f"'{n}' ({k} times)" for n, k in Counter(table.column_names).items() if k > 1]
+    repeated = [f"'{n}' ({k} times)" for n, k in Counter(names).items() if k > 1]
     if repeated:
         raise DataError(f"{path}: duplicate column name(s) {', '.join(repeated)}; every column needs its own name")
     return table
 
 
+def check_used_columns(table: pa.Table, columns: list[str], path: str) -> None:
+    """The columns a job or a prediction reads must have a name and hold numbers or text: pyarrow reads
+    a CSV column with a non-UTF-8 byte (and Parquet/.npz byte strings) as binary. Columns nobody reads
+    may be anything."""
+    for c in columns:
+        if not c.strip():
+            raise DataError(f"{path}: column {table.column_names.index(c) + 1} has no name in the header;"
+                            " every column the job reads needs one")
+        col = table.column(c)
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            row = next((i for i, v in enumerate(col.to_pylist()) if v is not None and not _utf8(v)), None)
+            what = f" row {row + 1}: bytes that are not UTF-8 text" if row is not None else ": bytes, not text"
+            raise DataError(f"{path}: column '{c}'{what} (a CSV must be saved as UTF-8)")
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _ragged_line(raw: bytes, delimiter: str) -> int | None:
+    """The line of the first CSV row whose field count differs from the header's (pyarrow's message
+    quotes the row but not where it is)."""
+    import csv
+    rows = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""), delimiter=delimiter)
+    width = None
+    for row in rows:
+        if width is None:
+            width = len(row)
+        elif row and len(row) != width:
+            return rows.line_num
+    return None
+
+
 def _parse(path: str, kind: str, raw: bytes) -> pa.Table:
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
     try:
         if kind == "csv":
             import pyarrow.csv as pacsv
-            delimiter = "\t" if path.lower().endswith(".tsv") else ","
             return pacsv.read_csv(
                 io.BytesIO(raw),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -76,7 +117,10 @@ def _parse(path: str, kind: str, raw: bytes) -> pa.Table:
             return pq.read_table(io.BytesIO(raw))
         return _npz_table(raw)
     except pa.ArrowInvalid as e:
-        raise DataError(f"{path}: cannot parse as {kind}: {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        line = _ragged_line(raw, delimiter) if kind == "csv" and "Expected" in msg else None
+        where = f" line {line}:" if line else ""
+        raise DataError(f"{path}:{where} cannot parse as {kind}: {msg}") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:    # the last three: a damaged .npz
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
 

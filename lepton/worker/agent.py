@@ -26,8 +26,8 @@ from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
 from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, StepPlan
 from ..spec import parse_job
-from ..storage.checkpoint import (AsyncCheckpointer, read_checkpoint, write_checkpoint, write_model,
-                                  write_state_dir)
+from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_checkpoint,
+                                  write_model, write_state_dir)
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .faults import FaultInjector
@@ -229,7 +229,7 @@ class Worker:
                     break
         except LeptonError:
             raise                                 # the coordinator is gone: nobody to tell
-        except Diverged as e:                     # the same on every rank: report it, no traceback
+        except (Diverged, CheckpointUnreadable) as e:   # a clear cause: report it, no traceback
             self._send("failed", {"error": str(e)})
             return 1
         except Exception as e:
