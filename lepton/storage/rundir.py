@@ -2,8 +2,8 @@
 
 Every path at the top of a run directory, and every folder in it, comes from ``RunDir``; the files inside
 data/, model/, checkpoints/ and logs/ are named by the one module that writes them (PreparedData, the
-checkpoint writer, the local-worker launcher). Every file
-that a crash could leave half-written is written to a temporary name and renamed (invariant 4).
+checkpoint writer, the local-worker launcher). Every file that a crash could leave half-written is
+written to a temporary name and renamed (invariant 4).
 """
 from __future__ import annotations
 
