@@ -120,7 +120,8 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
     """The runs under ``root`` (or ``root`` itself when it is one), most recently modified first."""
     root = Path(root)
     if not root.is_dir():
-        raise LeptonError(f"{root}: no such folder (give the folder that holds the run directories)")
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise LeptonError(f"{root}: {what} (give the folder that holds the run directories, or a run directory)")
     if RunDir(root).holds_run():
         dirs = [root]
     else:

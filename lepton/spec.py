@@ -46,7 +46,7 @@ class PreprocessSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    path: str = Field(description="local path or fsspec URL of a .csv, .parquet or .npz file")
+    path: str = Field(min_length=1, description="local path or fsspec URL of a .csv, .parquet or .npz file")
     target: str
     features: Union[Literal["all"], list[str]] = "all"
     categorical: list[str] = Field(default_factory=list,
@@ -399,7 +399,11 @@ def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | N
     try:
         job = JobSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(format_validation_error(e, source)) from None
+        # an error in a field that --set gave is the command line's, not the file's
+        set_keys = {o.partition("=")[0] for o in overrides or []}
+        first = _format_loc(e.errors()[0]["loc"]) if e.errors() else ""
+        hit = next((k for k in set_keys if first == k or first.startswith(k + ".") or first.startswith(k + "[")), None)
+        raise SpecError(format_validation_error(e, "--set" if hit else source)) from None
     if base_dir is not None and "://" not in job.data.path and not Path(job.data.path).is_absolute():
         # a relative data path means "next to the job file", whatever the current directory is
         job.data.path = str((base_dir / job.data.path).resolve())

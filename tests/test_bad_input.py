@@ -122,7 +122,7 @@ def test_more_workers_than_global_batch(tmp_path, csv_data):
 
 def test_bad_override(tmp_path, csv_data):
     job = _write_job(tmp_path, job_dict(csv_data))
-    _expect_error(tmp_path, job, "train.epochs", extra=("--set", "train.epochs=zero"))
+    _expect_error(tmp_path, job, "--set: train.epochs", extra=("--set", "train.epochs=zero"))
 
 
 def _snapshot(d: Path) -> dict:
@@ -346,3 +346,13 @@ def test_yaml_merge_keys_still_load(tmp_path, csv_data):
     p.write_text(text + "train:\n  <<: {epochs: 2, batch_size: 8}\n  epochs: 3\n")
     t = load_job(p).train
     assert (t.epochs, t.batch_size) == (3, 8)
+
+
+def test_an_empty_data_path_and_runs_on_a_file(tmp_path, csv_data):
+    from lepton.errors import LeptonError, SpecError
+    from lepton.runs import list_runs
+    from lepton.spec import parse_job
+    with pytest.raises(SpecError, match="data.path: String should have at least 1 character"):
+        parse_job(job_dict(""))
+    with pytest.raises(LeptonError, match="is a file, not a folder"):
+        list_runs(csv_data)
