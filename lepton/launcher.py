@@ -45,8 +45,6 @@ class OpenRun:
             self.lock.release()
 
 
-
-
 def default_run_dir(job: JobSpec) -> Path:
     return Path("runs") / f"{job.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -126,13 +124,13 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
     if run.factory_pickle.exists():
         import cloudpickle
         job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
-    cache = cache_state(run, job)
+    prepared = cache_state(run, job)
     shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
-    if cache == "missing" and shared:     # the first start ended while linking another run's data
+    if prepared == "missing" and shared:     # the first start ended while linking another run's data
         _share_prepared(_prepared_source(shared)[0], run)
-    elif cache == "missing":              # the first start ended while preparing the data
+    elif prepared == "missing":              # the first start ended while preparing the data
         prepare(job).write(run, fingerprint(job))
-    elif cache == "changed" and not shared:
+    elif prepared == "changed" and not shared:
         # resuming continues on the data the run trained on, in the same order (design §3); a
         # re-read would change the split, the steps per epoch and the samples left in this epoch
         print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
@@ -193,10 +191,10 @@ def _prepared_source(path: str | Path):
     prepared data."""
     source = RunDir(path)
     try:
-        train_rows = _manifest(source)["train_rows"]       # written last: the data is complete
-        return source, train_rows, DataCache(source).preprocessor
-    except (OSError, ValueError, KeyError):
+        manifest, cache = _readable_data(source)
+    except LeptonError:
         raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+    return source, manifest["train_rows"], cache.preprocessor
 
 
 def _share_prepared(source: RunDir, run: RunDir) -> None:
@@ -240,10 +238,11 @@ def _readable_data(run: RunDir):
     """The run's manifest and its prepared splits, every file opened once: a file deleted or damaged
     since is one line now, not a traceback from every worker."""
     try:
+        manifest = _manifest(run)              # written last: the data is complete
         cache = DataCache(run)
         for split in SPLITS:
             cache.get(split)
-        return _manifest(run), cache
+        return manifest, cache
     except (OSError, ValueError, KeyError) as e:
         raise LeptonError(f"{run.data_dir}: the prepared data is damaged ({e}); start a new run (or delete"
                           f" {run.data_dir / 'manifest.json'} to prepare it again from data.path)") from None

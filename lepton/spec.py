@@ -361,7 +361,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue          # `<<: *defaults`: merged keys may be overridden by the section's own
             key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool)) or key is None:
+            if not isinstance(key, (str, int, float, bool)):
                 continue          # an unhashable key: the base loader says so
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one section",

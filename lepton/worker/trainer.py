@@ -152,7 +152,7 @@ class Trainer:
         so every rank answers the same."""
         if not self.keep_best:
             return False
-        value = metrics.get(self.job.policies.keep_best.metric.split(".", 1)[1])
+        value = policies.metric_value(metrics, self.job.policies.keep_best.metric)
         return value is not None and self.keep_best.update(self.step, value)
 
     @property
