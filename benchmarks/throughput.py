@@ -42,10 +42,12 @@ def last_json(text: str) -> dict:
 def interleaved(runs: dict, rounds: int) -> dict[str, list[tuple]]:
     """Each callable of ``runs`` (name -> () -> (samples/s, wall s, ...)) ``rounds`` times, one of each
     per round: the machine's speed drifts over minutes, so no system is measured only in a fast or a
-    slow minute. Prints progress and, with several rounds, every round's figure."""
+    slow minute. Every other round runs them in reverse order (A B C, C B A, ...): under a steady drift
+    a system that always ran first would always see the same part of it. Prints progress and, with
+    several rounds, every round's figure."""
     got: dict[str, list[tuple]] = {name: [] for name in runs}
     for rnd in range(rounds):
-        for name, fn in runs.items():
+        for name, fn in (list(runs.items()) if rnd % 2 == 0 else list(runs.items())[::-1]):
             got[name].append(fn())
             print(f"round {rnd + 1}/{rounds} {name}: {got[name][-1][0]:,.0f} samples/s", flush=True)
     if rounds > 1:

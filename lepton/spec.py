@@ -313,22 +313,29 @@ def _allowed_fields(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, names: dict[str, str] | None = None) -> str:
+    """One line naming ``source`` and each wrong field. ``names`` renames top-level fields (the
+    command-line flags that set them, for options that did not come from a file)."""
     msgs = []
     for e in err.errors():
         loc = _format_loc(e["loc"])
+        if names and e["loc"] and e["loc"][0] in names:     # a flag's value has no inner structure
+            loc = names[e["loc"][0]]
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(e["loc"])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
             msgs.append(f"unknown field '{loc}'{hint}")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
+            # pydantic's "Input should be ..." reads as "must be ..." after the field's name
+            msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
+            if e["type"] == "missing":
+                msg = "missing (required)"
             if e["type"] == "union_tag_not_found":
                 msg = "a cnn layer needs a type: conv, maxpool, avgpool or dense"
             got = e.get("input")
             tail = f" (got {got!r})" if e["type"] != "value_error" and not isinstance(got, (dict, list)) else ""
             msgs.append(f"{loc}: {msg}{tail}" if loc else msg)
-    return f"{source}: " + "; ".join(msgs)
+    return (f"{source}: " if source else "") + "; ".join(msgs)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -347,8 +347,8 @@ def test_cli_errors(breast, tmp_path):
     expect_cli_error(run_cli("serve", tmp_path / "absent.onnx", "--bind", "127.0.0.1:0", timeout=60),
                       "absent.onnx", "no such")
     expect_cli_error(run_cli("export", run, "--format", "safetensors", "--quantize", "int8", timeout=60),
-                      "lepton export: error:", "needs format onnx")
-    expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "prune")
+                      "lepton export: error:", "needs --format onnx")
+    expect_cli_error(run_cli("export", run, "--prune", "1.5", timeout=60), "--prune: must be less than 1 (got 1.5)")
     r = run_cli("export", run, "--quantize", "int8", "--int8-method", "weights", timeout=60)
     assert r.returncode == 2 and "--int8-method: invalid choice" in r.stderr.splitlines()[-1], r.stderr
     expect_cli_error(run_cli("export", tmp_path, timeout=60), "no trained model")
@@ -369,7 +369,14 @@ def test_export_options_that_refine_another(breast, capsys):
     run, _ = breast
     cases = [(["--int8-method", "dynamic"], "--int8-method dynamic applies only with --quantize int8"),
              (["--quantize", "fp16", "--int8-method", "static"], "--int8-method static applies only with --quantize"),
-             (["--prune-scope", "layer"], "--prune-scope layer applies only with --prune")]
+             (["--prune-scope", "layer"], "--prune-scope layer applies only with --prune"),
+             # the errors name the flags, not the job keys they set
+             (["--finetune-workers", "2"], "--finetune-workers applies to a fine-tune: give --finetune-epochs too"),
+             (["--finetune-epochs", "1"], "--finetune-epochs fine-tunes a pruned model: give --prune too"),
+             (["--prune", "0.5", "--finetune-epochs", "1", "--finetune-workers", "0"],
+              "--finetune-workers: must be greater than 0 (got 0)"),
+             (["--format", "onnx,xyz"], "--format: must be 'onnx', 'torchscript' or 'safetensors' (got 'xyz')"),
+             (["--format", ","], "--format: give at least one of onnx, torchscript, safetensors")]
     for args, needle in cases:
         assert main(["export", str(run), *args, "--latency-runs", "0"]) == 2, args
         err = capsys.readouterr().err

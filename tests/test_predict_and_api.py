@@ -357,3 +357,26 @@ def test_predictions_never_overwrite_the_model(trained, tmp_path):
     assert check_output(run / "predictions.csv", str(csv_data), model_path=run) == run / "predictions.csv"
     r = run_cli("predict", run, "--input", csv_data, "--output", run / "model" / "weights.safetensors")
     expect_cli_error(r, "is among the model's files")
+
+
+def test_a_categorical_column_keeps_its_categories_whatever_the_prediction_file_holds(tmp_path):
+    """A prediction file whose categorical column holds only ``true``/``false`` (or only digits) is
+    typed bool (int) by the CSV reader; read that way its values no longer spell the fitted categories
+    ('True', 1234 for 'true', '01234') and every row encoded as an unseen category, silently."""
+    g = np.random.default_rng(0)
+    flags, codes = ["true", "false", "maybe"], ["01234", "x7", "00042"]
+    lines = ["a,flag,code,label"]
+    for _ in range(240):
+        f, c = g.integers(3), g.integers(3)
+        lines.append(f"{g.normal():.4f},{flags[f]},{codes[c]},{'yes' if f == 0 or c == 0 else 'no'}")
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join(lines) + "\n")
+    res = lepton.train(job_dict(data, train__epochs=8, cluster__workers=1), workers=1, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    mixed, narrow = tmp_path / "mixed.csv", tmp_path / "narrow.csv"
+    mixed.write_text("a,flag,code\n0.1,true,01234\n0.2,false,00042\n0.3,maybe,x7\n")
+    narrow.write_text("a,flag,code\n0.1,true,01234\n0.2,false,00042\n")     # typed bool and int by inference
+    predictor = lepton.load(res.run_dir)
+    want, got = predictor.predict_file(str(mixed)), predictor.predict_file(str(narrow))
+    np.testing.assert_array_equal(got["probabilities"], want["probabilities"][:2])
+    assert got["prediction"] == ["yes", "no"]

@@ -64,12 +64,23 @@ def cmd_export(a) -> int:
                           f" (got {'--quantize ' + a.quantize if a.quantize else 'no --quantize'})")
     if a.prune_scope is not None and a.prune is None:
         raise LeptonError(f"--prune-scope {a.prune_scope} applies only with --prune AMOUNT")
-    raw = {"format": ",".join(a.format) if a.format else "onnx", "quantize": a.quantize,
+    # the rules that tie options together, worded with the flags (ExportSpec words them as job keys)
+    if a.finetune_epochs and a.prune is None:
+        raise LeptonError("--finetune-epochs fine-tunes a pruned model: give --prune too (e.g. --prune 0.5)")
+    if a.finetune_workers is not None and not a.finetune_epochs:
+        raise LeptonError("--finetune-workers applies to a fine-tune: give --finetune-epochs too")
+    formats = [f.strip() for f in ",".join(a.format or ["onnx"]).split(",") if f.strip()]
+    if not formats:
+        raise LeptonError("--format: give at least one of onnx, torchscript, safetensors")
+    if a.quantize == "int8" and set(formats) != {"onnx"}:
+        raise LeptonError(f"--quantize int8 is done by ONNX Runtime quantization and needs --format onnx (got"
+                          f" {', '.join(dict.fromkeys(formats))}); torchscript and safetensors take fp16 or bf16")
+    raw = {"format": formats, "quantize": a.quantize,
            "int8_method": a.int8_method or "auto", "prune": a.prune,
            "prune_scope": a.prune_scope or "global", "finetune_epochs": a.finetune_epochs,
            "finetune_workers": a.finetune_workers,
            "latency_runs": a.latency_runs}
-    spec = as_spec(raw, source="options")
+    spec = as_spec(raw, source="", names={k: "--" + k.replace("_", "-") for k in raw})
 
     def log(msg: str) -> None:
         console.print(msg, markup=False, highlight=False)

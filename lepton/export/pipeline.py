@@ -43,7 +43,8 @@ CALIBRATION_ROWS = 512        # static int8: rows whose activation ranges set th
 Log = Callable[[str], None]
 
 
-def as_spec(spec: ExportSpec | dict | None, source: str = "export") -> ExportSpec:
+def as_spec(spec: ExportSpec | dict | None, source: str = "export", names: dict[str, str] | None = None) -> ExportSpec:
+    """``names``: how the caller calls the fields (``lepton export``'s flags), for the error line."""
     if spec is None:
         return ExportSpec()
     if isinstance(spec, ExportSpec):
@@ -52,7 +53,7 @@ def as_spec(spec: ExportSpec | dict | None, source: str = "export") -> ExportSpe
         return ExportSpec.model_validate(spec)
     except ValidationError as e:
         from ..spec import format_validation_error
-        raise SpecError(format_validation_error(e, source)) from None
+        raise SpecError(format_validation_error(e, source, names)) from None
 
 
 def _eval_split(run: RunDir) -> tuple[str, np.ndarray, np.ndarray]:
