@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -115,15 +116,21 @@ def main() -> None:
     print(f"\nspeeds at equal shares (balance off)     {speeds} samples/s (last round)")
     # the ideal gain of every round's speeds, median: one round's figure moves with the machine as much
     # as the throughput does
-    ideals = [sum(v) / (len(v) * min(v)) if all(v) else float("nan")
+    # a round whose balance-off run reported no speed for some worker has no ideal (nan, left out)
+    ideals = [sum(v) / (len(v) * min(v)) if all(v) else math.nan
               for v in ([m["speed"] for m in r[2]["members"]] for r in got["lepton balance=off"])]
     # each round's gain over its own ideal (the speeds of that round's balance-off run)
-    shares = [(r - 1) / (i - 1) for r, i in zip(vs_off, ideals) if i > 1]
-    print(f"ideal gain sum(speed)/(K*min speed)      {median(ideals):5.2f}  (per round: "
-          + ", ".join(f"{x:.2f}" for x in ideals) + ")")
-    if shares:
-        print(f"achieved share of the ideal gain         {median(shares):5.2f}  [>= 0.75]  (per round: "
-              + ", ".join(f"{x:.2f}" for x in shares) + ")")
+    shares = [(r - 1) / (i - 1) if i > 1 else math.nan for r, i in zip(vs_off, ideals)]
+    known = [i for i in ideals if not math.isnan(i)]
+    if known:
+        ideal = median(known)
+        print(f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}  (median; per round: "
+              + ", ".join(f"{x:.2f}" for x in ideals) + ")")
+        paired = [x for x in shares if not math.isnan(x)]
+        if paired and ideal > 1:
+            print(f"achieved share of the ideal gain         {median(paired):5.2f}  [>= 0.75]  (median of rounds;"
+                  f" from the medians {(on / off - 1) / (ideal - 1):.2f}; per round: "
+                  + ", ".join(f"{x:.2f}" for x in shares) + ")")
     print(f"balanced run: {len(plans)} plan(s), applied from steps {[p['step'] for p in plans]}; final shares "
           f"{[m['share'] for m in final]}, step cost {[m['fixed_ms'] for m in final]} ms + n x "
           f"{[m['per_sample_us'] for m in final]} us of processor time, capacities {[m['capacity'] for m in final]}")

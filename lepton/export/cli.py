@@ -65,9 +65,10 @@ def cmd_export(a) -> int:
     if a.prune_scope is not None and a.prune is None:
         raise LeptonError(f"--prune-scope {a.prune_scope} applies only with --prune AMOUNT")
     # the rules that tie options together, worded with the flags (ExportSpec words them as job keys)
-    if a.finetune_epochs and a.prune is None:
+    # (a value out of range is left to the spec's check, which names it)
+    if a.finetune_epochs > 0 and a.prune is None:
         raise LeptonError("--finetune-epochs fine-tunes a pruned model: give --prune too (e.g. --prune 0.5)")
-    if a.finetune_workers is not None and not a.finetune_epochs:
+    if (a.finetune_workers or 0) > 0 and a.finetune_epochs == 0:
         raise LeptonError("--finetune-workers applies to a fine-tune: give --finetune-epochs too")
     formats = [f.strip() for f in ",".join(a.format or ["onnx"]).split(",") if f.strip()]
     if not formats:

@@ -105,6 +105,10 @@ class ColumnStats:
     categories: list[str] = field(default_factory=list)
     center: float = 0.0
     scale: float = 1.0
+    # categorical, from a CSV: the categories are the values as written (the column was read as text),
+    # so prediction files must be read that way too. False for runs prepared before it was so, whose
+    # categories are the text of pyarrow's typed values ('True' for true, '1234' for 01234).
+    as_text: bool = False
 
     @property
     def width(self) -> int:
@@ -125,11 +129,12 @@ class Preprocessor:
     @classmethod
     def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], y_train: np.ndarray, *,
             target: str, task: str, classes: list[Any] | None, missing: str, normalize: str,
-            shape: list[int] | None) -> "Preprocessor":
-        """``raw`` holds the training split's columns (float64 with NaN / object with None)."""
+            shape: list[int] | None, as_text: bool = False) -> "Preprocessor":
+        """``raw`` holds the training split's columns (float64 with NaN / object with None);
+        ``as_text``: its categorical columns were read as text (``ColumnStats.as_text``)."""
         stats = []
         for name, values in raw.items():
-            st = ColumnStats(name, kinds[name])
+            st = ColumnStats(name, kinds[name], as_text=as_text and kinds[name] == "categorical")
             if st.kind == "numeric":
                 present = values[~np.isnan(values)]
                 if missing in ("mean", "median", "most_frequent") and present.size:
