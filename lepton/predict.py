@@ -150,8 +150,7 @@ class Predictor:
 
     def predict_file(self, path: str) -> dict:
         kind = detect_format(path, hint=INPUT_NAMES)
-        as_text = [c.name for c in self.preprocessor.columns if c.as_text]
-        return self.predict_table(read_table(path, kind, strings=as_text), path, kind == "csv")
+        return self.predict_table(read_table(path, kind), path, kind == "csv")
 
     def predict_rows(self, rows: list[dict]) -> dict:
         """Raw rows ``[{column: value}, ...]``; a bad value is an error naming ``rows[i].column``."""

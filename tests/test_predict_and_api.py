@@ -359,59 +359,52 @@ def test_predictions_never_overwrite_the_model(trained, tmp_path):
     expect_cli_error(r, "is among the model's files")
 
 
-def test_a_categorical_column_keeps_its_categories_whatever_the_prediction_file_holds(tmp_path):
-    """Categories are the values as written in the training CSV, and prediction files are read the
-    same way. Typed by inference instead, a prediction file whose column held only true/false (or only
-    digits) gave 'True' (1234 for 01234) and every row encoded as an unseen category, silently; and a
-    declared categorical column of digits lost its leading zeros in training."""
-    from lepton.storage.tables import read_table
+def test_a_categorical_value_finds_its_category_in_any_spelling_or_type(tmp_path):
+    """A prediction file's columns are typed by its own values: one whose categorical column holds only
+    true/false (only digits) reads as bool (int) where the training file held other words too, and
+    Parquet or Python rows carry typed values. Matched on the text alone, such rows encoded as unseen
+    categories, all zeros, silently ('True' for a category 'true', 1234 for '01234')."""
+    from datetime import datetime
+    import pyarrow.parquet as pq
     g = np.random.default_rng(0)
-    flags, codes, stamps = ["true", "false", "maybe"], ["01234", "00042"], ["2024-01-01T10:00:00", "2024-02-01T10:00:00"]
+    flags, codes, stamps = ["true", "false", "maybe"], ["01234", "x7", "00042"], ["2024-01-01T10:00:00", "2024-02-01T10:00:00"]
     lines = ["a,flag,code,b,ts,label"]
     for _ in range(240):
-        f, c, b, t = g.integers(3), g.integers(2), g.integers(2), g.integers(2)
+        f, c, b, t = g.integers(3), g.integers(3), g.integers(2), g.integers(2)
         lines.append(f"{g.normal():.4f},{flags[f]},{codes[c]},{['true', 'false'][b]},{stamps[t]},"
                      f"{'yes' if f == 0 or c == 0 else 'no'}")
     data = tmp_path / "data.csv"
     data.write_text("\n".join(lines) + "\n")
     job = job_dict(data, train__epochs=8, cluster__workers=1)
-    job["data"]["categorical"] = ["code", "b"]        # typed int and bool by inference
+    job["data"]["categorical"] = ["b"]               # typed bool in training: categories 'False', 'True'
     res = lepton.train(job, workers=1, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
-    cats = {c.name: c.categories for c in lepton.load(res.run_dir).preprocessor.columns if c.kind == "categorical"}
-    assert cats == {"flag": ["false", "maybe", "true"], "code": ["00042", "01234"], "b": ["false", "true"],
-                    "ts": stamps}
+    predictor = lepton.load(res.run_dir)
+    pre = predictor.preprocessor
+    assert {c.name: c.categories for c in pre.columns if c.kind == "categorical"} == {
+        "flag": ["false", "maybe", "true"], "code": ["00042", "01234", "x7"], "b": ["False", "True"],
+        "ts": ["2024-01-01 10:00:00", "2024-02-01 10:00:00"]}
 
     mixed, narrow = tmp_path / "mixed.csv", tmp_path / "narrow.csv"
     rows = "0.1,true,01234,true,2024-01-01T10:00:00\n0.2,false,00042,false,2024-02-01T10:00:00\n"
-    mixed.write_text("a,flag,code,b,ts\n" + rows + "0.3,maybe,00042,true,2024-01-01T10:00:00\n")
-    narrow.write_text("a,flag,code,b,ts\n" + rows)   # every column typed by inference here
+    mixed.write_text("a,flag,code,b,ts\n" + rows + "0.3,maybe,x7,true,2024-01-01T10:00:00\n")
+    narrow.write_text("a,flag,code,b,ts\n" + rows)   # here flag and b read as bool, code as int
+    pq.write_table(pacsv.read_csv(narrow), tmp_path / "narrow.parquet")
 
-    def one_hot_blocks_filled(predictor, path) -> bool:
-        pre = predictor.preprocessor
-        x = pre.read_features(read_table(str(path), strings=[c.name for c in pre.columns if c.as_text]), "t", True)
+    def filled(x) -> bool:       # every categorical block of every row holds its one 1
         return all((x[:, j:j + c.width].sum(1) == 1).all() for c, j in zip(pre.columns, pre.offsets)
                    if c.kind == "categorical")
 
-    predictor = lepton.load(res.run_dir)
-    assert one_hot_blocks_filled(predictor, narrow) and one_hot_blocks_filled(predictor, mixed)
-    want, got = predictor.predict_file(str(mixed)), predictor.predict_file(str(narrow))
-    np.testing.assert_array_equal(got["probabilities"], want["probabilities"][:2])
-    assert got["prediction"] == ["yes", "no"]
-
-    # a run prepared before categories were read as text (no as_text; typed categories) predicts as it
-    # did: prediction files typed by inference (the mixed file, whose flag column stays text)
-    meta_path = res.run_dir / "model" / "lepton.json"
-    meta = json.loads(meta_path.read_text())
-    # (in the positions the weights were trained with: the typed spelling of each new category)
-    typed = {"flag": ["false", "maybe", "true"], "code": ["42", "1234"], "b": ["False", "True"],
-             "ts": ["2024-01-01 10:00:00", "2024-02-01 10:00:00"]}
-    for c in meta["preprocess"]["columns"]:
-        c.pop("as_text")
-        if c["kind"] == "categorical":
-            c["categories"] = typed[c["name"]]
-    meta_path.write_text(json.dumps(meta))
-    old = lepton.load(res.run_dir)
-    assert not any(c.as_text for c in old.preprocessor.columns)
-    assert one_hot_blocks_filled(old, mixed)
-    np.testing.assert_array_equal(old.predict_file(str(mixed))["probabilities"], want["probabilities"])
+    assert filled(pre.read_features(pacsv.read_csv(narrow), "narrow", True))
+    want = predictor.predict_file(str(mixed))["probabilities"][:2]
+    for source in (narrow, tmp_path / "narrow.parquet"):
+        np.testing.assert_array_equal(predictor.predict_file(str(source))["probabilities"], want)
+    typed = [{"a": 0.1, "flag": True, "code": 1234, "b": True, "ts": datetime(2024, 1, 1, 10)},
+             {"a": 0.2, "flag": False, "code": 42, "b": False, "ts": datetime(2024, 2, 1, 10)}]
+    np.testing.assert_array_equal(predictor.predict_rows(typed)["probabilities"], want)
+    assert predictor.predict_file(str(narrow))["prediction"] == ["yes", "no"]
+    # lepton serve's JSON rows: booleans and numbers for categorical columns, as parsed from the body
+    from lepton.export.serve import parse_body, predict_response, rows_to_table
+    body = json.dumps({"rows": [{"a": 0.1, "flag": True, "code": 1234, "b": "TRUE", "ts": "2024-01-01 10:00:00"}]})
+    answer = predict_response(predictor, rows_to_table(parse_body(body.encode()), predictor))
+    np.testing.assert_allclose(answer["probabilities"][0], want[0], rtol=1e-6)

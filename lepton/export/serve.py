@@ -115,8 +115,9 @@ def rows_to_table(doc, predictor: Predictor) -> pa.Table:
                                             " beyond float64 (|x| > 1.8e308)")
                 cols[st.name].append(f)
             else:
-                if v is not None and not (isinstance(v, str) or _number(v)):
-                    raise RequestError(422, f"rows[{i}].{st.name}: expected a string or number, got {v!r}")
+                # a JSON true matches a category 'true' or 'True' (ColumnStats.category_index)
+                if v is not None and not (isinstance(v, (str, bool)) or _number(v)):
+                    raise RequestError(422, f"rows[{i}].{st.name}: expected a string, number or boolean, got {v!r}")
                 cols[st.name].append(None if v is None else str(v))
     return pa.table({st.name: pa.array(cols[st.name], type=pa.float64() if st.kind == "numeric" else pa.string())
                      for st in pre.columns})

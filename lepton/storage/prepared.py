@@ -11,9 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-
 import numpy as np
-import pyarrow as pa
 
 from ..errors import DataError
 from ..spec import DataSpec, JobSpec
@@ -75,9 +73,7 @@ def prepare(job: JobSpec) -> PreparedData:
     spec: DataSpec = job.data
     src = spec.path
     csv = detect_format(src, spec.format) == "csv"
-    # a CSV's categorical columns are read as text: their categories are the values as written, which
-    # is how any prediction file spells them (typed, a column of only true/false would give 'True')
-    table = read_table(src, spec.format, strings=spec.categorical if csv else ())
+    table = read_table(src, spec.format)
     names = table.column_names
     if spec.target not in names:
         raise DataError(f"{src}: target column '{spec.target}' not found (columns: {', '.join(names)})")
@@ -103,10 +99,6 @@ def prepare(job: JobSpec) -> PreparedData:
     # --- typing ----------------------------------------------------------------------------------
     kinds = {c: "categorical" if c in spec.categorical or not looks_numeric(table.column(c)) else "numeric"
              for c in features}
-    typed = [c for c in features if kinds[c] == "categorical"
-             and not (pa.types.is_string(table.column(c).type) or pa.types.is_large_string(table.column(c).type))]
-    if csv and typed:             # e.g. timestamps, which pyarrow parses: read those as text too
-        table = read_table(src, spec.format, strings=[*spec.categorical, *typed])
     raw = {c: to_float(table.column(c), c, src, csv) if kinds[c] == "numeric" else to_strings(table.column(c))
            for c in features}
     tcol = table.column(spec.target)
@@ -167,7 +159,7 @@ def prepare(job: JobSpec) -> PreparedData:
     pre = Preprocessor.fit({c: raw[c][parts["train"]] for c in features}, kinds, y_raw[parts["train"]],
                            target=spec.target, task=job.task, classes=classes,
                            missing=spec.preprocess.missing, normalize=spec.preprocess.normalize,
-                           shape=spec.shape, as_text=csv)
+                           shape=spec.shape)
     if spec.shape and int(np.prod(spec.shape)) != pre.num_features:
         raise DataError(f"data.shape {spec.shape} holds {int(np.prod(spec.shape))} values but the data has"
                         f" {pre.num_features} features")

@@ -7,6 +7,7 @@ a model always sees its inputs transformed exactly as in training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, time as dtime
 from itertools import accumulate
 from typing import Any
 
@@ -105,14 +106,59 @@ class ColumnStats:
     categories: list[str] = field(default_factory=list)
     center: float = 0.0
     scale: float = 1.0
-    # categorical, from a CSV: the categories are the values as written (the column was read as text),
-    # so prediction files must be read that way too. False for runs prepared before it was so, whose
-    # categories are the text of pyarrow's typed values ('True' for true, '1234' for 01234).
-    as_text: bool = False
 
     @property
     def width(self) -> int:
         return len(self.categories) if self.kind == "categorical" else 1
+
+    def category_index(self, value: str) -> int | None:
+        """The position of ``value`` among the categories: the same text, or else the same value in
+        another spelling (``category_key``), or None for a category unseen in training. Why: a CSV
+        column's categories are pyarrow's text of what it typed (``True`` for ``true``, ``1234`` for
+        ``01234``), or the text as written where it typed the column as text, and a prediction file's
+        column is typed by its own values. A file of only ``true``/``false`` (or only digits) reads as
+        bool (int) where the training file held some other word, and Parquet or JSON rows carry typed
+        values: matching the text alone encoded such rows as unseen, all zeros, silently."""
+        if self._index is None:
+            self._index = {c: i for i, c in enumerate(self.categories)}
+            keys: dict = {}
+            for i, c in enumerate(self.categories):
+                k = category_key(c)
+                if k is not None:
+                    keys[k] = None if keys.get(k, i) != i else i    # two spellings of one value: neither
+            self._keys = keys
+        i = self._index.get(value)
+        if i is None:
+            k = category_key(value)
+            i = self._keys.get(k) if k is not None else None
+        return i
+
+    def __post_init__(self):
+        self._index: dict | None = None     # built on first use (the categories are set after fitting)
+        self._keys: dict = {}
+
+
+_TRUE, _FALSE = {"true", "True", "TRUE"}, {"false", "False", "FALSE"}    # pyarrow's CSV spellings
+
+
+def category_key(text: str):
+    """The value a category's text stands for, in a form that compares across spellings: a boolean, a
+    number (``01234`` = ``1234`` = ``1234.0``), or a date/time (``2024-01-01T10:00:00`` = pyarrow's
+    ``2024-01-01 10:00:00``); None for other text, which matches only itself."""
+    t = text.strip()
+    if t in _TRUE or t in _FALSE:
+        return ("bool", t in _TRUE)
+    try:
+        x = float(t)
+        return ("number", x) if x == x else None          # NaN equals nothing
+    except ValueError:
+        pass
+    for kind, parse in (("time", datetime.fromisoformat), ("clock", dtime.fromisoformat)):
+        try:
+            return (kind, parse(t))
+        except ValueError:
+            pass
+    return None
 
 
 @dataclass
@@ -129,12 +175,11 @@ class Preprocessor:
     @classmethod
     def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], y_train: np.ndarray, *,
             target: str, task: str, classes: list[Any] | None, missing: str, normalize: str,
-            shape: list[int] | None, as_text: bool = False) -> "Preprocessor":
-        """``raw`` holds the training split's columns (float64 with NaN / object with None);
-        ``as_text``: its categorical columns were read as text (``ColumnStats.as_text``)."""
+            shape: list[int] | None) -> "Preprocessor":
+        """``raw`` holds the training split's columns (float64 with NaN / object with None)."""
         stats = []
         for name, values in raw.items():
-            st = ColumnStats(name, kinds[name], as_text=as_text and kinds[name] == "categorical")
+            st = ColumnStats(name, kinds[name])
             if st.kind == "numeric":
                 present = values[~np.isnan(values)]
                 if missing in ("mean", "median", "most_frequent") and present.size:
@@ -191,11 +236,10 @@ class Preprocessor:
                     out[:, j] = (v - st.center) / st.scale
                 j += 1
             else:
-                index = {c: i for i, c in enumerate(st.categories)}
                 onehot = np.zeros((n, st.width), dtype=np.float32)
                 for r, s in enumerate(v):
                     s = st.fill if s is None else s
-                    k = index.get(s)
+                    k = None if s is None else st.category_index(s)
                     if k is not None:       # a category unseen in training encodes as all zeros
                         onehot[r, k] = 1.0
                 out[:, j:j + st.width] = onehot
@@ -254,7 +298,7 @@ class Preprocessor:
     # --- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"target": self.target, "task": self.task, "classes": self.classes, "shape": self.shape,
-                "columns": [vars(c) for c in self.columns]}
+                "columns": [{k: v for k, v in vars(c).items() if not k.startswith("_")} for c in self.columns]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessor":

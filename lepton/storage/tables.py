@@ -9,7 +9,6 @@ import io
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -51,15 +50,11 @@ def _open_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot open: {e}") from None
 
 
-def read_table(path: str, fmt: str | None = None, strings: Sequence[str] = ()) -> pa.Table:
-    """Read the whole file; raises ``DataError`` naming the file for anything unreadable.
-
-    ``strings``: CSV columns to read as text whatever they look like. A fitted categorical column
-    must be: a prediction file whose column happens to hold only ``true``/``false`` (or only digits)
-    would otherwise be typed bool (or int), and its values would no longer spell the categories."""
+def read_table(path: str, fmt: str | None = None) -> pa.Table:
+    """Read the whole file; raises ``DataError`` naming the file for anything unreadable."""
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
-    table = _parse(path, kind, raw, strings)
+    table = _parse(path, kind, raw)
     try:
         names = table.column_names
     except UnicodeDecodeError:
@@ -108,7 +103,7 @@ def _ragged_line(raw: bytes, delimiter: str) -> int | None:
     return None
 
 
-def _parse(path: str, kind: str, raw: bytes, strings: Sequence[str] = ()) -> pa.Table:
+def _parse(path: str, kind: str, raw: bytes) -> pa.Table:
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     try:
         if kind == "csv":
@@ -116,8 +111,7 @@ def _parse(path: str, kind: str, raw: bytes, strings: Sequence[str] = ()) -> pa.
             return pacsv.read_csv(
                 io.BytesIO(raw),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
-                                                     column_types={c: pa.string() for c in strings}))
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         if kind == "parquet":
             import pyarrow.parquet as pq
             return pq.read_table(io.BytesIO(raw))
