@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, time as dtime
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
@@ -119,14 +121,14 @@ class ColumnStats:
         column is typed by its own values. A file of only ``true``/``false`` (or only digits) reads as
         bool (int) where the training file held some other word, and Parquet or JSON rows carry typed
         values: matching the text alone encoded such rows as unseen, all zeros, silently."""
-        if self._index is None:
-            self._index = {c: i for i, c in enumerate(self.categories)}
+        if self._index is None:       # both built before either is published: serve's threads share it
             keys: dict = {}
             for i, c in enumerate(self.categories):
                 k = category_key(c)
                 if k is not None:
                     keys[k] = None if keys.get(k, i) != i else i    # two spellings of one value: neither
             self._keys = keys
+            self._index = {c: i for i, c in enumerate(self.categories)}
         i = self._index.get(value)
         if i is None:
             k = category_key(value)
@@ -141,17 +143,18 @@ class ColumnStats:
 _TRUE, _FALSE = {"true", "True", "TRUE"}, {"false", "False", "FALSE"}    # pyarrow's CSV spellings
 
 
+@lru_cache(maxsize=1 << 16)       # a column's unseen values repeat: parse each once
 def category_key(text: str):
     """The value a category's text stands for, in a form that compares across spellings: a boolean, a
-    number (``01234`` = ``1234`` = ``1234.0``), or a date/time (``2024-01-01T10:00:00`` = pyarrow's
+    number (``01234`` = ``1234`` = ``1234.0``, exactly), or a date/time (``2024-01-01T10:00:00`` = pyarrow's
     ``2024-01-01 10:00:00``); None for other text, which matches only itself."""
     t = text.strip()
     if t in _TRUE or t in _FALSE:
         return ("bool", t in _TRUE)
-    try:
-        x = float(t)
-        return ("number", x) if x == x else None          # NaN equals nothing
-    except ValueError:
+    try:      # exact: a long identifier (12345678901234567) must not meet its float64 neighbours
+        x = Decimal(t)
+        return ("number", x) if x.is_finite() else None
+    except InvalidOperation:
         pass
     for kind, parse in (("time", datetime.fromisoformat), ("clock", dtime.fromisoformat)):
         try:
