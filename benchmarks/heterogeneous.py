@@ -102,6 +102,9 @@ def main() -> None:
     vs_base = [x[0] / y[0] for x, y in zip(got["lepton balance=on"], got["torchrun+DDP PIN=0,1,1"])]
     print("balanced / balance off per round: " + ", ".join(f"{x:.2f}" for x in vs_off))
     print("balanced / baseline per round:    " + ", ".join(f"{x:.2f}" for x in vs_base))
+    # where each balanced round settled: a round that ran slow at the usual shares was the machine's
+    print("balanced final share of the worker alone on core 0 per round: "
+          + ", ".join(f"{r[2]['members'][0]['share']:.3f}" for r in got["lepton balance=on"]))
 
     print(f"\n{'run':<26}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
     for name, (sps, wall) in results.items():
