@@ -408,3 +408,17 @@ def test_a_categorical_value_finds_its_category_in_any_spelling_or_type(tmp_path
     body = json.dumps({"rows": [{"a": 0.1, "flag": True, "code": 1234, "b": "TRUE", "ts": "2024-01-01 10:00:00"}]})
     answer = predict_response(predictor, rows_to_table(parse_body(body.encode()), predictor))
     np.testing.assert_allclose(answer["probabilities"][0], want[0], rtol=1e-6)
+
+
+def test_nanosecond_timestamps_are_categories_not_a_traceback(tmp_path):
+    """pyarrow types a column of nanosecond timestamps timestamp[ns], which has no Python datetime
+    without pandas: typing and encoding it used to end in a ValueError traceback."""
+    data = tmp_path / "d.csv"
+    stamps = ["2024-01-01T10:00:00.123456789", "2024-01-02T10:00:00.123456789"]
+    data.write_text("a,ts,label\n" + "".join(f"{i / 10},{stamps[i % 2]},{'xy'[i % 2]}\n" for i in range(40)))
+    res = lepton.train(job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    predictor = lepton.load(res.run_dir)
+    ts = next(c for c in predictor.preprocessor.columns if c.name == "ts")
+    assert ts.kind == "categorical" and ts.categories == [s.replace("T", " ") for s in stamps]
+    assert len(predictor.predict_file(str(data))["prediction"]) == 40

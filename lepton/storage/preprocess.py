@@ -62,6 +62,8 @@ def _parse_float(v: Any) -> float | None:
 def looks_numeric(col: pa.ChunkedArray) -> bool:
     if _is_numeric_type(col.type):
         return True
+    if pa.types.is_temporal(col.type):      # dates and times: categories
+        return False
     values = [v for v in col.to_pylist() if v is not None]
     if not values:
         return True
@@ -97,7 +99,12 @@ def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndar
 
 def to_strings(col: pa.ChunkedArray) -> np.ndarray:
     """Object array of str with None for missing (ints in a categorical column become their text)."""
-    return np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
+    try:
+        values = col.to_pylist()
+    except ValueError:
+        # nanosecond times have no Python value without pandas: pyarrow's own text of them
+        values = col.cast(pa.string()).to_pylist()
+    return np.array([None if v is None else str(v) for v in values], dtype=object)
 
 
 @dataclass
