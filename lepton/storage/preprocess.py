@@ -133,7 +133,7 @@ class ColumnStats:
             for i, c in enumerate(self.categories):
                 k = category_key(c)
                 if k is not None:
-                    keys[k] = None if keys.get(k, i) != i else i    # two spellings of one value: neither
+                    keys[k] = None if k in keys else i    # two spellings of one value: neither matches
             self._keys = keys
             self._index = {c: i for i, c in enumerate(self.categories)}
         i = self._index.get(value)
@@ -247,9 +247,10 @@ class Preprocessor:
                 j += 1
             else:
                 onehot = np.zeros((n, st.width), dtype=np.float32)
+                find = st.category_index
                 for r, s in enumerate(v):
                     s = st.fill if s is None else s
-                    k = None if s is None else st.category_index(s)
+                    k = None if s is None else find(s)
                     if k is not None:       # a category unseen in training encodes as all zeros
                         onehot[r, k] = 1.0
                 out[:, j:j + st.width] = onehot
