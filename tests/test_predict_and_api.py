@@ -410,6 +410,17 @@ def test_a_categorical_value_finds_its_category_in_any_spelling_or_type(tmp_path
     np.testing.assert_allclose(answer["probabilities"][0], want[0], rtol=1e-6)
 
 
+def test_a_float32_value_finds_its_decimal_category():
+    """A Parquet float32 0.1 read through Python floats is 0.10000000149011612, which matched no
+    category '0.1' (the row encoded as unseen, all zeros); float16 likewise."""
+    from lepton.storage.preprocess import ColumnStats, Preprocessor
+    pre = Preprocessor([ColumnStats("rate", "categorical", categories=["0.1", "2.5", "3", "high"])],
+                       "y", "classification", ["n", "y"])
+    for dtype in (pa.float32(), pa.float16(), pa.float64()):
+        table = pa.table({"rate": pa.array([0.1, 2.5, 3.0], dtype)})
+        np.testing.assert_array_equal(pre.read_features(table, "t.parquet", False), np.eye(4)[:3])
+
+
 def test_nanosecond_timestamps_are_categories_not_a_traceback(tmp_path):
     """pyarrow types a column of nanosecond timestamps timestamp[ns], which has no Python datetime
     without pandas: typing and encoding it used to end in a ValueError traceback."""

@@ -99,6 +99,11 @@ def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndar
 
 def to_strings(col: pa.ChunkedArray) -> np.ndarray:
     """Object array of str with None for missing (ints in a categorical column become their text)."""
+    if pa.types.is_floating(col.type) and col.type.bit_width < 64:
+        # a float32 0.1 is 0.10000000149011612 as a Python float, which matches no category '0.1':
+        # numpy writes each value at its own precision
+        nums, missing = col.to_numpy(zero_copy_only=False), col.is_null().to_numpy(zero_copy_only=False)
+        return np.array([None if m else str(v) for v, m in zip(nums, missing)], dtype=object)
     try:
         values = col.to_pylist()
     except ValueError:
