@@ -150,7 +150,8 @@ class Predictor:
 
     def predict_file(self, path: str) -> dict:
         kind = detect_format(path, hint=INPUT_NAMES)
-        return self.predict_table(read_table(path, kind), path, kind == "csv")
+        categorical = [c.name for c in self.preprocessor.columns if c.kind == "categorical"]
+        return self.predict_table(read_table(path, kind, categorical), path, kind == "csv")
 
     def predict_rows(self, rows: list[dict]) -> dict:
         """Raw rows ``[{column: value}, ...]``; a bad value is an error naming ``rows[i].column``."""

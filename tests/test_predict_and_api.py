@@ -18,6 +18,7 @@ from conftest import expect_cli_error, job_dict, make_classification_csv, run_cl
 from lepton.errors import DataError, LeptonError
 from lepton.export.artifacts import ArtifactPredictor
 from lepton.predict import Predictor
+from lepton.storage.tables import read_table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -419,6 +420,30 @@ def test_a_float32_value_finds_its_decimal_category():
     for dtype in (pa.float32(), pa.float16(), pa.float64()):
         table = pa.table({"rate": pa.array([0.1, 2.5, 3.0], dtype)})
         np.testing.assert_array_equal(pre.read_features(table, "t.parquet", False), np.eye(4)[:3])
+
+
+def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
+    """pyarrow types a CSV column of 20-digit numbers (hashed uint64 IDs) float64, which keeps 17
+    digits: IDs that differ in the last ones became one category in training and prediction."""
+    ids = ["12345678901234567890", "12345678901234567891", "12345678901234567892"]
+    data = tmp_path / "d.csv"
+    data.write_text("a,user,label\n" + "".join(f"{i / 10},{ids[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60)))
+    job = job_dict(data, train__epochs=2, cluster__workers=1)
+    job["data"]["categorical"] = ["user"]
+    res = lepton.train(job, workers=1, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    predictor = lepton.load(res.run_dir)
+    pre = predictor.preprocessor
+    user = next(c for c in pre.columns if c.name == "user")
+    assert user.categories == ids
+    only = tmp_path / "only-ids.csv"             # typed float64 here too: every value is digits
+    only.write_text("a,user\n0.5," + "\n0.5,".join(ids) + "\n")
+    table = read_table(str(only), categorical=["user"])
+    assert table.column("user").to_pylist() == ids
+    np.testing.assert_array_equal(pre.read_features(table, "only-ids.csv", True)[:, 1:], np.eye(3))
+    typed = predictor.predict_rows([{"a": 0.5, "user": int(i)} for i in ids])["probabilities"]
+    np.testing.assert_array_equal(predictor.predict_file(str(only))["probabilities"], typed)
+    assert len({tuple(p) for p in typed}) == 3
 
 
 def test_nanosecond_timestamps_are_categories_not_a_traceback(tmp_path):

@@ -73,7 +73,7 @@ def prepare(job: JobSpec) -> PreparedData:
     spec: DataSpec = job.data
     src = spec.path
     csv = detect_format(src, spec.format) == "csv"
-    table = read_table(src, spec.format)
+    table = read_table(src, spec.format, categorical=spec.categorical)
     names = table.column_names
     if spec.target not in names:
         raise DataError(f"{src}: target column '{spec.target}' not found (columns: {', '.join(names)})")

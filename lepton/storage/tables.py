@@ -9,6 +9,7 @@ import io
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -50,11 +51,20 @@ def _open_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot open: {e}") from None
 
 
-def read_table(path: str, fmt: str | None = None) -> pa.Table:
-    """Read the whole file; raises ``DataError`` naming the file for anything unreadable."""
+def read_table(path: str, fmt: str | None = None, categorical: Collection[str] = ()) -> pa.Table:
+    """Read the whole file; raises ``DataError`` naming the file for anything unreadable.
+
+    ``categorical``: columns whose values are categories. A CSV column of those that pyarrow typed as
+    floating point is read again as the text written: float64 keeps 17 significant digits, so two
+    20-digit IDs (hashed uint64 user or item IDs) would become one category, silently. Other types keep
+    pyarrow's reading (``ColumnStats.category_index`` matches the spellings)."""
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
     table = _parse(path, kind, raw)
+    if kind == "csv":
+        floats = {c for c in categorical if c in table.column_names and pa.types.is_floating(table.column(c).type)}
+        if floats:
+            table = _parse(path, kind, raw, text=floats)
     try:
         names = table.column_names
     except UnicodeDecodeError:
@@ -103,7 +113,7 @@ def _ragged_line(raw: bytes, delimiter: str) -> int | None:
     return None
 
 
-def _parse(path: str, kind: str, raw: bytes) -> pa.Table:
+def _parse(path: str, kind: str, raw: bytes, text: Collection[str] = ()) -> pa.Table:
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     try:
         if kind == "csv":
@@ -111,7 +121,8 @@ def _parse(path: str, kind: str, raw: bytes) -> pa.Table:
             return pacsv.read_csv(
                 io.BytesIO(raw),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                     column_types={c: pa.string() for c in text}))
         if kind == "parquet":
             import pyarrow.parquet as pq
             return pq.read_table(io.BytesIO(raw))
