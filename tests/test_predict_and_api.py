@@ -441,6 +441,10 @@ def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
     table = read_table(str(only), categorical=["user"])
     assert table.column("user").to_pylist() == ids
     np.testing.assert_array_equal(pre.read_features(table, "only-ids.csv", True)[:, 1:], np.eye(3))
+    # where float64 keeps every value, pyarrow's reading stays: 2 and 2.0 are one category
+    rates = tmp_path / "rates.csv"
+    rates.write_text("rate\n1.5\n2\n2.0\n")
+    assert read_table(str(rates), categorical=["rate"]).column("rate").to_pylist() == [1.5, 2.0, 2.0]
     typed = predictor.predict_rows([{"a": 0.5, "user": int(i)} for i in ids])["probabilities"]
     np.testing.assert_array_equal(predictor.predict_file(str(only))["probabilities"], typed)
     assert len({tuple(p) for p in typed}) == 3

@@ -10,6 +10,7 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Collection
+from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -55,16 +56,19 @@ def read_table(path: str, fmt: str | None = None, categorical: Collection[str] =
     """Read the whole file; raises ``DataError`` naming the file for anything unreadable.
 
     ``categorical``: columns whose values are categories. A CSV column of those that pyarrow typed as
-    floating point is read again as the text written: float64 keeps 17 significant digits, so two
-    20-digit IDs (hashed uint64 user or item IDs) would become one category, silently. Other types keep
-    pyarrow's reading (``ColumnStats.category_index`` matches the spellings)."""
+    floating point, where float64 changes a value, is the text written instead: float64 keeps 17
+    significant digits, so two 20-digit IDs (hashed uint64 user or item IDs) would become one category,
+    silently. Every other column keeps pyarrow's reading, which makes ``2`` and ``2.0`` one category
+    (``ColumnStats.category_index`` matches the spellings at prediction)."""
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
     table = _parse(path, kind, raw)
-    if kind == "csv":
-        floats = {c for c in categorical if c in table.column_names and pa.types.is_floating(table.column(c).type)}
-        if floats:
-            table = _parse(path, kind, raw, text=floats)
+    floats = [c for c in categorical if c in table.column_names and pa.types.is_floating(table.column(c).type)]
+    if kind == "csv" and floats:
+        text = _parse(path, kind, raw, text=floats)
+        for c in floats:
+            if any(_float_changes(v) for v in text.column(c).to_pylist()):
+                table = table.set_column(table.column_names.index(c), c, text.column(c))
     try:
         names = table.column_names
     except UnicodeDecodeError:
@@ -89,6 +93,16 @@ def check_used_columns(table: pa.Table, columns: list[str], path: str) -> None:
             row = next((i for i, v in enumerate(col.to_pylist()) if v is not None and not _utf8(v)), None)
             what = f" row {row + 1}: bytes that are not UTF-8 text" if row is not None else ": bytes, not text"
             raise DataError(f"{path}: column '{c}'{what} (a CSV must be saved as UTF-8)")
+
+
+def _float_changes(text: str | None) -> bool:
+    """Whether float64 reads the number ``text`` as another value than written (more digits than it
+    keeps: ``12345678901234567891``); its shortest text (``0.1``) counts as the same value."""
+    try:
+        written = Decimal(text)
+        return written.is_finite() and Decimal(repr(float(text))) != written
+    except (TypeError, ValueError, InvalidOperation):    # None; text pyarrow parses and Decimal does not
+        return False
 
 
 def _utf8(b: bytes) -> bool:
