@@ -260,6 +260,10 @@ class JobSpec(_Strict):
             raise ValueError(f"cluster.min_workers ({c.min_workers}) is larger than cluster.workers ({c.workers})")
         if c.max_workers is not None and c.max_workers < c.workers:
             raise ValueError(f"cluster.max_workers ({c.max_workers}) is smaller than cluster.workers ({c.workers})")
+        if c.max_workers is not None and c.max_workers > self.train.batch_size:
+            raise ValueError(
+                f"cluster.max_workers ({c.max_workers}) is larger than train.batch_size ({self.train.batch_size}):"
+                " every worker needs at least one sample of each global batch")
         if c.shares is not None and len(c.shares) != c.workers:
             raise ValueError(f"cluster.shares has {len(c.shares)} entries for {c.workers} workers")
         p = self.policies

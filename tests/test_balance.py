@@ -1,5 +1,6 @@
 """Heterogeneity-aware shares: a slower worker gets a smaller share, with the same math."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,9 +19,19 @@ THROTTLE = "throttle:rank=0:seconds=0.0005;throttle:rank=1:seconds=0.0015"
 
 
 def test_propose_follows_speed_with_hysteresis():
-    assert balance.propose([1, 1], [300, 100]) == [0.75, 0.25]
-    assert balance.propose([0.75, 0.25], [310, 100]) is None          # within 3%: no churn
+    cost = balance.StepCost
+    costs, caps = [cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1]        # balanced at [0.75, 0.25]
+    assert balance.propose([1, 1], [300, 100], costs, caps, 512) == [0.75, 0.25]
+    assert balance.propose([0.745, 0.255], [300, 100], costs, caps, 512) is None    # 2% faster: no churn
+    assert balance.propose([0.73, 0.27], [300, 100], costs, caps, 512) == [0.75, 0.25]   # 8% faster
+    # what counts is the gain, not the size of the move: one half-speed worker among 20 would move
+    # from 0.05 to 0.026 of the batch (within an absolute 0.03), and it makes every step ~2x longer
+    costs, caps = [cost(1e-4, 1e-5)] * 19 + [cost(1e-4, 2e-5)], [1] * 20
+    target = balance.target_shares(costs, caps, 512)
+    assert target[-1] < 0.03
+    assert balance.propose([1] * 20, target, costs, caps, 512) is not None
     assert balance.ideal_gain([2, 1, 1]) == pytest.approx(4 / 3)
+    assert math.isnan(balance.ideal_gain([2, 1, 0]))                  # a worker with no speed measured yet
 
 
 def test_target_shares_equalise_step_times_including_the_fixed_cost():
@@ -63,10 +74,13 @@ def test_step_cost_from_a_measured_step():
     # the per-sample cost of the last larger share is kept instead of 0.15 ms a sample
     tiny = balance.StepCost.measured(2, 1.2e-3, 0.5e-3, 0.48e-3, previous=c)
     assert tiny.per_sample == c.per_sample and tiny.fixed == pytest.approx(1.18e-3)
+    # an empty compute window measures no slope either (it read as 1e-13 s a sample: infinitely fast)
+    assert balance.StepCost.measured(10, 1e-3, 0.0, 0.0, previous=c).per_sample == c.per_sample
 
 
 def test_no_worker_is_starved_by_an_extreme_plan():
-    shares = balance.propose([1, 1, 1], [10_000, 1, 1])
+    costs = [balance.StepCost(0, 1e-7), balance.StepCost(0, 1e-3), balance.StepCost(0, 1e-3)]
+    shares = balance.propose([1, 1, 1], [10_000, 1, 1], costs, [1, 1, 1], 512)
     for batch in (3, 16, 512):
         assert min(split_counts(batch, shares)) >= 1
 

@@ -255,6 +255,28 @@ def test_adopted_generation_keeps_its_shares_and_capacities(tmp_path):
     assert c.step_plan.shares != shares
 
 
+def test_a_generation_never_has_more_workers_than_the_batch_has_samples(tmp_path):
+    """A rank without a sample measures no speed (the re-plan divided by it: every heartbeat then
+    failed); workers beyond the batch size wait as standby, and a max_workers above it is refused."""
+    c, _ = _coordinator(tmp_path, 2, train__batch_size=2)
+    _ready(c, 1), _ready(c, 2)
+    assert c.phase == Phase.RUNNING and len(c.generation_members) == 2
+    _ready(c, 3)
+    assert c.phase == Phase.RUNNING and len(c.generation_members) == 2 and "regroup" not in _kinds(tmp_path)
+    with pytest.raises(Exception, match=r"cluster.max_workers \(3\) is larger than train.batch_size \(2\)"):
+        parse_job(job_dict(tmp_path / "d.csv", train__batch_size=2, cluster__max_workers=3))
+
+
+def test_a_worker_told_to_train_on_its_cpu_counts_its_cores_not_its_gpu(tmp_path):
+    """cluster.device cpu on a host with GPUs: each worker lists its GPU in its resources, and the
+    capacities counted one device each (equal shares for workers that share a core)."""
+    c, _ = _coordinator(tmp_path, 3, cluster__device="cpu")
+    for pid, cpus in ((1, [0]), (2, [1]), (3, [1])):
+        w = c.register(RegisterRequest(host="h", pid=pid, resources=Resources(cpu_list=cpus, gpus=["H100 GPU-1"])))
+        c.plan(w)
+    assert [c.members[w].capacity for w in c.generation_members] == [1.0, 0.5, 0.5]
+
+
 def test_member_not_yet_started_when_a_regroup_begins_still_starts(tmp_path):
     """A generation forms on one worker's plan request; another learns of it only at its next poll. If
     a regroup begins in between (here: a third worker joins), it must still be told to start, or it

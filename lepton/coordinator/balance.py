@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 SMOOTHING = 0.5        # weight of a new measurement in the coordinator's moving average (within a plan)
-HYSTERESIS = 0.03      # re-plan only when some worker's share of the batch would move by more than 3%
+HYSTERESIS = 0.03      # re-plan only when the measured costs predict a step more than 3% faster
 RELIABLE = 0.3         # a per-sample cost is measured only where it is this part of the compute window
 SHRINK = 0.5           # a re-plan leaves every worker at least this part of its current share
 
@@ -47,7 +47,7 @@ class StepCost:
         ended at 1 sample of 510 with 72 µs a sample against a real 10). The per-sample cost of
         ``previous`` (a larger operating point) is kept then."""
         cf = min(max(compute_fixed, 0.0), compute)
-        if previous is not None and compute - cf < RELIABLE * compute:
+        if previous is not None and compute - cf <= RELIABLE * compute:     # <=: an empty window too
             return cls(max(busy - compute, 0.0) + cf, previous.per_sample)
         cf = min(cf, (1 - RELIABLE) * compute)
         return cls(max(busy - compute, 0.0) + cf, max(compute - cf, 1e-12) / max(samples, 1.0))
@@ -97,19 +97,28 @@ def shrink_limits(current: Sequence[float], batch: int) -> list[float]:
     return [SHRINK * s * batch for s in now]
 
 
-def propose(current: Sequence[float], target: Sequence[float], hysteresis: float = HYSTERESIS) -> Optional[list[float]]:
-    """``target`` shares (normalised), or None when they are within ``hysteresis`` of ``current`` (so
-    that measurement noise does not make shares oscillate)."""
-    target = normalise(target)
-    now = normalise(current)
-    if max(abs(t - c) for t, c in zip(target, now)) <= hysteresis:
+def step_time(shares: Sequence[float], costs: Sequence[StepCost], capacities: Sequence[float], batch: int) -> float:
+    """Predicted wall time of a lockstep step at ``shares``: its slowest worker's."""
+    return max((c.fixed + s * batch * c.per_sample) / cap
+               for s, c, cap in zip(normalise(shares), costs, capacities))
+
+
+def propose(current: Sequence[float], target: Sequence[float], costs: Sequence[StepCost],
+            capacities: Sequence[float], batch: int, hysteresis: float = HYSTERESIS) -> Optional[list[float]]:
+    """``target`` shares (normalised), or None when the measured costs predict a step at most
+    ``hysteresis`` faster with them than with ``current`` (so that measurement noise does not make
+    shares oscillate). The gain, not the size of the move: moving 0.03 of the batch is a 50% change for
+    one of 20 workers (a half-speed worker among them would keep its equal share and make every step 2×
+    longer) and a 4% one for one of two."""
+    if step_time(current, costs, capacities, batch) <= (1 + hysteresis) * step_time(target, costs, capacities, batch):
         return None
-    return [round(t, 4) for t in target]
+    return [round(t, 4) for t in normalise(target)]
 
 
 def ideal_gain(speeds: Sequence[float]) -> float:
-    """Speed-up of proportional over equal shares in a lockstep step: sum(speed) / (K · min(speed))."""
-    return sum(speeds) / (len(speeds) * min(speeds))
+    """Speed-up of proportional over equal shares in a lockstep step: sum(speed) / (K · min(speed));
+    NaN while a worker has no measured speed."""
+    return sum(speeds) / (len(speeds) * min(speeds)) if min(speeds) > 0 else float("nan")
 
 
 def capacities(placements: Sequence[tuple[str, Sequence[int], int, bool]]) -> list[float]:

@@ -467,7 +467,6 @@ class Coordinator:
         if len(members) < self.generation_world or any(m.plan_version != self.plan_version for m in members):
             return                          # a member still to be adopted, or a plan still to be applied
         shares = self.step_plan.shares
-        c = self.job.cluster
         if (self._balancing() and self.step >= self._replan_step()
                 and all(m.speed_plan == (self.generation, self.plan_version) for m in members)):
             self.plan_step = self.step
@@ -477,7 +476,8 @@ class Coordinator:
             # the first plan after shares guessed from capacities may move anywhere; every other one
             # only within balance.SHRINK of the current shares
             free = self.plan_version == 0 and self.shares_guessed
-            new = balance.propose(shares, balanced_shares(self.job, members, None if free else shares))
+            new = balance.propose(shares, balanced_shares(self.job, members, None if free else shares),
+                                  [m.cost for m in members], [m.capacity for m in members], self.job.train.batch_size)
             self.plan_settled = new is None
             if new is not None:
                 shares = new
@@ -594,7 +594,8 @@ class Coordinator:
 
     # --- helpers and views -----------------------------------------------------------------------
     def _assign_capacities(self, members: list[Member]) -> None:
-        caps = balance.capacities([(m.host, m.resources.cpu_list, m.resources.threads, bool(m.resources.gpus))
+        gpus = self.job.cluster.device != "cpu"        # a worker told to train on its CPU is a CPU worker
+        caps = balance.capacities([(m.host, m.resources.cpu_list, m.resources.threads, gpus and bool(m.resources.gpus))
                                    for m in members])
         for m, cap in zip(members, caps):
             m.capacity = cap
@@ -623,7 +624,9 @@ class Coordinator:
         return [m for m in self.members.values() if m.state in ("standby", "paused")]
 
     def _max_workers(self) -> int:
-        return self.job.cluster.max_workers or 1_000_000
+        """At most ``cluster.max_workers`` train, and never more than the global batch has samples (a
+        rank with none would measure no speed): the others wait as standby."""
+        return min(self.job.cluster.max_workers or self.job.train.batch_size, self.job.train.batch_size)
 
     def _waiting_for(self) -> str:
         if self.phase == Phase.REGROUPING:
