@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 import lepton  # noqa: E402
 from lepton.export import run_export  # noqa: E402
 from lepton.export.report import report_table  # noqa: E402
+from throughput import add_bench_dir, check_bench_dir  # noqa: E402
 
 SIZE_TARGET, ACC_TARGET_PT = 3.5, 1.0
 
@@ -82,9 +83,9 @@ def main() -> None:
     ap.add_argument("--mlp-epochs", type=int, default=3)
     ap.add_argument("--runs", type=int, default=500, help="timed calls per batch size")
     ap.add_argument("--reuse", action="store_true", help="keep completed runs from an earlier invocation")
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
-                    help="folder with ddp_baseline.py (writes the throughput benchmark's data)")
+    add_bench_dir(ap)
     a = ap.parse_args()
+    check_bench_dir(a.bench_dir, "ddp_baseline.py")
     a.work.mkdir(parents=True, exist_ok=True)
     con = Console(width=170)
 

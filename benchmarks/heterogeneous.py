@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from statistics import median
 
-from throughput import VENV_BIN, interleaved, job_yaml, last_json, run
+from throughput import VENV_BIN, add_bench_dir, check_bench_dir, interleaved, job_yaml, last_json, run
 
-REPO = Path(__file__).resolve().parents[1]
 PIN = (0, 1, 1)
 
 
@@ -64,8 +63,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5, help="every run this many times, interleaved; medians")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench")
+    add_bench_dir(ap)
     a = ap.parse_args()
+    check_bench_dir(a.bench_dir, "ddp_baseline.py")
     if os.cpu_count() < 2:
         sys.exit("needs 2 cores")
     a.work.mkdir(parents=True, exist_ok=True)

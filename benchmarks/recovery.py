@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from throughput import VENV_BIN, job_yaml, run
+from throughput import VENV_BIN, add_bench_dir, check_bench_dir, job_yaml, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,10 +158,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--kill-at", type=float, default=0.4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench")
+    add_bench_dir(ap)
     ap.add_argument("--torchrun-timeout", type=float, default=180.0,
                     help="seconds to wait for torchrun to recover before calling it hung")
     a = ap.parse_args()
+    check_bench_dir(a.bench_dir, "ddp_baseline.py")
     a.work.mkdir(parents=True, exist_ok=True)
     data = a.work / f"synth-{a.rows}.csv"
     if not data.exists():

@@ -24,6 +24,21 @@ from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# the project's reference loops (ddp_baseline.py, raw_loop.py) live next to the repository, not in it
+BENCH_DIR = REPO.parent / "shared" / "bench"
+
+
+def add_bench_dir(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR,
+                    help="folder of the reference loops ddp_baseline.py and raw_loop.py (default: ../shared/bench)")
+
+
+def check_bench_dir(bench_dir: Path, *names: str) -> None:
+    """One clear line instead of a failed subprocess when the reference loops are not there."""
+    missing = [n for n in names if not (bench_dir / n).is_file()]
+    if missing:
+        sys.exit(f"{bench_dir}: no {', '.join(missing)} (the project's reference loops, in ../shared/bench next"
+                 " to the repository); give their folder with --bench-dir")
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> tuple[str, float]:
@@ -83,9 +98,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="every run this many times, interleaved; medians")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
-                    help="folder with ddp_baseline.py and raw_loop.py")
+    add_bench_dir(ap)
     a = ap.parse_args()
+    check_bench_dir(a.bench_dir, "ddp_baseline.py", "raw_loop.py")
     a.work.mkdir(parents=True, exist_ok=True)
     data = a.work / f"synth-{a.rows}.csv"
     py = sys.executable
