@@ -420,6 +420,11 @@ def test_a_float32_value_finds_its_decimal_category():
     for dtype in (pa.float32(), pa.float16(), pa.float64()):
         table = pa.table({"rate": pa.array([0.1, 2.5, 3.0], dtype)})
         np.testing.assert_array_equal(pre.read_features(table, "t.parquet", False), np.eye(4)[:3])
+    # a model trained before holds the float64 widening as its category: its own data still finds it
+    older = Preprocessor([ColumnStats("rate", "categorical", categories=["0.10000000149011612", "2.5"])],
+                         "y", "classification", ["n", "y"])
+    table = pa.table({"rate": pa.array([0.1, 2.5], pa.float32())})
+    np.testing.assert_array_equal(older.read_features(table, "t.parquet", False), np.eye(2))
 
 
 def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
@@ -441,6 +446,12 @@ def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
     table = read_table(str(only), categorical=["user"])
     assert table.column("user").to_pylist() == ids
     np.testing.assert_array_equal(pre.read_features(table, "only-ids.csv", True)[:, 1:], np.eye(3))
+    # the header checks come first: a repeated or non-UTF-8 name is one clear error, not a KeyError
+    for header in (b"a,user,user\n", b"a,us\xe9r,b\n"):
+        bad = tmp_path / "bad.csv"
+        bad.write_bytes(header + b"0.5,12345678901234567890,1\n")
+        with pytest.raises(DataError, match="duplicate column name|not UTF-8"):
+            read_table(str(bad), categorical=["user"])
     # where float64 keeps every value, pyarrow's reading stays: 2 and 2.0 are one category
     rates = tmp_path / "rates.csv"
     rates.write_text("rate\n1.5\n2\n2.0\n")

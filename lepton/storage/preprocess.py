@@ -136,8 +136,7 @@ class ColumnStats:
         if self._index is None:       # both built before either is published: serve's threads share it
             keys: dict = {}
             for i, c in enumerate(self.categories):
-                k = category_key(c)
-                if k is not None:
+                for k in {category_key(c), _narrow_float_key(c)} - {None}:
                     keys[k] = None if k in keys else i    # two spellings of one value: neither matches
             self._keys = keys
             self._index = {c: i for i, c in enumerate(self.categories)}
@@ -173,6 +172,22 @@ def category_key(text: str):
             return (kind, parse(t))
         except ValueError:
             pass
+    return None
+
+
+def _narrow_float_key(text: str):
+    """The key of the float32/float16 value whose float64 widening ``text`` is: models trained before
+    ``to_strings`` wrote such values at their own precision hold '0.10000000149011612' for a Parquet
+    float32 0.1, which their own data now reads as '0.1'. None for other text."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    for narrow in (np.float16, np.float32):      # float16 first: its values are float32 values too
+        with np.errstate(over="ignore"):
+            v = narrow(x)
+        if np.isfinite(v) and repr(float(v)) == text and str(v) != text:
+            return category_key(str(v))
     return None
 
 

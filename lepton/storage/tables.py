@@ -63,12 +63,6 @@ def read_table(path: str, fmt: str | None = None, categorical: Collection[str] =
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
     table = _parse(path, kind, raw)
-    floats = [c for c in categorical if c in table.column_names and pa.types.is_floating(table.column(c).type)]
-    if kind == "csv" and floats:
-        text = _parse(path, kind, raw, text=floats)
-        for c in floats:
-            if any(_float_changes(v) for v in text.column(c).to_pylist()):
-                table = table.set_column(table.column_names.index(c), c, text.column(c))
     try:
         names = table.column_names
     except UnicodeDecodeError:
@@ -77,6 +71,12 @@ def read_table(path: str, fmt: str | None = None, categorical: Collection[str] =
     repeated = [f"'{n}' ({k} times)" for n, k in Counter(names).items() if k > 1]
     if repeated:
         raise DataError(f"{path}: duplicate column name(s) {', '.join(repeated)}; every column needs its own name")
+    floats = [c for c in categorical if c in names and pa.types.is_floating(table.column(c).type)]
+    if kind == "csv" and floats:
+        text = _parse(path, kind, raw, text=floats)
+        for c in floats:
+            if any(_float_changes(v) for v in text.column(c).to_pylist()):
+                table = table.set_column(names.index(c), c, text.column(c))
     return table
 
 
@@ -98,6 +98,8 @@ def check_used_columns(table: pa.Table, columns: list[str], path: str) -> None:
 def _float_changes(text: str | None) -> bool:
     """Whether float64 reads the number ``text`` as another value than written (more digits than it
     keeps: ``12345678901234567891``); its shortest text (``0.1``) counts as the same value."""
+    if text is None or (len(text) <= 15 and "e" not in text.lower()):
+        return False                  # at most 15 digits and no exponent: float64 keeps it exactly
     try:
         written = Decimal(text)
         return written.is_finite() and Decimal(repr(float(text))) != written
