@@ -624,9 +624,10 @@ class Coordinator:
         return [m for m in self.members.values() if m.state in ("standby", "paused")]
 
     def _max_workers(self) -> int:
-        """At most ``cluster.max_workers`` train, and never more than the global batch has samples (a
-        rank with none would measure no speed): the others wait as standby."""
-        return min(self.job.cluster.max_workers or self.job.train.batch_size, self.job.train.batch_size)
+        """At most ``cluster.max_workers`` train (the spec keeps it within the batch), and never more
+        than the global batch has samples (a rank with none would measure no speed): the others wait as
+        standby."""
+        return self.job.cluster.max_workers or self.job.train.batch_size
 
     def _waiting_for(self) -> str:
         if self.phase == Phase.REGROUPING:

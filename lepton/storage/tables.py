@@ -103,7 +103,7 @@ def _float_changes(text: str | None) -> bool:
     try:
         written = Decimal(text)
         return written.is_finite() and Decimal(repr(float(text))) != written
-    except (TypeError, ValueError, InvalidOperation):    # None; text pyarrow parses and Decimal does not
+    except (ValueError, InvalidOperation):    # text pyarrow parses and Decimal or float does not
         return False
 
 
@@ -137,8 +137,10 @@ def _parse(path: str, kind: str, raw: bytes, text: Collection[str] = ()) -> pa.T
             return pacsv.read_csv(
                 io.BytesIO(raw),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                # ``text``: only those columns, as text (a second reading of a few columns)
                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
-                                                     column_types={c: pa.string() for c in text}))
+                                                     column_types={c: pa.string() for c in text},
+                                                     include_columns=list(text)))
         if kind == "parquet":
             import pyarrow.parquet as pq
             return pq.read_table(io.BytesIO(raw))
