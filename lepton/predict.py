@@ -150,8 +150,10 @@ class Predictor:
 
     def predict_file(self, path: str) -> dict:
         kind = detect_format(path, hint=INPUT_NAMES)
-        categorical = [c.name for c in self.preprocessor.columns if c.kind == "categorical"]
-        return self.predict_table(read_table(path, kind, categorical), path, kind == "csv")
+        categorical = [c for c in self.preprocessor.columns if c.kind == "categorical"]
+        table = read_table(path, kind, [c.name for c in categorical],
+                           text=[c.name for c in categorical if c.spellings_collide])
+        return self.predict_table(table, path, kind == "csv")
 
     def predict_rows(self, rows: list[dict]) -> dict:
         """Raw rows ``[{column: value}, ...]``; a bad value is an error naming ``rows[i].column``."""

@@ -461,6 +461,27 @@ def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
     assert len({tuple(p) for p in typed}) == 3
 
 
+def test_two_spellings_of_one_number_stay_two_categories_in_prediction(tmp_path):
+    """Training read the column as text (it holds a word), so '01234' and '1234' are two categories; a
+    prediction CSV of only digits types the column int, and the row 01234 was encoded as '1234'."""
+    codes = ["01234", "1234", "x7"]
+    data = tmp_path / "d.csv"
+    data.write_text("a,code,label\n" + "".join(f"{i / 10},{codes[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60)))
+    res = lepton.train(job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run")
+    assert res.status == "completed", res.reason
+    predictor = lepton.load(res.run_dir)
+    code = next(c for c in predictor.preprocessor.columns if c.name == "code")
+    assert code.categories == codes and code.spellings_collide
+    digits = tmp_path / "digits.csv"
+    digits.write_text("a,code\n0.5,01234\n0.5,1234\n")
+    typed = predictor.predict_rows([{"a": 0.5, "code": "01234"}, {"a": 0.5, "code": "1234"}])["probabilities"]
+    got = predictor.predict_file(str(digits))["probabilities"]
+    np.testing.assert_array_equal(got, typed)
+    assert not np.array_equal(got[0], got[1])
+    from lepton.storage.preprocess import ColumnStats
+    assert not ColumnStats("code", "categorical", categories=["1234", "x7"]).spellings_collide
+
+
 def test_nanosecond_timestamps_are_categories_not_a_traceback(tmp_path):
     """pyarrow types a column of nanosecond timestamps timestamp[ns], which has no Python datetime
     without pandas: typing and encoding it used to end in a ValueError traceback."""

@@ -133,6 +133,22 @@ class ColumnStats:
         column is typed by its own values. A file of only ``true``/``false`` (or only digits) reads as
         bool (int) where the training file held some other word, and Parquet or JSON rows carry typed
         values: matching the text alone encoded such rows as unseen, all zeros, silently."""
+        self._build()
+        i = self._index.get(value)
+        if i is None:
+            k = category_key(value)
+            i = self._keys.get(k) if k is not None else None
+        return i
+
+    @property
+    def spellings_collide(self) -> bool:
+        """Whether two categories are spellings of one value (``01234`` and ``1234``, from a column
+        pyarrow typed as text in training). Their values are only told apart as written: a prediction
+        CSV whose column holds only digits types it int, and the row ``01234`` would become ``1234``."""
+        self._build()
+        return None in self._keys.values()
+
+    def _build(self) -> None:
         if self._index is None:       # both built before either is published: serve's threads share it
             keys: dict = {}
             for i, c in enumerate(self.categories):
@@ -140,11 +156,6 @@ class ColumnStats:
                     keys[k] = None if k in keys else i    # two spellings of one value: neither matches
             self._keys = keys
             self._index = {c: i for i, c in enumerate(self.categories)}
-        i = self._index.get(value)
-        if i is None:
-            k = category_key(value)
-            i = self._keys.get(k) if k is not None else None
-        return i
 
     def __post_init__(self):
         self._index: dict | None = None     # built on first use (the categories are set after fitting)

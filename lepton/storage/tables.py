@@ -52,14 +52,17 @@ def _open_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot open: {e}") from None
 
 
-def read_table(path: str, fmt: str | None = None, categorical: Collection[str] = ()) -> pa.Table:
+def read_table(path: str, fmt: str | None = None, categorical: Collection[str] = (),
+               text: Collection[str] = ()) -> pa.Table:
     """Read the whole file; raises ``DataError`` naming the file for anything unreadable.
 
     ``categorical``: columns whose values are categories. A CSV column of those that pyarrow typed as
     floating point, where float64 changes a value, is the text written instead: float64 keeps 17
     significant digits, so two 20-digit IDs (hashed uint64 user or item IDs) would become one category,
     silently. Every other column keeps pyarrow's reading, which makes ``2`` and ``2.0`` one category
-    (``ColumnStats.category_index`` matches the spellings at prediction)."""
+    (``ColumnStats.category_index`` matches the spellings at prediction).
+    ``text``: CSV columns read as the text written, whatever pyarrow would type them (a model whose
+    categories hold two spellings of one value, ``01234`` and ``1234``, tells them apart only so)."""
     kind = detect_format(path, fmt)
     raw = _open_bytes(path)
     table = _parse(path, kind, raw)
@@ -71,12 +74,13 @@ def read_table(path: str, fmt: str | None = None, categorical: Collection[str] =
     repeated = [f"'{n}' ({k} times)" for n, k in Counter(names).items() if k > 1]
     if repeated:
         raise DataError(f"{path}: duplicate column name(s) {', '.join(repeated)}; every column needs its own name")
-    floats = [c for c in categorical if c in names and pa.types.is_floating(table.column(c).type)]
-    if kind == "csv" and floats:
-        text = _parse(path, kind, raw, text=floats)
-        for c in floats:
-            if any(_float_changes(v) for v in text.column(c).to_pylist()):
-                table = table.set_column(names.index(c), c, text.column(c))
+    keep = [c for c in dict.fromkeys(text) if c in names and not pa.types.is_string(table.column(c).type)]
+    floats = [c for c in categorical if c in names and c not in keep
+              and pa.types.is_floating(table.column(c).type)]
+    if kind == "csv" and (floats or keep):
+        written = _parse(path, kind, raw, text=floats + keep)
+        for c in keep + [c for c in floats if any(_float_changes(v) for v in written.column(c).to_pylist())]:
+            table = table.set_column(names.index(c), c, written.column(c))
     return table
 
 
