@@ -1,6 +1,8 @@
 """What a person sees: the live progress bar and the final tables (rich)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -31,11 +33,10 @@ class TrainingProgress:
 
     def update(self, st: dict) -> None:
         live = sum(1 for w in st["workers"] if w["state"] in ("training", "finished"))
-        training = sorted((w for w in st["workers"] if w["state"] == "training" and w["share"]),
+        training = sorted((w for w in st["workers"] if w["state"] == "training" and w["share_fraction"]),
                           key=lambda w: w["rank"])
-        total = sum(w["share"] for w in training) or 1
         # each worker's share of the global batch and its compute speed, in rank order
-        each = " ".join(f"{w['share'] / total:.0%}@{w['samples_per_s'] / 1000:.0f}k" for w in training)
+        each = " ".join(f"{w['share_fraction']:.0%}@{_rate(w['samples_per_s'])}" for w in training)
         fields = {"shares": f"share@samples/s {each}" if training else "",
                   "loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
                   "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
@@ -46,6 +47,15 @@ class TrainingProgress:
             self.task = self.progress.add_task(desc, total=st.get("total_steps") or None, **fields)
         self.progress.update(self.task, description=desc, completed=st["step"],
                              total=st.get("total_steps") or None, **fields)
+
+
+def _rate(v: Optional[float]) -> str:
+    """A speed in few characters: 180, 4.2k, 35k."""
+    if v is None:
+        return "-"
+    if v < 1000:
+        return f"{v:.0f}"
+    return f"{v / 1000:.1f}k" if v < 10_000 else f"{v / 1000:.0f}k"
 
 
 def _fmt(v) -> str:
@@ -86,9 +96,9 @@ def status_table(st: dict) -> Table:
                     f"  epoch {st['epoch']}  generation {st['generation']}")
     for col in ("worker", "host", "pid", "state", "rank", "step", "samples/s", "share", "last seen"):
         t.add_column(col)
-    total = sum(w["share"] or 0 for w in st["workers"]) or 1
     for w in st["workers"]:
-        share = f"{w['share'] / total:.0%}" if w["share"] is not None else "-"
+        share = f"{w['share_fraction']:.0%}" if w["share_fraction"] is not None else "-"
+        speed = f"{w['samples_per_s']:,.0f}" if w["samples_per_s"] is not None else "-"
         t.add_row(w["worker_id"], w["host"], str(w["pid"]), w["state"], _fmt(w["rank"]), str(w["step"]),
-                  f"{w['samples_per_s']:,.0f}", share, f"{w['last_seen_s']:.1f} s ago")
+                  speed, share, f"{w['last_seen_s']:.1f} s ago")
     return t

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .comm import batchnorm
+from .console import console
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
@@ -27,6 +28,7 @@ from .spec import JobSpec, parse_job, read_yaml
 from .storage.checkpoint import readable_state_dir
 from .storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
 from .storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
+from .worker import dropout
 
 
 @dataclass
@@ -150,8 +152,9 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
 
 def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     """Every model error before anything is written or started: it builds, takes ``init_weights``, and
-    its BatchNorm layers can be trained as ``model.batch_norm`` says. On a copy: a factory may hand out
-    one shared instance, which the workers' pickle of it must not see converted or loaded."""
+    its BatchNorm layers can be trained as ``model.batch_norm`` says (and a note for random layers whose
+    draws depend on the split). On a copy: a factory may hand out one shared instance, which the
+    workers' pickle of it must not see converted or loaded."""
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))
     try:
         model = copy.deepcopy(model)
@@ -161,6 +164,11 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     _check_outputs(job, model, pre)
     batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
     batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
+    unkeyed = dropout.unkeyed(model)
+    if unkeyed:     # allowed (DDP behaves so), but the user should know the run is not split-invariant
+        console.print(f"note: the model's {', '.join(unkeyed)} draws torch's random numbers in each worker's"
+                      " order, so the trained model depends on the worker count and shares (nn.Dropout and"
+                      " Dropout1d/2d/3d do not: their masks are keyed by sample)", markup=False, highlight=False)
 
 
 def _check_outputs(job: JobSpec, model, pre) -> None:

@@ -14,8 +14,9 @@ class Resources(BaseModel):
     cpus: int = 1                      # CPU cores this worker may use
     cpu_list: list[int] = Field(default_factory=list)   # which ones (its affinity)
     threads: int = 1                   # torch intra-op threads
-    gpus: list[str] = Field(default_factory=list)
-    memory_gb: float = 0.0
+    gpus: list[str] = Field(default_factory=list)        # "name uuid" per visible GPU
+    gpu_memory_gb: list[float] = Field(default_factory=list)   # each one's total memory
+    memory_gb: float = 0.0             # host memory
 
 
 class RegisterRequest(BaseModel):

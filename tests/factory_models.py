@@ -29,3 +29,13 @@ class _WithMask(nn.Module):
 
 def build_bn_masked(input_shape, num_outputs):
     return _WithMask(input_shape, num_outputs)
+
+
+def build_dropout(input_shape, num_outputs):
+    """Element and channel dropout: their masks must follow the samples for invariant 1 to hold."""
+    return nn.Sequential(nn.Linear(input_shape[0], 24), nn.ReLU(), nn.Dropout(0.3), nn.Unflatten(1, (6, 4)),
+                         nn.Dropout1d(0.2), nn.Flatten(), nn.Linear(24, num_outputs))
+
+
+def build_alpha_dropout(input_shape, num_outputs):
+    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.SELU(), nn.AlphaDropout(0.1), nn.Linear(8, num_outputs))

@@ -216,6 +216,26 @@ def test_machine_replans_as_soon_as_every_speed_is_in(tmp_path):
     assert r.plan.version == 2 and r.plan.shares[1] == pytest.approx(before[1] / 2, rel=1e-3)
 
 
+def test_fixed_shares_for_another_membership_are_balanced(tmp_path):
+    """cluster.shares names one share per worker; once a worker is lost the survivors have none fixed:
+    they start from capacity shares and are re-planned from their measured speeds like any others."""
+    c, _ = _coordinator(tmp_path, 3, cluster__workers=3, cluster__shares=[1, 2, 5], cluster__min_workers=2)
+    a, b, d = (_ready(c, pid) for pid in (1, 2, 3))
+    assert c.shares == [1, 2, 5]
+    for w in (a, b, d):
+        _measure(c, w, 11, 0, 8, 1e-3, 0.8e-3)
+    assert c.plan_version == 0                        # fixed: never re-planned
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 11}))
+    c.report(Report(worker_id=b, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 11}))
+    c.process_exited(3, -9)
+    assert c.generation == 1 and c.shares == [0.5, 0.5]
+    beat = lambda w, busy: c.heartbeat(Heartbeat(worker_id=w, generation=1, step=22, plan_version=0, step_samples=8,
+                                                 step_busy_s=busy, step_compute_s=busy, step_compute_fixed_s=0.0))
+    beat(a, 1e-3)
+    r = beat(b, 3e-3)                                   # b is 3x slower per sample
+    assert r.plan is not None and r.plan.shares[0] == pytest.approx(0.75, abs=0.02)
+
+
 def test_adopted_generation_is_replanned_only_once_every_member_is_back(tmp_path):
     """A restarted coordinator (--resume) adopts the running workers one heartbeat at a time; a plan
     made before the last one is back would have fewer shares than ranks (IndexError in the worker)."""
@@ -365,6 +385,36 @@ def test_machine_regroups_from_the_most_advanced_survivor(tmp_path):
     c.heartbeat(Heartbeat(worker_id=b, generation=1, step=8))
     rec = [e for e in c.events if e["kind"] == "recovered"]
     assert len(rec) == 1 and rec[0]["resumed_at_step"] == 7 and rec[0]["recovery_s"] == 1.0
+
+
+def test_status_shows_the_running_plan_only_after_a_worker_is_lost(tmp_path):
+    """A lost member keeps the share and speed of a plan that no longer runs: `lepton status`, the
+    progress bar and /metrics show the new generation's fractions, and no speed for the lost one."""
+    from rich.console import Console
+    from lepton.console import TrainingProgress, status_table
+    c, _ = _coordinator(tmp_path, 3, cluster__balance="off", cluster__min_workers=2)
+    a, b, d = (_ready(c, pid) for pid in (1, 2, 3))
+    for w, speed in ((a, 180.0), (b, 90.0), (d, 12_345.0)):
+        c.heartbeat(Heartbeat(worker_id=w, generation=0, step=6, samples_per_s=speed))
+    assert [w["share_fraction"] for w in c.status()["workers"]] == pytest.approx([1 / 3] * 3, abs=1e-4)
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 6}))
+    c.report(Report(worker_id=b, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 6}))
+    c.process_exited(3, -9)
+    assert c.phase == Phase.RUNNING and c.generation == 1
+    by_id = {w["worker_id"]: w for w in c.status()["workers"]}
+    assert [by_id[w]["share_fraction"] for w in (a, b)] == [0.5, 0.5]
+    assert by_id[d]["state"] == "lost" and by_id[d]["share_fraction"] is None and by_id[d]["samples_per_s"] is None
+    rec = Console(record=True, width=200)
+    rec.print(status_table(c.status()))
+    rows = {line.split("│")[1].strip(): line for line in rec.export_text().splitlines() if "│" in line}
+    assert "50%" in rows[a] and "50%" in rows[b] and "33%" not in rec.export_text()
+    assert "12,345" not in rows[d]
+    # the progress bar: slow workers' speeds are not rounded to "0k"
+    for w in (a, b):
+        c.heartbeat(Heartbeat(worker_id=w, generation=1, step=7, samples_per_s=180.0 if w == a else 90.0))
+    bar = TrainingProgress(enabled=False)
+    bar.update(c.status())
+    assert bar.progress.tasks[0].fields["shares"] == "share@samples/s 50%@180 50%@90"
 
 
 def test_machine_loses_silent_members_and_waits_for_min_workers(tmp_path):

@@ -231,18 +231,11 @@ def _clean(obj: Any) -> Any:
 def _device(resources: Optional[dict]) -> str:
     if not resources:
         return "-"
-    gpus = resources.get("gpus") or []
+    gpus, memory = resources.get("gpus") or [], resources.get("gpu_memory_gb") or []
     if gpus:
-        return ", ".join(map(str, gpus))
+        return ", ".join(f"{g} ({m:g} GiB)" if isinstance(m, (int, float)) else str(g)
+                         for g, m in zip(gpus, memory + [None] * len(gpus)))
     return f"cpu ×{resources.get('cpus', 1)} ({resources.get('threads', 1)} threads)"
-
-
-def _shares(workers: list[dict]) -> dict[str, Optional[float]]:
-    """Each worker's fraction of the global batch (members of the current generation only)."""
-    active = {w["worker_id"]: w["share"] for w in workers
-              if w.get("share") and w.get("state") in ("training", "paused", "finished")}
-    total = sum(active.values())
-    return {w["worker_id"]: (active[w["worker_id"]] / total if w["worker_id"] in active else None) for w in workers}
 
 
 # --- Prometheus --------------------------------------------------------------------------------------
@@ -294,7 +287,6 @@ class LeptonCollector(Collector):
         for s in sorted(set(WORKER_STATES) | set(by_state)):
             g.add_metric([str(s)], by_state.get(s, 0))
         yield g
-        shares = _shares(workers)
         speed = GaugeMetricFamily("lepton_worker_samples_per_second", "A worker's measured throughput",
                                   labels=["worker", "host"])
         share = GaugeMetricFamily("lepton_worker_share", "A worker's fraction of the global batch",
@@ -306,8 +298,9 @@ class LeptonCollector(Collector):
                                   labels=["worker", "host", "state"])
         for w in workers:
             wid = str(w["worker_id"])
-            speed.add_metric([wid, str(w.get("host"))], _num(w.get("samples_per_s")))
-            share.add_metric([wid], _num(shares.get(wid) or 0.0))
+            # a worker outside the running plan (lost, standby) computes nothing and holds no share
+            speed.add_metric([wid, str(w.get("host"))], _num(w.get("samples_per_s") or 0.0))
+            share.add_metric([wid], _num(w.get("share_fraction") or 0.0))
             step.add_metric([wid], _num(w.get("step")))
             seen.add_metric([wid], _num(w.get("last_seen_s")))
             winfo.add_metric([wid, str(w.get("host")), str(w.get("state"))], 1)
@@ -387,10 +380,8 @@ def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
                 job_text.append(yaml.safe_dump(coord.job.to_yaml_dict(), sort_keys=False))
             batch = coord.job.train.batch_size
             task = coord.job.task
-        shares = _shares(st.get("workers") or [])
         for w in st.get("workers") or []:
             w["device"] = _device(registered.get(w["worker_id"]))
-            w["share_fraction"] = shares.get(w["worker_id"])
         st.update(events=events, events_total=total_events, job_yaml=job_text[0], batch_size=batch, task=task)
         return JSONResponse(_clean(st), headers=NO_STORE)
 

@@ -84,12 +84,20 @@ class Member:
     run_sent: bool = False          # it was told to start its generation (``plan`` answered ``run``)
 
 
+def fixed_shares(job: JobSpec, world: int) -> Optional[list[float]]:
+    """``cluster.shares`` when it has one entry per member; a generation of another size (a worker
+    lost, or a replacement not yet back) has no fixed shares and is planned as ``cluster.balance`` says."""
+    shares = job.cluster.shares
+    return list(shares) if shares and len(shares) == world else None
+
+
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
-    """Shares of a new generation: the spec's fixed ``cluster.shares``; with balancing off, equal;
-    else proportional to effective speed when every member's is known from an earlier generation,
-    or to capacity (its resources) when not."""
-    if job.cluster.shares and len(job.cluster.shares) == len(members):
-        return list(job.cluster.shares)
+    """Shares of a new generation: the spec's fixed ``cluster.shares`` (``fixed_shares``); with
+    balancing off, equal; else proportional to effective speed when every member's is known from an
+    earlier generation, or to capacity (its resources) when not."""
+    fixed = fixed_shares(job, len(members))
+    if fixed:
+        return fixed
     if job.cluster.balance == "off" or not members:
         return [1.0] * len(members)
     if all(m.cost for m in members):
@@ -445,7 +453,8 @@ class Coordinator:
         m.speed, m.speed_plan = m.measured[0] / m.measured[1], at
 
     def _balancing(self) -> bool:
-        return self.phase == Phase.RUNNING and self.job.cluster.balance == "on" and not self.job.cluster.shares
+        return (self.phase == Phase.RUNNING and self.job.cluster.balance == "on"
+                and fixed_shares(self.job, self.generation_world) is None)
 
     def _replan_step(self) -> int:
         """From which step the next re-plan is considered: while the plan is unsettled (a generation's
@@ -663,8 +672,16 @@ class Coordinator:
         self.run.write_state(state)
         self._persisted, self._persisted_at = state, now
 
+    def _in_plan(self, m: Member) -> bool:
+        """``m`` trains (or trained, or paused from) the current generation's plan. A lost, departed or
+        standby member keeps the share and speed of a plan that no longer runs: shown, they would
+        misstate the others' fractions of the batch."""
+        return m.worker_id in self.generation_members and m.state in ("training", "paused", "finished")
+
     def status(self) -> dict:
         now = self.clock()
+        planned = [m for m in self.members.values() if self._in_plan(m) and m.share]
+        total = sum(m.share for m in planned) or 1.0
         return {
             "name": self.job.name, "status": self.phase.value, "reason": self.reason,
             "generation": self.generation, "step": self.step, "epoch": self.epoch,
@@ -673,8 +690,11 @@ class Coordinator:
             "latest_checkpoint": self.latest_checkpoint, "run_dir": str(self.run.root),
             "summary": self.summary,
             "workers": [{"worker_id": m.worker_id, "host": m.host, "pid": m.pid, "state": m.state,
-                         "rank": m.rank if m.state == "training" else None, "share": m.share,
-                         "step": m.step, "samples_per_s": round(m.samples_per_s, 1),
+                         "rank": m.rank if m.state == "training" else None,
+                         "share": m.share if m in planned else None,
+                         "share_fraction": round(m.share / total, 4) if m in planned else None,
+                         "step": m.step,
+                         "samples_per_s": round(m.samples_per_s, 1) if self._in_plan(m) else None,
                          "last_seen_s": round(now - m.last_seen, 2)} for m in self.members.values()],
             "events": self.events[-20:],
         }

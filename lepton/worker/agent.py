@@ -135,10 +135,11 @@ def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
     except (ValueError, OSError):
         mem_gb = 0.0
     # "name uuid" per visible GPU: the coordinator picks NCCL only when every worker has a GPU of its own
-    gpus = ([f"{torch.cuda.get_device_name(i)} {torch.cuda.get_device_properties(i).uuid}"
-             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
-    return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads, gpus=gpus,
-                     memory_gb=round(mem_gb, 1))
+    props = ([torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+             if torch.cuda.is_available() else [])
+    return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads,
+                     gpus=[f"{p.name} {p.uuid}" for p in props],
+                     gpu_memory_gb=[round(p.total_memory / 2**30, 1) for p in props], memory_gb=round(mem_gb, 1))
 
 
 class Worker:

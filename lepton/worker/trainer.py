@@ -24,6 +24,7 @@ from ..models import build_model, build_optimizer, load_init_weights, num_output
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
 from ..storage.prepared import DataCache
+from . import dropout
 
 EVAL_CHUNK = 4096
 # gradient-buffer slots after the gradients: loss sum, sample count, regroup votes, plan votes; the
@@ -60,6 +61,8 @@ class Trainer:
         # model.batch_norm global (default): BatchNorm layers normalise over the global batch, and every
         # pass of a step is then a collective
         self.global_bn = batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
+        # dropout masks follow the samples, not the rank that computes them (worker/dropout.py)
+        dropout.convert(model)
         self.model = model.to(self.device)
         # BatchNorm running statistics change in the forward pass: a step skipped for a non-finite loss
         # puts them back, so that it changes nothing anywhere (a NaN running variance would stay for good)
@@ -173,7 +176,7 @@ class Trainer:
         rank voted, and the next plan reaches every rank as soon as one knows it (``StepResult.
         next_shares``: the plan's shares as the reduction returned them, the same bits on every rank).
         A share above ``cluster.max_micro_batch`` is computed in micro-batches whose gradients
-        accumulate in the same buffer (the sum is unchanged).
+        accumulate in the same buffer (the sum is unchanged, dropout masks too: they are keyed by sample).
         """
         t0, c0 = time.perf_counter(), time.process_time()
         idx, batch = self.sampler.worker_slice(self.step, shares, rank)
@@ -194,7 +197,8 @@ class Trainer:
                     part = idx[lo:lo + chunk]
                     xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
                     yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
-                    loss = metrics.loss_fn(self.task, self.model(xb), yb)
+                    with dropout.keyed(self.job.seed, self.step, part):
+                        loss = metrics.loss_fn(self.task, self.model(xb), yb)
                     if self.poison and self.poison(self.step):
                         loss = loss * float("nan")
                     loss.backward()
