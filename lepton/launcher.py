@@ -157,18 +157,21 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     workers' pickle of it must not see converted or loaded."""
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))
     try:
-        model = copy.deepcopy(model)
+        model, copied = copy.deepcopy(model), True
     except Exception:      # a model that cannot be copied is checked in place (nothing better to do)
-        pass
+        copied = False
     load_init_weights(job, model)
     _check_outputs(job, model, pre)
     batchnorm.prepare(model, job.model.batch_norm, job.cluster.max_micro_batch)
     batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
     unkeyed = dropout.unkeyed(model)
+    if copied and dropout.convert(model):
+        unkeyed += [f"{name} (its input is not batch-first)" for name in dropout.batch_first(model, pre.input_shape)]
     if unkeyed:     # allowed (DDP behaves so), but the user should know the run is not split-invariant
-        console.print(f"note: the model's {', '.join(unkeyed)} draws torch's random numbers in each worker's"
-                      " order, so the trained model depends on the worker count and shares (nn.Dropout and"
-                      " Dropout1d/2d/3d do not: their masks are keyed by sample)", markup=False, highlight=False)
+        console.print(f"note: these random layers of the model draw torch's random numbers in each worker's order,"
+                      f" so the trained model depends on the worker count and shares: {', '.join(unkeyed)}"
+                      " (nn.Dropout and Dropout1d/2d/3d on batch-first inputs do not: their masks are keyed by"
+                      " sample)", markup=False, highlight=False)
 
 
 def _check_outputs(job: JobSpec, model, pre) -> None:

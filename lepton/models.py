@@ -26,10 +26,15 @@ def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
     width = math.prod(input_shape)
     mods: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
     for layer in spec.layers:
-        mods += [nn.Linear(width, layer.units), _ACT[layer.activation]()]
+        mods += [nn.Linear(width, layer.units), _ACT[layer.activation]()] + _dropout(layer)
         width = layer.units
     mods.append(nn.Linear(width, out))
     return nn.Sequential(*mods)
+
+
+def _dropout(layer: DenseLayer) -> list[nn.Module]:
+    # none at rate 0: the module indices, so the weights' names, stay those of models without dropout
+    return [nn.Dropout(layer.dropout)] if layer.dropout else []
 
 
 def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
@@ -56,7 +61,7 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
             if not flat:
                 mods.append(nn.Flatten())
                 flat = True
-            mods += [nn.LazyLinear(layer.units), _ACT[layer.activation]()]
+            mods += [nn.LazyLinear(layer.units), _ACT[layer.activation]()] + _dropout(layer)
     if not flat:
         mods.append(nn.Flatten())
     mods.append(nn.LazyLinear(out))

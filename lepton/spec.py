@@ -64,6 +64,8 @@ class DenseLayer(_Strict):
     type: Literal["dense"] = "dense"
     units: int = Field(gt=0)
     activation: Activation = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate after the activation (Keras' Dropout layer);"
+                                                          " masks keyed by sample, so the model is split-invariant")
 
 
 class ConvLayer(_Strict):
@@ -221,6 +223,12 @@ class ClusterSpec(_Strict):
         True, description="workers on one host reduce gradients through shared memory (false: gloo/TCP)")
     restart_failed: bool = Field(False, description="lepton train restarts a dead local worker")
     max_restarts: int = Field(3, ge=0, description="restarts allowed per run with restart_failed")
+
+    def fixed_shares(self, world: int) -> Optional[list[float]]:
+        """``shares`` when it has one entry per member of a generation of ``world`` workers; one of
+        another size (a worker lost, or a replacement not yet back) has none fixed and is planned as
+        ``balance`` says."""
+        return list(self.shares) if self.shares and len(self.shares) == world else None
 
     @field_validator("balance", mode="before")
     @classmethod

@@ -39,3 +39,17 @@ def build_dropout(input_shape, num_outputs):
 
 def build_alpha_dropout(input_shape, num_outputs):
     return nn.Sequential(nn.Linear(input_shape[0], 8), nn.SELU(), nn.AlphaDropout(0.1), nn.Linear(8, num_outputs))
+
+
+class _Checkpointed(nn.Sequential):
+    """build_dropout's layers under activation checkpointing: the backward recomputes the forward,
+    dropout included, and must draw the same masks."""
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+
+
+def build_dropout_checkpointed(input_shape, num_outputs):
+    return _Checkpointed(*build_dropout(input_shape, num_outputs))

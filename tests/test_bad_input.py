@@ -263,6 +263,7 @@ def test_job_files_that_yaml_would_misread(tmp_path, text, needles):
 
 @pytest.mark.parametrize("layers,needle", [
     ([{"units": "ten"}], "model.layers[0].units"),
+    ([{"units": 4}, {"units": 4, "dropout": 1}], "model.layers[1].dropout"),
 ])
 def test_layer_errors_name_the_layers_field(tmp_path, csv_data, layers, needle):
     from lepton.errors import SpecError

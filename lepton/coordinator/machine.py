@@ -84,18 +84,11 @@ class Member:
     run_sent: bool = False          # it was told to start its generation (``plan`` answered ``run``)
 
 
-def fixed_shares(job: JobSpec, world: int) -> Optional[list[float]]:
-    """``cluster.shares`` when it has one entry per member; a generation of another size (a worker
-    lost, or a replacement not yet back) has no fixed shares and is planned as ``cluster.balance`` says."""
-    shares = job.cluster.shares
-    return list(shares) if shares and len(shares) == world else None
-
-
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
-    """Shares of a new generation: the spec's fixed ``cluster.shares`` (``fixed_shares``); with
+    """Shares of a new generation: the spec's fixed ``cluster.shares`` (``ClusterSpec.fixed_shares``); with
     balancing off, equal; else proportional to effective speed when every member's is known from an
     earlier generation, or to capacity (its resources) when not."""
-    fixed = fixed_shares(job, len(members))
+    fixed = job.cluster.fixed_shares(len(members))
     if fixed:
         return fixed
     if job.cluster.balance == "off" or not members:
@@ -454,7 +447,7 @@ class Coordinator:
 
     def _balancing(self) -> bool:
         return (self.phase == Phase.RUNNING and self.job.cluster.balance == "on"
-                and fixed_shares(self.job, self.generation_world) is None)
+                and self.job.cluster.fixed_shares(self.generation_world) is None)
 
     def _replan_step(self) -> int:
         """From which step the next re-plan is considered: while the plan is unsettled (a generation's

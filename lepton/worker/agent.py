@@ -311,7 +311,7 @@ class Worker:
         if self.faults.has("nan"):
             t.poison = lambda step: self.faults.poisoned(rank, step)
         # the probe and the short first window serve the balancer only: not when shares are equal or fixed
-        balancing = job.cluster.balance == "on" and not job.cluster.shares
+        balancing = job.cluster.balance == "on" and job.cluster.fixed_shares(gen.world) is None
         meter = StepMeter(on_gpu=t.device.type == "cuda", first_window=FIRST_WINDOW if balancing else None)
         probe = t.probe_fixed_cost if balancing else (lambda: 0.0)
         every, log_every = job.checkpoint.every_steps, job.train.log_every_steps

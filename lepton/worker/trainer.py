@@ -197,11 +197,12 @@ class Trainer:
                     part = idx[lo:lo + chunk]
                     xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
                     yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
+                    # the backward too: an activation-checkpointing recompute redraws the forward's masks
                     with dropout.keyed(self.job.seed, self.step, part):
                         loss = metrics.loss_fn(self.task, self.model(xb), yb)
-                    if self.poison and self.poison(self.step):
-                        loss = loss * float("nan")
-                    loss.backward()
+                        if self.poison and self.poison(self.step):
+                            loss = loss * float("nan")
+                        loss.backward()
                     loss_sum += float(loss.detach())
             if self.compute_hook:
                 self.compute_hook(len(idx))
