@@ -22,6 +22,7 @@ multiplier below 2**31), so nothing relies on overflow.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -33,10 +34,10 @@ _M32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def _mix(x: torch.Tensor) -> torch.Tensor:
     """A bijection of [0, 2**32) in int64, in place (multipliers below 2**31: no product overflows).
-    ``scratch``, a tensor like ``x``, saves the shifts' allocations on a large ``x``."""
-    scratch = torch.empty_like(x) if scratch is None else scratch
+    The shifts write into one scratch tensor: on a large ``x`` allocations cost more than the arithmetic."""
+    scratch = torch.empty_like(x)
     x ^= torch.bitwise_right_shift(x, 16, out=scratch)
     x.mul_(0x21F0AAAD).bitwise_and_(_M32)
     x ^= torch.bitwise_right_shift(x, 15, out=scratch)
@@ -114,10 +115,7 @@ class KeyedDropout(nn.Module):
             return _TORCH[self.kind](x, self.p, True, self.inplace)     # not keyable: torch's dropout
         key = _key(_pass.seed, _pass.step, self.layer, self._call())
         shape = tuple(x.shape[:2] if self.channels else x.shape)
-        width = 1
-        for d in shape[1:]:
-            width *= d
-        keep = keep_mask(rows, width, key, self.p, x.device).reshape(shape + (1,) * (x.dim() - len(shape)))
+        keep = keep_mask(rows, math.prod(shape[1:]), key, self.p, x.device).reshape(shape + (1,) * (x.dim() - len(shape)))
         y = x.mul_(keep) if self.inplace else x.mul(keep)
         return y.mul_(1.0 / (1.0 - self.p)) if self.p < 1.0 else y
 
