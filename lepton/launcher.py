@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .comm import batchnorm
 from .console import console
-from .coordinator.machine import Coordinator
+from .coordinator.controller import Controller
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError
 from .models import build_model, load_init_weights, num_outputs
@@ -270,7 +270,7 @@ def _factory_path(run: RunDir) -> str | None:
 
 def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None = None) -> CoordinatorServer:
     target = workers or opened.job.cluster.workers
-    coord = Coordinator(opened.job, opened.run, target, train_rows=opened.train_rows,
+    coord = Controller(opened.job, opened.run, target, train_rows=opened.train_rows,
                         resume_checkpoint=opened.resume_checkpoint, previous_generation=opened.previous_generation)
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
 

@@ -76,11 +76,11 @@ def test_every_route_of_the_app_refuses_without_the_token(tmp_path):
     framework's own /openapi.json answered without the token until it was switched off)."""
     import threading
     from starlette.testclient import TestClient
-    from lepton.coordinator.machine import Coordinator
+    from lepton.coordinator.controller import Controller
     from lepton.coordinator.server import build_app
     from lepton.spec import parse_job
     from lepton.storage.rundir import RunDir
-    coord = Coordinator(parse_job(job_dict(tmp_path / "d.csv")), RunDir(tmp_path / "run"), 1, train_rows=10)
+    coord = Controller(parse_job(job_dict(tmp_path / "d.csv")), RunDir(tmp_path / "run"), 1, train_rows=10)
     app = build_app(coord, "secret", threading.Lock(), 0, None)
     client = TestClient(app)
     checked = []

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Procs, coordinator_url, job_dict, make_classification_csv
 
 from lepton.coordinator.dashboard import MetricsHistory, Series, cookie_name, dashboard_url, downsample
-from lepton.coordinator.machine import Coordinator
+from lepton.coordinator.controller import Controller
 from lepton.coordinator.server import build_app
 from lepton.protocol import RegisterRequest
 from lepton.spec import parse_job
@@ -85,7 +85,7 @@ def test_history_reads_only_whole_lines_incrementally(tmp_path):
 @pytest.fixture
 def served(tmp_path):
     job = parse_job(job_dict(make_classification_csv(tmp_path / "data.csv")), source="job")
-    coord = Coordinator(job, RunDir(tmp_path / "run"), target_workers=2, train_rows=168)
+    coord = Controller(job, RunDir(tmp_path / "run"), target_workers=2, train_rows=168)
     app = build_app(coord, TOKEN, threading.Lock(), 0, None)
     with warnings.catch_warnings():          # starlette's note about its httpx-based test client
         warnings.simplefilter("ignore")

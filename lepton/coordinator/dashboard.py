@@ -40,12 +40,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .state import MEMBER_STATES as WORKER_STATES
+from .state import PHASES
+
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 MAX_POINTS = 500          # per series sent to the page
 EVENTS_SHOWN = 200        # most recent events sent to the page
-WORKER_STATES = ("joining", "standby", "training", "paused", "finished", "lost", "left")
-PHASES = ("waiting", "running", "regrouping", "completed", "failed", "stopped")
 _NOT_METRICS = {"kind", "split", "time", "step", "epoch", "count", "generation", "workers", "total_steps"}
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

@@ -3,7 +3,7 @@
 Every endpoint except ``GET /healthz`` requires ``Authorization: Bearer <token>`` (invariant 6).
 The TCPStore and gloo have no authentication of their own (PyTorch's security model): the store is
 bound to the same interface as the HTTP API, so bind both to the cluster's private interface.
-All calls into the state machine hold one lock; the machine itself never blocks.
+All calls into the controller hold one lock; the controller itself never blocks.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException
 
 from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
-from .machine import Coordinator
+from .controller import Controller
 
 HEARTBEAT_INTERVAL_S = 0.5
 # at least this many beats per cluster.heartbeat_timeout_s, whatever the timeout (a short one beats faster)
 BEATS_PER_TIMEOUT = 8
 
 
-def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: int,
+def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: int,
               factory_pickle: str | None) -> FastAPI:
     # no OpenAPI schema or docs pages: they would answer without the token (and list every route)
     app = FastAPI(title="Lepton coordinator", docs_url=None, redoc_url=None, openapi_url=None)
@@ -34,7 +34,7 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
     # async: FastAPI runs a plain ``def`` dependency or endpoint on a thread of its pool, which costs
     # ~0.3 ms of processor time per request (measured: 0.70 ms per heartbeat with threads, 0.45 without)
     # and training workers pay for it when the coordinator shares their cores. The hot endpoints
-    # (heartbeat, plan, report) are async: the machine never waits on anything but a few small file
+    # (heartbeat, plan, report) are async: the controller never waits on anything but a few small file
     # writes, so they hold the event loop no longer than they would hold the lock; the rare heavier
     # ones (register, status, the dashboard) stay on the pool.
     async def auth(authorization: str | None = Header(default=None)) -> None:
@@ -131,7 +131,7 @@ class Listener:
 class CoordinatorServer:
     """Serves ``coord`` on a ``Listener``: the HTTP API on a thread, the TCPStore, a ticker thread."""
 
-    def __init__(self, coord: Coordinator, token: str, listener: Listener, factory_pickle: str | None = None):
+    def __init__(self, coord: Controller, token: str, listener: Listener, factory_pickle: str | None = None):
         self.coord = coord
         self.lock = threading.Lock()
         self.listener = listener

@@ -1,0 +1,95 @@
+"""Where a failure is handled: the failure policy, which turns what went wrong into a decision.
+
+Like Ray Train v2's ``FailurePolicy.make_decision``, it is pure: it is told what happened and what the
+run looks like, and returns a ``FailureDecision``; the controller (membership and phase) and the local
+supervisor (processes) carry it out. Keeping the rules here, and only here, is what lets the next
+stages (a lost worker reported by one member, parameter servers, cluster engines) change a rule
+without reasoning about the whole controller.
+
+The rules (invariant 3: the survivors of a loss are at most one step apart, and the most advanced
+of them is the source of the next generation's state, so a loss costs no checkpoint reload):
+
+- a member of the running generation lost (exited, silent, a collective failed) → ``REGROUP``;
+  anyone else lost (standby, joining, a generation already regrouping) → ``NONE``;
+- a worker reporting an error of its own → ``FAIL`` (a diverged model fails the run by design);
+- fewer live workers than needed → ``WAIT``, until ``cluster.wait_for_workers_s`` has passed → ``FAIL``;
+- a local worker process exiting non-zero under ``cluster.restart_failed`` → ``RESTART_LOCAL`` while
+  restarts remain (``cluster.max_restarts``); every local worker gone → ``FAIL``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from ..spec import ClusterSpec
+
+
+class Action(str, Enum):
+    REGROUP = "regroup"  # end the generation; its survivors pause and the next one forms from them
+    WAIT = "wait"  # too few workers: training waits (the live state is checkpointed) until more come
+    FAIL = "fail"  # end the run failed
+    RESTART_LOCAL = "restart_local"  # start a local worker process in place of one that exited
+    NONE = "none"  # nothing beyond recording it
+
+
+@dataclass(frozen=True)
+class FailureDecision:
+    action: Action
+    reason: str
+
+
+class FailurePolicy:
+    def __init__(self, cluster: ClusterSpec):
+        self.cluster = cluster
+
+    def member_lost(self, worker_id: str, how: str, in_running_generation: bool) -> FailureDecision:
+        """A member died, hung or was found gone (``how``)."""
+        if in_running_generation:
+            return FailureDecision(Action.REGROUP, f"worker {worker_id} lost")
+        return FailureDecision(Action.NONE, f"{worker_id} lost outside a running generation: {how}")
+
+    def collective_error(self, worker_id: str, error: str, current_and_running: bool) -> FailureDecision:
+        """A member reports that a collective of its generation failed (a peer died or hung). A report
+        from an older generation, or one that arrives while a regroup is under way, changes nothing."""
+        if current_and_running:
+            return FailureDecision(Action.REGROUP, "a collective failed")
+        return FailureDecision(Action.NONE, f"collective error from {worker_id} after its generation ended")
+
+    def worker_error(self, worker_id: str, error: str) -> FailureDecision:
+        """A worker reports an error of its own (an exception in its training loop)."""
+        if error.startswith("training diverged"):
+            return FailureDecision(Action.FAIL, error)
+        return FailureDecision(Action.FAIL, f"worker {worker_id} failed: {error}")
+
+    def too_few_workers(
+        self, alive: int, waited_s: float, checkpoint_step: int, checkpointing: bool
+    ) -> FailureDecision:
+        """Fewer than ``cluster.min_workers`` alive, for ``waited_s`` so far. The deadline does not run
+        out while the live state is being written as a checkpoint (``checkpointing``)."""
+        limit = self.cluster.wait_for_workers_s
+        if checkpointing or waited_s <= limit:
+            return FailureDecision(Action.WAIT, f"{alive} worker(s) alive, cluster.min_workers is {self.cluster.min_workers}")
+        return FailureDecision(
+            Action.FAIL,
+            f"only {alive} worker(s) alive, fewer than cluster.min_workers={self.cluster.min_workers}, for "
+            f"{limit:g} s (cluster.wait_for_workers_s); the last checkpoint is at step {checkpoint_step}",
+        )
+
+    def local_exit(self, code: int, restarts: int, run_final: bool) -> FailureDecision:
+        """A local worker process of ``lepton train`` exited with ``code``; ``restarts`` have been made."""
+        if code == 0 or run_final or not self.cluster.restart_failed:
+            return FailureDecision(Action.NONE, f"a local worker exited with code {code}")
+        if restarts >= self.cluster.max_restarts:
+            return FailureDecision(Action.NONE, f"no restart left (cluster.max_restarts={self.cluster.max_restarts})")
+        return FailureDecision(
+            Action.RESTART_LOCAL,
+            f"restarted a local worker that exited with code {code} ({restarts + 1}/{self.cluster.max_restarts})",
+        )
+
+    def no_local_workers(self, restarts: int) -> FailureDecision:
+        """Every local worker process has exited while the run goes on."""
+        if self.cluster.restart_failed:
+            why = f"local workers keep failing ({restarts} restart(s), cluster.max_restarts={self.cluster.max_restarts})"
+        else:
+            why = "every local worker exited"
+        return FailureDecision(Action.FAIL, why)

@@ -1,0 +1,149 @@
+"""The failure policy stepped on its own (pure decisions), and the controller's transition record:
+one writer of the phase, every transition an event with previous → next, no file written when the
+controller has no observers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from lepton.coordinator.controller import Controller
+from lepton.coordinator.failure_policy import Action, FailurePolicy
+from lepton.coordinator.journal import Observer
+from lepton.coordinator.state import MemberState, Phase
+from lepton.protocol import Heartbeat, RegisterRequest, Report
+from lepton.spec import parse_job
+from lepton.storage.rundir import RunDir
+
+from conftest import job_dict
+
+CONTROLLER = Path(__file__).resolve().parents[1] / "lepton" / "coordinator" / "controller.py"
+
+
+def _policy(tmp_path, **cluster):
+    over = {f"cluster__{k}": v for k, v in cluster.items()}
+    return FailurePolicy(parse_job(job_dict(tmp_path / "d.csv", **over)).cluster)
+
+
+def test_a_lost_member_regroups_only_a_running_generation(tmp_path):
+    p = _policy(tmp_path)
+    assert p.member_lost("w1", "process exited with code -9", True).action == Action.REGROUP
+    assert p.member_lost("w1", "heartbeat timeout", False).action == Action.NONE
+
+
+def test_a_collective_error_from_an_old_generation_changes_nothing(tmp_path):
+    p = _policy(tmp_path)
+    assert p.collective_error("w0", "peer closed", True).action == Action.REGROUP
+    assert p.collective_error("w0", "peer closed", False).action == Action.NONE
+
+
+def test_a_worker_error_fails_the_run_and_says_who(tmp_path):
+    p = _policy(tmp_path)
+    d = p.worker_error("w3", "ValueError: boom")
+    assert d.action == Action.FAIL and d.reason == "worker w3 failed: ValueError: boom"
+    assert p.worker_error("w3", "training diverged at step 7").reason == "training diverged at step 7"
+
+
+def test_too_few_workers_waits_until_the_deadline_but_not_while_checkpointing(tmp_path):
+    p = _policy(tmp_path, min_workers=2, wait_for_workers_s=30)
+    assert p.too_few_workers(1, 29.0, 4, checkpointing=False).action == Action.WAIT
+    late = p.too_few_workers(1, 31.0, 4, checkpointing=False)
+    assert late.action == Action.FAIL and "cluster.min_workers=2" in late.reason and "step 4" in late.reason
+    assert p.too_few_workers(1, 99.0, 4, checkpointing=True).action == Action.WAIT
+
+
+def test_local_restarts_follow_restart_failed_and_max_restarts(tmp_path):
+    p = _policy(tmp_path, restart_failed=True, max_restarts=2)
+    assert p.local_exit(1, 0, run_final=False).action == Action.RESTART_LOCAL
+    assert "(2/2)" in p.local_exit(1, 1, run_final=False).reason
+    assert p.local_exit(1, 2, run_final=False).action == Action.NONE  # none left
+    assert p.local_exit(0, 0, run_final=False).action == Action.NONE  # a clean exit is no failure
+    assert p.local_exit(1, 0, run_final=True).action == Action.NONE  # the run is over
+    assert "keep failing" in p.no_local_workers(2).reason
+    off = _policy(tmp_path, restart_failed=False)
+    assert off.local_exit(1, 0, run_final=False).action == Action.NONE
+    assert off.no_local_workers(0).reason == "every local worker exited"
+
+
+class _Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Recorder(Observer):
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def on_event(self, event: dict) -> None:
+        self.events.append(event)
+
+
+def test_every_phase_change_is_one_event_with_previous_and_next(tmp_path):
+    """Stepped through join → loss → wait → rejoin → completion with only an in-memory observer: the
+    events' from/to chain is exactly the sequence of phases, and no file is written."""
+    rec = _Recorder()
+    job = parse_job(job_dict(tmp_path / "d.csv", cluster__min_workers=2, cluster__heartbeat_timeout_s=5))
+    run = RunDir(tmp_path / "run")
+    c = Controller(job, run, 2, train_rows=100, clock=_Clock(), observers=[rec])
+    phases = [c.phase]
+
+    def ready(pid: int) -> str:
+        wid = c.register(RegisterRequest(host="h", pid=pid))
+        c.plan(wid)
+        phases.append(c.phase)
+        return wid
+
+    a, b = ready(1), ready(2)
+    c.process_exited(2, -9)  # b dies: regroup, then too few: wait
+    phases.append(c.phase)
+    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3}))
+    phases.append(c.phase)
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 3, "path": "/ck3"}))
+    d = ready(3)
+    c.report(Report(worker_id=a, kind="finished", payload={"summary": {"steps": 21}}))
+    c.report(Report(worker_id=d, kind="finished"))
+    phases.append(c.phase)
+
+    changes = [(e["from"], e["to"]) for e in rec.events if "to" in e]
+    distinct = [p.value for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+    assert changes == list(zip(distinct, distinct[1:]))
+    assert distinct == ["waiting", "running", "regrouping", "waiting", "running", "completed"]
+    kinds = [e["kind"] for e in rec.events if "to" in e]
+    assert kinds == ["generation", "regroup", "waiting", "generation", "completed"]
+    assert c.members[b].state == MemberState.LOST and "code -9" in c.members[b].cause
+    assert c.state.cause == "training completed at step 21"
+    assert not run.root.exists()  # no observer of the run directory: nothing written
+
+
+def test_a_heartbeat_timeout_is_a_lost_member_with_its_cause(tmp_path):
+    job = parse_job(job_dict(tmp_path / "d.csv", cluster__heartbeat_timeout_s=5))
+    clock = _Clock()
+    c = Controller(job, RunDir(tmp_path / "run"), 1, train_rows=100, clock=clock, observers=[])
+    a = c.register(RegisterRequest(host="h", pid=1))
+    c.plan(a)
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=1))
+    clock.t = 6.0
+    c.tick()
+    assert c.phase == Phase.WAITING and c.members[a].state == MemberState.LOST
+    assert c.members[a].cause.startswith("heartbeat timeout (6.0 s silent")
+    assert c.status()["workers"][0]["cause"] == c.members[a].cause
+
+
+def test_the_phase_has_one_writer():
+    """``Controller.state`` (which holds the phase) is assigned in ``_transition`` and the constructor
+    only."""
+    tree = ast.parse(CONTROLLER.read_text())
+    writers = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    for t in targets:
+                        for el in ast.walk(t):
+                            if isinstance(el, ast.Attribute) and el.attr in ("state", "phase"):
+                                if isinstance(el.value, ast.Name) and el.value.id == "self":
+                                    writers.add(fn.name)
+    assert writers == {"__post_init__", "_transition"}
