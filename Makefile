@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the fast tier: no test that starts a process (conftest.py marks those e2e); well under a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e" tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
