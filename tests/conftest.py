@@ -165,7 +165,7 @@ def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> s
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
-        raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}")
+        raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}") from None
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)     # reap any worker left in the group
@@ -182,9 +182,15 @@ def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> s
 # itself with @pytest.mark.e2e. The autouse guard below makes a miss loud: a fast-tier test that starts a
 # process fails.
 E2E_ENTRY_POINTS = (
-    "subprocess", "multiprocessing", "torch.multiprocessing", "playwright", "uvicorn",
-    "lepton.api.train",                                    # a real coordinator server and K worker processes
-    "lepton.launcher.LocalWorkers", "lepton.launcher.CoordinatorServer", "lepton.launcher.start_coordinator",
+    "subprocess",
+    "multiprocessing",
+    "torch.multiprocessing",
+    "playwright",
+    "uvicorn",
+    "lepton.api.train",  # a real coordinator server and K worker processes
+    "lepton.launcher.LocalWorkers",
+    "lepton.launcher.CoordinatorServer",
+    "lepton.launcher.start_coordinator",
 )
 _TEST_MODULES = ("conftest", "fakes", "factory_models")
 
@@ -196,6 +202,7 @@ def _in_tests(obj) -> bool:
 
 def _qualified(obj) -> str | None:
     import inspect
+
     if inspect.ismodule(obj):
         return obj.__name__
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
@@ -209,6 +216,7 @@ def _is_entry_point(name: str | None) -> bool:
 def _dotted(node) -> list[str] | None:
     """``a.b.c`` as ["a", "b", "c"]; None for anything that is not a dotted name."""
     import ast
+
     parts = []
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
@@ -218,7 +226,7 @@ def _dotted(node) -> list[str] | None:
 
 def _resolve(parts: list[str], scope: dict, imports: dict[str, str]):
     """(qualified name, object or None) of the dotted name ``parts`` as the function sees it."""
-    if parts[0] in imports:                                # imported inside the function
+    if parts[0] in imports:  # imported inside the function
         target = imports[parts[0]]
         module, _, name = target.rpartition(".")
         obj = sys.modules.get(target) or getattr(sys.modules.get(module), name, None)
@@ -245,9 +253,10 @@ def _starts_processes(fn) -> bool:
     import ast
     import inspect
     import textwrap
+
     if id(fn) in _starts_processes_memo:
         return _starts_processes_memo[id(fn)]
-    _starts_processes_memo[id(fn)] = False                 # while recursing, and for unreadable source
+    _starts_processes_memo[id(fn)] = False  # while recursing, and for unreadable source
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -269,13 +278,17 @@ def _starts_processes(fn) -> bool:
         if parts:
             name, obj = _resolve(parts, scope, imports)
             found = _is_entry_point(name) or (
-                (inspect.isfunction(obj) or inspect.isclass(obj)) and _in_tests(obj) and _starts_processes(obj))
+                (inspect.isfunction(obj) or inspect.isclass(obj))
+                and _in_tests(obj)
+                and _starts_processes(obj)
+            )
     _starts_processes_memo[id(fn)] = found
     return found
 
 
 def pytest_collection_modifyitems(config, items):
     import inspect
+
     for item in items:
         if item.get_closest_marker("e2e"):
             continue
@@ -292,11 +305,20 @@ def _guard(request, monkeypatch):
         import multiprocessing.process
 
         def refuse(*args, **kwargs):
-            raise RuntimeError(f"{request.node.nodeid} starts a process but is not marked e2e: mark it "
-                               "@pytest.mark.e2e, or add its entry point to conftest.E2E_ENTRY_POINTS")
-        for owner, name in ((subprocess.Popen, "_execute_child"), (multiprocessing.process.BaseProcess, "start"),
-                            (os, "fork"), (os, "forkpty"), (os, "posix_spawn"), (os, "posix_spawnp"),
-                            (os, "system")):
+            raise RuntimeError(
+                f"{request.node.nodeid} starts a process but is not marked e2e: mark it "
+                "@pytest.mark.e2e, or add its entry point to conftest.E2E_ENTRY_POINTS"
+            )
+
+        for owner, name in (
+            (subprocess.Popen, "_execute_child"),
+            (multiprocessing.process.BaseProcess, "start"),
+            (os, "fork"),
+            (os, "forkpty"),
+            (os, "posix_spawn"),
+            (os, "posix_spawnp"),
+            (os, "system"),
+        ):
             if hasattr(owner, name):
                 monkeypatch.setattr(owner, name, refuse)
     yield

@@ -1,12 +1,13 @@
 """Fakes shared by the unit tests: a clock the test moves by hand, and a coordinator stepped by fake
 workers (no network, no sleeps)."""
+
 import json
 
+from conftest import job_dict
 from lepton.coordinator.machine import Coordinator
 from lepton.protocol import Heartbeat, RegisterRequest
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
-from conftest import job_dict
 
 
 class Clock:
@@ -35,6 +36,15 @@ def event_kinds(tmp_path):
 
 
 def measure(c, w, step, version, samples, busy, compute):
-    return c.heartbeat(Heartbeat(worker_id=w, generation=0, step=step, plan_version=version,
-                                 step_samples=samples, step_busy_s=busy, step_compute_s=compute,
-                                 step_compute_fixed_s=0.0))
+    return c.heartbeat(
+        Heartbeat(
+            worker_id=w,
+            generation=0,
+            step=step,
+            plan_version=version,
+            step_samples=samples,
+            step_busy_s=busy,
+            step_compute_s=compute,
+            step_compute_fixed_s=0.0,
+        )
+    )

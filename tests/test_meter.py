@@ -1,4 +1,5 @@
 """The worker's step meter: whole steps over full windows, medians, resets at a plan switch."""
+
 import pytest
 
 from fakes import Clock
@@ -7,7 +8,8 @@ from fakes import Clock
 def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
     import lepton.worker.meter as meter_module
     from lepton.worker.meter import StepMeter
-    clock = Clock()                                 # processor time, advanced by the "work" below
+
+    clock = Clock()  # processor time, advanced by the "work" below
     monkeypatch.setattr(meter_module.time, "process_time", clock)
 
     def burn(s):
@@ -16,16 +18,16 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
     m = StepMeter(on_gpu=False, window=3)
     for i in range(5):
         m.begin()
-        burn(2e-3)                                  # "compute window"
+        burn(2e-3)  # "compute window"
         m.record(10, 2e-3, 2e-3, 0.5e-3)
-        burn(1e-3)                                  # reduction, update, loop: outside the window
+        burn(1e-3)  # reduction, update, loop: outside the window
         if i == 1:
-            burn(20e-3)                             # e.g. an evaluation: not a sample
+            burn(20e-3)  # e.g. an evaluation: not a sample
             m.discard()
         if i == 3:
-            burn(30e-3)                             # one step that paid for something else (a GC)
+            burn(30e-3)  # one step that paid for something else (a GC)
         if i < 3:
-            assert m.fields().get("step_busy_s", 0.0) == 0.0     # no full window yet
+            assert m.fields().get("step_busy_s", 0.0) == 0.0  # no full window yet
     m.begin()
     f = m.fields()
     assert f["step_samples"] == 10 and f["step_compute_s"] == pytest.approx(2e-3)
@@ -33,7 +35,7 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
     assert f["step_busy_s"] == pytest.approx(3e-3)
     beat = dict(f)
     m.reset()
-    beat.update(m.fields())          # heartbeat fields are merged: the last plan's medians must not stay
+    beat.update(m.fields())  # heartbeat fields are merged: the last plan's medians must not stay
     assert beat["step_busy_s"] == beat["step_samples"] == beat["step_compute_s"] == 0.0
     # a shorter first window (the starting shares are a guess); after a plan switch, full windows
     m = StepMeter(on_gpu=False, window=3, first_window=2)
@@ -45,6 +47,6 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
     for _ in range(3):
         m.begin()
         m.record(10, 1e-3, 1e-3, 0.5e-3)
-    assert not m.full and len(m.steps) == 2         # the third step closes at the next begin()
+    assert not m.full and len(m.steps) == 2  # the third step closes at the next begin()
     m.begin()
     assert m.full

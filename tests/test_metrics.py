@@ -1,4 +1,5 @@
 """Metrics from exactly reduced sums: the same for any partition of the rows, and equal to scikit-learn's."""
+
 import pytest
 
 
@@ -6,13 +7,19 @@ import pytest
 def test_reduced_metrics_match_sklearn_and_any_partition(classes):
     import torch
     from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
     from lepton import metrics
+
     g = torch.Generator().manual_seed(0)
     out = torch.randn(301, classes, generator=g)
     y = torch.randint(0, classes, (301,), generator=g)
-    whole = metrics.finish("classification", metrics.batch_sums("classification", out, y, classes), classes, True)
-    parts = sum(metrics.batch_sums("classification", out[a:b], y[a:b], classes)
-                for a, b in ((0, 100), (100, 101), (101, 301)))
+    whole = metrics.finish(
+        "classification", metrics.batch_sums("classification", out, y, classes), classes, True
+    )
+    parts = sum(
+        metrics.batch_sums("classification", out[a:b], y[a:b], classes)
+        for a, b in ((0, 100), (100, 101), (101, 301))
+    )
     split = metrics.finish("classification", parts, classes, True)
     assert split["confusion_matrix"] == whole["confusion_matrix"]
     assert split["f1"] == whole["f1"] and split["accuracy"] == whole["accuracy"]

@@ -1,12 +1,15 @@
 """The global-batch sampler: split counts, and every sample once per epoch however the batch is split."""
+
 import numpy as np
 import pytest
 
 from lepton.sampler import GlobalBatchSampler, split_counts
 
 
-@pytest.mark.parametrize("total,weights", [(16, [1, 1]), (17, [1, 2, 5]), (5, [1, 1, 1]), (2, [1, 1, 1]),
-                                           (512, [0.7, 0.2, 0.1]), (3, [100, 1, 1])])
+@pytest.mark.parametrize(
+    "total,weights",
+    [(16, [1, 1]), (17, [1, 2, 5]), (5, [1, 1, 1]), (2, [1, 1, 1]), (512, [0.7, 0.2, 0.1]), (3, [100, 1, 1])],
+)
 def test_split_counts_sum_and_floor(total, weights):
     c = split_counts(total, weights)
     assert sum(c) == total and len(c) == len(weights)
