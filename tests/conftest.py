@@ -165,10 +165,178 @@ def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> s
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
-        raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}")
+        raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}") from None
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)     # reap any worker left in the group
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+
+# --- tiers: a test that starts processes is `e2e`; everything else is the fast tier ------------------
+# `make test-fast` runs `pytest -m "not e2e"`. The rule is automatic: a test is e2e when it, a fixture of
+# the test modules it uses, or a function of the test modules either of them calls (conftest's run_cli and
+# Procs, a module's own helpers; transitively) refers to one of E2E_ENTRY_POINTS. A test may also say so
+# itself with @pytest.mark.e2e. The autouse guard below makes a miss loud: a fast-tier test that starts a
+# process fails.
+E2E_ENTRY_POINTS = (
+    "subprocess",
+    "multiprocessing",
+    "torch.multiprocessing",
+    "playwright",
+    "uvicorn",
+    "lepton.train",  # a real coordinator server and K worker processes
+    "lepton.launcher.LocalWorkers",
+    "lepton.launcher.CoordinatorServer",
+    "lepton.launcher.start_coordinator",
+)  # public paths: each is also matched under the name of the module that defines it (lepton.api.train)
+_TEST_MODULES = ("conftest", "fakes", "factory_models")
+
+
+def _in_tests(obj) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module in _TEST_MODULES or module.startswith("test_")
+
+
+def _qualified(obj) -> str | None:
+    import inspect
+
+    if inspect.ismodule(obj):
+        return obj.__name__
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else None
+
+
+_entry_point_names: tuple[str, ...] = ()
+
+
+def _is_entry_point(name: str | None) -> bool:
+    global _entry_point_names
+    if not _entry_point_names:  # the listed paths and where their objects are defined; a stale path is
+        import importlib  # skipped (and the guard catches the test that then starts a process)
+
+        names = set(E2E_ENTRY_POINTS)
+        for path in E2E_ENTRY_POINTS:
+            module, _, attr = path.rpartition(".")
+            try:
+                names.add(_qualified(getattr(importlib.import_module(module), attr)) or path)
+            except (ImportError, AttributeError, ValueError):
+                pass
+        _entry_point_names = tuple(names)
+    return name is not None and any(name == e or name.startswith(e + ".") for e in _entry_point_names)
+
+
+def _dotted(node) -> list[str] | None:
+    """``a.b.c`` as ["a", "b", "c"]; None for anything that is not a dotted name."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
+
+
+def _resolve(parts: list[str], scope: dict, imports: dict[str, str]):
+    """(qualified name, object or None) of the dotted name ``parts`` as the function sees it."""
+    if parts[0] in imports:  # imported inside the function
+        target = imports[parts[0]]
+        module, _, name = target.rpartition(".")
+        obj = sys.modules.get(target) or getattr(sys.modules.get(module), name, None)
+        if obj is None:
+            return ".".join([target, *parts[1:]]), None
+    elif parts[0] in scope:
+        obj = scope[parts[0]]
+    else:
+        return None, None
+    for i, attr in enumerate(parts[1:], 1):
+        nxt = getattr(obj, attr, None)
+        if nxt is None:
+            return ".".join([_qualified(obj) or "?", *parts[i:]]), None
+        obj = nxt
+    return _qualified(obj), obj
+
+
+_starts_processes_memo: dict[int, bool] = {}
+
+
+def _starts_processes(fn) -> bool:
+    """Whether the source of ``fn`` (a function or class of the test modules) refers to an entry point,
+    directly or through another function or class of the test modules."""
+    import ast
+    import inspect
+    import textwrap
+
+    if id(fn) in _starts_processes_memo:
+        return _starts_processes_memo[id(fn)]
+    _starts_processes_memo[id(fn)] = False  # while recursing, and for unreadable source
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    scope = getattr(fn, "__globals__", None) or vars(inspect.getmodule(fn))
+    imports: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                imports[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                imports[a.asname or a.name] = f"{node.module}.{a.name}"
+    found = any(_is_entry_point(target) for target in imports.values())
+    for node in ast.walk(tree):
+        if found:
+            break
+        parts = _dotted(node) if isinstance(node, (ast.Name, ast.Attribute)) else None
+        if parts:
+            name, obj = _resolve(parts, scope, imports)
+            found = _is_entry_point(name) or (
+                (inspect.isfunction(obj) or inspect.isclass(obj))
+                and _in_tests(obj)
+                and _starts_processes(obj)
+            )
+    _starts_processes_memo[id(fn)] = found
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            continue
+        fns = [getattr(item, "function", None)]
+        for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+            fns += [inspect.unwrap(d.func) for d in defs]
+        if any(fn is not None and fn is not _guard and _in_tests(fn) and _starts_processes(fn) for fn in fns):
+            item.add_marker(pytest.mark.e2e)
+
+
+def _guard(request, monkeypatch):
+    """Outside `e2e`, starting a process is a test error: the fast tier stays fast and self-contained."""
+    if request.node.get_closest_marker("e2e") is None:
+        import multiprocessing.process
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(
+                f"{request.node.nodeid} starts a process but is not marked e2e: mark it "
+                "@pytest.mark.e2e, or add its entry point to conftest.E2E_ENTRY_POINTS"
+            )
+
+        for owner, name in (
+            (subprocess.Popen, "_execute_child"),
+            (multiprocessing.process.BaseProcess, "start"),
+            (os, "fork"),
+            (os, "forkpty"),
+            (os, "posix_spawn"),
+            (os, "posix_spawnp"),
+            (os, "system"),
+        ):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, refuse)
+    yield
+
+
+_fast_tier_starts_no_process = pytest.fixture(autouse=True)(_guard)

@@ -69,6 +69,7 @@ def _test_split(run: Path):
 
 # --- ONNX and int8 ---------------------------------------------------------------------------------
 
+@pytest.mark.e2e                # its fixture, looked up by name, trains a run
 @pytest.mark.parametrize("which", ["breast", "digits"])
 def test_fp32_onnx_matches_torch(which, request):
     run = request.getfixturevalue(which)[0]
@@ -81,6 +82,7 @@ def test_fp32_onnx_matches_torch(which, request):
     assert load_artifact(run / "exports" / "model.onnx").runner(x[:1]).shape == (1, torch_out.shape[1])
 
 
+@pytest.mark.e2e                # its fixture, looked up by name, trains a run
 @pytest.mark.parametrize("which", ["breast", "digits"])
 def test_int8_accuracy_within_one_point(which, request):
     run, report = request.getfixturevalue(which)
