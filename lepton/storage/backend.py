@@ -319,16 +319,18 @@ class FsspecStorage:
     def write(self, rel: str, data: bytes, *, mode: int | None = None, create_only: bool = False) -> None:
         path = self._path(rel)
         if create_only:
-            # "xb" where the filesystem has it (local, memory; s3fs maps it to a conditional PUT in its
-            # recent versions), else a check then a write (not race-free: one writer per name, as here)
-            self._parent(path)
-            try:
-                with self.fs.open(path, "xb") as f:
-                    f.write(data)
-                return
-            except (ValueError, NotImplementedError, TypeError):
-                if self.fs.exists(path):
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.describe(rel)) from None
+            # on an object store, a conditional upload where the filesystem offers one (mode "xb"); else,
+            # and on other filesystems, a check then the atomic write below: safe against a crash, not
+            # against a second writer of the same name at the same instant (there is one writer per name)
+            if self.object_store:
+                try:
+                    with self.fs.open(path, "xb") as f:
+                        f.write(data)
+                    return
+                except (ValueError, NotImplementedError, TypeError):
+                    pass
+            if self.fs.exists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.describe(rel))
         if self.object_store:
             self.fs.pipe_file(path, data)
             return
