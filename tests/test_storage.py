@@ -1,13 +1,19 @@
 """The storage seam (lepton/storage/backend.py): one protocol, a local and an fsspec implementation, the
-same tests for both."""
+same tests for both; RunDir over it writes the run directory it always wrote (design.md §4)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lepton.storage import backend
 from lepton.storage.backend import FsspecStorage, LocalStorage, RunStorage
+from lepton.storage.rundir import RunDir, read_jsonl
 
 
 @pytest.fixture(params=["local", "fsspec-memory", "fsspec-file"])
@@ -156,6 +162,20 @@ def test_fsspec_storage_writes_one_upload_on_an_object_store():
 
 
 # --- invariant 4: an interrupted atomic write leaves the old file -----------------------------------
+def test_a_write_whose_rename_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    run.write_state({"status": "running", "step": 1})
+    before = run.state_json.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("simulated crash at the rename")
+    monkeypatch.setattr(backend.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        run.write_state({"status": "running", "step": 2})
+    assert run.state_json.read_bytes() == before
+    assert sorted(p.name for p in run.root.iterdir()) == ["state.json"]
+
+
 def test_an_fsspec_write_whose_move_fails_leaves_the_old_file(tmp_path, monkeypatch):
     s = FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}")
     s.write("state.json", b"old")
@@ -166,3 +186,184 @@ def test_an_fsspec_write_whose_move_fails_leaves_the_old_file(tmp_path, monkeypa
     with pytest.raises(OSError, match="simulated crash"):
         s.write("state.json", b"new")
     assert s.read("state.json") == b"old" and s.list() == ["state.json"]
+
+
+def test_a_checkpoint_whose_rename_fails_leaves_the_last_good_one(tmp_path, monkeypatch):
+    import torch
+
+    from lepton.storage.checkpoint import read_checkpoint, write_checkpoint
+    run = RunDir(tmp_path / "run")
+    path = write_checkpoint(run, 5, {"w": torch.ones(2)}, keep=2)
+    monkeypatch.setattr(LocalStorage, "move", lambda self, a, b: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError):
+        write_checkpoint(run, 5, {"w": torch.zeros(2)}, keep=2)
+    assert torch.equal(read_checkpoint(path)["w"], torch.ones(2))
+
+
+# --- RunDir over the seam -------------------------------------------------------------------------
+def _write_a_run(run: RunDir, extra: Path) -> None:
+    """Every kind of file a run has, written through RunDir and the modules that name files in it."""
+    import torch
+
+    from lepton.storage.checkpoint import write_best, write_checkpoint, write_model
+    from lepton.storage.prepared import PreparedData
+    run.write_job({"name": "j", "seed": 3, "model": {"layers": [4, 4]}})
+    run.write_state({"status": "running", "step": np.int64(7), "path": Path("/x")})
+    run.append_event({"kind": "start", "time": 1.5})
+    run.append_event({"kind": "é", "v": np.float32(0.5)})
+    run.append_metric({"kind": "train", "step": 1})
+    run.write_summary({"status": "completed", "steps": 3})
+    run.create_token("tok-abc")
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(3, 2), "b": torch.zeros(2)}
+    for s in (10, 20, 30, 30):
+        write_checkpoint(run, s, {"model": sd, "step": s}, keep=2)
+    write_best(run, 20, {"model": sd, "step": 20})
+    extra.write_bytes(b"factory")
+    write_model("model", sd, {"format": "lepton-model/1", "v": np.int64(2)}, {"model_factory.pkl": extra},
+                storage=run.storage)
+
+    class Pre:
+        def to_dict(self):
+            return {"kind": "fake", "n": 2}
+    x, y = np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(6, dtype=np.int64).reshape(6, 1) * 2
+    arrays = {f"{s}_{p}": x if p == "x" else y for s in ("train", "val", "test") for p in "xy"}
+    PreparedData(arrays, Pre(), {"rows": 6}).write(run, "fp123")
+
+
+# the files and their contents as the run directory held them before the seam (sha256, first 16 hex)
+BEFORE = {
+    "checkpoints/best/meta.json": "6757ee3248e9833d", "checkpoints/best/state.pt": "ac23dd44dbf1ab91",
+    "checkpoints/step-000000020/meta.json": "6757ee3248e9833d",
+    "checkpoints/step-000000020/state.pt": "ac23dd44dbf1ab91",
+    "checkpoints/step-000000030/meta.json": "9b0f80bd23b82cfa",
+    "checkpoints/step-000000030/state.pt": "e9a0e405fd597ee8",
+    "data/manifest.json": "49d38d2b173a84b0", "data/preprocess.json": "5ffa9ab438625163",
+    "data/test_x.npy": "3bc7c1aac7f792ef", "data/test_y.npy": "4e7e96bb6e3b65f0",
+    "data/train_x.npy": "3bc7c1aac7f792ef", "data/train_y.npy": "4e7e96bb6e3b65f0",
+    "data/val_x.npy": "3bc7c1aac7f792ef", "data/val_y.npy": "4e7e96bb6e3b65f0",
+    "events.jsonl": "e2f0c5cc52a785af", "job.yaml": "19c73fac43e83d77", "metrics.jsonl": "70703d479ea4ca16",
+    "model/lepton.json": "8526c5be643e80e8", "model/model_factory.pkl": "06c8aaa93d80a768",
+    "model/weights.safetensors": "ae8da253aaa418d0", "state.json": "f1a9263e8f59570c",
+    "summary.json": "8dbeb4afd6dddef1", "token": "4580ce52daa0b310",
+}
+
+
+def _tree(storage: RunStorage, rel: str = "") -> dict[str, str]:
+    out = {}
+    for name in storage.list(rel):
+        r = f"{rel}/{name}" if rel else name
+        if name.endswith("/"):
+            out.update(_tree(storage, r.rstrip("/")))
+        else:
+            out[r] = hashlib.sha256(storage.read(r)).hexdigest()[:16]
+    return out
+
+
+def test_run_dir_over_local_storage_writes_the_files_it_wrote_before(tmp_path):
+    run = RunDir(tmp_path / "run")
+    _write_a_run(run, tmp_path / "factory.pkl")
+    assert _tree(run.storage) == BEFORE
+    assert sorted(str(p.relative_to(run.root)) for p in run.root.rglob("*") if p.is_file()) == sorted(BEFORE)
+    modes = {str(p.relative_to(run.root)): p.stat().st_mode & 0o777 for p in run.root.rglob("*") if p.is_file()}
+    default = 0o666 & ~backend._umask()
+    assert modes == {k: 0o600 if k in ("token", "model/weights.safetensors") else default for k in BEFORE}
+    assert json.loads(run.state_json.read_text()) == {"status": "running", "step": 7, "path": "/x"}
+    assert run.state_json.read_text().startswith('{\n  "status"') and run.state_json.read_text().endswith("}\n")
+    assert [r["kind"] for r in read_jsonl(run.events_jsonl)] == ["start", "é"]
+
+
+def test_run_dir_over_fsspec_writes_the_same_files(tmp_path):
+    run = RunDir(FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache"))
+    _write_a_run(run, tmp_path / "factory.pkl")
+    assert _tree(run.storage) == BEFORE
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_run_dir_reads_back_what_it_wrote(tmp_path, kind, monkeypatch):
+    import torch
+
+    from lepton.storage.checkpoint import (
+        read_checkpoint,
+        read_model,
+        readable_state_dir,
+        write_checkpoint,
+    )
+    from lepton.storage.prepared import DataCache
+    from lepton.storage.preprocess import Preprocessor
+    storage = (LocalStorage(tmp_path / "run") if kind == "local"
+               else FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache"))
+    run = RunDir(storage)
+    assert not run.holds_run() and run.read_state() == {}
+    _write_a_run(run, tmp_path / "factory.pkl")
+    assert run.holds_run()
+    assert run.read_state() == {"status": "running", "step": 7, "path": "/x"}
+    assert run.read_job_dict()["model"] == {"layers": [4, 4]}
+    assert run.create_token() == "tok-abc"                  # the existing token on resume
+    assert [e["kind"] for e in run.events()] == ["start", "é"] and [m["step"] for m in run.metrics()] == [1]
+    ck = write_checkpoint(run, 40, {"w": torch.ones(2)}, keep=2)
+    assert ck == run.locate("checkpoints/step-000000040")
+    assert torch.equal(read_checkpoint("checkpoints/step-000000040", storage=storage)["w"], torch.ones(2))
+    assert readable_state_dir("checkpoints/step-000000040", storage=storage) == "checkpoints/step-000000040"
+    assert readable_state_dir("checkpoints/step-000000001", storage=storage) is None
+    weights, meta = read_model("model", storage=storage)
+    assert meta["v"] == 2 and set(weights) == {"w", "b"}
+    monkeypatch.setattr(Preprocessor, "from_dict", classmethod(lambda cls, d: d))   # _write_a_run's is a fake
+    cache = DataCache(run)
+    x, y = cache.get("train")
+    assert cache.preprocessor == {"kind": "fake", "n": 2}
+    assert x.shape == (6, 2) and y.shape == (6, 1) and isinstance(x, np.memmap)
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.append_event({"kind": "a"})
+    with open(run.events_jsonl, "ab") as f:
+        f.write(b'{"kind": "b", "det')                      # a crash mid-append
+    assert [e["kind"] for e in run.events()] == ["a"]
+    assert [e["kind"] for e in read_jsonl(run.events_jsonl)] == ["a"]
+
+
+def test_append_jsonl_takes_a_run_path_or_a_name(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.append_jsonl(run.metrics_jsonl, {"step": 1})
+    run.append_jsonl("metrics.jsonl", {"step": 2})
+    assert run.metrics_jsonl.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_the_methods_for_the_launcher_write_where_the_paths_say(tmp_path):
+    run = RunDir(tmp_path / "run")
+    src = tmp_path / "init.safetensors"
+    src.write_bytes(b"weights")
+    assert run.copy_init_weights(src) == run.init_weights and run.init_weights.read_bytes() == b"weights"
+    run.copy_in(src, "data/x.npy", link=True)
+    assert os.path.samefile(src, run.data_dir / "x.npy")    # a hard link on one file system
+    run.write_factory(b"pickle")
+    assert run.factory_pickle.read_bytes() == b"pickle" and run.read_factory() == b"pickle"
+    assert run.read_data_from() is None
+    run.write_data_from("/runs/source")
+    assert run.data_from_file.read_text() == "/runs/source" and run.read_data_from() == "/runs/source"
+    with run.worker_log(2) as f:
+        f.write(b"line 1\n")
+    with run.worker_log(2) as f:
+        f.write(b"line 2\n")
+    assert (run.logs_dir / "worker-2.log").read_bytes() == b"line 1\nline 2\n"
+
+
+def test_share_prepared_links_the_files_and_writes_the_manifest_last(tmp_path):
+    from lepton.storage.prepared import share_prepared
+    source = RunDir(tmp_path / "a")
+    for name in ("train_x.npy", "preprocess.json", "manifest.json"):
+        source.storage.write(f"data/{name}", name.encode())
+    run = RunDir(tmp_path / "b")
+    share_prepared(source, run)
+    assert sorted(p.name for p in run.data_dir.iterdir()) == ["manifest.json", "preprocess.json", "train_x.npy"]
+    assert os.path.samefile(run.data_dir / "train_x.npy", source.data_dir / "train_x.npy")
+
+
+def test_a_run_dir_not_on_this_machine_has_no_local_paths():
+    from lepton.errors import LeptonError
+    run = RunDir(FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}"))
+    with pytest.raises(LeptonError, match="not a folder on this machine"):
+        _ = run.state_json
+    assert run.where("state.json").startswith("memory://") and run.where("state.json").endswith("/state.json")
