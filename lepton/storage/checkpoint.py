@@ -5,69 +5,123 @@ A checkpoint is written into a hidden temporary folder, fsynced, and renamed to
 deleted only after the new one exists (the last good checkpoint is never overwritten in place,
 invariant 4). Saving runs on a background thread after the state has been copied to host memory, so
 training stalls only for that copy.
+
+All of it goes through the run's ``RunStorage`` (backend.py). The functions that take a ``Path``
+(``write_state_dir``, ``read_checkpoint``, ``write_model`` ...) work on that folder of this machine
+unless a ``storage`` is given, in which case the path is a name relative to that storage's root.
+On an object store a folder rename is a copy: there the next step is a create-only manifest written
+after the checkpoint's objects (design.md §10), which ``RunStorage.write(create_only=True)`` allows.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .rundir import RunDir, atomic_write_json, fsync_dir
+from .backend import LocalStorage, RunStorage
+from .rundir import CHECKPOINTS_DIR, RunDir, _json_bytes
 
 STATE_FILE = "state.pt"
 MODEL_WEIGHTS = "weights.safetensors"
 MODEL_META = "lepton.json"
 
 
-def write_state_dir(final: Path, step: int, state: dict) -> Path:
+def _at(path: str | Path, storage: RunStorage | None) -> tuple[RunStorage, str]:
+    """(storage, name) of a folder: a local ``path`` as (its parent, its name), or ``path`` in ``storage``."""
+    if storage is not None:
+        return storage, Path(path).as_posix() if isinstance(path, Path) else path
+    p = Path(path)
+    return LocalStorage(p.parent), p.name
+
+
+def _sibling(rel: str, name: str) -> str:
+    folder, _, _ = rel.rpartition("/")
+    return f"{folder}/{name}" if folder else name
+
+
+def _aside_rel(rel: str) -> str:
+    return _sibling(rel, f".{rel.rpartition('/')[2]}.old")
+
+
+def _quiet_delete(storage: RunStorage, rel: str) -> None:
+    try:
+        storage.delete(rel)
+    except OSError:
+        pass                        # as rmtree(ignore_errors=True): a leftover is removed by the next save
+
+
+def _replace_dir(storage: RunStorage, tmp: str, final: str) -> None:
+    """The complete folder ``tmp`` renamed to ``final``; a folder already there is moved aside first, not
+    deleted, until the new one is in place (a crash in between leaves it readable as ``.NAME.old``)."""
+    old = _aside_rel(final)
+    if storage.exists(final):       # the same step saved again (e.g. the final save)
+        _quiet_delete(storage, old)
+        storage.move(final, old)
+    storage.move(tmp, final)        # the folder it is in synced
+    _quiet_delete(storage, old)
+
+
+def write_state_dir(final: str | Path, step: int, state: dict, storage: RunStorage | None = None) -> Path | str:
     """``state`` into the folder ``final``, written beside it and renamed, replacing it whole. Its
     data reaches the disk before the rename does (a crash must not leave a complete-looking folder
     with an empty state file), and a folder of the same step is moved aside, not deleted, until the
     new one is in place (``readable_state_dir`` finds it if a crash came in between)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    atomic_write_json(tmp / "meta.json", {"step": step})
-    old = _aside(final)
-    if final.exists():            # the same step saved again (e.g. the final save)
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    storage, rel = _at(final, storage)
+    _write_state_dir(storage, rel, step, state)
     return final
 
 
-def _aside(final: Path) -> Path:
-    return final.with_name(f".{final.name}.old")
+def _write_state_dir(storage: RunStorage, rel: str, step: int, state: dict) -> None:
+    tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
+    _quiet_delete(storage, tmp)
+    with storage.open_write(f"{tmp}/{STATE_FILE}") as f:
+        torch.save(state, f)
+    storage.write(f"{tmp}/meta.json", _json_bytes({"step": step}))
+    _replace_dir(storage, tmp, rel)
 
 
-def readable_state_dir(path: str | Path) -> Path | None:
+def readable_state_dir(path: str | Path, storage: RunStorage | None = None) -> Path | str | None:
     """``path``, or the copy ``write_state_dir`` moved aside if a crash came before its replacement
     was renamed in; None when neither exists."""
-    for p in (Path(path), _aside(Path(path))):
-        if (p / STATE_FILE).exists():
-            return p
+    store, rel = _at(path, storage)
+    found = _readable_rel(store, rel)
+    if found is None:
+        return None
+    if storage is not None:
+        return found
+    return Path(path) if found == rel else _aside_local(Path(path))
+
+
+def _aside_local(p: Path) -> Path:
+    return p.with_name(f".{p.name}.old")
+
+
+def _readable_rel(storage: RunStorage, rel: str) -> str | None:
+    for r in (rel, _aside_rel(rel)):
+        if storage.exists(f"{r}/{STATE_FILE}"):
+            return r
     return None
 
 
-def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path:
-    final = write_state_dir(run.checkpoint_dir(step), step, state)
-    done = sorted(p for p in run.checkpoints_dir.glob("step-*") if p.is_dir())
+def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path | str:
+    """``checkpoints/step-N`` of ``run``; the oldest beyond ``keep`` deleted once it is in place.
+    Where it is: a path on a local run (``RunDir.locate``)."""
+    rel = run.checkpoint_rel(step)
+    _write_state_dir(run.storage, rel, step, state)
+    done = sorted(n for n in run.storage.list(CHECKPOINTS_DIR) if n.startswith("step-") and n.endswith("/"))
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        _quiet_delete(run.storage, f"{CHECKPOINTS_DIR}/{old.rstrip('/')}")
+    return run.locate(rel)
+
+
+def write_best(run: RunDir, step: int, state: dict) -> None:
+    """The keep-best model, ``checkpoints/best``, replaced whole as a checkpoint is."""
+    _write_state_dir(run.storage, run.best_rel, step, state)
 
 
 def _to_host(obj):
@@ -85,10 +139,13 @@ class CheckpointUnreadable(Exception):
     """A checkpoint file that exists but cannot be loaded (truncated, overwritten, another format)."""
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    file = (readable_state_dir(path) or Path(path)) / STATE_FILE
+def read_checkpoint(path: str | Path, storage: RunStorage | None = None) -> dict:
+    store, rel = _at(path, storage)
+    name = f"{_readable_rel(store, rel) or rel}/{STATE_FILE}"
+    file = store.describe(name)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        with store.open_read(name) as f:
+            state = torch.load(f, map_location="cpu", weights_only=False)
     except (FileNotFoundError, MemoryError):
         raise
     except Exception as e:      # torch.load raises pickle, zip and runtime errors alike
@@ -129,28 +186,23 @@ class AsyncCheckpointer:
             raise err
 
 
-def write_model(model_dir: Path, state_dict: dict, meta: dict, extra_files: dict[str, Path] | None = None) -> None:
+def write_model(model_dir: str | Path, state_dict: dict, meta: dict, extra_files: dict[str, Path] | None = None,
+                storage: RunStorage | None = None) -> None:
     """``model/`` = weights (safetensors) + lepton.json, replaced as a whole."""
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    storage, rel = _at(model_dir, storage)
+    tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
+    _quiet_delete(storage, tmp)
     # copies: safetensors refuses tensors that share memory (a user model with tied weights)
-    save_file({k: v.detach().cpu().clone() for k, v in state_dict.items()}, str(tmp / MODEL_WEIGHTS))
+    weights = save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
+    storage.write(f"{tmp}/{MODEL_WEIGHTS}", weights, mode=0o600)   # the mode safetensors' save_file gave it
+    del weights
     for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, tmp / name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic_write_json(tmp / MODEL_META, meta)
-    old = model_dir.with_name(f".{model_dir.name}.old")
-    if model_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        model_dir.rename(old)
-    tmp.rename(model_dir)
-    fsync_dir(model_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        storage.put(Path(src), f"{tmp}/{name}")
+    storage.write(f"{tmp}/{MODEL_META}", _json_bytes(meta))
+    _replace_dir(storage, tmp, rel)
 
 
-def read_model(model_dir: Path) -> tuple[dict, dict]:
-    meta = json.loads((model_dir / MODEL_META).read_text())
-    return load_file(str(model_dir / MODEL_WEIGHTS)), meta
+def read_model(model_dir: str | Path, storage: RunStorage | None = None) -> tuple[dict, dict]:
+    storage, rel = _at(model_dir, storage)
+    meta = json.loads(storage.read(f"{rel}/{MODEL_META}").decode())
+    return load_file(str(storage.local_path(f"{rel}/{MODEL_WEIGHTS}"))), meta

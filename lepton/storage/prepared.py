@@ -4,6 +4,9 @@ The coordinator calls ``prepare`` before any worker starts: it reads the raw fil
 (errors name the file, column and row), cleans it, splits it by the job seed, fits the preprocessing on
 the training split and writes ``RUN_DIR/data/{train,val,test}_{x,y}.npy`` plus ``preprocess.json``.
 Workers open the ``.npy`` files with ``mmap_mode='r'``: the page cache is shared, nothing is parsed twice.
+They are written and read through the run's ``RunStorage``; the memory map needs a file on this
+machine's disk, which ``RunStorage.local_path`` gives (the file itself locally, a cached download from
+an object store).
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import numpy as np
 from ..errors import DataError
 from ..spec import DataSpec, JobSpec
 from .preprocess import Preprocessor, column_is_missing, looks_numeric, to_float, to_strings
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json
+from .rundir import DATA_DIR, RunDir, _json_bytes
 from .tables import check_used_columns, detect_format, read_table
 
 SPLITS = ("train", "val", "test")
+PREPROCESS = f"{DATA_DIR}/preprocess.json"
+MANIFEST = f"{DATA_DIR}/manifest.json"       # written last: its presence says the data is complete
 
 
 @dataclass
@@ -32,17 +37,21 @@ class PreparedData:
 
     def write(self, run: RunDir, fingerprint: str) -> None:
         for key, a in self.arrays.items():
-            buf = _npy_bytes(a)
-            atomic_write_bytes(run.data_dir / f"{key}.npy", buf)
-        atomic_write_json(run.data_dir / "preprocess.json", self.preprocessor.to_dict())
-        atomic_write_json(run.data_dir / "manifest.json", {"fingerprint": fingerprint, **self.report})
+            with run.storage.open_write(f"{DATA_DIR}/{key}.npy") as f:
+                np.save(f, np.ascontiguousarray(a))
+        run.storage.write(PREPROCESS, _json_bytes(self.preprocessor.to_dict()))
+        run.storage.write(MANIFEST, _json_bytes({"fingerprint": fingerprint, **self.report}))   # last: complete
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-    import io
-    b = io.BytesIO()
-    np.save(b, np.ascontiguousarray(a))
-    return b.getvalue()
+def share_prepared(source: RunDir, run: RunDir) -> None:
+    """``source``'s prepared files into ``run``: hard links where both are one local file system
+    (prepared files are only ever replaced by a rename, never written in place, so sharing them is
+    safe), else a copy; the manifest last, as ``PreparedData.write`` does, so an interrupted copy
+    reads as missing."""
+    names = sorted(n for n in source.storage.list(DATA_DIR) if not n.endswith("/") and n != "manifest.json")
+    for name in names + ["manifest.json"]:
+        rel = f"{DATA_DIR}/{name}"
+        run.copy_in(source.storage.local_path(rel), rel, link=True)
 
 
 def fingerprint(job: JobSpec) -> str:
@@ -61,9 +70,8 @@ def cache_state(run: RunDir, job: JobSpec) -> str:
     """``current``: the run's prepared data matches the source; ``changed``: it is complete (the
     manifest is written last) but the source file changed, moved or is gone since; ``missing``: there
     is none (or only part of one)."""
-    m = run.data_dir / "manifest.json"
     try:
-        manifest = json.loads(m.read_text())
+        manifest = json.loads(run.storage.read(MANIFEST).decode())
     except (OSError, json.JSONDecodeError):
         return "missing"
     return "current" if manifest.get("fingerprint") == fingerprint(job) else "changed"
@@ -202,13 +210,13 @@ class DataCache:
     """A worker's read-only view of the prepared splits (memory-mapped)."""
 
     def __init__(self, run: RunDir):
-        self.dir = run.data_dir
-        self.preprocessor = Preprocessor.from_dict(json.loads((self.dir / "preprocess.json").read_text()))
+        self.storage = run.storage
+        self.preprocessor = Preprocessor.from_dict(json.loads(self.storage.read(PREPROCESS).decode()))
         self._arrays: dict[str, np.ndarray] = {}
 
     def get(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         for part in ("x", "y"):
             key = f"{split}_{part}"
             if key not in self._arrays:
-                self._arrays[key] = np.load(self.dir / f"{key}.npy", mmap_mode="r")
+                self._arrays[key] = np.load(self.storage.local_path(f"{DATA_DIR}/{key}.npy"), mmap_mode="r")
         return self._arrays[f"{split}_x"], self._arrays[f"{split}_y"]

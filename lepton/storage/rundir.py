@@ -1,9 +1,15 @@
 """The run directory: the one object that owns every path of a run (design.md §4).
 
-Every path at the top of a run directory, and every folder in it, comes from ``RunDir``; the files inside
+Every name at the top of a run directory, and every folder in it, comes from ``RunDir``; the files inside
 data/, model/, checkpoints/ and logs/ are named by the one module that writes them (PreparedData, the
-checkpoint writer, the local-worker launcher). Every file that a crash could leave half-written is
-written to a temporary name and renamed (invariant 4).
+checkpoint writer, the local-worker launcher). Every byte goes through the run's ``RunStorage``
+(backend.py): a folder of this machine (``LocalStorage``, the default) or any fsspec filesystem
+(``FsspecStorage``). Every file that a crash could leave half-written is written to a temporary name
+and renamed (invariant 4).
+
+The ``Path`` properties (``job_yaml``, ``data_dir`` ...) are for callers that still need a local path;
+they raise on a run that is not on this machine's disk. The names relative to the root are the
+constants below, and the methods take them.
 """
 from __future__ import annotations
 
@@ -12,54 +18,48 @@ import fcntl
 import json
 import os
 import secrets
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import yaml
 
 from ..errors import LeptonError
+from .backend import LocalStorage, RunStorage, fsync_dir
 
+__all__ = ["RunDir", "RunLock", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_jsonl", "new_token"]
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_DEFAULT_MODE = 0o666 & ~_umask()
+# names relative to the run's root (design.md §4, a public contract)
+JOB_YAML = "job.yaml"
+STATE_JSON = "state.json"
+EVENTS_JSONL = "events.jsonl"
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_JSON = "summary.json"
+TOKEN = "token"
+FACTORY_PICKLE = "model_factory.pkl"
+DATA_FROM = "data_from"
+INIT_WEIGHTS = "init_weights.safetensors"
+DATA_DIR = "data"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+EXPORTS_DIR = "exports"
+LOGS_DIR = "logs"
+TENSORBOARD_DIR = "tensorboard"
+LOCK = ".lock"
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _DEFAULT_MODE if mode is None else mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)                # the rename itself survives a crash only once its folder is synced
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:      # some network and FUSE filesystems cannot sync a folder: nothing more to do
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+    """Write to a temporary file in the same folder, fsync, rename over ``path`` (``LocalStorage.write``;
+    for files outside a run directory: exports, predictions)."""
+    path = Path(path)
+    LocalStorage(path.parent).write(path.name, data, mode=mode)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
 
 
 def _json_default(o: Any):
@@ -72,13 +72,20 @@ def _json_default(o: Any):
 
 def read_jsonl(path: Path) -> Iterator[dict]:
     """Lines of a JSON-lines file; a torn last line (crash mid-append) is skipped."""
-    if not path.exists():
+    path = Path(path)
+    return _jsonl_records(LocalStorage(path.parent), path.name)
+
+
+def _jsonl_records(storage: RunStorage, rel: str) -> Iterator[dict]:
+    try:
+        f = storage.open_read(rel)
+    except FileNotFoundError:
         return
-    with open(path) as f:
+    with f:
         for line in f:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                yield json.loads(line.decode())
+            except ValueError:           # a torn line: JSON cut short, or a multi-byte character cut
                 continue
 
 
@@ -87,99 +94,185 @@ def new_token() -> str:
 
 
 class RunDir:
-    """Paths and small-file I/O of one run. See design.md §4 for the layout (a public contract)."""
+    """Names and small-file I/O of one run. See design.md §4 for the layout (a public contract).
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+    ``RunDir(path)`` is a run in a local folder; ``RunDir(storage)`` one on any ``RunStorage``
+    (``RunDir(FsspecStorage("s3://bucket/run"))``)."""
 
-    # --- paths -------------------------------------------------------------------------------
+    def __init__(self, root: str | os.PathLike | RunStorage):
+        if isinstance(root, (str, os.PathLike)):
+            self.storage: RunStorage = LocalStorage(Path(root).resolve())
+        else:
+            self.storage = root
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.storage!r})"
+
+    def where(self, rel: str = "") -> str:
+        """``rel`` as a message names it: a local path, or a URL."""
+        return self.storage.describe(rel)
+
+    def locate(self, rel: str) -> Path | str:
+        """``rel`` as the run reports it (in state.json, to the coordinator): a path on a local run,
+        a URL otherwise."""
+        return self.root / rel if self.storage.local_root is not None else self.where(rel)
+
+    # --- paths (local runs) -----------------------------------------------------------------
     @property
-    def job_yaml(self) -> Path: return self.root / "job.yaml"
+    def root(self) -> Path:
+        if self.storage.local_root is None:
+            raise LeptonError(f"{self.where()}: not a folder on this machine (this needs a local run directory)")
+        return self.storage.local_root
+
     @property
-    def state_json(self) -> Path: return self.root / "state.json"
+    def job_yaml(self) -> Path: return self.root / JOB_YAML
     @property
-    def events_jsonl(self) -> Path: return self.root / "events.jsonl"
+    def state_json(self) -> Path: return self.root / STATE_JSON
     @property
-    def metrics_jsonl(self) -> Path: return self.root / "metrics.jsonl"
+    def events_jsonl(self) -> Path: return self.root / EVENTS_JSONL
     @property
-    def data_dir(self) -> Path: return self.root / "data"
+    def metrics_jsonl(self) -> Path: return self.root / METRICS_JSONL
     @property
-    def checkpoints_dir(self) -> Path: return self.root / "checkpoints"
+    def data_dir(self) -> Path: return self.root / DATA_DIR
     @property
-    def model_dir(self) -> Path: return self.root / "model"
+    def checkpoints_dir(self) -> Path: return self.root / CHECKPOINTS_DIR
     @property
-    def summary_json(self) -> Path: return self.root / "summary.json"
+    def model_dir(self) -> Path: return self.root / MODEL_DIR
     @property
-    def exports_dir(self) -> Path: return self.root / "exports"
+    def summary_json(self) -> Path: return self.root / SUMMARY_JSON
     @property
-    def token_file(self) -> Path: return self.root / "token"
+    def exports_dir(self) -> Path: return self.root / EXPORTS_DIR
     @property
-    def factory_pickle(self) -> Path: return self.root / "model_factory.pkl"
+    def token_file(self) -> Path: return self.root / TOKEN
     @property
-    def data_from_file(self) -> Path: return self.root / "data_from"    # the run whose prepared data it shares
+    def factory_pickle(self) -> Path: return self.root / FACTORY_PICKLE
     @property
-    def init_weights(self) -> Path: return self.root / "init_weights.safetensors"   # its copy of model.init_weights
+    def data_from_file(self) -> Path: return self.root / DATA_FROM    # the run whose prepared data it shares
     @property
-    def logs_dir(self) -> Path: return self.root / "logs"          # local workers' output (worker-K.log)
+    def init_weights(self) -> Path: return self.root / INIT_WEIGHTS   # its copy of model.init_weights
+    @property
+    def logs_dir(self) -> Path: return self.root / LOGS_DIR          # local workers' output (worker-K.log)
     @property
     def finetune_dir(self) -> Path: return self.exports_dir / "finetune"   # the pruned model's fine-tune run
     @property
-    def tensorboard_dir(self) -> Path: return self.root / "tensorboard"
+    def tensorboard_dir(self) -> Path: return self.root / TENSORBOARD_DIR
 
     @property
     def best_dir(self) -> Path:
         """The best model so far by the keep-best metric (a checkpoint kept apart from the rotation)."""
-        return self.checkpoints_dir / "best"
+        return self.root / self.best_rel
 
     def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints_dir / f"step-{step:09d}"
+        return self.root / self.checkpoint_rel(step)
+
+    # --- names (any storage) ----------------------------------------------------------------
+    best_rel = f"{CHECKPOINTS_DIR}/best"
+
+    @staticmethod
+    def checkpoint_rel(step: int) -> str:
+        return f"{CHECKPOINTS_DIR}/step-{step:09d}"
+
+    @staticmethod
+    def worker_log_rel(k: int) -> str:
+        return f"{LOGS_DIR}/worker-{k}.log"
 
     # --- queries -----------------------------------------------------------------------------
     def holds_run(self) -> bool:
         """True when the folder already holds a run that a new one must not overwrite."""
-        return self.state_json.exists() or self.job_yaml.exists()
+        return self.storage.exists(STATE_JSON) or self.storage.exists(JOB_YAML)
 
     def read_state(self) -> dict:
-        if not self.state_json.exists():
-            return {}
         try:
-            state = json.loads(self.state_json.read_text())
+            state = json.loads(self.storage.read(STATE_JSON).decode())
+        except FileNotFoundError:
+            return {}
         except (OSError, ValueError) as e:
-            raise LeptonError(f"{self.state_json}: unreadable run state ({e})") from None
+            raise LeptonError(f"{self.where(STATE_JSON)}: unreadable run state ({e})") from None
         if not isinstance(state, dict):
-            raise LeptonError(f"{self.state_json}: unreadable run state (not a JSON object)")
+            raise LeptonError(f"{self.where(STATE_JSON)}: unreadable run state (not a JSON object)")
         return state
 
     def read_job_dict(self) -> dict:
-        return yaml.safe_load(self.job_yaml.read_text())
+        return yaml.safe_load(self.storage.read(JOB_YAML).decode())
+
+    def events(self) -> Iterator[dict]:
+        """events.jsonl's records; a torn last line is skipped."""
+        return _jsonl_records(self.storage, EVENTS_JSONL)
+
+    def metrics(self) -> Iterator[dict]:
+        """metrics.jsonl's records; a torn last line is skipped."""
+        return _jsonl_records(self.storage, METRICS_JSONL)
+
+    def read_data_from(self) -> str | None:
+        """The run directory whose prepared data this run shares, if any."""
+        try:
+            return self.storage.read(DATA_FROM).decode()
+        except FileNotFoundError:
+            return None
+
+    def read_factory(self) -> bytes | None:
+        """The pickled model factory (a callable ``model.factory``), if the run has one."""
+        try:
+            return self.storage.read(FACTORY_PICKLE)
+        except FileNotFoundError:
+            return None
 
     # --- writes ------------------------------------------------------------------------------
     def write_job(self, job_dict: dict) -> None:
-        atomic_write_bytes(self.job_yaml, yaml.safe_dump(job_dict, sort_keys=False).encode())
+        self.storage.write(JOB_YAML, yaml.safe_dump(job_dict, sort_keys=False).encode())
 
     def write_state(self, state: dict) -> None:
-        atomic_write_json(self.state_json, state)
+        self.storage.write(STATE_JSON, _json_bytes(state))
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary_json, summary)
+        self.storage.write(SUMMARY_JSON, _json_bytes(summary))
 
-    def append_jsonl(self, path: Path, record: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+    def write_factory(self, blob: bytes) -> None:
+        self.storage.write(FACTORY_PICKLE, blob)
+
+    def write_data_from(self, source_root: str) -> None:
+        self.storage.write(DATA_FROM, source_root.encode())
+
+    def copy_in(self, src: Path, rel: str, *, link: bool = False) -> None:
+        """The local file ``src`` copied into the run as ``rel``, atomically (a temporary name, fsync,
+        rename); ``link``: a hard link where it can be (``RunStorage.put``)."""
+        self.storage.put(Path(src), rel, link=link)
+
+    def copy_init_weights(self, src: Path) -> Path | str:
+        """The run's own copy of ``model.init_weights``; where it is."""
+        self.copy_in(src, INIT_WEIGHTS)
+        return self.locate(INIT_WEIGHTS)
+
+    def append_jsonl(self, path: Path | str, record: dict) -> None:
+        """``record`` as one line at the end of ``path`` (one of this run's files: ``metrics_jsonl``,
+        ``events_jsonl``, or its name relative to the root)."""
+        rel = path if isinstance(path, str) else Path(path).relative_to(self.root).as_posix()
+        self.storage.append(rel, (json.dumps(record, default=_json_default) + "\n").encode())
+
+    def append_event(self, record: dict) -> None:
+        self.append_jsonl(EVENTS_JSONL, record)
+
+    def append_metric(self, record: dict) -> None:
+        self.append_jsonl(METRICS_JSONL, record)
+
+    def worker_log(self, k: int) -> BinaryIO:
+        """``logs/worker-K.log`` opened for appending (binary; the caller writes, flushes and closes it)."""
+        return self.storage.open_append(self.worker_log_rel(k))
 
     def lock(self) -> "RunLock":
         """Hold the run for this process: while it lives, another coordinator on this directory is
-        refused (two would write the same state, events and checkpoints)."""
-        return RunLock(self.root / ".lock")
+        refused (two would write the same state, events and checkpoints). A local run only."""
+        return RunLock(self.root / LOCK)
 
     def create_token(self, token: str | None = None) -> str:
         """The run's bearer token in ``token`` (mode 0600): the existing one on resume, else ``token``
         or a fresh random one."""
-        if self.token_file.exists():
-            return self.token_file.read_text().strip()
+        try:
+            return self.storage.read(TOKEN).decode().strip()
+        except FileNotFoundError:
+            pass
         token = token or new_token()
-        atomic_write_bytes(self.token_file, (token + "\n").encode(), mode=0o600)
+        self.storage.write(TOKEN, (token + "\n").encode(), mode=0o600)
         return token
 
 
