@@ -4,7 +4,7 @@ workers (no network, no sleeps)."""
 import json
 
 from conftest import job_dict
-from lepton.coordinator.machine import Coordinator
+from lepton.coordinator.controller import Controller
 from lepton.protocol import Heartbeat, RegisterRequest
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
@@ -21,7 +21,7 @@ class Clock:
 def make_coordinator(tmp_path, workers=2, **job_over):
     clock = Clock()
     job = parse_job(job_dict(tmp_path / "d.csv", **job_over))
-    return Coordinator(job, RunDir(tmp_path / "run"), workers, train_rows=100, clock=clock), clock
+    return Controller(job, RunDir(tmp_path / "run"), workers, train_rows=100, clock=clock), clock
 
 
 def ready(c, pid):

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import job_dict
 from fakes import Clock, event_kinds, make_coordinator, measure, ready
-from lepton.coordinator.machine import Coordinator, Phase
+from lepton.coordinator.controller import Controller
+from lepton.coordinator.state import Phase
 from lepton.protocol import Heartbeat, RegisterRequest, Report, Resources
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
@@ -86,10 +87,10 @@ def test_machine_replans_as_soon_as_every_speed_is_in(tmp_path):
     measure(c, b, 31, 1, 4, 1.5e-3, 1.2e-3)
     r = measure(c, a, 31, 1, 12, 1.5e-3, 1.3e-3)
     assert r.plan is None and c.plan_version == 1
-    assert c.plan_settled and c._replan_step() == 31 + 20
+    assert c.planner.settled and c.planner.replan_step() == 31 + 20
     # the first plan came from capacity-based shares and could go anywhere; later ones leave every
     # worker at least half its share, however slow one window makes it look (b: 25x slower per sample)
-    assert c.shares_guessed
+    assert c.planner.guessed
     before = c.step_plan.shares
     measure(c, b, 52, 1, 4, 100e-3, 99e-3)
     r = measure(c, a, 52, 1, 12, 1.5e-3, 1.3e-3)
@@ -140,7 +141,7 @@ def test_adopted_generation_is_replanned_only_once_every_member_is_back(tmp_path
     """A restarted coordinator (--resume) adopts the running workers one heartbeat at a time; a plan
     made before the last one is back would have fewer shares than ranks (IndexError in the worker)."""
     job = parse_job(job_dict(tmp_path / "d.csv"))
-    c = Coordinator(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=3)
+    c = Controller(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=3)
 
     def beat(w, rank, busy):
         return c.heartbeat(
@@ -168,7 +169,7 @@ def test_adopted_generation_keeps_its_shares_and_capacities(tmp_path):
     predecessor's plan (each share shrinks at most by balance.SHRINK) with the capacities of the
     placement, not from equal shares on a full core each."""
     job = parse_job(job_dict(tmp_path / "d.csv", train__batch_size=100))
-    c = Coordinator(job, RunDir(tmp_path / "run"), 3, train_rows=1000, clock=Clock(), previous_generation=3)
+    c = Controller(job, RunDir(tmp_path / "run"), 3, train_rows=1000, clock=Clock(), previous_generation=3)
     shares, cpus = [0.8, 0.1, 0.1], [[0], [1], [1]]
     for rank in range(3):
         c.heartbeat(
@@ -189,7 +190,7 @@ def test_adopted_generation_keeps_its_shares_and_capacities(tmp_path):
         )
     assert [c.members[f"w{r}"].capacity for r in range(3)] == [1.0, 0.5, 0.5]
     # each took 3 ms of its share of a core per step at these shares: balanced, the plan stays
-    assert c.step_plan.shares == shares and c.plan_version == 2 and c.plan_settled
+    assert c.step_plan.shares == shares and c.plan_version == 2 and c.planner.settled
     # the predecessor's plan 3 reaches the workers after the adoption: followed, so re-plans go on
     newer = [0.7, 0.15, 0.15]
     for rank in range(3):
@@ -307,7 +308,7 @@ def test_resume_keeps_the_recorded_generation_until_it_adopts(tmp_path):
     """A --resume coordinator that ends before any worker came back leaves state.json's generation as
     it found it: the next --resume can still adopt the live workers."""
     job = parse_job(job_dict(tmp_path / "d.csv"))
-    Coordinator(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=7)
+    Controller(job, RunDir(tmp_path / "run"), 2, train_rows=100, clock=Clock(), previous_generation=7)
     assert json.loads((tmp_path / "run" / "state.json").read_text())["generation"] == 7
 
 

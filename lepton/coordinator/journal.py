@@ -45,7 +45,7 @@ class EventsFile(Observer):
         self.run = run
 
     def on_event(self, event: dict) -> None:
-        self.run.append_jsonl(self.run.events_jsonl, event)
+        self.run.append_event(event)
 
 
 class MetricsFile(Observer):
@@ -54,7 +54,7 @@ class MetricsFile(Observer):
 
     def on_records(self, records: list[dict]) -> None:
         for rec in records:
-            self.run.append_jsonl(self.run.metrics_jsonl, rec)
+            self.run.append_metric(rec)
 
 
 class TensorBoardFiles(Observer):
