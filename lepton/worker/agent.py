@@ -30,7 +30,7 @@ from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_
                                   write_model, write_state_dir)
 from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
-from .faults import FaultInjector
+from .fault_injection import FaultInjector
 from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
 from .trainer import Diverged, Trainer
 
