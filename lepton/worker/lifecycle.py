@@ -1,4 +1,4 @@
-"""``lepton worker``: the worker lifecycle of design §3.
+"""``lepton worker``: the worker lifecycle.
 
 register → wait for a generation → join its process group → receive the state by broadcast from
 rank 0 → train → on a collective error, a regroup flag or a leave request: pause, report the step,
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
 from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
-from ..protocol import Generation, Heartbeat, RegisterRequest, Report, Resources, StepPlan
+from ..protocol import Generation, RegisterRequest, Report
 from ..spec import parse_job
 from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_checkpoint,
                                   write_model, write_state_dir)
@@ -32,114 +31,13 @@ from ..storage.prepared import DataCache
 from ..storage.rundir import RunDir
 from .fault_injection import FaultInjector
 from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
+from .placement import apply_placement
+from .reporter import Reporter
 from .trainer import Diverged, Trainer
 
 PLAN_POLL_S = 0.05
 REDUCE_BYTES = 1 << 20    # smallest shared-memory reduction slot (evaluation sums fit)
 ABANDON_AFTER_S = 1.0     # in a collective this long after the coordinator asked for a regroup: give up
-
-
-class Reporter(threading.Thread):
-    """Sends heartbeats and queued metric records every ``interval`` seconds, off the training path.
-    While the coordinator is unreachable the records are kept and resent."""
-
-    def __init__(self, client: CoordinatorClient, worker_id: str, interval: float):
-        super().__init__(name="lepton-reporter", daemon=True)
-        self.client, self.worker_id, self.interval = client, worker_id, interval
-        self.lock = threading.Lock()
-        self.records: list[dict] = []
-        self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
-        self.regroup_generation: int | None = None
-        self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
-        self.exit_requested = threading.Event()
-        self._closing = threading.Event()
-        self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
-        # beats go out from this thread, the training loop's (before a report) and the checkpoint
-        # writer's: one at a time, or records could land out of order and an older reply's
-        # regroup_generation overwrite a newer one's
-        self._sending = threading.Lock()
-
-    def update(self, **fields) -> None:
-        """Called every step: a dict update only; the Heartbeat is built when it is sent."""
-        with self.lock:
-            self.fields.update(fields)
-
-    def push(self, record: dict) -> None:
-        with self.lock:
-            self.records.append(record)
-
-    def flush(self) -> None:
-        with self._sending:
-            with self.lock:
-                records, self.records = self.records, []
-                beat = Heartbeat(worker_id=self.worker_id, records=records, **self.fields)
-            try:
-                reply = self.client.heartbeat(beat)
-                self.regroup_generation = reply.regroup_generation
-                if reply.plan is not None:
-                    self.plan = reply.plan
-                if reply.action == "exit":
-                    self.exit_requested.set()
-            except LeptonError:
-                with self.lock:
-                    self.records = records + self.records
-
-    def beat_now(self) -> None:
-        """Send the current fields without waiting for the interval (a first speed measurement: the
-        balancer can plan a few hundred steps earlier)."""
-        self._soon.set()
-
-    def run(self) -> None:
-        while True:
-            self._soon.wait(self.interval)
-            self._soon.clear()
-            if self._closing.is_set():
-                return
-            self.flush()
-
-    def close(self) -> None:
-        self._closing.set()
-        self._soon.set()
-        self.join(timeout=5)
-        self.flush()
-
-
-def _batch_scheduling() -> None:
-    """Run this thread (and the threads it starts from now on: gloo's, the heartbeat's, torch's
-    intra-op pool) as a SCHED_BATCH task: a CPU-bound job that the Linux scheduler does not let
-    preempt the running task when it wakes up. Workers wake from a collective together; two that
-    share a core then take turns a step at a time instead of switching mid-step and evicting each
-    other's weights from the cache.
-    Measured (benchmarks/heterogeneous.py placement, 3 workers on 2 cores, 18 interleaved rounds):
-    involuntary context switches −40%, samples/s +4.8% balanced and +4.1% balance-off; with a core per
-    worker (2 on 2) no difference. Elsewhere (macOS, a kernel without it) nothing changes."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
-
-
-def _apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
-    if cpus:
-        try:
-            os.sched_setaffinity(0, set(cpus))
-        except OSError as e:      # e.g. cores outside this container's cpuset
-            raise LeptonError(f"--cpus {','.join(map(str, cpus))}: cannot run on these cores"
-                              f" ({e.strerror or e})") from None
-    usable = len(os.sched_getaffinity(0))
-    _batch_scheduling()
-    n_threads = threads or usable
-    torch.set_num_threads(n_threads)
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gb = 0.0
-    # "name uuid" per visible GPU: the coordinator picks NCCL only when every worker has a GPU of its own
-    props = ([torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-             if torch.cuda.is_available() else [])
-    return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads,
-                     gpus=[f"{p.name} {p.uuid}" for p in props],
-                     gpu_memory_gb=[round(p.total_memory / 2**30, 1) for p in props], memory_gb=round(mem_gb, 1))
 
 
 class Worker:
@@ -149,7 +47,7 @@ class Worker:
         self.faults.fire("start")
         self.url = url
         self.client = CoordinatorClient(url, token)
-        resources = _apply_placement(cpus, threads)
+        resources = apply_placement(cpus, threads)
         # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
         # registering, while a local coordinator is still preparing the data
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
