@@ -6,6 +6,10 @@ and wait for the next generation. The training loop talks to the coordinator onl
 background ``Reporter`` (heartbeats, metric records) so that no step ever waits on HTTP; it looks at
 the plan only between generations. If the coordinator is unreachable, the data plane goes on and
 control calls are retried for ``cluster.coordinator_timeout_s``.
+
+A generation ends in a ``GenerationOutcome``: ``_train_steps`` runs the steps to the end or to an
+agreed pause, ``_finish_run`` the final phase (keep-best, final evaluations, the model). The
+heartbeat thread is worker/reporter.py; cores and threads are worker/placement.py.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,8 +30,11 @@ from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
 from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
-from ..protocol import Generation, RegisterRequest, Report
-from ..spec import parse_job
+from ..policies import Decision
+from ..protocol import Generation, RegisterRequest, Report, StepPlan
+from ..records import (BestRecord, DecisionRecord, EvalRecord, GenerationFirstStepRecord, PlanRecord,
+                       SkippedStepRecord, TrainRecord)
+from ..spec import JobSpec, parse_job
 from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_checkpoint,
                                   write_model, write_state_dir)
 from ..storage.prepared import DataCache
@@ -33,63 +43,104 @@ from .fault_injection import FaultInjector
 from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
 from .placement import apply_placement
 from .reporter import Reporter
-from .trainer import Diverged, Trainer
+from .trainer import Diverged, StepResult, Trainer
 
 PLAN_POLL_S = 0.05
 REDUCE_BYTES = 1 << 20    # smallest shared-memory reduction slot (evaluation sums fit)
 ABANDON_AFTER_S = 1.0     # in a collective this long after the coordinator asked for a regroup: give up
 
 
+class GenerationOutcome(Enum):
+    """How one generation ended for this worker (``Worker._run_generation``)."""
+    FINISHED = "finished"    # trained to the end (or an early stop): the final phase ran
+    PAUSED = "paused"        # paused after a step every rank agreed on, or a collective failed:
+                             # it reported the step it reached and waits for the next generation
+    LEFT = "left"            # paused at an agreed step because this worker leaves the job
+
+
+@dataclass
+class _Throughput:
+    """Samples, seconds and summed loss over a run of steps."""
+    samples: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += result.loss * result.batch
+        self.samples += result.batch
+        self.seconds += result.wall_s
+
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+
+@dataclass
+class _StepLoop:
+    """What the step loop of one generation tracks between steps."""
+    generation: Generation
+    meter: StepMeter
+    probe: Callable[[], float]              # a one-sample pass's cost, for the meter (balancing only)
+    shares: list[float]
+    plan_version: int = 0
+    first_step: bool = True
+    announced: bool = False                 # the first full window at this plan was sent
+    window: _Throughput = field(default_factory=_Throughput)   # since the last train record
+    # the steady state: the first step of a generation (warm-up) is left out
+    steady: _Throughput = field(default_factory=_Throughput)
+
+
 class Worker:
-    def __init__(self, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
-                 connect_timeout_s: float = 120.0):
-        self.faults = FaultInjector()
-        self.faults.fire("start")
+    """One worker process. ``connect`` registers with the coordinator and builds the parts; the
+    constructor takes them ready-made (tests hand it an in-process group and a fake client)."""
+
+    def __init__(self, *, job: JobSpec, run: RunDir, trainer: Trainer, group: GenerationGroup,
+                 client: CoordinatorClient, reporter: Reporter, faults: FaultInjector, url: str = ""):
+        self.job = job
+        self.run = run
+        self.trainer = trainer
+        self.group = group
+        self.client = client
+        self.reporter = reporter
+        self.faults = faults
         self.url = url
-        self.client = CoordinatorClient(url, token)
-        resources = apply_placement(cpus, threads)
-        # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
-        # registering, while a local coordinator is still preparing the data
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        reg = self.client.register(RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources),
-                                   wait_s=connect_timeout_s)
-        self.worker_id = reg.worker_id
-        # heartbeats start now; the coordinator counts this worker as available from its first plan
-        # request, i.e. once the model and data below are ready
-        self.reporter = Reporter(CoordinatorClient(url, token), self.worker_id, reg.heartbeat_interval_s)
-        # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
-        self.reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
-        self.reporter.start()
-        self.job = parse_job(reg.job, source="job from coordinator")
-        self.run = RunDir(reg.run_dir)
-        factory = None
-        if reg.factory_pickle:
-            import cloudpickle
-            factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
-        self.trainer = Trainer(self.job, DataCache(self.run), factory, self._device())
-        cluster = self.job.cluster
-        self.group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
-                                     shared_memory=cluster.shared_memory and self.trainer.device.type == "cpu",
-                                     shm_capacity=max(REDUCE_BYTES, self._max_flat_bytes()))
+        self.worker_id = reporter.worker_id
         self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
         self.leaving = False
         self.checkpointer: AsyncCheckpointer | None = None   # rank 0's background saves in a generation
+        self.steady = _Throughput()       # the last generation's steady-state throughput
 
-    def _max_flat_bytes(self) -> int:
-        """The largest gradient buffer a step reduces: the gradients and the extra slots, which grow
-        by one per rank of the generation (the next plan's shares; ``Trainer.train_step``)."""
-        flat = self.trainer.grads.flat
-        return flat.nbytes + MAX_WORLD * flat.element_size()
-
-    def _device(self) -> torch.device:
-        want = self.job.cluster.device
-        if want == "cuda" and not torch.cuda.is_available():
-            raise LeptonError("cluster.device is 'cuda' but this worker sees no GPU (or torch has no CUDA)")
-        if want != "cpu" and torch.cuda.is_available():
-            torch.cuda.set_device(0)          # the launcher gives each local worker its own GPU as device 0
-            return torch.device("cuda", 0)
-        return torch.device("cpu")
+    @classmethod
+    def connect(cls, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
+                connect_timeout_s: float = 120.0) -> Worker:
+        faults = FaultInjector()
+        faults.fire("start")
+        client = CoordinatorClient(url, token)
+        resources = apply_placement(cpus, threads)
+        # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
+        # registering, while a local coordinator is still preparing the data
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        request = RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources)
+        reg = client.register(request, wait_s=connect_timeout_s)
+        # heartbeats start now; the coordinator counts this worker as available from its first plan
+        # request, i.e. once the model and data below are ready
+        reporter = Reporter(CoordinatorClient(url, token), reg.worker_id, reg.heartbeat_interval_s)
+        # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
+        reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
+        reporter.start()
+        job = parse_job(reg.job, source="job from coordinator")
+        run = RunDir(reg.run_dir)
+        factory = None
+        if reg.factory_pickle:
+            import cloudpickle
+            factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
+        trainer = Trainer(job, DataCache(run), factory, _device(job))
+        cluster = job.cluster
+        group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
+                                shared_memory=cluster.shared_memory and trainer.device.type == "cpu",
+                                shm_capacity=max(REDUCE_BYTES, _max_flat_bytes(trainer)))
+        return cls(job=job, run=run, trainer=trainer, group=group, client=client, reporter=reporter,
+                   faults=faults, url=url)
 
     # --- signals -------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -121,10 +172,10 @@ class Worker:
                     time.sleep(PLAN_POLL_S)
                 elif plan.action == "checkpoint":
                     self._checkpoints_written()
-                    t = self.trainer
-                    path = write_checkpoint(self.run, t.step, t.state(), self.job.checkpoint.keep)
-                    self._send("checkpoint", {"step": t.step, "path": str(path)})
-                elif self._run_generation(plan.generation) == "left":
+                    trainer = self.trainer
+                    path = write_checkpoint(self.run, trainer.step, trainer.state(), self.job.checkpoint.keep)
+                    self._send("checkpoint", {"step": trainer.step, "path": str(path)})
+                elif self._run_generation(plan.generation) is GenerationOutcome.LEFT:
                     break
         except LeptonError:
             raise                                 # the coordinator is gone: nobody to tell
@@ -139,31 +190,33 @@ class Worker:
             self.group.leave()
         return 0
 
-    def _run_generation(self, gen: Generation) -> str:
+    def _run_generation(self, gen: Generation) -> GenerationOutcome:
+        """Join generation ``gen``, train in it, and tell the coordinator how it ended."""
         self.generation = gen.id
-        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank, world=gen.world,
-                             plan_version=0, shares=list(gen.shares), **NOT_MEASURED)
+        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank,
+                             world=gen.world, plan_version=0, shares=list(gen.shares), **NOT_MEASURED)
         try:
             self.group.join(gen.id, gen.rank, gen.world, gen.store_port, gen.backend)
-            summary = self._train(gen)
+            outcome = self._train_steps(gen)
+            summary = self._finish_run(gen) if outcome is GenerationOutcome.FINISHED else None
         except CommError as e:
             self.group.leave()
             # a background save may still be writing: the coordinator, hearing of the pause, may ask
             # for a checkpoint of this very step, and two writers of one folder corrupt it
             self._checkpoints_written()
             self.reporter.update(state="paused")
-            self._send("paused", {"reason": "collective_error", "generation": gen.id, "step": self.trainer.step,
-                                  "error": str(e)[:300]})
-            return "paused"
+            self._send("paused", {"reason": "collective_error", "generation": gen.id,
+                                  "step": self.trainer.step, "error": str(e)[:300]})
+            return GenerationOutcome.PAUSED
         self.group.leave()
-        if summary is False:                      # paused at an agreed step boundary
+        if outcome is GenerationOutcome.PAUSED:   # at an agreed step boundary
             self.reporter.update(state="paused")
             why = "leaving" if self.leaving else "regroup"
             self._send("paused", {"reason": why, "generation": gen.id, "step": self.trainer.step})
-            return "left" if self.leaving else "paused"
+            return GenerationOutcome.LEFT if self.leaving else GenerationOutcome.PAUSED
         self.reporter.update(state="finished", step=self.trainer.step)
         self._send("finished", {"summary": summary, "step": self.trainer.step})
-        return "finished"
+        return GenerationOutcome.FINISHED
 
     def _control(self, fn, *args):
         """A control-plane call that rides out a coordinator outage of up to coordinator_timeout_s."""
@@ -191,148 +244,180 @@ class Worker:
         return (self.leaving or self.reporter.regroup_generation == self.generation
                 or self.reporter.exit_requested.is_set())
 
-    def _train(self, gen: Generation) -> dict | None | bool:
-        """Train from the broadcast state to the end (→ summary on rank 0, None elsewhere) or to an
-        agreed pause (→ False)."""
-        t, job, rank = self.trainer, self.job, gen.rank
+    def _train_steps(self, gen: Generation) -> GenerationOutcome:
+        """Train from the broadcast state to the end (FINISHED) or to a step boundary every rank
+        agreed to pause at (PAUSED). A failed collective raises ``CommError``."""
+        trainer, rank = self.trainer, gen.rank
+        self._receive_state(gen)
+        loop = self._start_loop(gen)
+        if self._eval_due() and trainer.evaluated_step < trainer.step < trainer.total_steps:
+            self._validate(rank, gen.id)          # a validation interrupted by the last failure
+        while trainer.step < trainer.total_steps and not trainer.stopped_early:
+            loop.meter.begin()
+            self.faults.fire("step", rank, trainer.step, gen.id)
+            result = trainer.train_step(self.group, loop.shares, rank, regroup=self._wants_regroup(),
+                                        next_plan=self._next_plan(loop))
+            loop.meter.record(result.local, result.compute_s, result.compute_cpu_s, result.overhead_s)
+            self._account_step(loop, result)
+            self._checkpoint_and_validate(loop)
+            if result.regroup and trainer.step < trainer.total_steps and not trainer.stopped_early:
+                if self.checkpointer:
+                    self.checkpointer.wait()
+                return GenerationOutcome.PAUSED
+        if self.checkpointer:
+            self.checkpointer.wait()
+        self.steady = loop.steady
+        return GenerationOutcome.FINISHED
+
+    def _receive_state(self, gen: Generation) -> None:
+        """Every rank starts from rank 0's state (its own, or the checkpoint it resumes from)."""
+        trainer, rank = self.trainer, gen.rank
         if rank == 0 and gen.resume_checkpoint:
-            t.load_state(read_checkpoint(gen.resume_checkpoint))
-        state = self.group.broadcast_state(t.state() if rank == 0 else None, src=0)
+            trainer.load_state(read_checkpoint(gen.resume_checkpoint))
+        state = self.group.broadcast_state(trainer.state() if rank == 0 else None, src=0)
         if rank != 0:
-            t.load_state(state)
-        ckpt = self.checkpointer = (AsyncCheckpointer(self.run, job.checkpoint.keep, self._on_checkpoint)
-                                    if rank == 0 else None)
-        shares, plan_version = list(gen.shares), 0
+            trainer.load_state(state)
+        self.checkpointer = (AsyncCheckpointer(self.run, self.job.checkpoint.keep, self._on_checkpoint)
+                             if rank == 0 else None)
+
+    def _start_loop(self, gen: Generation) -> _StepLoop:
+        trainer, job, rank = self.trainer, self.job, gen.rank
         self.reporter.plan = None
         if self.faults.has("throttle"):
-            t.compute_hook = lambda n: self.faults.throttle(rank, n)
+            trainer.compute_hook = lambda samples: self.faults.throttle(rank, samples)
         if self.faults.has("nan"):
-            t.poison = lambda step: self.faults.poisoned(rank, step)
+            trainer.poison = lambda step: self.faults.poisoned(rank, step)
         # the probe and the short first window serve the balancer only: not when shares are equal or fixed
         balancing = job.cluster.balance == "on" and job.cluster.fixed_shares(gen.world) is None
-        meter = StepMeter(on_gpu=t.device.type == "cuda", first_window=FIRST_WINDOW if balancing else None)
-        probe = t.probe_fixed_cost if balancing else (lambda: 0.0)
-        every, log_every = job.checkpoint.every_steps, job.train.log_every_steps
-        if self._eval_due() and t.evaluated_step < t.step < t.total_steps:
-            self._validate(rank, gen.id)          # a validation interrupted by the last failure
-        # throughput over the steady state: the first step of a generation (warm-up) is left out
-        steady_samples, steady_s = 0, 0.0
-        win_loss, win_samples, win_s = 0.0, 0, 0.0
-        first = True
-        announced = False                         # the first full window at this plan was sent
-        while t.step < t.total_steps and not t.stopped_early:
-            meter.begin()
-            self.faults.fire("step", rank, t.step, gen.id)
-            pending = self.reporter.plan          # a plan from an earlier generation is never applied
-            known = (pending.shares if pending is not None and pending.generation == gen.id
-                     and pending.version == plan_version + 1 else None)
-            r = t.train_step(self.group, shares, rank, regroup=self._wants_regroup(), next_plan=known)
-            meter.record(r.local, r.compute_s, r.compute_cpu_s, r.overhead_s)
-            if r.skipped and rank == 0:
-                self.reporter.push({"kind": "skipped_step", "time": time.time(), "step": t.step - 1,
-                                    "lr_scale": t.lr_scale, "reason": "non-finite loss or gradient"})
-            if r.next_shares is not None:         # plan v+1 reached every rank in this step's reduction
-                shares, plan_version = r.next_shares, plan_version + 1
-                self.reporter.update(shares=shares, plan_version=plan_version, **NOT_MEASURED)   # together
-                if rank == 0:
-                    self.reporter.push({"kind": "plan", "time": time.time(), "step": t.step,
-                                        "version": plan_version, "shares": [round(x, 6) for x in shares]})
-                meter.reset()
-                meter.compute_fixed = probe()     # in a step the meter leaves out
-                announced = False
-            if first and rank == 0:     # when a generation's first step completed (recovery time)
-                self.reporter.push({"kind": "generation_first_step", "generation": gen.id, "step": t.step,
-                                    "time": time.time(), "transport": self.group.transport})
-            if first:                             # the first step of a generation warms up: left out
-                meter.discard()
-                meter.compute_fixed = probe()
-            else:
-                steady_samples += r.batch
-                steady_s += r.wall_s
-            first = False
-            win_loss += r.loss * r.batch
-            win_samples += r.batch
-            win_s += r.wall_s
-            self.reporter.update(step=t.step, plan_version=plan_version, **meter.fields())
-            # the balancer uses full windows only: the first one at a plan goes out at once, not at the
-            # next beat (while a plan is unsettled, the next re-plan waits for every member's)
-            if meter.full and not announced:
-                self.reporter.beat_now()
-                announced = True
-            if rank == 0 and (t.step % log_every == 0 or t.step == t.total_steps):
-                self.reporter.push({"kind": "train", "time": time.time(), "step": t.step, "epoch": t.epoch,
-                                    "total_steps": t.total_steps, "loss": win_loss / win_samples,
-                                    "lr": t.lr_at(t.step - 1),
-                                    "samples_per_s": win_samples / win_s if win_s > 0 else None,
-                                    "generation": gen.id, "workers": gen.world})
-                win_loss, win_samples, win_s = 0.0, 0, 0.0
-            if ckpt and every and t.step % every == 0 and t.step < t.total_steps:
-                ckpt.save(t.step, t.state())
-                self.faults.fire("checkpoint", rank, t.step, gen.id)
-                meter.discard()
-            if self._eval_due() and t.step < t.total_steps:
-                self._validate(rank, gen.id)      # may stop early: the final phase then starts now
-                meter.discard()
-            if r.regroup and t.step < t.total_steps and not t.stopped_early:
-                if ckpt:
-                    ckpt.wait()
-                return False
-        if ckpt:
-            ckpt.wait()
-        if job.policies.keep_best and t.evaluated_step < t.step:
+        meter = StepMeter(on_gpu=trainer.device.type == "cuda",
+                          first_window=FIRST_WINDOW if balancing else None)
+        probe = trainer.probe_fixed_cost if balancing else (lambda: 0.0)
+        return _StepLoop(generation=gen, meter=meter, probe=probe, shares=list(gen.shares))
+
+    def _next_plan(self, loop: _StepLoop) -> list[float] | None:
+        """The shares of plan version v+1, if the coordinator sent it for this generation (a plan from
+        an earlier generation is never applied)."""
+        pending: StepPlan | None = self.reporter.plan
+        if pending is None or pending.generation != loop.generation.id:
+            return None
+        return pending.shares if pending.version == loop.plan_version + 1 else None
+
+    def _account_step(self, loop: _StepLoop, result: StepResult) -> None:
+        """After a step: its records, the plan it agreed on, the meter and the heartbeat fields."""
+        trainer, meter, gen = self.trainer, loop.meter, loop.generation
+        lead = gen.rank == 0                  # rank 0 writes the records
+        if result.skipped and lead:
+            self.reporter.push(SkippedStepRecord(step=trainer.step - 1, lr_scale=trainer.lr_scale))
+        if result.next_shares is not None:    # plan v+1 reached every rank in this step's reduction
+            loop.shares, loop.plan_version = result.next_shares, loop.plan_version + 1
+            # together: the fields of a measurement never mix two plans
+            self.reporter.update(shares=loop.shares, plan_version=loop.plan_version, **NOT_MEASURED)
+            if lead:
+                self.reporter.push(PlanRecord(step=trainer.step, version=loop.plan_version,
+                                              shares=[round(share, 6) for share in loop.shares]))
+            meter.reset()
+            meter.compute_fixed = loop.probe()    # in a step the meter leaves out
+            loop.announced = False
+        if loop.first_step and lead:          # when a generation's first step completed (recovery time)
+            self.reporter.push(GenerationFirstStepRecord(generation=gen.id, step=trainer.step,
+                                                         transport=self.group.transport))
+        if loop.first_step:                   # the first step of a generation warms up: left out
+            meter.discard()
+            meter.compute_fixed = loop.probe()
+        else:
+            loop.steady.samples += result.batch
+            loop.steady.seconds += result.wall_s
+        loop.first_step = False
+        loop.window.add(result)
+        self.reporter.update(step=trainer.step, plan_version=loop.plan_version, **meter.fields())
+        # the balancer uses full windows only: the first one at a plan goes out at once, not at the
+        # next beat (while a plan is unsettled, the next re-plan waits for every member's)
+        if meter.full and not loop.announced:
+            self.reporter.beat_now()
+            loop.announced = True
+        log_now = trainer.step % self.job.train.log_every_steps == 0 or trainer.step == trainer.total_steps
+        if lead and log_now:
+            window = loop.window
+            self.reporter.push(TrainRecord(step=trainer.step, epoch=trainer.epoch,
+                                           total_steps=trainer.total_steps,
+                                           loss=window.loss_sum / window.samples,
+                                           lr=trainer.lr_at(trainer.step - 1),
+                                           samples_per_s=window.samples_per_s(), generation=gen.id,
+                                           workers=gen.world))
+            loop.window = _Throughput()
+
+    def _checkpoint_and_validate(self, loop: _StepLoop) -> None:
+        trainer, gen = self.trainer, loop.generation
+        every = self.job.checkpoint.every_steps
+        if self.checkpointer and every and trainer.step % every == 0 and trainer.step < trainer.total_steps:
+            self.checkpointer.save(trainer.step, trainer.state())
+            self.faults.fire("checkpoint", gen.rank, trainer.step, gen.id)
+            loop.meter.discard()
+        if self._eval_due() and trainer.step < trainer.total_steps:
+            self._validate(gen.rank, gen.id)      # may stop early: the final phase then starts now
+            loop.meter.discard()
+
+    def _finish_run(self, gen: Generation) -> dict | None:
+        """The final phase, a collective: keep-best's model, the final evaluations; rank 0 writes the
+        last checkpoint and the model, and returns the run's summary (None elsewhere)."""
+        trainer, job, rank = self.trainer, self.job, gen.rank
+        if job.policies.keep_best and trainer.evaluated_step < trainer.step:
             # the final weights compete too: the last periodic validation came before them (there is
             # none at the last step), and without this a run that ran to its end always lost them
-            self._keep_if_best(t.evaluate(self.group, "val"), rank)
-        if job.policies.keep_best and t.best_step is not None and t.best_step != t.step:
+            self._keep_if_best(trainer.evaluate(self.group, "val"), rank)
+        if job.policies.keep_best and trainer.best_step is not None and trainer.best_step != trainer.step:
             best = read_checkpoint(self.run.best_dir) if rank == 0 else None
-            t.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
-        agree = t.replicas_agree(self.group)
-        results = {split: t.evaluate(self.group, split, confusion=True) for split in ("train", "val", "test")}
+            trainer.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
+        agree = trainer.replicas_agree(self.group)
+        results = {split: trainer.evaluate(self.group, split, confusion=True)
+                   for split in ("train", "val", "test")}
         if job.eval.every != "never":
             self._log_eval("val", results["val"], rank)
         if rank != 0:
             return None
         self._log_eval("test", results["test"], rank)
-        path = write_checkpoint(self.run, t.step, t.state(), job.checkpoint.keep)
-        self._on_checkpoint(t.step, path)
+        path = write_checkpoint(self.run, trainer.step, trainer.state(), job.checkpoint.keep)
+        self._on_checkpoint(trainer.step, path)
         self._write_model(results)
+        steady = self.steady.samples_per_s()
         # epochs: completed ones (fewer than planned after an early stop)
-        return {**results, "steps": t.step, "epochs": t.epoch, "epochs_planned": job.train.epochs,
-                "replicas_agree": agree, "stopped_early": t.stopped_early, "best_step": t.best_step,
-                "samples_per_s": round(steady_samples / steady_s, 1) if steady_s > 0 else None}
+        return {**results, "steps": trainer.step, "epochs": trainer.epoch, "epochs_planned": job.train.epochs,
+                "replicas_agree": agree, "stopped_early": trainer.stopped_early,
+                "best_step": trainer.best_step,
+                "samples_per_s": round(steady, 1) if steady is not None else None}
 
     def _eval_due(self) -> bool:
-        every, t = self.job.eval.every, self.trainer
-        return t.step > 0 and ((every == "epoch" and t.at_epoch_end()) or (isinstance(every, int) and t.step % every == 0))
+        every, trainer = self.job.eval.every, self.trainer
+        return trainer.step > 0 and ((every == "epoch" and trainer.at_epoch_end())
+                                     or (isinstance(every, int) and trainer.step % every == 0))
 
     def _validate(self, rank: int, generation: int) -> None:
         """A periodic validation and the policies' decisions on it."""
-        t = self.trainer
-        self.faults.fire("eval", rank, t.step, generation)
-        m = t.evaluate(self.group, "val")
-        self._log_eval("val", m, rank)
-        decisions = t.decide(m)
+        trainer = self.trainer
+        self.faults.fire("eval", rank, trainer.step, generation)
+        scores = trainer.evaluate(self.group, "val")
+        self._log_eval("val", scores, rank)
+        decisions = trainer.decide(scores)
         if rank == 0:
-            for d in decisions:
-                self.reporter.push({"kind": "decision", "decision": "early_stop" if d.kind == "finish" else "lr",
-                                    "time": time.time(), "step": t.step, "reason": d.reason, "details": d.details,
-                                    "lr": t.lr_at(t.step)})
-        self._keep_if_best(m, rank)
-        t.evaluated_step = t.step
+            for decision in decisions:
+                self.reporter.push(_decision_record(decision, trainer.step, trainer.lr_at(trainer.step)))
+        self._keep_if_best(scores, rank)
+        trainer.evaluated_step = trainer.step
 
-    def _keep_if_best(self, m: dict, rank: int) -> None:
-        """Keep-best: the validation ``m`` is the best so far → rank 0 keeps this model. Every rank
-        sees the same reduced metrics, so every rank answers the same."""
-        t = self.trainer
-        if t.improved(m) and rank == 0:
-            write_state_dir(self.run.best_dir, t.step, {"model": t.model.state_dict(), "step": t.step})
-            self.reporter.push({"kind": "best", "time": time.time(), "step": t.step, "value": t.best_value,
-                                "metric": self.job.policies.keep_best.metric})
+    def _keep_if_best(self, scores: dict, rank: int) -> None:
+        """Keep-best: the validation ``scores`` are the best so far → rank 0 keeps this model. Every
+        rank sees the same reduced metrics, so every rank answers the same."""
+        trainer = self.trainer
+        if trainer.improved(scores) and rank == 0:
+            best = {"model": trainer.model.state_dict(), "step": trainer.step}
+            write_state_dir(self.run.best_dir, trainer.step, best)
+            self.reporter.push(BestRecord(step=trainer.step, value=trainer.best_value,
+                                          metric=self.job.policies.keep_best.metric))
 
-    def _log_eval(self, split: str, m: dict, rank: int) -> None:
-        if rank == 0 and m.get("count"):
-            self.reporter.push({"kind": "eval", "split": split, "time": time.time(), "step": self.trainer.step,
-                                "epoch": self.trainer.epoch, **m})
+    def _log_eval(self, split: str, scores: dict, rank: int) -> None:
+        if rank == 0 and scores.get("count"):
+            self.reporter.push(EvalRecord(split=split, step=self.trainer.step, epoch=self.trainer.epoch,
+                                          metrics=scores))
 
     def _checkpoints_written(self) -> None:
         if self.checkpointer is not None:
@@ -354,6 +439,28 @@ class Worker:
         write_model(self.run.model_dir, self.trainer.model.state_dict(), meta, extra)
 
 
+def _decision_record(decision: Decision, step: int, lr: float) -> DecisionRecord:
+    return DecisionRecord(decision="early_stop" if decision.kind == "finish" else "lr", step=step,
+                          reason=decision.reason, details=decision.details, lr=lr)
+
+
+def _device(job: JobSpec) -> torch.device:
+    want = job.cluster.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise LeptonError("cluster.device is 'cuda' but this worker sees no GPU (or torch has no CUDA)")
+    if want != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(0)          # the launcher gives each local worker its own GPU as device 0
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _max_flat_bytes(trainer: Trainer) -> int:
+    """The largest gradient buffer a step reduces: the gradients and the extra slots, which grow by
+    one per rank of the generation (the next plan's shares; worker/step_control.py)."""
+    flat = trainer.grads.flat
+    return flat.nbytes + MAX_WORLD * flat.element_size()
+
+
 def run_worker(url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
                connect_timeout_s: float = 120.0) -> int:
-    return Worker(url, token, cpus, threads, connect_timeout_s).serve()
+    return Worker.connect(url, token, cpus, threads, connect_timeout_s).serve()

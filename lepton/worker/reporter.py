@@ -8,6 +8,7 @@ import threading
 from ..client import CoordinatorClient
 from ..errors import LeptonError
 from ..protocol import Heartbeat, StepPlan
+from ..records import MetricRecord
 
 
 class Reporter(threading.Thread):
@@ -37,9 +38,11 @@ class Reporter(threading.Thread):
         with self.lock:
             self.fields.update(fields)
 
-    def push(self, record: dict) -> None:
+    def push(self, record: MetricRecord) -> None:
+        """Queue a metrics.jsonl record for the next heartbeat."""
+        line = record.to_dict()
         with self.lock:
-            self.records.append(record)
+            self.records.append(line)
 
     def flush(self) -> None:
         with self._sending:
