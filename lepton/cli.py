@@ -183,7 +183,7 @@ def cmd_coordinator(a) -> int:
 
 def cmd_worker(a) -> int:
     from .client import read_token
-    from .worker.agent import run_worker
+    from .worker.lifecycle import run_worker
     return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads, a.connect_timeout)
 
 

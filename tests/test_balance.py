@@ -105,8 +105,8 @@ def data(tmp_path_factory):
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
 def test_worker_placement_runs_it_as_a_batch_task():
-    """Workers that share a core should take turns a step at a time (agent._batch_scheduling)."""
-    code = ("import os; from lepton.worker.agent import _apply_placement; r = _apply_placement(None, 1); "
+    """Workers that share a core should take turns a step at a time (placement.batch_scheduling)."""
+    code = ("import os; from lepton.worker.placement import apply_placement; r = apply_placement(None, 1); "
             "print(os.sched_getscheduler(0) == os.SCHED_BATCH, r.threads)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "1"], out.stderr

@@ -24,12 +24,10 @@ from ..models import build_model, build_optimizer, load_init_weights, num_output
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
 from ..storage.prepared import DataCache
-from . import dropout
+from . import dropout, step_control
+from .step_control import ReducedControl, StepControl
 
 EVAL_CHUNK = 4096
-# gradient-buffer slots after the gradients: loss sum, sample count, regroup votes, plan votes; the
-# next plan's shares follow (one per rank)
-EXTRA_SLOTS = 4
 
 
 class Diverged(RuntimeError):
@@ -72,9 +70,9 @@ class Trainer:
         # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
         self.masks = zero_masks(self.model) if job.model.keep_zeros else []
         self.optimizer = build_optimizer(job, self.model.parameters())
-        # extra slots reduced with the gradients (EXTRA_SLOTS): loss sum, sample count, regroup votes,
-        # plan votes, then one per rank for the next plan's shares (sized by train_step)
-        self.grads = FlatGradients(self.model, extra_slots=EXTRA_SLOTS)
+        # the step's control values ride after the gradients (worker/step_control.py); train_step
+        # sizes them for the generation's world
+        self.grads = FlatGradients(self.model, extra_slots=step_control.FIXED_SLOTS)
         self.compute_hook = None          # called with the sample count inside the compute window (throttle)
         self.poison = None                # step -> bool: make this rank's loss NaN (fault injection)
         self.lr_scale = 1.0               # lowered by the divergence guard; part of the replicated state
@@ -172,106 +170,123 @@ class Trainer:
 
         ``regroup`` is this rank's vote to end the generation after the step; ``next_plan`` the next
         share plan if this rank has received it from the coordinator. Both ride in the gradient
-        allreduce, so every rank learns the same outcome at the same step: the generation ends if any
-        rank voted, and the next plan reaches every rank as soon as one knows it (``StepResult.
-        next_shares``: the plan's shares as the reduction returned them, the same bits on every rank).
-        A share above ``cluster.max_micro_batch`` is computed in micro-batches whose gradients
-        accumulate in the same buffer (the sum is unchanged, dropout masks too: they are keyed by sample).
+        allreduce (worker/step_control.py), so every rank learns the same outcome at the same step:
+        the generation ends if any rank voted, and the next plan reaches every rank as soon as one
+        knows it (``StepResult.next_shares``: the plan's shares as the reduction returned them, the
+        same bits on every rank).
         """
-        t0, c0 = time.perf_counter(), time.process_time()
-        idx, batch = self.sampler.worker_slice(self.step, shares, rank)
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        indices, batch = self.sampler.worker_slice(self.step, shares, rank)
         world = len(shares)
-        if self.grads.extra.numel() != EXTRA_SLOTS + world:   # a new world size: every rank's buffer
-            self.grads = FlatGradients(self.model, extra_slots=EXTRA_SLOTS + world)   # has this length
+        if self.grads.extra.numel() != step_control.slots(world):   # a new world size: every rank's
+            self.grads = FlatGradients(self.model, extra_slots=step_control.slots(world))   # buffer has it
         self.model.train()
         self.grads.zero()
-        extra = self.grads.extra
-        # with global BatchNorm every rank makes exactly one pass, an empty one if its slice is empty
-        # (its layers' statistics are collectives); otherwise a rank without samples computes nothing
         bn_before = [b.clone() for b in self.bn_buffers] if self.bn_buffers else ()
-        if len(idx) or self.global_bn:
-            chunk = self.job.cluster.max_micro_batch or len(idx)
-            loss_sum = 0.0
-            with batchnorm.reducing(group, batch) if self.global_bn else contextlib.nullcontext():
-                for lo in range(0, max(len(idx), 1), max(chunk, 1)):
-                    part = idx[lo:lo + chunk]
-                    xb = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
-                    yb = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
-                    # the backward too: an activation-checkpointing recompute redraws the forward's masks
-                    with dropout.keyed(self.job.seed, self.step, part):
-                        loss = metrics.loss_fn(self.task, self.model(xb), yb)
-                        if self.poison and self.poison(self.step):
-                            loss = loss * float("nan")
-                        loss.backward()
-                    loss_sum += float(loss.detach())
-            if self.compute_hook:
-                self.compute_hook(len(idx))
-            extra[0] = loss_sum
-            extra[1] = len(idx)
-        extra[2] = float(regroup)
-        if next_plan is not None:
-            extra[3] = 1.0
-            extra[EXTRA_SLOTS:EXTRA_SLOTS + world] = torch.tensor(next_plan, dtype=extra.dtype)
+        loss_sum = self.forward_backward_step(group, indices, batch)
+        StepControl(loss_sum, len(indices), regroup, next_plan).pack(self.grads.extra, world)
+        compute, compute_cpu = self._compute_window(start_wall, start_cpu)
+        group.allreduce(self.grads.flat)
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        update_start = clock()
+        reduced = ReducedControl.unpack(self.grads.extra, world)
+        # the global sample count equals ``batch`` unless a peer disagrees on the plan, which would
+        # break invariant 1, so it is checked rather than trusted
+        if reduced.samples != batch:
+            raise RuntimeError(f"step {self.step}: the generation computed {reduced.samples} samples,"
+                               f" expected {batch}")
+        finite = self._update(batch, bn_before)
+        if self._trace:
+            self._trace.write(json.dumps({"step": self.step, "idx": indices.tolist()}) + "\n")
+            self._trace.flush()
+        self.step += 1
+        overhead = group.work_s + clock() - update_start
+        return StepResult(reduced.loss_sum / batch, batch, len(indices), compute, compute_cpu, overhead,
+                          time.perf_counter() - start_wall, skipped=not finite, regroup=reduced.regroup,
+                          next_shares=reduced.next_shares)
+
+    def forward_backward_step(self, group: GenerationGroup, indices: np.ndarray, batch: int) -> float:
+        """This rank's samples ``indices`` of a global batch of ``batch``: the forward and backward
+        passes, gradients summed into the flat buffer; returns their summed loss.
+
+        A share above ``cluster.max_micro_batch`` is computed in micro-batches whose gradients
+        accumulate in the same buffer (the sum is unchanged, dropout masks too: they are keyed by
+        sample). With global BatchNorm every rank makes exactly one pass, an empty one if its slice is
+        empty (its layers' statistics are collectives); otherwise a rank without samples computes
+        nothing."""
+        if not (len(indices) or self.global_bn):
+            return 0.0
+        chunk = self.job.cluster.max_micro_batch or len(indices)
+        loss_sum = 0.0
+        with batchnorm.reducing(group, batch) if self.global_bn else contextlib.nullcontext():
+            for lo in range(0, max(len(indices), 1), max(chunk, 1)):
+                part = indices[lo:lo + chunk]
+                inputs = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
+                targets = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
+                # the backward too: an activation-checkpointing recompute redraws the forward's masks
+                with dropout.keyed(self.job.seed, self.step, part):
+                    loss = metrics.loss_fn(self.task, self.model(inputs), targets)
+                    if self.poison and self.poison(self.step):
+                        loss = loss * float("nan")
+                    loss.backward()
+                loss_sum += float(loss.detach())
+        if self.compute_hook:
+            self.compute_hook(len(indices))
+        return loss_sum
+
+    def _compute_window(self, start_wall: float, start_cpu: float) -> tuple[float, float]:
+        """Wall and processor seconds of this step's compute so far, what the balancer measures."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()      # kernels run asynchronously: the compute window ends here
-        compute, compute_cpu = time.perf_counter() - t0, time.process_time() - c0
+        compute, compute_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
         if self.global_bn:
             waited, waited_cpu, mismatched = batchnorm.step_totals()
             if mismatched:      # every rank sees it: the tags were reduced too
                 raise RuntimeError(f"step {self.step}: the ranks' BatchNorm passes did not pair up (the model calls"
                                    " its BatchNorm layers a different number of times or in another order on some"
                                    " rank); set model.batch_norm: local for such a model")
-            # the balancer measures compute: time in these collectives is waiting for peers, not compute
+            # time in these collectives is waiting for peers, not compute
             compute, compute_cpu = max(compute - waited, 0.0), max(compute_cpu - waited_cpu, 0.0)
-        group.allreduce(self.grads.flat)
-        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
-        u0 = clock()
-        # one read of the reduced extra slots (one device sync on a GPU)
-        loss_sum, count, regroups, plan_votes, *plan = extra[:EXTRA_SLOTS + world].tolist()
-        # ``count`` is the global sample count; it equals ``batch`` unless a peer disagrees on the plan,
-        # which would break invariant 1, so it is checked rather than trusted.
-        if int(count) != batch:
-            raise RuntimeError(f"step {self.step}: the generation computed {int(count)} samples, expected {batch}")
+        return compute, compute_cpu
+
+    def _update(self, batch: int, bn_before) -> bool:
+        """The optimizer step on the reduced gradients, or a skipped step if they are not finite.
+        Every rank holds the same reduced values, so every rank takes the same branch (invariant 3)."""
         self.grads.grads.div_(batch)
-        # every rank holds the same reduced values, so every rank takes the same branch (invariant 3)
         # one sum over the whole buffer (gradients and loss) is non-finite iff some entry is, or the
         # gradient is so large that it overflows: a step to skip either way (~20x cheaper than isfinite)
         finite = math.isfinite(float(self.grads.flat.sum()))
-        if finite:
-            self.bad_steps = 0
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr_at(self.step)
-            # keep_zeros: a zero gradient gives a zero entry no update (Adam's moments stay 0, weight
-            # decay scales 0), as prune's weight_orig × mask would; the weights are masked again after
-            # the step so no rounding can bring one back
-            for param, mask in self.masks:
-                param.grad.mul_(mask)
-            self.optimizer.step()
-            if self.masks:
-                with torch.no_grad():
-                    for param, mask in self.masks:
-                        param.mul_(mask)
-        else:
-            for b, before in zip(self.bn_buffers, bn_before):
-                b.copy_(before)
-            self.bad_steps += 1
-            self.lr_scale *= self.job.train.divergence.lr_factor
-            if self.bad_steps >= self.job.train.divergence.max_consecutive:
-                raise Diverged(f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or"
-                               f" gradient (last: step {self.step}); train.divergence.max_consecutive="
-                               f"{self.job.train.divergence.max_consecutive}. Lower train.optimizer.lr;"
-                               " the last checkpoint is intact")
-        if self._trace:
-            self._trace.write(json.dumps({"step": self.step, "idx": idx.tolist()}) + "\n")
-            self._trace.flush()
-        self.step += 1
-        overhead = group.work_s + clock() - u0
-        # the ranks that knew the plan each added the same shares: their mean, computed from the same
-        # reduced bits everywhere, so every rank splits the next batches identically
-        next_shares = [x / plan_votes for x in plan] if plan_votes > 0 else None
-        return StepResult(loss_sum / batch, batch, len(idx), compute, compute_cpu, overhead,
-                          time.perf_counter() - t0, skipped=not finite, regroup=regroups > 0,
-                          next_shares=next_shares)
+        if not finite:
+            self._skip_step(bn_before)
+            return False
+        self.bad_steps = 0
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = self.lr_at(self.step)
+        # keep_zeros: a zero gradient gives a zero entry no update (Adam's moments stay 0, weight
+        # decay scales 0), as prune's weight_orig × mask would; the weights are masked again after
+        # the step so no rounding can bring one back
+        for param, mask in self.masks:
+            param.grad.mul_(mask)
+        self.optimizer.step()
+        if self.masks:
+            with torch.no_grad():
+                for param, mask in self.masks:
+                    param.mul_(mask)
+        return True
+
+    def _skip_step(self, bn_before) -> None:
+        """A non-finite step changes nothing anywhere: BatchNorm's running statistics, changed in the
+        forward pass, are put back; the divergence guard lowers the learning rate, and gives up after
+        ``train.divergence.max_consecutive`` such steps in a row."""
+        for buffer, before in zip(self.bn_buffers, bn_before):
+            buffer.copy_(before)
+        self.bad_steps += 1
+        self.lr_scale *= self.job.train.divergence.lr_factor
+        if self.bad_steps >= self.job.train.divergence.max_consecutive:
+            raise Diverged(f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or"
+                           f" gradient (last: step {self.step}); train.divergence.max_consecutive="
+                           f"{self.job.train.divergence.max_consecutive}. Lower train.optimizer.lr;"
+                           " the last checkpoint is intact")
 
     def probe_fixed_cost(self, repeats: int = 3) -> float:
         """Processor seconds (wall on a GPU) of a one-sample forward and backward pass: what a compute
