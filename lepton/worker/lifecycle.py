@@ -35,10 +35,10 @@ from ..protocol import Generation, RegisterRequest, Report, StepPlan
 from ..records import (BestRecord, DecisionRecord, EvalRecord, GenerationFirstStepRecord, PlanRecord,
                        SkippedStepRecord, TrainRecord)
 from ..spec import JobSpec, parse_job
-from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_checkpoint,
-                                  write_model, write_state_dir)
+from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_best,
+                                  write_checkpoint, write_model)
 from ..storage.prepared import DataCache
-from ..storage.rundir import RunDir
+from ..storage.rundir import MODEL_DIR, RunDir
 from .fault_injection import FaultInjector
 from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
 from .placement import apply_placement
@@ -366,7 +366,7 @@ class Worker:
             # none at the last step), and without this a run that ran to its end always lost them
             self._keep_if_best(trainer.evaluate(self.group, "val"), rank)
         if job.policies.keep_best and trainer.best_step is not None and trainer.best_step != trainer.step:
-            best = read_checkpoint(self.run.best_dir) if rank == 0 else None
+            best = read_checkpoint(self.run.best_rel, storage=self.run.storage) if rank == 0 else None
             trainer.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
         agree = trainer.replicas_agree(self.group)
         results = {split: trainer.evaluate(self.group, split, confusion=True)
@@ -410,7 +410,7 @@ class Worker:
         trainer = self.trainer
         if trainer.improved(scores) and rank == 0:
             best = {"model": trainer.model.state_dict(), "step": trainer.step}
-            write_state_dir(self.run.best_dir, trainer.step, best)
+            write_best(self.run, trainer.step, best)
             self.reporter.push(BestRecord(step=trainer.step, value=trainer.best_value,
                                           metric=self.job.policies.keep_best.metric))
 
@@ -436,7 +436,7 @@ class Worker:
                 "model": self.job.to_yaml_dict()["model"], "seed": self.job.seed,
                 "input_shape": list(pre.input_shape), "classes": pre.classes, "preprocess": pre.to_dict(),
                 "metrics": results, "step": self.trainer.step, "best_step": self.trainer.best_step}
-        write_model(self.run.model_dir, self.trainer.model.state_dict(), meta, extra)
+        write_model(MODEL_DIR, self.trainer.model.state_dict(), meta, extra, storage=self.run.storage)
 
 
 def _decision_record(decision: Decision, step: int, lr: float) -> DecisionRecord:
