@@ -8,6 +8,7 @@ from conftest import job_dict
 from fakes import Clock, event_kinds, make_coordinator, measure, ready
 from lepton.coordinator.controller import Controller
 from lepton.coordinator.state import Phase
+from lepton.records import BestRecord, DecisionRecord, EvalRecord, TrainRecord
 from lepton.protocol import Heartbeat, RegisterRequest, Report, Resources
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
@@ -20,7 +21,11 @@ def test_heartbeat_records_reach_metrics_and_state_json_is_throttled(tmp_path):
     a, b = ready(c, 1), ready(c, 2)
     gen = c.plan(a).generation.id
     state = lambda: json.loads((tmp_path / "run" / "state.json").read_text())
-    train = lambda step: {"kind": "train", "step": step, "loss": 1.0, "samples_per_s": 10.0}
+    def train(step):
+        return TrainRecord(
+            step=step, epoch=0, total_steps=21, loss=1.0, lr=0.01, samples_per_s=10.0, generation=gen, workers=2
+        ).to_dict()
+
     clock.t = 5.0
     c.heartbeat(Heartbeat(worker_id=a, generation=gen, step=1, records=[train(1)]))
     assert state()["step"] == 1  # a second after the last write: written at once
@@ -467,22 +472,17 @@ def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
             kind="metrics",
             payload={
                 "records": [
-                    {"kind": "eval", "split": "val", "step": 14, "loss": 0.5},
-                    {"kind": "best", "step": 14, "value": 0.5, "metric": "val.loss"},
-                    {
-                        "kind": "decision",
-                        "decision": "lr",
-                        "step": 28,
-                        "reason": "val.loss has not improved",
-                        "details": {"metric": "val.loss", "lr": 0.005},
-                    },
-                    {
-                        "kind": "decision",
-                        "decision": "early_stop",
-                        "step": 42,
-                        "reason": "early stop",
-                        "details": {},
-                    },
+                    EvalRecord(split="val", step=14, epoch=1, metrics={"loss": 0.5}).to_dict(),
+                    BestRecord(step=14, value=0.5, metric="val.loss").to_dict(),
+                    DecisionRecord(
+                        decision="lr",
+                        step=28,
+                        reason="val.loss has not improved",
+                        details={"metric": "val.loss", "lr": 0.005},
+                        lr=0.005,
+                    ).to_dict(),
+                    DecisionRecord(decision="early_stop", step=42, reason="early stop", details={}, lr=0.005).to_dict(),
+                    {"kind": "decision", "step": 50},  # malformed: journaled, not acted on
                 ]
             },
         )

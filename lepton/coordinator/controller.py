@@ -35,6 +35,7 @@ from ..protocol import (
     Resources,
     StepPlan,
 )
+from ..records import BestRecord, DecisionRecord, EvalRecord, TrainRecord, UnknownRecord, parse_record
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
 from . import balance
@@ -393,26 +394,30 @@ class Controller:
             backend=self._backend(),
         )
 
-    def _take_metrics(self, records: list[dict]) -> None:
-        """metrics.jsonl records from a member (in its heartbeat, or a ``metrics`` report)."""
+    def _take_metrics(self, lines: list[dict]) -> None:
+        """metrics.jsonl records from a member (in its heartbeat, or a ``metrics`` report). Every line
+        is journaled as sent; a line this version cannot parse is not acted on."""
         for obs in self.observers or ():
-            obs.on_records(records)
-        for rec in records:
-            kind = rec.get("kind")
-            if kind == "train":
-                self.step = max(self.step, rec["step"])
-                self.loss, self.samples_per_s = rec["loss"], rec.get("samples_per_s")
-            elif kind == "best":
+            obs.on_records(lines)
+        for line in lines:
+            try:
+                rec = parse_record(line)
+            except (UnknownRecord, TypeError):
+                continue
+            if isinstance(rec, TrainRecord):
+                self.step = max(self.step, rec.step)
+                self.loss, self.samples_per_s = rec.loss, rec.samples_per_s
+            elif isinstance(rec, BestRecord):
                 self._event(
                     "best",
-                    f"best {rec['metric']} so far: {rec['value']:.6g} at step {rec['step']}",
-                    step=rec["step"],
-                    value=rec["value"],
-                    metric=rec["metric"],
+                    f"best {rec.metric} so far: {rec.value:.6g} at step {rec.step}",
+                    step=rec.step,
+                    value=rec.value,
+                    metric=rec.metric,
                 )
-            elif kind == "decision":  # a policy's decision, taken on every worker
-                self._event(rec["decision"], rec["reason"], step=rec["step"], **rec.get("details", {}))
-            elif kind == "eval":  # after an evaluation: a re-plan point too
+            elif isinstance(rec, DecisionRecord):  # a policy's decision, taken on every worker
+                self._event(rec.decision, rec.reason, step=rec.step, **rec.details)
+            elif isinstance(rec, EvalRecord):  # after an evaluation: a re-plan point too
                 self._maybe_replan()
         self._persist(progress=True)
 

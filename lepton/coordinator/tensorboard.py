@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..records import EvalRecord, TrainRecord, UnknownRecord, parse_record
+
 
 class TensorBoardSink:
     def __init__(self, folder: Path):
@@ -16,21 +18,22 @@ class TensorBoardSink:
             return
         self.writer = SummaryWriter(log_dir=str(folder))
 
-    def record(self, rec: dict) -> None:
+    def record(self, line: dict) -> None:
         if self.writer is None:
             return
-        kind, step = rec.get("kind"), rec.get("step")
-        if kind == "train":
-            prefix = "train"
-            values = {k: rec.get(k) for k in ("loss", "samples_per_s", "lr")}
-        elif kind == "eval":
-            prefix = rec["split"]
-            values = {k: v for k, v in rec.items() if k not in ("kind", "split", "time", "step", "epoch", "count")}
+        try:
+            rec = parse_record(line)
+        except (UnknownRecord, TypeError):
+            return
+        if isinstance(rec, TrainRecord):
+            prefix, values = "train", {"loss": rec.loss, "samples_per_s": rec.samples_per_s, "lr": rec.lr}
+        elif isinstance(rec, EvalRecord):
+            prefix, values = rec.split, {k: v for k, v in rec.metrics.items() if k != "count"}
         else:
             return
         for name, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self.writer.add_scalar(f"{prefix}/{name}", v, step, walltime=rec.get("time"))
+                self.writer.add_scalar(f"{prefix}/{name}", v, rec.step, walltime=rec.time)
 
     def close(self) -> None:
         if self.writer is not None:
