@@ -22,7 +22,7 @@ from .comm import batchnorm
 from .console import console
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
-from .errors import LeptonError
+from .errors import LeptonError, first_line
 from .models import build_model, load_init_weights, num_outputs
 from .spec import JobSpec, parse_job, read_yaml
 from .storage.checkpoint import readable_state_dir
@@ -186,9 +186,8 @@ def _check_outputs(job: JobSpec, model, pre) -> None:
         with torch.no_grad():
             out = model.eval()(torch.zeros((2,) + tuple(pre.input_shape)))
     except Exception as e:        # whatever the user's model raises, the user needs its first line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LeptonError(f"model: a forward pass on a batch of shape {(2,) + tuple(pre.input_shape)} failed:"
-                          f" {type(e).__name__}: {first}") from None
+                          f" {type(e).__name__}: {first_line(e)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 or out[0].numel() != want:

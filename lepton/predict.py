@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 from safetensors import SafetensorError
 
-from .errors import DataError, LeptonError
+from .errors import DataError, LeptonError, first_line
 from .models import build_model, num_outputs
 from .spec import parse_job
 from .storage.checkpoint import MODEL_META, MODEL_WEIGHTS, read_model
@@ -25,11 +25,6 @@ from .storage.tables import SUFFIXES, detect_format, read_table
 # prediction has no data.format option: the input's file name has to tell the format
 INPUT_NAMES = ("prediction takes the format from the extension: name the input "
                + ", ".join(f"*{s}" for s, _ in SUFFIXES))
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: object, described: str) -> None:

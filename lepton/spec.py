@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError
+from .errors import SpecError, first_line
 from .export.spec import ExportSpec
 
 Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "linear"]
@@ -402,7 +402,7 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SpecError(f"{p}:{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: a job file must be a YAML mapping (name:, data:, model:, ...)")

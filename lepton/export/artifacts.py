@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LeptonError
+from ..errors import LeptonError, first_line
 from ..models import build_model, num_outputs
-from ..predict import Predictor, first_line as _first_line, load_weights
+from ..predict import Predictor, load_weights
 from ..spec import parse_job
 from ..storage.preprocess import Preprocessor
 from ..storage.rundir import atomic_write_bytes
@@ -83,7 +83,7 @@ def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision:
             with torch.no_grad():
                 traced = torch.jit.trace(m, example)
         except Exception as e:     # tracing raises many types for models it cannot follow
-            raise LeptonError(f"TorchScript tracing of the model failed: {_first_line(e)}") from None
+            raise LeptonError(f"TorchScript tracing of the model failed: {first_line(e)}") from None
         torch.jit.save(traced, buf, _extra_files={META_KEY: encode_meta(meta)})
     atomic_write_bytes(path, buf.getvalue())
     deprecated = sorted({str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)})
@@ -157,7 +157,7 @@ def _load_torchscript(path: Path, threads: int | None) -> tuple[Runner, dict]:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as e:      # RuntimeError from the zip reader / unpickler, for any damage
-        raise LeptonError(f"{path}: not a readable TorchScript file ({_first_line(e)})") from None
+        raise LeptonError(f"{path}: not a readable TorchScript file ({first_line(e)})") from None
     meta = decode_meta(extra[META_KEY], str(path))
     return TorchRunner(module, TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]), meta
 
@@ -171,7 +171,7 @@ def _load_safetensors(path: Path, threads: int | None) -> tuple[Runner, dict]:
     except LeptonError:
         raise
     except Exception as e:     # SafetensorError (header/size mismatch), OSError
-        raise LeptonError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise LeptonError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     dtype = TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]
     model = rebuild_torch_model(meta, path).to(dtype)
     load_weights(model, state, path, "the embedded model spec")

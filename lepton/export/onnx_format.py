@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import LeptonError
+from ..errors import LeptonError, first_line
 from .meta import META_KEY, decode_meta, encode_meta
 
 INPUT_NAME = "input"
@@ -125,8 +125,7 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], meta: dict
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         opset_version=OPSET, optimize=True, verbose=False)
     except Exception as e:    # the exporter raises many types; the user needs the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first}") from None
+        raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first_line(e)}") from None
     proto = program.model_proto
     _strip(proto)
     set_meta(proto, meta)
@@ -233,8 +232,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:    # InvalidProtobuf, Fail, NoSuchFile... all mean "not a usable model"
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LeptonError(f"{path}: not a readable ONNX model ({msg})") from None
+            raise LeptonError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
         self.meta = decode_meta(self.session.get_modelmeta().custom_metadata_map.get(META_KEY), str(path))
         self.input_name = self.session.get_inputs()[0].name
 
