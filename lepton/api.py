@@ -18,7 +18,7 @@ from .errors import LeptonError
 from .coordinator.server import Listener
 from .launcher import InterruptCounter, LocalSupervisor, LocalWorkers, open_run, start_coordinator
 from .storage.rundir import new_token
-from .spec import JobSpec, load_job, parse_job
+from .spec import as_job
 
 
 # a resumed run continues with the spec it started with (its job.yaml): a changed field would change
@@ -35,16 +35,6 @@ class TrainResult:
     reason: str = ""
     export: dict | None = None          # the export report when the job has an ``export:`` section
     export_error: str = ""              # why that export failed (the training result above still holds)
-
-
-def _as_job(job, overrides: list[str] | None) -> JobSpec:
-    if isinstance(job, (str, Path)):
-        return load_job(job, overrides)
-    if isinstance(job, JobSpec):
-        job = job.model_dump(mode="python")
-    if isinstance(job, dict):
-        return parse_job(job, source="job", overrides=overrides, base_dir=Path.cwd())
-    raise LeptonError(f"lepton.train: expected a path, dict or JobSpec, got {type(job).__name__}")
 
 
 def train(job=None, workers: int | None = None, run_dir: str | Path | None = None, resume: bool = False,
@@ -74,7 +64,7 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
             opened.release()
             raise
     else:
-        spec = _as_job(job, overrides)
+        spec = as_job(job, overrides)
         if spec.cluster.device == "cuda":
             import torch
             if not torch.cuda.is_available():

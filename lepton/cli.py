@@ -138,7 +138,8 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
 
 
 def cmd_coordinator(a) -> int:
-    from .api import RESUME_KEEPS_THE_SPEC, _as_job
+    from .api import RESUME_KEEPS_THE_SPEC
+    from .spec import as_job
     from .console import console, out, summary_table
     from .launcher import InterruptCounter
     from .coordinator.server import Listener
@@ -149,7 +150,7 @@ def cmd_coordinator(a) -> int:
     if a.resume and a.overrides:
         raise LeptonError(RESUME_KEEPS_THE_SPEC)
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
-    job = None if a.resume else _as_job(a.job, overrides)
+    job = None if a.resume else as_job(a.job, overrides)
     try:
         listener = Listener(host, port)
     except OSError as e:

@@ -29,12 +29,12 @@ from pydantic import ValidationError
 
 from ..errors import LeptonError, SpecError
 from ..predict import Predictor
+from ..spec import ExportSpec, format_validation_error
 from ..storage.checkpoint import MODEL_WEIGHTS
 from ..storage.rundir import RunDir, atomic_write_json
 from .artifacts import TorchRunner, artifact_name, load_artifact, write_onnx, write_safetensors, write_torchscript
 from .meta import artifact_meta
 from .report import Candidate, measure
-from .spec import ExportSpec
 
 REPORT_NAME = "report.json"
 REPORT_FORMAT = "lepton-export-report/1"
@@ -52,7 +52,6 @@ def as_spec(spec: ExportSpec | dict | None, source: str = "export", names: dict[
     try:
         return ExportSpec.model_validate(spec)
     except ValidationError as e:
-        from ..spec import format_validation_error
         raise SpecError(format_validation_error(e, source, names)) from None
 
 
