@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from .cli_args import cpus, positive, split_bind
 from .errors import LeptonError
 
 EXIT_USER_ERROR = 2
@@ -18,19 +18,19 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a job with a local coordinator and K local workers")
     t.add_argument("job", nargs="?", help="job YAML (optional with --resume: the run's job.yaml is used)")
-    t.add_argument("--workers", type=_positive, help="number of local workers (default: cluster.workers)")
+    t.add_argument("--workers", type=positive, help="number of local workers (default: cluster.workers)")
     t.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
-    t.add_argument("--threads", type=_positive, help="torch threads per worker (default: cores / workers)")
+    t.add_argument("--threads", type=positive, help="torch threads per worker (default: cores / workers)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
     c = sub.add_parser("coordinator", help="run only the coordinator; workers join with `lepton worker`")
     c.add_argument("job", nargs="?")
     c.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT for the API and the rendezvous store")
     c.add_argument("--run-dir")
-    c.add_argument("--workers", type=_positive, help="start training when this many workers joined")
+    c.add_argument("--workers", type=positive, help="start training when this many workers joined")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.1:7000")
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
-    w.add_argument("--threads", type=_positive, help="torch intra-op threads")
+    w.add_argument("--threads", type=positive, help="torch intra-op threads")
     w.add_argument("--connect-timeout", type=float, default=120.0,
                    help="seconds to keep retrying while the coordinator is unreachable at start")
 
@@ -57,57 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     from .runs import add_runs_command              # runs (lepton/runs.py)
     add_runs_command(sub)
     return p
-
-
-def _positive(text: str) -> int:
-    """argparse type: a count (workers, threads); argparse turns the ValueError into a usage error."""
-    n = int(text)
-    if n < 1:
-        raise ValueError(text)
-    return n
-
-
-_positive.__name__ = "positive integer"     # argparse names the type in its message: "invalid positive integer value"
-
-
-def _cpus(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            span = range(int(lo), int(hi or lo) + 1)
-            if not span or span.start < 0:
-                raise ValueError(part)
-            out += list(span)
-    except ValueError:
-        raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
-    cores = set(range(os.cpu_count() or 1))
-    if not set(out) <= cores:
-        raise LeptonError(f"--cpus {text!r}: no core(s) {sorted(set(out) - cores)} on this machine"
-                          f" (it has {_ranges(sorted(cores))})")
-    return out
-
-
-def _ranges(cores: list[int]) -> str:
-    """0,1,2,3,6 -> '0-3,6'"""
-    spans: list[list[int]] = []
-    for c in cores:
-        if spans and c == spans[-1][1] + 1:
-            spans[-1][1] = c
-        else:
-            spans.append([c, c])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
-
-
-def _split_bind(bind: str) -> tuple[str, int]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise LeptonError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
-    if int(port) > 65535:      # the socket layer would raise OverflowError, not a message
-        raise LeptonError(f"--bind {bind!r}: port {int(port)} is out of range (0-65535; 0 picks a free port)")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def cmd_train(a) -> int:
@@ -144,7 +93,7 @@ def cmd_coordinator(a) -> int:
     from .launcher import InterruptCounter
     from .coordinator.server import Listener
     from .launcher import open_run, start_coordinator
-    host, port = _split_bind(a.bind)
+    host, port = split_bind(a.bind)
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
     if a.resume and a.overrides:
@@ -185,7 +134,7 @@ def cmd_coordinator(a) -> int:
 def cmd_worker(a) -> int:
     from .client import read_token
     from .worker.agent import run_worker
-    return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads, a.connect_timeout)
+    return run_worker(a.coordinator, read_token(a.token_file), cpus(a.cpus), a.threads, a.connect_timeout)
 
 
 def cmd_status(a) -> int:
