@@ -18,17 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .comm import batchnorm
 from .console import console
 from .coordinator.machine import Coordinator
 from .coordinator.server import CoordinatorServer, Listener
 from .errors import LeptonError, first_line
-from .models import build_model, load_init_weights, num_outputs
+from .model import batchnorm, dropout
+from .model.builders import build_model, load_init_weights, num_outputs
 from .spec import JobSpec, parse_job, read_yaml
 from .storage.checkpoint import readable_state_dir
 from .storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
 from .storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
-from .worker import dropout
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import DataError, LeptonError, first_line
-from .models import build_model, num_outputs
+from .model.builders import build_model, num_outputs
 from .spec import parse_job
 from .storage.checkpoint import MODEL_META, MODEL_WEIGHTS, read_model
 from .storage.preprocess import CellError, Preprocessor

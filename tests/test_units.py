@@ -666,7 +666,7 @@ def test_keep_zeros_masks_only_trainable_weight_matrices():
     """A frozen layer has no gradient to mask (it crashed the fine-tune); biases are never masked."""
     import torch
     from torch import nn
-    from lepton.models import zero_masks
+    from lepton.model.builders import zero_masks
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     with torch.no_grad():
         for layer in model:

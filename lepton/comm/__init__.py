@@ -1,5 +1,5 @@
 """Network communication: one process group per generation, exact gradient reduction, state broadcast."""
 from .group import CommError, GenerationGroup
-from .reducer import FlatGradients
+from .flat_grads import FlatGradients
 
 __all__ = ["CommError", "GenerationGroup", "FlatGradients"]

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import LeptonError, first_line
-from ..models import build_model, num_outputs
+from ..model.builders import build_model, num_outputs
 from ..predict import Predictor, load_weights
 from ..spec import parse_job
 from ..storage.preprocess import Preprocessor

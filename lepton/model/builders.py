@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import SpecError, first_line
-from .spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
+from ..errors import SpecError, first_line
+from ..spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
 
 _ACT: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
