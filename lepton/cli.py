@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 
+from . import api
 from .cli_args import cpus, positive, split_bind
+from .client import CoordinatorClient, read_token
+from .console import console, out, status_table, summary_table
+from .coordinator.auth import dashboard_url
+from .coordinator.server import Listener
 from .errors import LeptonError
+from .export.cli import add_export_commands
+from .export.report import print_report
+from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
+from .predict import check_output
+from .runs import add_runs_command
+from .spec import as_job
+from .worker.agent import run_worker
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -52,16 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
 
-    from .export.cli import add_export_commands     # export, serve (lepton/export/)
-    add_export_commands(sub)
-    from .runs import add_runs_command              # runs (lepton/runs.py)
-    add_runs_command(sub)
+    add_export_commands(sub)           # export, serve (lepton/export/cli.py)
+    add_runs_command(sub)              # runs (lepton/runs.py)
     return p
 
 
 def cmd_train(a) -> int:
-    from . import api
-    from .console import console, out, summary_table
     if not a.job and not a.resume:
         raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
     res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
@@ -69,7 +79,6 @@ def cmd_train(a) -> int:
     code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table,
                    f"lepton train --resume --run-dir {res.run_dir}")
     if res.export:
-        from .export.report import print_report
         print_report(res.export, out)
     if res.export_error:        # after the summary: the trained model is there, only its export failed
         raise LeptonError(f"training completed (summary above), but the export failed: {res.export_error}")
@@ -87,17 +96,11 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
 
 
 def cmd_coordinator(a) -> int:
-    from .api import RESUME_KEEPS_THE_SPEC
-    from .spec import as_job
-    from .console import console, out, summary_table
-    from .launcher import InterruptCounter
-    from .coordinator.server import Listener
-    from .launcher import open_run, start_coordinator
     host, port = split_bind(a.bind)
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
     if a.resume and a.overrides:
-        raise LeptonError(RESUME_KEEPS_THE_SPEC)
+        raise LeptonError(api.RESUME_KEEPS_THE_SPEC)
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
     job = None if a.resume else as_job(a.job, overrides)
     try:
@@ -108,21 +111,14 @@ def cmd_coordinator(a) -> int:
     server = start_coordinator(opened, listener)
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
-    from .coordinator.dashboard import dashboard_url
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
           f" --token-file {opened.run.token_file}", flush=True)
-    handled = 0
+    policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
         def on_poll(_status) -> None:
-            nonlocal handled
-            if interrupts.count > handled:     # first: checkpoint and stop at a step boundary; second: now
-                handled = interrupts.count
-                with server.lock:
-                    if handled == 1:
-                        server.coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
-                    else:
-                        server.coord.stop_now("interrupted twice: stopped at once")
+            with server.lock:
+                policy.apply(interrupts.count, server.coord)
         server.wait(on_poll=on_poll)
     server.stop(linger_s=1.0)               # remote workers hear 'exit' on their next poll
     c = server.coord
@@ -132,15 +128,10 @@ def cmd_coordinator(a) -> int:
 
 
 def cmd_worker(a) -> int:
-    from .client import read_token
-    from .worker.agent import run_worker
     return run_worker(a.coordinator, read_token(a.token_file), cpus(a.cpus), a.threads, a.connect_timeout)
 
 
 def cmd_status(a) -> int:
-    import json
-    from .client import CoordinatorClient, read_token
-    from .console import out, status_table
     st = CoordinatorClient(a.url, read_token(a.token_file)).status()
     if a.json:
         print(json.dumps(st, indent=2))
@@ -152,9 +143,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import check_output, load
     check_output(a.output, a.input, label="--output ", model_path=a.run_dir)       # before any work
-    p = load(a.run_dir)
+    p = api.load(a.run_dir)
     result = p.predict_file(a.input)
     p.write_csv(result, a.output)
     print(f"{len(result['prediction'])} predictions written to {a.output}")
@@ -176,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         # Free what the command left in reference cycles (a traceback holding an ONNX Runtime session,
         # say) now, not during interpreter shutdown: destroyed that late, ORT's thread pool aborts the
         # process ("terminate called without an active exception"; seen 3 times in 40 runs).
-        import gc
         gc.collect()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from ..api import load
 from ..cli_args import split_bind
 from ..console import console, out
 from ..errors import LeptonError
@@ -101,4 +102,4 @@ def cmd_serve(a) -> int:
     if a.max_body <= 0:
         raise LeptonError(f"--max-body {a.max_body}: must be a positive number of bytes")
     host, port = split_bind(a.bind)
-    return serve(a.target, host, port, a.max_body)
+    return serve(load(a.target), a.target, host, port, a.max_body)

@@ -19,6 +19,10 @@ Contracts:
   everywhere; the 16-bit *rounding* of the weights is what the report measures).
 - ``OnnxRunner(path)`` maps a float32 array to the output array; a file that is not a readable ONNX
   model is a ``LeptonError`` naming it.
+
+``onnx`` and ``onnxruntime`` are imported inside the functions that use them, on purpose: importing
+them costs start-up time in every ``lepton`` command and worker process, and only the export phase
+and ONNX artifacts need them.
 """
 from __future__ import annotations
 
@@ -150,8 +154,13 @@ def quantize_int8(proto, meta: dict, method: str = "dynamic", calibration=None):
     "static" or "dynamic"; static calibrates activation ranges (min/max) on ``calibration``, a float32
     array of model inputs (``(rows, *input_shape)``)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Rows(CalibrationDataReader):
