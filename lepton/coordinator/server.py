@@ -8,7 +8,6 @@ All calls into the state machine hold one lock; the machine itself never blocks.
 from __future__ import annotations
 
 import datetime
-import hmac
 import logging
 import socket
 import threading
@@ -16,9 +15,11 @@ import time
 
 import torch.distributed as dist
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI
 
 from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
+from .auth import bearer_dependency
+from .dashboard import add_dashboard_routes
 from .machine import Coordinator
 
 HEARTBEAT_INTERVAL_S = 0.5
@@ -37,11 +38,7 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
     # (heartbeat, plan, report) are async: the machine never waits on anything but a few small file
     # writes, so they hold the event loop no longer than they would hold the lock; the rare heavier
     # ones (register, status, the dashboard) stay on the pool.
-    async def auth(authorization: str | None = Header(default=None)) -> None:
-        expected = f"Bearer {token}"
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+    auth = bearer_dependency(token)     # async (auth.py)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -81,8 +78,7 @@ def build_app(coord: Coordinator, token: str, lock: threading.Lock, store_port: 
         with lock:
             return coord.status()
 
-    from .dashboard import add_dashboard_routes          # /dashboard, /dashboard/api/*, /metrics
-    add_dashboard_routes(app, coord, lock, token)
+    add_dashboard_routes(app, coord, lock, token)          # /dashboard, /dashboard/api/*, /metrics
     return app
 
 
