@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import LeptonError, SpecError, first_line
 
@@ -121,7 +129,6 @@ class ModelSpec(_Strict):
         if self.keep_zeros and not self.init_weights:
             raise ValueError("model.keep_zeros keeps the zeros of model.init_weights: give init_weights too")
         item = DenseLayer if self.type == "mlp" else CnnLayer
-        from pydantic import TypeAdapter
         self.layers = TypeAdapter(list[item]).validate_python(self.layers)
         return self
 

@@ -11,6 +11,8 @@ import math
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import SpecError, first_line
@@ -116,8 +118,6 @@ def load_init_weights(job: JobSpec, model: nn.Module) -> None:
     path = job.model.init_weights
     if not path:
         return
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     where = f"model.init_weights: {path}"
     try:
         saved = load_file(path)
