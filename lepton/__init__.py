@@ -2,9 +2,9 @@
 
 Public API: ``train``, ``load``, ``JobSpec``, ``LeptonError``. Everything else is internal.
 """
-from .api import TrainResult, train
+from .api import TrainResult, load, train
 from .errors import LeptonError
-from .predict import Predictor, load
+from .predict import Predictor
 from .spec import JobSpec
 
 __all__ = ["train", "load", "JobSpec", "LeptonError", "Predictor", "TrainResult"]

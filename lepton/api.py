@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import TrainingProgress, console
+from .console import console
 from .errors import LeptonError
-from .coordinator.server import Listener
-from .launcher import InterruptCounter, LocalSupervisor, LocalWorkers, open_run, start_coordinator
-from .storage.rundir import new_token
-from .spec import JobSpec, load_job, parse_job
-
+from .export.artifacts import load_artifact
+from .export.pipeline import run_export
+from .launch import open_local, run_local
+from .predict import Predictor, RunPredictor, run_model_dir
+from .spec import as_job
 
 # a resumed run continues with the spec it started with (its job.yaml): a changed field would change
 # what the checkpoint is continued with, and the data order; only the worker count may differ
@@ -35,16 +35,6 @@ class TrainResult:
     reason: str = ""
     export: dict | None = None          # the export report when the job has an ``export:`` section
     export_error: str = ""              # why that export failed (the training result above still holds)
-
-
-def _as_job(job, overrides: list[str] | None) -> JobSpec:
-    if isinstance(job, (str, Path)):
-        return load_job(job, overrides)
-    if isinstance(job, JobSpec):
-        job = job.model_dump(mode="python")
-    if isinstance(job, dict):
-        return parse_job(job, source="job", overrides=overrides, base_dir=Path.cwd())
-    raise LeptonError(f"lepton.train: expected a path, dict or JobSpec, got {type(job).__name__}")
 
 
 def train(job=None, workers: int | None = None, run_dir: str | Path | None = None, resume: bool = False,
@@ -65,70 +55,30 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         raise LeptonError("data_from applies to a new run; a resumed run keeps its own prepared data")
     if workers is not None and not resume:
         overrides.append(f"cluster.workers={workers}")
-    if resume:
-        opened = open_run(None, run_dir, True, workers)
-        try:
-            listener = Listener()
-            local = LocalWorkers(listener.url, opened.token, opened.job.cluster.workers, threads)
-        except BaseException:
-            opened.release()
-            raise
-    else:
-        spec = _as_job(job, overrides)
-        if spec.cluster.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                raise LeptonError("cluster.device is 'cuda' but torch sees no GPU on this machine"
-                                  " (use auto or cpu)")
-        token = new_token()
-        # workers start now and import torch while the data is prepared; they wait in the backlog
-        listener = Listener()
-        local = LocalWorkers(listener.url, token, spec.cluster.workers, threads)
-        try:
-            opened = open_run(spec, run_dir, False, token=token, data_from=data_from)
-        except BaseException:
-            local.wait(timeout_s=0)
-            listener.close()
-            raise
-    try:
-        return _run(opened, local, listener, progress)
-    finally:
-        opened.release()        # the run directory is free for a resume or an export
+    spec = None if resume else as_job(job, overrides)
+    with open_local(spec, run_dir, resume, workers, threads, data_from) as launch:
+        outcome = run_local(launch.opened, launch.workers, launch.listener, progress)
+        report, export_error = None, ""
+        opened = launch.opened
+        if outcome.status == "completed" and opened.job.export is not None:     # while the run is held
+            try:
+                report = run_export(opened.run.root, opened.job.export, progress=progress,
+                                    log=lambda m: console.print(m, markup=False, highlight=False))
+            except LeptonError as e:     # raising would lose the result of the training that did complete
+                export_error = str(e)
+            except KeyboardInterrupt:    # Ctrl-C while exporting: the training result still stands
+                export_error = f"interrupted; export the trained model with: lepton export {opened.run.root}"
+    return TrainResult(outcome.status, outcome.run_dir, outcome.summary, outcome.reason, report, export_error)
 
 
-def _run(opened, local, listener, progress: bool) -> TrainResult:
-    """The opened run to its end: coordinator, local workers, progress, then the export phase."""
-    local.attach_logs(opened.run.logs_dir)
-    server = start_coordinator(opened, listener)
-    coord = server.coord
-    if progress:
-        from .coordinator.dashboard import dashboard_url
-        console.print(f"dashboard: {dashboard_url(server.url, opened.token)}", markup=False, highlight=False,
-                      soft_wrap=True)
-    supervisor = LocalSupervisor(server, local, opened.job)
-    try:
-        with TrainingProgress(enabled=progress) as bar, InterruptCounter() as interrupts:
-            def poll(status: dict) -> None:
-                bar.update(status)
-                supervisor.check(interrupts.count)
-            server.wait(on_poll=poll)
-    finally:
-        if supervisor.forced:
-            local.kill()
-        else:
-            local.wait()         # they hear 'exit' on their next poll and leave on their own
-        server.stop()
-    reason = coord.reason
-    if coord.phase.value == "failed" and local.failure_output():
-        console.print(local.failure_output(), markup=False, highlight=False)
-    report, export_error = None, ""
-    if coord.phase.value == "completed" and opened.job.export is not None:
-        from .export.pipeline import run_export
-        try:
-            report = run_export(opened.run.root, opened.job.export, progress=progress,
-                                log=lambda m: console.print(m, markup=False, highlight=False))
-        except LeptonError as e:     # raising would lose the result of the training that did complete
-            export_error = str(e)
-        except KeyboardInterrupt:    # Ctrl-C while exporting: the training result still stands
-            export_error = f"interrupted; export the trained model with: lepton export {opened.run.root}"
-    return TrainResult(coord.phase.value, opened.run.root, coord.summary, reason, report, export_error)
+def load(path: str | Path) -> Predictor:
+    """A predictor from a run directory (its ``model/``), a model directory (``RunPredictor``), or an
+    exported artifact file (``ArtifactPredictor``: ONNX through onnxruntime, TorchScript, safetensors)
+    with the same interface. The one entry point of ``lepton.load``, ``lepton predict`` and
+    ``lepton serve``."""
+    p = Path(path)
+    if not p.exists():
+        raise LeptonError(f"{p}: no such run or model directory")
+    if p.is_file():                                  # an exported artifact (lepton export)
+        return load_artifact(p)
+    return RunPredictor(run_model_dir(p))

@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import argparse
-import os
+import gc
+import json
 import sys
 
+from . import api
+from .cli_args import cpus, positive, split_bind
+from .client import CoordinatorClient, read_token
+from .console import console, out, status_table, summary_table
+from .coordinator.auth import dashboard_url
+from .coordinator.server import Listener
 from .errors import LeptonError
+from .export.cli import add_export_commands
+from .export.report import print_report
+from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
+from .predict import check_output
+from .runs import add_runs_command
+from .spec import as_job
+from .worker.lifecycle import run_worker
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -18,19 +32,19 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a job with a local coordinator and K local workers")
     t.add_argument("job", nargs="?", help="job YAML (optional with --resume: the run's job.yaml is used)")
-    t.add_argument("--workers", type=_positive, help="number of local workers (default: cluster.workers)")
+    t.add_argument("--workers", type=positive, help="number of local workers (default: cluster.workers)")
     t.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
-    t.add_argument("--threads", type=_positive, help="torch threads per worker (default: cores / workers)")
+    t.add_argument("--threads", type=positive, help="torch threads per worker (default: cores / workers)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
     c = sub.add_parser("coordinator", help="run only the coordinator; workers join with `lepton worker`")
     c.add_argument("job", nargs="?")
     c.add_argument("--bind", default="127.0.0.1:0", help="HOST:PORT for the API and the rendezvous store")
     c.add_argument("--run-dir")
-    c.add_argument("--workers", type=_positive, help="start training when this many workers joined")
+    c.add_argument("--workers", type=positive, help="start training when this many workers joined")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -38,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.1:7000")
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
-    w.add_argument("--threads", type=_positive, help="torch intra-op threads")
+    w.add_argument("--threads", type=positive, help="torch intra-op threads")
     w.add_argument("--connect-timeout", type=float, default=120.0,
                    help="seconds to keep retrying while the coordinator is unreachable at start")
 
@@ -52,67 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
 
-    from .export.cli import add_export_commands     # export, serve (lepton/export/)
-    add_export_commands(sub)
-    from .runs import add_runs_command              # runs (lepton/runs.py)
-    add_runs_command(sub)
+    add_export_commands(sub)           # export, serve (lepton/export/cli.py)
+    add_runs_command(sub)              # runs (lepton/runs.py)
     return p
 
 
-def _positive(text: str) -> int:
-    """argparse type: a count (workers, threads); argparse turns the ValueError into a usage error."""
-    n = int(text)
-    if n < 1:
-        raise ValueError(text)
-    return n
-
-
-_positive.__name__ = "positive integer"     # argparse names the type in its message: "invalid positive integer value"
-
-
-def _cpus(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            span = range(int(lo), int(hi or lo) + 1)
-            if not span or span.start < 0:
-                raise ValueError(part)
-            out += list(span)
-    except ValueError:
-        raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
-    cores = set(range(os.cpu_count() or 1))
-    if not set(out) <= cores:
-        raise LeptonError(f"--cpus {text!r}: no core(s) {sorted(set(out) - cores)} on this machine"
-                          f" (it has {_ranges(sorted(cores))})")
-    return out
-
-
-def _ranges(cores: list[int]) -> str:
-    """0,1,2,3,6 -> '0-3,6'"""
-    spans: list[list[int]] = []
-    for c in cores:
-        if spans and c == spans[-1][1] + 1:
-            spans[-1][1] = c
-        else:
-            spans.append([c, c])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
-
-
-def _split_bind(bind: str) -> tuple[str, int]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise LeptonError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
-    if int(port) > 65535:      # the socket layer would raise OverflowError, not a message
-        raise LeptonError(f"--bind {bind!r}: port {int(port)} is out of range (0-65535; 0 picks a free port)")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def cmd_train(a) -> int:
-    from . import api
-    from .console import console, out, summary_table
     if not a.job and not a.resume:
         raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
     res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
@@ -120,7 +79,6 @@ def cmd_train(a) -> int:
     code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table,
                    f"lepton train --resume --run-dir {res.run_dir}")
     if res.export:
-        from .export.report import print_report
         print_report(res.export, out)
     if res.export_error:        # after the summary: the trained model is there, only its export failed
         raise LeptonError(f"training completed (summary above), but the export failed: {res.export_error}")
@@ -138,18 +96,13 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
 
 
 def cmd_coordinator(a) -> int:
-    from .api import RESUME_KEEPS_THE_SPEC, _as_job
-    from .console import console, out, summary_table
-    from .launcher import InterruptCounter
-    from .coordinator.server import Listener
-    from .launcher import open_run, start_coordinator
-    host, port = _split_bind(a.bind)
+    host, port = split_bind(a.bind)
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
     if a.resume and a.overrides:
-        raise LeptonError(RESUME_KEEPS_THE_SPEC)
+        raise LeptonError(api.RESUME_KEEPS_THE_SPEC)
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
-    job = None if a.resume else _as_job(a.job, overrides)
+    job = None if a.resume else as_job(a.job, overrides)
     try:
         listener = Listener(host, port)
     except OSError as e:
@@ -158,21 +111,14 @@ def cmd_coordinator(a) -> int:
     server = start_coordinator(opened, listener)
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
-    from .coordinator.dashboard import dashboard_url
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
     print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
           f" --token-file {opened.run.token_file}", flush=True)
-    handled = 0
+    policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
         def on_poll(_status) -> None:
-            nonlocal handled
-            if interrupts.count > handled:     # first: checkpoint and stop at a step boundary; second: now
-                handled = interrupts.count
-                with server.lock:
-                    if handled == 1:
-                        server.coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
-                    else:
-                        server.coord.stop_now("interrupted twice: stopped at once")
+            with server.lock:
+                policy.apply(interrupts.count, server.coord)
         server.wait(on_poll=on_poll)
     server.stop(linger_s=1.0)               # remote workers hear 'exit' on their next poll
     c = server.coord
@@ -182,15 +128,10 @@ def cmd_coordinator(a) -> int:
 
 
 def cmd_worker(a) -> int:
-    from .client import read_token
-    from .worker.lifecycle import run_worker
-    return run_worker(a.coordinator, read_token(a.token_file), _cpus(a.cpus), a.threads, a.connect_timeout)
+    return run_worker(a.coordinator, read_token(a.token_file), cpus(a.cpus), a.threads, a.connect_timeout)
 
 
 def cmd_status(a) -> int:
-    import json
-    from .client import CoordinatorClient, read_token
-    from .console import out, status_table
     st = CoordinatorClient(a.url, read_token(a.token_file)).status()
     if a.json:
         print(json.dumps(st, indent=2))
@@ -202,9 +143,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import check_output, load
     check_output(a.output, a.input, label="--output ", model_path=a.run_dir)       # before any work
-    p = load(a.run_dir)
+    p = api.load(a.run_dir)
     result = p.predict_file(a.input)
     p.write_csv(result, a.output)
     print(f"{len(result['prediction'])} predictions written to {a.output}")
@@ -226,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         # Free what the command left in reference cycles (a traceback holding an ONNX Runtime session,
         # say) now, not during interpreter shutdown: destroyed that late, ORT's thread pool aborts the
         # process ("terminate called without an active exception"; seen 3 times in 40 runs).
-        import gc
         gc.collect()
 
 

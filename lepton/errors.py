@@ -16,3 +16,10 @@ class SpecError(LeptonError):
 
 class DataError(LeptonError):
     """The data set cannot be read or does not fit the spec."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type name when it has none: the part of
+    a library's (or the user's code's) error worth quoting in a one-line ``LeptonError``."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

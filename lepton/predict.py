@@ -1,4 +1,7 @@
-"""Loading a trained model for prediction: ``lepton.load(RUN_DIR)`` and ``lepton predict``.
+"""Prediction with a trained model: the ``Predictor`` base and ``RunPredictor`` (a run's torch model).
+
+``lepton.load(PATH)`` (``api.load``) is the one entry point: it picks ``RunPredictor`` for a run or
+model directory and ``export.artifacts.ArtifactPredictor`` for an exported file.
 
 Raw rows go in; the run's saved preprocessing (fitted on its training split) is applied; predictions
 and, for classification, class probabilities come out.
@@ -7,29 +10,27 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import torch
 from safetensors import SafetensorError
 
-from .errors import DataError, LeptonError
-from .models import build_model, num_outputs
+from .errors import DataError, LeptonError, first_line
+from .model.builders import build_model, num_outputs
 from .spec import parse_job
 from .storage.checkpoint import MODEL_META, MODEL_WEIGHTS, read_model
 from .storage.preprocess import CellError, Preprocessor
-from .storage.rundir import RunDir
+from .storage.rundir import RunDir, atomic_write_bytes
 from .storage.tables import SUFFIXES, detect_format, read_table
 
 # prediction has no data.format option: the input's file name has to tell the format
 INPUT_NAMES = ("prediction takes the format from the extension: name the input "
                + ", ".join(f"*{s}" for s, _ in SUFFIXES))
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: object, described: str) -> None:
@@ -52,43 +53,29 @@ class OutputError(LeptonError):
         self.row = row
 
 
-class Predictor:
-    def __init__(self, model_dir: Path):
-        if not (model_dir / MODEL_META).is_file():
-            raise LeptonError(f"{model_dir}: no trained model here (expected {MODEL_META}; did the run complete?)")
-        try:
-            weights, self.meta = read_model(model_dir)
-        except json.JSONDecodeError as e:
-            raise LeptonError(f"{model_dir / MODEL_META}: cannot read the model description: {e}") from None
-        except SafetensorError as e:          # an empty or truncated weights file
-            raise LeptonError(f"{model_dir / MODEL_WEIGHTS}: cannot read the weights ({first_line(e)})") from None
-        except (OSError, ValueError) as e:
-            raise LeptonError(f"{model_dir}: cannot read the model: {e}") from None
-        self.path = model_dir
-        meta = self.meta
-        try:
-            self.preprocessor = Preprocessor.from_dict(meta["preprocess"])
-            self.task = meta["task"]
-            self.classes = meta["classes"]
-            self.input_shape = tuple(meta["input_shape"])
-            raw_job = {"name": meta["name"], "seed": meta["seed"], "task": self.task,
-                       "data": {"path": "-", "target": self.preprocessor.target, "shape": self.preprocessor.shape},
-                       "model": meta["model"]}
-        except (KeyError, TypeError, ValueError) as e:     # a hand-edited or foreign lepton.json
-            problem = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({first_line(e)})"
-            raise LeptonError(f"{model_dir / MODEL_META}: the model description {problem}") from None
-        factory = None
-        pickled = model_dir / "model_factory.pkl"
-        if pickled.exists():
-            import cloudpickle
-            try:
-                factory = cloudpickle.loads(pickled.read_bytes())
-            except Exception as e:      # unpickling raises whatever the pickled code raises
-                raise LeptonError(f"{pickled}: cannot load the model's factory ({first_line(e)})") from None
-        job = parse_job(raw_job, source=str(model_dir / MODEL_META))
-        self.model = build_model(job, self.input_shape, num_outputs(self.task, self.classes), factory)
-        load_weights(self.model, weights, model_dir / MODEL_WEIGHTS, f"the model described in {MODEL_META}")
-        self.model.eval()
+class Predictor(ABC):
+    """Raw rows, tables, files or preprocessed arrays in; predictions (and class probabilities) out.
+
+    One hierarchy, one entry point (``lepton.load``): ``RunPredictor`` runs a run's torch model,
+    ``export.artifacts.ArtifactPredictor`` an exported file. A subclass reads its model description
+    ``meta`` (task, classes, input shape, the fitted preprocessing), passes it to ``__init__`` and
+    implements ``forward`` and ``describe``; everything else is shared, so the checks and the answers
+    are the same whatever runs the model."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.preprocessor = Preprocessor.from_dict(meta["preprocess"])
+        self.task = meta["task"]
+        self.classes = meta["classes"]
+        self.input_shape = tuple(meta["input_shape"])
+
+    @abstractmethod
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """float32 ``(rows, *input_shape)`` → the model's float32 outputs ``(rows, outputs)``."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """A short JSON-able description (source, format, precision, task) for ``/healthz`` and logs."""
 
     def check_features(self, x) -> np.ndarray:
         """``x`` as the float32 ``(rows, *input_shape)`` array the model takes, or a ``LeptonError``
@@ -109,13 +96,6 @@ class Predictor:
             raise LeptonError(f"{self.path}: features must be finite numbers; row {int(np.flatnonzero(bad)[0])}"
                               " has NaN or inf (beyond float32 range, or missing)")
         return x
-
-    @torch.no_grad()
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """float32 ``(rows, *input_shape)`` → the model's float32 outputs ``(rows, outputs)``."""
-        if not x.flags.writeable:       # e.g. a memory-mapped cache: torch wants writable memory
-            x = x.copy()
-        return self.model(torch.from_numpy(x)).numpy()
 
     def predict_array(self, x: np.ndarray) -> dict:
         """Preprocessed features → {"prediction": labels or values, "probabilities": (n, classes)}."""
@@ -168,14 +148,63 @@ class Predictor:
         if "probabilities" in result:
             for j, c in enumerate(self.classes):
                 cols[f"prob_{c}"] = result["probabilities"][:, j]
-        import pyarrow.csv as pacsv
-        from .storage.rundir import atomic_write_bytes
         buf = pa.BufferOutputStream()
         pacsv.write_csv(pa.table(cols), buf)
         try:
             atomic_write_bytes(Path(path), buf.getvalue().to_pybytes())
         except OSError as e:      # a read-only folder, a full disk
             raise LeptonError(f"{path}: cannot write the predictions: {e.strerror or e}") from None
+
+
+class RunPredictor(Predictor):
+    """A ``Predictor`` running a trained run's torch model (``RUN_DIR/model/``: weights, description
+    and, for a Python factory, its pickle)."""
+
+    def __init__(self, model_dir: Path):
+        if not (model_dir / MODEL_META).is_file():
+            raise LeptonError(f"{model_dir}: no trained model here (expected {MODEL_META}; did the run complete?)")
+        try:
+            weights, meta = read_model(model_dir)
+        except json.JSONDecodeError as e:
+            raise LeptonError(f"{model_dir / MODEL_META}: cannot read the model description: {e}") from None
+        except SafetensorError as e:          # an empty or truncated weights file
+            raise LeptonError(f"{model_dir / MODEL_WEIGHTS}: cannot read the weights ({first_line(e)})") from None
+        except (OSError, ValueError) as e:
+            raise LeptonError(f"{model_dir}: cannot read the model: {e}") from None
+        try:
+            super().__init__(model_dir, meta)
+            raw_job = {"name": meta["name"], "seed": meta["seed"], "task": self.task,
+                       "data": {"path": "-", "target": self.preprocessor.target, "shape": self.preprocessor.shape},
+                       "model": meta["model"]}
+        except (KeyError, TypeError, ValueError) as e:     # a hand-edited or foreign lepton.json
+            problem = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({first_line(e)})"
+            raise LeptonError(f"{model_dir / MODEL_META}: the model description {problem}") from None
+        factory = None
+        pickled = model_dir / "model_factory.pkl"
+        if pickled.exists():
+            try:
+                factory = cloudpickle.loads(pickled.read_bytes())
+            except Exception as e:      # unpickling raises whatever the pickled code raises
+                raise LeptonError(f"{pickled}: cannot load the model's factory ({first_line(e)})") from None
+        job = parse_job(raw_job, source=str(model_dir / MODEL_META))
+        self.model = build_model(job, self.input_shape, num_outputs(self.task, self.classes), factory)
+        load_weights(self.model, weights, model_dir / MODEL_WEIGHTS, f"the model described in {MODEL_META}")
+        self.model.eval()
+
+    @torch.no_grad()
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not x.flags.writeable:       # e.g. a memory-mapped cache: torch wants writable memory
+            x = x.copy()
+        return self.model(torch.from_numpy(x)).numpy()
+
+    def describe(self) -> dict:
+        return {"source": "run model", "format": "torch", "precision": "fp32", "task": self.task}
+
+
+def run_model_dir(path: str | Path) -> Path:
+    """The model directory of ``path``: a run directory's ``model/``, else ``path`` itself."""
+    p = Path(path)
+    return RunDir(p).model_dir if (p / "model").is_dir() or (p / "state.json").exists() else p
 
 
 def rows_as_table(rows) -> pa.Table:
@@ -238,16 +267,3 @@ def _model_files(model: Path) -> list[Path]:
         if (root / "model" / "lepton.json").exists():       # a run directory
             kept += [root / d for d in ("model", "exports", "checkpoints", "data")]
     return kept
-
-
-def load(path: str | Path) -> Predictor:
-    """A predictor from a run directory (its ``model/``), a model directory, or an exported artifact
-    file (ONNX through onnxruntime, TorchScript, safetensors) with the same interface."""
-    p = Path(path)
-    if not p.exists():
-        raise LeptonError(f"{p}: no such run or model directory")
-    if p.is_file():                                  # an exported artifact (lepton export)
-        from .export.artifacts import load_artifact
-        return load_artifact(p)
-    model_dir = RunDir(p).model_dir if (p / "model").is_dir() or (p / "state.json").exists() else p
-    return Predictor(model_dir)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from rich.table import Table
 
+from .console import out
 from .errors import LeptonError
 from .storage.rundir import RunDir
 
@@ -146,7 +148,6 @@ def _fmt_metric(m: Optional[dict]) -> str:
 
 
 def _table(rows: list[dict], root: str):
-    from rich.table import Table
     t = Table(title=f"runs in {root}")
     t.add_column("run", overflow="fold", min_width=10)
     t.add_column("status", no_wrap=True)
@@ -172,7 +173,6 @@ def cmd_runs(args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(rows, indent=2))
         return 0
-    from .console import out
     if not rows:
         out.print(f"no runs in {args.dir}", highlight=False)
         return 0

@@ -10,10 +10,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import SpecError
-from .export.spec import ExportSpec
+from .errors import LeptonError, SpecError, first_line
 
 Activation = Literal["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "linear"]
 
@@ -122,7 +129,6 @@ class ModelSpec(_Strict):
         if self.keep_zeros and not self.init_weights:
             raise ValueError("model.keep_zeros keeps the zeros of model.init_weights: give init_weights too")
         item = DenseLayer if self.type == "mlp" else CnnLayer
-        from pydantic import TypeAdapter
         self.layers = TypeAdapter(list[item]).validate_python(self.layers)
         return self
 
@@ -235,6 +241,73 @@ class ClusterSpec(_Strict):
     def _yaml_on_off(cls, v):
         # YAML 1.1 reads a bare `on`/`off` as a boolean
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+# --- export: the options of the export phase, shared by ``lepton export`` and a job's ``export:`` ---
+#
+#     export:
+#       format: onnx                 # or a list: [onnx, torchscript, safetensors]
+#       quantize: int8               # int8 (onnx only) | fp16 | bf16; omit for fp32
+#       int8_method: auto            # auto (static for convolutional classifiers) | static | dynamic
+#       prune: 0.5                   # fraction of Linear/Conv weights set to zero (L1 magnitude)
+#       prune_scope: global          # global (over all layers) | layer (the fraction of each layer)
+#       finetune_epochs: 2           # fine-tune the pruned model (a distributed run; keeps the sparsity)
+#       finetune_workers: 2          # its worker processes (default: the run's cluster.workers)
+#       latency_runs: 200            # timed calls per batch size in the report
+
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+ExportPrecision = Literal["int8", "fp16", "bf16"]
+
+
+class ExportSpec(BaseModel):
+    """Validated export options; an unknown key is an error (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: list[ExportFormat] = Field(
+        default_factory=lambda: ["onnx"], description="artifact format(s): onnx, torchscript, safetensors")
+    quantize: Optional[ExportPrecision] = Field(
+        None, description="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
+    int8_method: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="static: activation scales calibrated on training rows (fast convolutions);"
+                            " dynamic: activations quantized at run time; auto: static for convolutional classifiers")
+    prune: Optional[float] = Field(
+        None, gt=0, lt=1, description="fraction of Linear/Conv weights to zero by L1 magnitude")
+    prune_scope: Literal["global", "layer"] = "global"
+    finetune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (a distributed run)")
+    finetune_workers: Optional[int] = Field(
+        None, gt=0, description="worker processes of the fine-tune (default: the run's cluster.workers)")
+    latency_runs: int = Field(200, ge=0, description="timed calls per batch size in the report (0: no timing)")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _split(cls, v):
+        # a single name, and "onnx,torchscript" on the command line, are the same as a YAML list
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.formats:
+            raise ValueError("format: give at least one of onnx, torchscript, safetensors")
+        if self.quantize == "int8" and self.formats != ["onnx"]:
+            raise ValueError("quantize int8 is done by ONNX Runtime quantization and needs format onnx"
+                             f" (got {', '.join(self.formats)}); torchscript and safetensors take fp16 or bf16")
+        if self.finetune_epochs and self.prune is None:
+            raise ValueError("finetune_epochs fine-tunes a pruned model: give prune too (e.g. prune: 0.5)")
+        if self.finetune_workers and not self.finetune_epochs:
+            raise ValueError("finetune_workers applies to a fine-tune: give finetune_epochs too")
+        return self
+
+    @property
+    def formats(self) -> list[str]:
+        """The formats in the order given, without repeats."""
+        return list(dict.fromkeys(self.format))
+
+    @property
+    def precision(self) -> str:
+        return self.quantize or "fp32"
 
 
 class JobSpec(_Strict):
@@ -402,7 +475,7 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SpecError(f"{p}:{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: a job file must be a YAML mapping (name:, data:, model:, ...)")
@@ -435,3 +508,16 @@ def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | N
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     p = Path(path)
     return parse_job(read_yaml(p), source=str(p), overrides=overrides, base_dir=p.resolve().parent)
+
+
+def as_job(job: str | Path | dict | JobSpec, overrides: list[str] | None = None) -> JobSpec:
+    """A job given as a YAML path, a dict or a ``JobSpec`` (what ``lepton.train`` and ``lepton
+    coordinator`` take), validated with ``overrides`` (``--set KEY=VALUE``) applied. A dict's relative
+    paths are read from the current directory, a YAML file's from the file's folder."""
+    if isinstance(job, (str, Path)):
+        return load_job(job, overrides)
+    if isinstance(job, JobSpec):
+        job = job.model_dump(mode="python")
+    if isinstance(job, dict):
+        return parse_job(job, source="job", overrides=overrides, base_dir=Path.cwd())
+    raise LeptonError(f"lepton.train: expected a path, dict or JobSpec, got {type(job).__name__}")

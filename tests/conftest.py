@@ -188,9 +188,9 @@ E2E_ENTRY_POINTS = (
     "playwright",
     "uvicorn",
     "lepton.train",  # a real coordinator server and K worker processes
-    "lepton.launcher.LocalWorkers",
-    "lepton.launcher.CoordinatorServer",
-    "lepton.launcher.start_coordinator",
+    "lepton.launch.local.LocalWorkers",
+    "lepton.coordinator.server.CoordinatorServer",
+    "lepton.launch.start_coordinator",
 )  # public paths: each is also matched under the name of the module that defines it (lepton.api.train)
 _TEST_MODULES = ("conftest", "fakes", "factory_models")
 

@@ -203,7 +203,7 @@ def test_counts_and_cores_are_checked_before_anything_is_written(tmp_path, csv_d
     r = run_cli("train", job, "--run-dir", run_dir, "--no-progress", "--threads", "-2", timeout=60)
     assert r.returncode == 2 and "--threads: invalid positive integer value: '-2'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not run_dir.exists()
-    from lepton.cli import _cpus
+    from lepton.cli_args import cpus as _cpus
     from lepton.errors import LeptonError
     assert _cpus("0") == [0]
     for bad in ("3-1", "-1", "x", "0,100000"):

@@ -10,7 +10,7 @@ from torch import nn
 
 import lepton
 from conftest import job_dict, make_classification_csv, max_rel_diff, weights
-from lepton.comm import batchnorm
+from lepton.model import batchnorm
 from lepton.errors import SpecError
 
 pytestmark = pytest.mark.timeout(180)

@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Procs, coordinator_url, job_dict, make_classification_csv
 
-from lepton.coordinator.dashboard import MetricsHistory, Series, cookie_name, dashboard_url, downsample
+from lepton.coordinator.auth import cookie_name, dashboard_url
 from lepton.coordinator.controller import Controller
+from lepton.coordinator.dashboard import MetricsHistory, Series, downsample
 from lepton.coordinator.server import build_app
 from lepton.protocol import RegisterRequest
 from lepton.spec import parse_job

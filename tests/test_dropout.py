@@ -9,7 +9,7 @@ from torch import nn
 
 import lepton
 from conftest import job_dict, make_classification_csv, max_rel_diff, weights
-from lepton.worker import dropout
+from lepton.model import dropout
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -168,7 +168,7 @@ def test_random_layers_it_cannot_key_are_named_at_launch(tmp_path, capsys):
 
 
 def test_dense_layers_take_a_dropout_rate_as_keras_does(tmp_path):
-    from lepton.models import build_model
+    from lepton.model.builders import build_model
     from lepton.spec import parse_job
     job = job_dict(tmp_path / "data.csv")
     job["model"]["layers"] = [{"units": 8, "dropout": 0.25}, {"units": 8}]

@@ -532,7 +532,7 @@ def test_serve_rejects_bad_requests_and_keeps_serving(breast, procs):
 
 
 def test_bind_port_must_be_in_range():
-    from lepton.cli import _split_bind
+    from lepton.cli_args import split_bind as _split_bind
     assert _split_bind("127.0.0.1:65535") == ("127.0.0.1", 65535) and _split_bind(":0") == ("127.0.0.1", 0)
     with pytest.raises(LeptonError, match="port 99999 is out of range"):
         _split_bind("127.0.0.1:99999")

@@ -6,7 +6,7 @@ def test_keep_zeros_masks_only_trainable_weight_matrices():
     import torch
     from torch import nn
 
-    from lepton.models import zero_masks
+    from lepton.model.builders import zero_masks
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     with torch.no_grad():

@@ -297,7 +297,7 @@ def test_a_new_run_from_another_runs_data_and_weights(trained, tmp_path):
 def test_a_run_interrupted_while_linking_another_runs_data_links_again_on_resume(trained, tmp_path):
     """A start that ended between job.yaml and the manifest link leaves part of the data: the resume
     takes it from the source run again, never from ``data.path`` (here a different file)."""
-    from lepton.launcher import open_run
+    from lepton.launch import open_run
     from lepton.spec import parse_job
     root, _, ref = trained
     other = tmp_path / "other.csv"

@@ -44,7 +44,7 @@ def test_resume_keeps_the_prepared_data_when_the_source_changed(tmp_path, capsys
     """--resume continues on the data the run was prepared with (same split, same order), even when
     the source file was edited or removed since; it says so."""
     from conftest import make_classification_csv
-    from lepton.launcher import open_run
+    from lepton.launch import open_run
 
     data = make_classification_csv(tmp_path / "data.csv", rows=120)
     job = parse_job(job_dict(data))
@@ -69,7 +69,7 @@ def test_a_moved_run_resumes_from_its_own_checkpoints(tmp_path):
     import json
 
     from conftest import make_classification_csv
-    from lepton.launcher import open_run
+    from lepton.launch import open_run
     from lepton.storage.checkpoint import STATE_FILE
 
     data = make_classification_csv(tmp_path / "data.csv", rows=120)

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..errors import first_line
 from .errors import CommError
 from .shm import ShmAllreduce
 
@@ -91,7 +92,7 @@ class GenerationGroup:
             if dev is not t:
                 t.copy_(dev)
         except (RuntimeError, dist.DistBackendError) as e:
-            raise CommError(str(e).splitlines()[0]) from e
+            raise CommError(first_line(e)) from e
         if self.backend == "gloo":
             self.work_s = time.process_time() - c0
         return t
@@ -116,7 +117,7 @@ class GenerationGroup:
             dist.broadcast(payload, src)
             payload = payload.cpu()
         except (RuntimeError, dist.DistBackendError) as e:
-            raise CommError(str(e).splitlines()[0]) from e
+            raise CommError(first_line(e)) from e
         if self.rank == src:
             return state
         return torch.load(io.BytesIO(payload.numpy().tobytes()), map_location="cpu", weights_only=False)

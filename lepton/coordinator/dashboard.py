@@ -22,8 +22,6 @@ since the previous one), so the coordinator keeps no history of its own for the 
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -31,7 +29,6 @@ import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
-from urllib.parse import quote
 
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -40,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .auth import cookie_name, request_authorized, same_secret, token_or_cookie_dependency
 from .state import MEMBER_STATES as WORKER_STATES
 from .state import PHASES
 
@@ -52,15 +50,6 @@ _NOT_METRICS = {"kind", "split", "time", "step", "epoch", "count", "generation",
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 NO_STORE = {"Cache-Control": "no-store"}
-
-
-def dashboard_url(base_url: str, token: str) -> str:
-    """The address to open in a browser: ``lepton train`` and ``lepton coordinator`` print it."""
-    return f"{base_url.rstrip('/')}/dashboard?token={quote(token, safe='')}"
-
-
-def cookie_name(token: str) -> str:
-    return "lepton_" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 # --- downsampling ----------------------------------------------------------------------------------
@@ -336,23 +325,13 @@ def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
     registry.register(LeptonCollector(coord, lock, history))
     job_text: list[str] = []
 
-    def _same(given: Optional[str], expected: str) -> bool:
-        return given is not None and hmac.compare_digest(given.encode(), expected.encode())
-
-    def authorized(request: Request) -> bool:
-        return (_same(request.headers.get("authorization"), f"Bearer {token}")
-                or _same(request.cookies.get(cookie), token))
-
-    def require(request: Request) -> None:
-        if not authorized(request):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+    require = token_or_cookie_dependency(token)      # auth.py: the bearer header or the cookie
 
     @app.get("/dashboard", include_in_schema=False)
     def page(request: Request) -> Response:
         query = request.query_params.get("token")
-        fresh = _same(query, token)
-        if not (fresh or authorized(request)):
+        fresh = same_secret(query, token)
+        if not (fresh or request_authorized(request, token)):
             return HTMLResponse(_REFUSED, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer", "Content-Security-Policy": CSP, **NO_STORE})
         r = HTMLResponse((STATIC / "dashboard.html").read_text(),

@@ -8,7 +8,6 @@ All calls into the controller hold one lock; the controller itself never blocks.
 from __future__ import annotations
 
 import datetime
-import hmac
 import logging
 import socket
 import threading
@@ -16,10 +15,12 @@ import time
 
 import torch.distributed as dist
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI
 
 from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
+from .auth import bearer_dependency
 from .controller import Controller
+from .dashboard import add_dashboard_routes
 
 HEARTBEAT_INTERVAL_S = 0.5
 # at least this many beats per cluster.heartbeat_timeout_s, whatever the timeout (a short one beats faster)
@@ -37,11 +38,7 @@ def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: i
     # (heartbeat, plan, report) are async: the controller never waits on anything but a few small file
     # writes, so they hold the event loop no longer than they would hold the lock; the rare heavier
     # ones (register, status, the dashboard) stay on the pool.
-    async def auth(authorization: str | None = Header(default=None)) -> None:
-        expected = f"Bearer {token}"
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+    auth = bearer_dependency(token)     # async (auth.py)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -81,8 +78,7 @@ def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: i
         with lock:
             return coord.status()
 
-    from .dashboard import add_dashboard_routes          # /dashboard, /dashboard/api/*, /metrics
-    add_dashboard_routes(app, coord, lock, token)
+    add_dashboard_routes(app, coord, lock, token)          # /dashboard, /dashboard/api/*, /metrics
     return app
 
 

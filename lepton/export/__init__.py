@@ -4,25 +4,17 @@
     report = run_export("runs/x", {"format": "onnx", "quantize": "int8"})
     p = load_artifact("runs/x/exports/model.int8.onnx")
 
-Modules: ``spec`` (ExportSpec, pydantic only), ``pipeline`` (run_export), ``artifacts`` (writers,
-``load_artifact``), ``onnx_format`` (torch → ONNX, int8/fp16/bf16), ``prune``, ``report``, ``serve``
-(``lepton serve``), ``cli`` (``lepton export`` / ``lepton serve`` argument parsing).
+Modules: ``pipeline`` (run_export), ``artifacts`` (writers, ``ArtifactPredictor``, ``load_artifact``),
+``onnx_format`` (torch → ONNX, int8/fp16/bf16), ``prune``, ``report``, ``serve`` (``lepton serve``),
+``cli`` (``lepton export`` / ``lepton serve`` argument parsing). ``ExportSpec`` lives in
+``lepton.spec`` (a job's ``export:`` section) and is re-exported here.
 
-Only ``ExportSpec`` is imported eagerly: ``lepton.spec`` may use it as a field type, and importing this
-package must not pull in torch, ONNX or ONNX Runtime.
+ONNX and ONNX Runtime are imported only when an ONNX model is written or run.
 """
 from __future__ import annotations
 
-from .spec import ExportSpec
+from ..spec import ExportSpec
+from .artifacts import load_artifact
+from .pipeline import run_export
 
 __all__ = ["ExportSpec", "run_export", "load_artifact"]
-
-
-def __getattr__(name: str):
-    if name == "run_export":
-        from .pipeline import run_export
-        return run_export
-    if name == "load_artifact":
-        from .artifacts import load_artifact
-        return load_artifact
-    raise AttributeError(f"module 'lepton.export' has no attribute {name!r}")

@@ -17,27 +17,33 @@ Every artifact embeds the run's model description (``meta``), so a file works wi
 ``model/model_factory.pkl`` next to its ``exports/`` folder).
 
 ``load_artifact`` returns an ``ArtifactPredictor``: a ``lepton.predict.Predictor`` (same
-``predict_file/predict_rows/predict_table/predict_array/write_csv``) whose forward pass is the artifact's.
+``predict_file/predict_rows/predict_table/predict_array/write_csv``) whose forward pass is the artifact's;
+``lepton.load`` calls it for a file.
 Every problem with the file (missing, corrupt, not from Lepton) is a ``LeptonError`` naming it.
 """
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import cloudpickle
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
-from ..errors import LeptonError
-from ..models import build_model, num_outputs
-from ..predict import Predictor, first_line as _first_line, load_weights
+from ..errors import LeptonError, first_line
+from ..model.builders import build_model, num_outputs
+from ..predict import Predictor, load_weights
 from ..spec import parse_job
 from ..storage.preprocess import Preprocessor
 from ..storage.rundir import atomic_write_bytes
 from .meta import META_KEY, decode_meta, encode_meta
+from .onnx_format import OnnxRunner
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript", "safetensors": ".safetensors"}
@@ -83,7 +89,7 @@ def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision:
             with torch.no_grad():
                 traced = torch.jit.trace(m, example)
         except Exception as e:     # tracing raises many types for models it cannot follow
-            raise LeptonError(f"TorchScript tracing of the model failed: {_first_line(e)}") from None
+            raise LeptonError(f"TorchScript tracing of the model failed: {first_line(e)}") from None
         torch.jit.save(traced, buf, _extra_files={META_KEY: encode_meta(meta)})
     atomic_write_bytes(path, buf.getvalue())
     deprecated = sorted({str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)})
@@ -91,7 +97,6 @@ def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision:
 
 
 def write_safetensors(model: nn.Module, precision: str, meta: dict, path: Path) -> None:
-    from safetensors.torch import save
     dtype = TORCH_DTYPES[precision]
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
                for k, v in model.state_dict().items()}
@@ -103,7 +108,6 @@ def write_onnx(proto, path: Path) -> None:
 
 
 def _copy_as(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    import copy
     return copy.deepcopy(model).to(dtype).eval()
 
 
@@ -129,7 +133,6 @@ def rebuild_torch_model(meta: dict, source: Path) -> nn.Module:
     if meta["model"].get("type") == "factory":
         pickled = source.parent.parent / "model" / "model_factory.pkl"
         if pickled.exists():
-            import cloudpickle
             factory = cloudpickle.loads(pickled.read_bytes())
     pre = Preprocessor.from_dict(meta["preprocess"])
     job = parse_job({"name": meta.get("name", "model"), "seed": meta.get("seed", 0), "task": meta["task"],
@@ -144,12 +147,11 @@ def rebuild_torch_model(meta: dict, source: Path) -> nn.Module:
 
 
 def _load_onnx(path: Path, threads: int | None) -> tuple[Runner, dict]:
-    from .onnx_format import OnnxRunner
     r = OnnxRunner(path, threads)
     return r, r.meta
 
 
-def _load_torchscript(path: Path, threads: int | None) -> tuple[Runner, dict]:
+def _load_torchscript(path: Path) -> tuple[Runner, dict]:
     extra = {META_KEY: ""}
     try:
         with warnings.catch_warnings():
@@ -157,13 +159,12 @@ def _load_torchscript(path: Path, threads: int | None) -> tuple[Runner, dict]:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as e:      # RuntimeError from the zip reader / unpickler, for any damage
-        raise LeptonError(f"{path}: not a readable TorchScript file ({_first_line(e)})") from None
+        raise LeptonError(f"{path}: not a readable TorchScript file ({first_line(e)})") from None
     meta = decode_meta(extra[META_KEY], str(path))
     return TorchRunner(module, TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]), meta
 
 
-def _load_safetensors(path: Path, threads: int | None) -> tuple[Runner, dict]:
-    from safetensors import safe_open
+def _load_safetensors(path: Path) -> tuple[Runner, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = decode_meta((f.metadata() or {}).get(META_KEY), str(path))
@@ -171,31 +172,31 @@ def _load_safetensors(path: Path, threads: int | None) -> tuple[Runner, dict]:
     except LeptonError:
         raise
     except Exception as e:     # SafetensorError (header/size mismatch), OSError
-        raise LeptonError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise LeptonError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     dtype = TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]
     model = rebuild_torch_model(meta, path).to(dtype)
     load_weights(model, state, path, "the embedded model spec")
     return TorchRunner(model, dtype), meta
 
 
-_LOADERS = {"onnx": _load_onnx, "torchscript": _load_torchscript, "safetensors": _load_safetensors}
+_LOADERS = {"torchscript": _load_torchscript, "safetensors": _load_safetensors}
 
 
 class ArtifactPredictor(Predictor):
     """A ``Predictor`` whose forward pass is an exported artifact (see module doc)."""
 
-    def __init__(self, path: Path, runner: Runner, meta: dict):     # no super().__init__: no torch model
-        self.path, self.runner, self.meta = path, runner, meta
-        self.preprocessor = Preprocessor.from_dict(meta["preprocess"])
-        self.task = meta["task"]
-        self.classes = meta["classes"]
-        self.input_shape = tuple(meta["input_shape"])
+    def __init__(self, path: Path, runner: Runner, meta: dict):
+        super().__init__(path, meta)
+        self.runner = runner
         self.format = meta["artifact"]["format"]
         self.precision = meta["artifact"].get("precision", "fp32")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The artifact's forward pass (``Predictor.predict_array`` checks ``x`` and reads the output)."""
         return self.runner(x)
+
+    def describe(self) -> dict:
+        return {"source": str(self.path), "format": self.format, "precision": self.precision, "task": self.task}
 
 
 def load_artifact(path: str | Path, threads: int | None = None) -> ArtifactPredictor:
@@ -208,27 +209,12 @@ def load_artifact(path: str | Path, threads: int | None = None) -> ArtifactPredi
     if p.stat().st_size == 0:
         raise LeptonError(f"{p}: empty file (not an exported model)")
     fmt = detect_format(p)
-    runner, meta = _LOADERS[fmt](p, threads)
+    # only ONNX Runtime takes a thread count; torch runs on the process's torch.get_num_threads()
+    runner, meta = _load_onnx(p, threads) if fmt == "onnx" else _LOADERS[fmt](p)
     if meta["artifact"].get("format") != fmt:
         raise LeptonError(f"{p}: file is {fmt} but its metadata says {meta['artifact'].get('format')}")
     return ArtifactPredictor(p, runner, meta)
 
 
-def load_any(path: str | Path) -> Predictor:
-    """A run directory or model directory (``lepton.load``), or an exported file (``load_artifact``)."""
-    p = Path(path)
-    if p.is_file():
-        return load_artifact(p)
-    from ..predict import load
-    return load(p)
-
-
-def describe(p: Predictor) -> dict:
-    """A short JSON-able description for ``/healthz`` and logs."""
-    if isinstance(p, ArtifactPredictor):
-        return {"source": str(p.path), "format": p.format, "precision": p.precision, "task": p.task}
-    return {"source": "run model", "format": "torch", "precision": "fp32", "task": p.task}
-
-
-__all__ = ["ArtifactPredictor", "FORMATS", "artifact_name", "describe", "load_any", "load_artifact",
+__all__ = ["ArtifactPredictor", "FORMATS", "artifact_name", "load_artifact",
            "rebuild_torch_model", "write_onnx", "write_safetensors", "write_torchscript", "TorchRunner"]

@@ -3,12 +3,20 @@
 ``add_export_commands(sub)`` registers both on the ``lepton`` subparsers; each parser sets
 ``handler=`` (a function taking the parsed args, returning an exit code). Handlers raise
 ``LeptonError`` for bad input, which ``lepton.cli`` prints as one line before exiting 2.
-Heavy imports (torch, ONNX Runtime, FastAPI) happen inside the handlers so that ``lepton --help``
-stays fast.
+ONNX and ONNX Runtime are imported only when a handler writes or runs an ONNX model
+(``onnx_format``); torch and FastAPI are loaded by ``import lepton`` already.
 """
 from __future__ import annotations
 
 import json
+
+from ..api import load
+from ..cli_args import split_bind
+from ..console import console, out
+from ..errors import LeptonError
+from .pipeline import as_spec, run_export
+from .report import print_report
+from .serve import serve
 
 
 def add_export_commands(sub) -> None:
@@ -55,10 +63,6 @@ def add_export_commands(sub) -> None:
 
 
 def cmd_export(a) -> int:
-    from ..console import console, out
-    from ..errors import LeptonError
-    from .pipeline import as_spec, run_export
-    from .report import print_report
     if a.int8_method is not None and a.quantize != "int8":
         raise LeptonError(f"--int8-method {a.int8_method} applies only with --quantize int8"
                           f" (got {'--quantize ' + a.quantize if a.quantize else 'no --quantize'})")
@@ -95,10 +99,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from ..cli import _split_bind
-    from ..errors import LeptonError
-    from .serve import serve
     if a.max_body <= 0:
         raise LeptonError(f"--max-body {a.max_body}: must be a positive number of bytes")
-    host, port = _split_bind(a.bind)
-    return serve(a.target, host, port, a.max_body)
+    host, port = split_bind(a.bind)
+    return serve(load(a.target), a.target, host, port, a.max_body)

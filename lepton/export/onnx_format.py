@@ -19,6 +19,10 @@ Contracts:
   everywhere; the 16-bit *rounding* of the weights is what the report measures).
 - ``OnnxRunner(path)`` maps a float32 array to the output array; a file that is not a readable ONNX
   model is a ``LeptonError`` naming it.
+
+``onnx`` and ``onnxruntime`` are imported inside the functions that use them, on purpose: importing
+them costs start-up time in every ``lepton`` command and worker process, and only the export phase
+and ONNX artifacts need them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import LeptonError
+from ..errors import LeptonError, first_line
 from .meta import META_KEY, decode_meta, encode_meta
 
 INPUT_NAME = "input"
@@ -125,8 +129,7 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], meta: dict
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         opset_version=OPSET, optimize=True, verbose=False)
     except Exception as e:    # the exporter raises many types; the user needs the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first}") from None
+        raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first_line(e)}") from None
     proto = program.model_proto
     _strip(proto)
     set_meta(proto, meta)
@@ -151,8 +154,13 @@ def quantize_int8(proto, meta: dict, method: str = "dynamic", calibration=None):
     "static" or "dynamic"; static calibrates activation ranges (min/max) on ``calibration``, a float32
     array of model inputs (``(rows, *input_shape)``)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Rows(CalibrationDataReader):
@@ -233,8 +241,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:    # InvalidProtobuf, Fail, NoSuchFile... all mean "not a usable model"
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LeptonError(f"{path}: not a readable ONNX model ({msg})") from None
+            raise LeptonError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
         self.meta = decode_meta(self.session.get_modelmeta().custom_metadata_map.get(META_KEY), str(path))
         self.input_name = self.session.get_inputs()[0].name
 

@@ -28,13 +28,22 @@ import torch
 from pydantic import ValidationError
 
 from ..errors import LeptonError, SpecError
-from ..predict import Predictor
+from ..predict import RunPredictor
+from ..spec import ExportSpec, format_validation_error
 from ..storage.checkpoint import MODEL_WEIGHTS
 from ..storage.rundir import RunDir, atomic_write_json
-from .artifacts import TorchRunner, artifact_name, load_artifact, write_onnx, write_safetensors, write_torchscript
+from .artifacts import (
+    TorchRunner,
+    artifact_name,
+    load_artifact,
+    write_onnx,
+    write_safetensors,
+    write_torchscript,
+)
 from .meta import artifact_meta
+from .onnx_format import export_onnx, int8_method, quantize_int8, store_weights_as
+from .prune import prune_model
 from .report import Candidate, measure
-from .spec import ExportSpec
 
 REPORT_NAME = "report.json"
 REPORT_FORMAT = "lepton-export-report/1"
@@ -52,7 +61,6 @@ def as_spec(spec: ExportSpec | dict | None, source: str = "export", names: dict[
     try:
         return ExportSpec.model_validate(spec)
     except ValidationError as e:
-        from ..spec import format_validation_error
         raise SpecError(format_validation_error(e, source, names)) from None
 
 
@@ -106,7 +114,6 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
         log(f"writing safetensors ({precision}) → {path.name}")
         write_safetensors(model, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path)
         return [(fmt, precision, path)], notes
-    from .onnx_format import export_onnx, int8_method, quantize_int8, store_weights_as
     fp32_path = run.exports_dir / artifact_name("onnx", "fp32", pruned)
     log(f"exporting ONNX (fp32, dynamic batch) → {fp32_path.name}")
     proto = export_onnx(model, shape, artifact_meta(base_meta, "onnx", "fp32", pruning, src))
@@ -150,7 +157,7 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
                           + (f" (this file's run: {run_of})" if run_of else ""))
     if not run.root.is_dir():
         raise LeptonError(f"{run.root}: no such run directory")
-    base = Predictor(run.model_dir)               # LeptonError when the run has no final model
+    base = RunPredictor(run.model_dir)               # LeptonError when the run has no final model
     split, x, y = _eval_split(run)
     rows = None
     if spec.precision == "int8" and spec.int8_method != "dynamic":
@@ -165,7 +172,6 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
     model = copy.deepcopy(base.model).eval()
     pruning = None
     if spec.prune is not None:
-        from .prune import prune_model
         pruning = prune_model(model, run, spec.prune, spec.prune_scope, spec.finetune_epochs,
                               spec.finetune_workers, log, progress)
 
@@ -198,7 +204,7 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
             ref = out              # the fp32 torch model's outputs: every difference is measured from it
         rows.append(row)
 
-    import onnxruntime
+    import onnxruntime  # only for its version: ONNX Runtime is imported when an ONNX model is made or run
     report = {"format": REPORT_FORMAT, "name": base.meta.get("name", "model"), "run_dir": str(run.root),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": base.task, "split": split,
               "test_rows": int(len(y)), "threads": threads, "spec": spec.model_dump(mode="json"),

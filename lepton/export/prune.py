@@ -10,7 +10,7 @@ Contract of ``prune_model(model, run, amount, scope, finetune_epochs, finetune_w
   device): the run's job for ``finetune_epochs`` epochs, starting from the pruned weights
   (``model.init_weights``, which the run copies in) with ``model.keep_zeros`` (a pruned weight gets no
   gradient and stays exactly zero, as prune's ``weight_orig × mask`` would), on the run's own prepared
-  data (the same split; ``lepton.train(data_from=…)``), with a fresh optimizer and schedule and the job's
+  data (the same split; ``launch.open_local(data_from=…)``), with a fresh optimizer and schedule and the job's
   evaluation and policies (keep-best picks among the fine-tune's validations); its epochs visit the
   training split in the orders of the run's first epochs (the same seed). Its final model replaces the
   pruned weights; a later export with a fine-tune replaces that run;
@@ -23,11 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import cloudpickle
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import LeptonError
+from ..launch import open_local, run_local
+from ..spec import parse_job
 from ..storage.checkpoint import MODEL_WEIGHTS
 from ..storage.rundir import RunDir, read_jsonl
 
@@ -66,8 +69,6 @@ def make_permanent(model: nn.Module) -> None:
 def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = None,
              log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """Fine-tune the pruned ``model`` in place as a distributed run (module doc); what the report shows."""
-    from ..api import train
-    from ..spec import parse_job
     job = run.read_job_dict()
     workers = workers or int(job.get("cluster", {}).get("workers", 1))
     child = run.finetune_dir
@@ -77,7 +78,6 @@ def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = N
         job["name"] = f"{job.get('name', 'job')}-finetune"
         job["model"].update(init_weights=str(init), keep_zeros=True)
         if run.factory_pickle.exists():     # a callable from the Python API: job.yaml holds only its name
-            import cloudpickle
             job["model"]["factory"] = cloudpickle.loads(run.factory_pickle.read_bytes())
         job["train"]["epochs"] = epochs
         job["export"] = None
@@ -86,11 +86,13 @@ def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = N
         # here, on a GPU if this machine has one
         cluster.update(workers=workers, shares=None, max_workers=None, device="auto",
                        min_workers=min(int(cluster.get("min_workers", 1)), workers))
-        parse_job(job, source=f"{run.job_yaml} (as the fine-tune's job)")    # before anything is deleted
+        # validated before anything is deleted; relative paths as lepton.train would read them
+        spec = parse_job(job, source=f"{run.job_yaml} (as the fine-tune's job)", base_dir=Path.cwd())
         shutil.rmtree(child, ignore_errors=True)      # an earlier export's fine-tune: derived, replaced
         if log:
             log(f"fine-tuning the pruned model: {epochs} epoch(s), {workers} worker(s), run {child}")
-        res = train(job, run_dir=child, progress=progress, data_from=run.root)
+        with open_local(spec, child, data_from=run.root) as launch:    # the launcher, not lepton.train
+            res = run_local(launch.opened, launch.workers, launch.listener, progress)
     if res.status != "completed":
         raise LeptonError(f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})")
     model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))

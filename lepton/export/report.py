@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.table import Table
 
 from .. import metrics
@@ -142,7 +143,6 @@ def report_table(report: dict) -> Table:
 def print_report(report: dict, console=None) -> None:
     """The table, the notes and where the JSON is, on ``console`` (default: stdout). Piped output gets
     a wide console: rich would squeeze the ten columns into 80 and truncate every cell."""
-    from rich.console import Console
     con = console or Console()
     if not con.is_terminal:
         con = Console(width=max(con.width, 170), file=con.file)

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-from fastapi import FastAPI, Request     # at module level: FastAPI resolves the handler's annotations here
+import uvicorn
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -140,10 +141,9 @@ def predict_response(predictor: Predictor, table: pa.Table) -> dict:
 
 def make_app(predictor: Predictor, max_body: int = MAX_BODY):
     """The FastAPI application serving ``predictor`` (see module doc)."""
-    from .artifacts import describe
 
     app = FastAPI(title="lepton serve", docs_url=None, redoc_url=None, openapi_url=None)
-    info = {"status": "ok", "model": predictor.meta.get("name"), **describe(predictor),
+    info = {"status": "ok", "model": predictor.meta.get("name"), **predictor.describe(),
             "features": predictor.preprocessor.feature_names, "classes": predictor.classes,
             "max_body_bytes": max_body}
 
@@ -203,18 +203,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(target: str | Path, host: str, port: int, max_body: int = MAX_BODY) -> int:
-    """Load ``target`` (run directory or exported file), listen, serve until interrupted."""
-    import uvicorn
-    from .artifacts import describe, load_any
-    predictor = load_any(target)
+def serve(predictor: Predictor, target: str | Path, host: str, port: int, max_body: int = MAX_BODY) -> int:
+    """Listen, serve ``predictor`` (``lepton.load(target)``) until interrupted."""
     sock = _listen(host, port)
     real_port = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
     app = make_app(predictor, max_body)
     # the socket is already listening: a client that reads this line and connects at once is queued
     print(f"serving on http://{url_host}:{real_port}", flush=True)
-    d = describe(predictor)
+    d = predictor.describe()
     print(f"model {predictor.meta.get('name')!r} ({d['format']} {d['precision']}, {d['task']}) from {target};"
           f" POST /v1/predict, GET /healthz", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

@@ -164,7 +164,7 @@ def prepare(job: JobSpec) -> PreparedData:
     n_train = max(1, int(round(spec.split.train * n)))
     n_val = min(int(round(spec.split.val * n)), n - n_train)
     parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
-    pre = Preprocessor.fit({c: raw[c][parts["train"]] for c in features}, kinds, y_raw[parts["train"]],
+    pre = Preprocessor.fit({c: raw[c][parts["train"]] for c in features}, kinds,
                            target=spec.target, task=job.task, classes=classes,
                            missing=spec.preprocess.missing, normalize=spec.preprocess.normalize,
                            shape=spec.shape)

@@ -214,7 +214,7 @@ class Preprocessor:
 
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], y_train: np.ndarray, *,
+    def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], *,
             target: str, task: str, classes: list[Any] | None, missing: str, normalize: str,
             shape: list[int] | None) -> "Preprocessor":
         """``raw`` holds the training split's columns (float64 with NaN / object with None)."""

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from .. import metrics, policies
-from ..comm import FlatGradients, GenerationGroup, batchnorm
-from ..models import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
+from ..comm import FlatGradients, GenerationGroup
+from ..model import batchnorm, dropout
+from ..model.builders import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
 from ..storage.prepared import DataCache
-from . import dropout, step_control
+from . import step_control
 from .step_control import ReducedControl, StepControl
 
 EVAL_CHUNK = 4096

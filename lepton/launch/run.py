@@ -1,34 +1,33 @@
-"""Starting a job: validate, prepare the run directory, start the coordinator, supervise local workers.
+"""Opening a run: validate the job, prepare (or reopen) the run directory, start its coordinator.
 
-``lepton train`` = ``open_run`` + ``CoordinatorServer`` + K ``lepton worker`` subprocesses.
-``lepton coordinator`` = the same without the subprocesses. Bad input is refused by ``open_run``
-before anything is written (invariant 4).
+``open_run`` refuses bad input before anything is written (invariant 4): the run directory, its data,
+the model (it builds, takes ``init_weights``, fits the data's shape and the task's outputs) and, for a
+resume, the checkpoint it continues from. ``start_coordinator`` serves the opened run.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .comm import batchnorm
-from .console import console
-from .coordinator.controller import Controller
-from .coordinator.server import CoordinatorServer, Listener
-from .errors import LeptonError
-from .models import build_model, load_init_weights, num_outputs
-from .spec import JobSpec, parse_job, read_yaml
-from .storage.checkpoint import readable_state_dir
-from .storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
-from .storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
-from .worker import dropout
+import cloudpickle
+import torch
+
+from ..console import console
+from ..coordinator.controller import Controller
+from ..coordinator.server import CoordinatorServer, Listener
+from ..errors import LeptonError, first_line
+from ..model import batchnorm, dropout
+from ..model.builders import build_model, load_init_weights, num_outputs
+from ..spec import JobSpec, parse_job, read_yaml
+from ..storage.checkpoint import readable_state_dir
+from ..storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
+from ..storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
 
 
 @dataclass
@@ -98,7 +97,6 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     try:
         factory = job.model.factory
         if callable(factory):
-            import cloudpickle
             atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
         if job.model.init_weights:
             # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its
@@ -124,7 +122,6 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
     overrides = [f"cluster.workers={workers}"] if workers else []
     job = parse_job(read_yaml(run.job_yaml), source=str(run.job_yaml), overrides=overrides)
     if run.factory_pickle.exists():
-        import cloudpickle
         job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
     prepared = cache_state(run, job)
     shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
@@ -177,7 +174,6 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
 def _check_outputs(job: JobSpec, model, pre) -> None:
     """A forward pass on two zero rows: a factory model that does not take the data's shape, or gives
     another number of outputs than the task needs, is refused now rather than after an epoch."""
-    import torch
     if any(p.device.type != "cpu" for p in model.parameters()):
         return                    # a factory that places its model itself: checked where it trains
     want = num_outputs(job.task, pre.classes)
@@ -186,9 +182,8 @@ def _check_outputs(job: JobSpec, model, pre) -> None:
         with torch.no_grad():
             out = model.eval()(torch.zeros((2,) + tuple(pre.input_shape)))
     except Exception as e:        # whatever the user's model raises, the user needs its first line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LeptonError(f"model: a forward pass on a batch of shape {(2,) + tuple(pre.input_shape)} failed:"
-                          f" {type(e).__name__}: {first}") from None
+                          f" {type(e).__name__}: {first_line(e)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 or out[0].numel() != want:
@@ -260,7 +255,6 @@ def _readable_data(run: RunDir):
 
 
 def _manifest(run: RunDir) -> dict:
-    import json
     return json.loads((run.data_dir / "manifest.json").read_text())
 
 
@@ -273,195 +267,3 @@ def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None =
     coord = Controller(opened.job, opened.run, target, train_rows=opened.train_rows,
                         resume_checkpoint=opened.resume_checkpoint, previous_generation=opened.previous_generation)
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
-
-
-class LocalWorkers:
-    """K ``lepton worker`` subprocesses of this machine.
-
-    They are started before the run directory exists (so their start-up overlaps data preparation);
-    each one's output is pumped by a thread into memory until ``attach_logs`` names the folder, then
-    into ``RUN_DIR/logs/worker-K.log``. The token reaches them through the environment."""
-
-    def __init__(self, url: str, token: str, count: int, threads: int | None = None):
-        threads = threads or max(1, (os.cpu_count() or 1) // count)
-        # local workers import what the launching process can import (a model factory module, say)
-        path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token,
-                    "LEPTON_LOCAL_WORKER": "1"}
-        self.cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
-        self.gpus = _visible_gpus()
-        self.procs: list[subprocess.Popen] = []
-        self.pumps: list[_LogPump] = []
-        self.log_dir: Path | None = None
-        self._reported: set[int] = set()
-        for _ in range(count):
-            self.spawn()
-
-    def spawn(self) -> None:
-        """Start one more worker (also used to restart a failed one)."""
-        env = self.env
-        if self.gpus:                                 # one GPU per local worker, round robin
-            env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[len(self.procs) % len(self.gpus)]}
-        p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        self.procs.append(p)
-        self.pumps.append(_LogPump(p.stdout))
-        if self.log_dir:
-            self.pumps[-1].attach(self.log_dir / f"worker-{len(self.procs) - 1}.log")
-
-    def all_exited(self) -> bool:
-        return all(p.poll() is not None for p in self.procs)
-
-    def attach_logs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log_dir = folder
-        for k, pump in enumerate(self.pumps):
-            pump.attach(folder / f"worker-{k}.log")
-
-    def newly_exited(self) -> list[tuple[int, int]]:
-        """(pid, exit code) of processes that ended since the last call."""
-        out = []
-        for p in self.procs:
-            if p.pid not in self._reported and p.poll() is not None:
-                self._reported.add(p.pid)
-                out.append((p.pid, p.returncode))
-        return out
-
-    def failure_output(self, lines: int = 15) -> str:
-        """The last lines of output of the first worker that failed, to show the user why."""
-        for k, p in enumerate(self.procs):
-            if p.poll() not in (None, 0):
-                self.pumps[k].join(timeout=2)
-                return f"worker-{k} output:\n" + "\n".join(self.pumps[k].tail(lines))
-        return ""
-
-    def wait(self, timeout_s: float = 15.0) -> None:
-        """Wait for the workers to exit on their own, then terminate, then kill what is left."""
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for pump in self.pumps:
-            pump.join(timeout=5)
-
-    def kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-        self.wait(timeout_s=5)
-
-
-def _visible_gpus() -> list[str]:
-    """GPU indices this launcher may hand out (honours CUDA_VISIBLE_DEVICES); [] without CUDA."""
-    import torch
-    if not torch.cuda.is_available():
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: a local worker must not outlive its launcher (Linux)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the worker still exits once it loses its coordinator
-
-
-class _LogPump(threading.Thread):
-    def __init__(self, stream):
-        super().__init__(daemon=True)
-        self.stream = stream
-        self.lock = threading.Lock()
-        self.buffer: list[bytes] = []
-        self.file = None
-        self.start()
-
-    def attach(self, path: Path) -> None:
-        with self.lock:
-            self.file = open(path, "ab")
-            self.file.writelines(self.buffer)
-            self.file.flush()
-
-    def tail(self, lines: int) -> list[str]:
-        with self.lock:
-            return [b.decode(errors="replace").rstrip("\n") for b in self.buffer[-lines:]]
-
-    def run(self) -> None:
-        for line in iter(self.stream.readline, b""):
-            with self.lock:
-                self.buffer.append(line)
-                del self.buffer[:-200]          # keep a tail for failure_output
-                if self.file:
-                    self.file.write(line)
-                    self.file.flush()
-        self.stream.close()
-        with self.lock:
-            if self.file:
-                self.file.close()
-
-
-class InterruptCounter:
-    """Counts SIGINT/SIGTERM while training. The handler only counts: the poll loop acts on it, so
-    the handler never needs the coordinator's lock (which the interrupted code may hold)."""
-
-    def __init__(self):
-        self.count = 0
-        self._saved: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-
-
-class LocalSupervisor:
-    """Local-worker supervision for ``lepton train``: reports exits to the coordinator, restarts
-    failed workers when ``cluster.restart_failed`` (at most ``cluster.max_restarts`` times), fails the
-    job when no local worker is left, and turns interrupts into a stop (first) or a kill (second)."""
-
-    def __init__(self, server: CoordinatorServer, local: LocalWorkers, job: JobSpec):
-        self.server, self.local, self.cluster = server, local, job.cluster
-        self.restarts = 0
-        self.handled_interrupts = 0
-        self.forced = False
-
-    def check(self, interrupts: int) -> None:
-        coord = self.server.coord
-        with self.server.lock:
-            for pid, code in self.local.newly_exited():
-                coord.process_exited(pid, code)
-                if code != 0 and self.cluster.restart_failed and not coord.phase.final:
-                    if self.restarts < self.cluster.max_restarts:
-                        self.restarts += 1
-                        self.local.spawn()
-                        coord.note("worker_restarted", f"restarted a local worker that exited with code {code}"
-                                   f" ({self.restarts}/{self.cluster.max_restarts})")
-            if self.local.all_exited() and not coord.phase.final:
-                why = (f"local workers keep failing ({self.restarts} restart(s), cluster.max_restarts="
-                       f"{self.cluster.max_restarts})" if self.cluster.restart_failed else "every local worker exited")
-                coord.fail(why)
-            if interrupts > self.handled_interrupts:
-                self.handled_interrupts = interrupts
-                if interrupts == 1:
-                    coord.request_stop("interrupted: checkpoint at the next step boundary, then stop")
-                else:
-                    self.forced = True
-                    coord.stop_now("interrupted twice: stopped at once (the last checkpoint is kept)")

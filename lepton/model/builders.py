@@ -11,10 +11,12 @@ import math
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from .errors import SpecError
-from .spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
+from ..errors import SpecError, first_line
+from ..spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
 
 _ACT: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
@@ -71,7 +73,7 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
             model(torch.zeros((1,) + tuple(input_shape)))
         except RuntimeError as e:
             raise SpecError(f"model.layers do not fit the input shape {list(input_shape)}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
     return model
 
 
@@ -103,8 +105,7 @@ def build_model(job: JobSpec, input_shape: tuple[int, ...], num_outputs: int, fa
     try:
         model = fn(tuple(input_shape), num_outputs)
     except Exception as e:        # the user's code: its first line, not our traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SpecError(f"model.factory {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {first}"
+        raise SpecError(f"model.factory {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {first_line(e)}"
                         f" (it is called as factory(input_shape, num_outputs))") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
@@ -117,8 +118,6 @@ def load_init_weights(job: JobSpec, model: nn.Module) -> None:
     path = job.model.init_weights
     if not path:
         return
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     where = f"model.init_weights: {path}"
     try:
         saved = load_file(path)
