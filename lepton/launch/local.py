@@ -16,15 +16,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from ..console import TrainingProgress, console
 from ..coordinator.auth import dashboard_url
+from ..coordinator.failure_policy import Action, FailurePolicy
 from ..coordinator.server import CoordinatorServer, Listener
 from ..errors import LeptonError
 from ..spec import JobSpec
-from ..storage.rundir import new_token
+from ..storage.rundir import RunDir, new_token
 from .run import OpenRun, open_run, start_coordinator
 from .signals import InterruptCounter, InterruptPolicy
 
@@ -46,7 +48,7 @@ class LocalWorkers:
         self.gpus = _visible_gpus()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[_LogPump] = []
-        self.log_dir: Path | None = None
+        self.run: RunDir | None = None  # where the logs go, once known (attach_logs)
         self._reported: set[int] = set()
         for _ in range(count):
             self.spawn()
@@ -60,17 +62,17 @@ class LocalWorkers:
                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.procs.append(p)
         self.pumps.append(_LogPump(p.stdout))
-        if self.log_dir:
-            self.pumps[-1].attach(self.log_dir / f"worker-{len(self.procs) - 1}.log")
+        if self.run is not None:
+            self.pumps[-1].attach(self.run.worker_log(len(self.procs) - 1))
 
     def all_exited(self) -> bool:
         return all(p.poll() is not None for p in self.procs)
 
-    def attach_logs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log_dir = folder
+    def attach_logs(self, run: RunDir) -> None:
+        """From now on each worker's output also goes to the run's ``logs/worker-K.log``."""
+        self.run = run
         for k, pump in enumerate(self.pumps):
-            pump.attach(folder / f"worker-{k}.log")
+            pump.attach(run.worker_log(k))
 
     def newly_exited(self) -> list[tuple[int, int]]:
         """(pid, exit code) of processes that ended since the last call."""
@@ -138,9 +140,10 @@ class _LogPump(threading.Thread):
         self.file = None
         self.start()
 
-    def attach(self, path: Path) -> None:
+    def attach(self, file: BinaryIO) -> None:
+        """Copy the output into ``file`` (appendable, binary), starting with what was buffered."""
         with self.lock:
-            self.file = open(path, "ab")
+            self.file = file
             self.file.writelines(self.buffer)
             self.file.flush()
 
@@ -163,12 +166,14 @@ class _LogPump(threading.Thread):
 
 
 class LocalSupervisor:
-    """Local-worker supervision for ``lepton train``: reports exits to the coordinator, restarts
-    failed workers when ``cluster.restart_failed`` (at most ``cluster.max_restarts`` times), fails the
-    job when no local worker is left, and applies the interrupt policy (``signals.InterruptPolicy``)."""
+    """Local-worker supervision for ``lepton train``: reports exits to the coordinator and carries
+    out the failure policy's decisions about local processes (``FailurePolicy.local_exit``: restart a
+    failed worker while restarts remain; ``no_local_workers``: fail the job when none is left), and
+    applies the interrupt policy (``signals.InterruptPolicy``)."""
 
     def __init__(self, server: CoordinatorServer, local: LocalWorkers, job: JobSpec):
-        self.server, self.local, self.cluster = server, local, job.cluster
+        self.server, self.local = server, local
+        self.policy = FailurePolicy(job.cluster)
         self.restarts = 0
         self.interrupts = InterruptPolicy()
 
@@ -182,23 +187,14 @@ class LocalSupervisor:
         with self.server.lock:
             for pid, code in self.local.newly_exited():
                 coord.process_exited(pid, code)
-                self._restart_if_failed(code)
+                decision = self.policy.local_exit(code, self.restarts, coord.phase.final)
+                if decision.action == Action.RESTART_LOCAL:
+                    self.restarts += 1
+                    self.local.spawn()
+                    coord.note("worker_restarted", decision.reason)
             if self.local.all_exited() and not coord.phase.final:
-                why = (f"local workers keep failing ({self.restarts} restart(s), cluster.max_restarts="
-                       f"{self.cluster.max_restarts})" if self.cluster.restart_failed else "every local worker exited")
-                coord.fail(why)
+                coord.fail(self.policy.no_local_workers(self.restarts).reason)
             self.interrupts.apply(interrupts, coord)
-
-    def _restart_if_failed(self, code: int) -> None:
-        """The restart rule: a worker that exited with an error is started again while the job runs,
-        ``cluster.restart_failed`` is on and fewer than ``cluster.max_restarts`` restarts were made."""
-        coord = self.server.coord
-        if code != 0 and self.cluster.restart_failed and not coord.phase.final:
-            if self.restarts < self.cluster.max_restarts:
-                self.restarts += 1
-                self.local.spawn()
-                coord.note("worker_restarted", f"restarted a local worker that exited with code {code}"
-                           f" ({self.restarts}/{self.cluster.max_restarts})")
 
 
 @dataclass
@@ -261,7 +257,7 @@ def run_local(opened: OpenRun, local: LocalWorkers, listener: Listener,
               progress: bool = False) -> LocalOutcome:
     """The opened run to its end: its coordinator on ``listener``, the local workers supervised, a
     progress bar when ``progress``. The caller releases the run (``LocalLaunch``)."""
-    local.attach_logs(opened.run.logs_dir)
+    local.attach_logs(opened.run)
     server = start_coordinator(opened, listener)
     coord = server.coord
     if progress:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,8 +24,8 @@ from ..model import batchnorm, dropout
 from ..model.builders import build_model, load_init_weights, num_outputs
 from ..spec import JobSpec, parse_job, read_yaml
 from ..storage.checkpoint import readable_state_dir
-from ..storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare
-from ..storage.rundir import RunDir, RunLock, atomic_write_bytes, fsync_dir
+from ..storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare, share_prepared
+from ..storage.rundir import RunDir, RunLock
 
 
 @dataclass
@@ -97,20 +95,18 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     try:
         factory = job.model.factory
         if callable(factory):
-            atomic_write_bytes(run.factory_pickle, cloudpickle.dumps(factory))
+            run.write_factory(cloudpickle.dumps(factory))
         if job.model.init_weights:
             # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its
             # masks from it), whatever happens to the original afterwards
-            init = run.init_weights
-            _copy_into(Path(job.model.init_weights), init)
-            job.model.init_weights = str(init.resolve())
+            job.model.init_weights = str(run.copy_init_weights(Path(job.model.init_weights)))
         if data_from is not None:   # before job.yaml: a resume of a run interrupted while linking links again
-            atomic_write_bytes(run.data_from_file, str(source.root.resolve()).encode())
+            run.write_data_from(str(source.root.resolve()))
         run.write_job(job.to_yaml_dict())
         if data_from is None:
             prepared.write(run, fingerprint(job))
         else:
-            _share_prepared(source, run)
+            share_prepared(source, run)
         return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run), lock=lock)
     except BaseException:
         lock.release()
@@ -121,12 +117,13 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
     """``open_run`` for ``--resume``, with the run's lock held."""
     overrides = [f"cluster.workers={workers}"] if workers else []
     job = parse_job(read_yaml(run.job_yaml), source=str(run.job_yaml), overrides=overrides)
-    if run.factory_pickle.exists():
-        job.model.factory = cloudpickle.loads(run.factory_pickle.read_bytes())
+    blob = run.read_factory()
+    if blob is not None:
+        job.model.factory = cloudpickle.loads(blob)
     prepared = cache_state(run, job)
-    shared = run.data_from_file.read_text() if run.data_from_file.exists() else None
+    shared = run.read_data_from()
     if prepared == "missing" and shared:     # the first start ended while linking another run's data
-        _share_prepared(_prepared_source(shared)[0], run)
+        share_prepared(_prepared_source(shared)[0], run)
     elif prepared == "missing":              # the first start ended while preparing the data
         prepare(job).write(run, fingerprint(job))
     elif prepared == "changed" and not shared:
@@ -201,32 +198,6 @@ def _prepared_source(path: str | Path):
     except LeptonError:
         raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
     return source, manifest["train_rows"], cache.preprocessor
-
-
-def _share_prepared(source: RunDir, run: RunDir) -> None:
-    """``source``'s prepared files into ``run``: hard links (prepared files are only ever replaced by a
-    rename, never written in place, so sharing them is safe), a copy across file systems; the manifest
-    last, as ``PreparedData.write`` does, so an interrupted copy reads as missing."""
-    run.data_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in source.data_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    for name in names + ["manifest.json"]:
-        src, dst = source.data_dir / name, run.data_dir / name
-        dst.unlink(missing_ok=True)        # left by an interrupted first attempt
-        try:
-            os.link(src, dst)
-        except OSError:
-            _copy_into(src, dst)
-    fsync_dir(run.data_dir)
-
-
-def _copy_into(src: Path, dst: Path) -> None:
-    """A file copied under a temporary name, fsynced and renamed (invariant 4)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
 
 
 def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from ..model import batchnorm, dropout
 from ..model.builders import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec
+from ..storage.backend import LocalStorage
 from ..storage.prepared import DataCache
 from . import step_control
 from .step_control import ReducedControl, StepControl
@@ -89,7 +91,7 @@ class Trainer:
         self.step = 0
         self.evaluated_step = -1          # step of the last completed periodic validation
         trace = os.environ.get("LEPTON_TRACE_SAMPLES")      # test-only: which samples each step used
-        self._trace = open(f"{trace}.{os.getpid()}", "a") if trace else None
+        self._trace = LocalStorage(Path(trace).parent).open_append(f"{Path(trace).name}.{os.getpid()}") if trace else None
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -198,7 +200,7 @@ class Trainer:
                                f" expected {batch}")
         finite = self._update(batch, bn_before)
         if self._trace:
-            self._trace.write(json.dumps({"step": self.step, "idx": indices.tolist()}) + "\n")
+            self._trace.write((json.dumps({"step": self.step, "idx": indices.tolist()}) + "\n").encode())
             self._trace.flush()
         self.step += 1
         overhead = group.work_s + clock() - update_start
