@@ -7,6 +7,7 @@ on start (fast-forwarding the sampler by skipping the batches already done), and
 Rank 0 appends JSON lines to --progress: {"event": "start", "resumed_at": step, "time": t},
 {"event": "step", "step": s, "time": t} every step, and {"event": "done", ...} at the end.
 """
+
 import argparse
 import json
 import os
@@ -51,8 +52,15 @@ def main():
     n_test = len(y) // 10
     train = TensorDataset(torch.from_numpy(x[n_test:]), torch.from_numpy(y[n_test:]))
     classes = int(y.max()) + 1
-    model = DDP(nn.Sequential(nn.Linear(x.shape[1], a.hidden), nn.ReLU(), nn.Linear(a.hidden, a.hidden), nn.ReLU(),
-                              nn.Linear(a.hidden, classes)))
+    model = DDP(
+        nn.Sequential(
+            nn.Linear(x.shape[1], a.hidden),
+            nn.ReLU(),
+            nn.Linear(a.hidden, a.hidden),
+            nn.ReLU(),
+            nn.Linear(a.hidden, classes),
+        )
+    )
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     ckpt = Path(a.ckpt) / "ckpt.pt"
     start = 0
@@ -70,7 +78,7 @@ def main():
     for epoch in range(a.epochs):
         sampler.set_epoch(epoch)
         for xb, yb in loader:
-            if step < start:          # fast-forward to where the checkpoint was taken
+            if step < start:  # fast-forward to where the checkpoint was taken
                 step += 1
                 continue
             opt.zero_grad(set_to_none=True)

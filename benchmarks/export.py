@@ -13,6 +13,7 @@ here with `lepton.train` (2 workers; ``--reuse`` keeps a completed run) and expo
 Everything is measured in this invocation, on this machine (same thread count for torch and ONNX
 Runtime); nothing is assumed. A JSON summary goes to WORK/export_benchmark.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,24 +29,40 @@ from rich.console import Console
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from throughput import add_bench_dir, check_bench_dir  # noqa: E402
+
 import lepton  # noqa: E402
 from lepton.export import run_export  # noqa: E402
 from lepton.export.report import report_table  # noqa: E402
-from throughput import add_bench_dir, check_bench_dir  # noqa: E402
 
 SIZE_TARGET, ACC_TARGET_PT = 3.5, 1.0
 
 
 def mlp_job(data: Path, epochs: int) -> dict:
     """The throughput benchmark's job (benchmarks/throughput.py), with a test split to score on."""
-    return {"name": "throughput-mlp", "seed": 0, "task": "classification",
-            "data": {"path": str(data), "target": "label", "split": {"train": 0.9, "val": 0.0, "test": 0.1},
-                     "preprocess": {"missing": "drop", "dedupe": False, "normalize": "none"}},
-            "model": {"type": "mlp", "layers": [{"units": 256, "activation": "relu"},
-                                                {"units": 256, "activation": "relu"}]},
-            "train": {"epochs": epochs, "batch_size": 512, "optimizer": {"name": "adam", "lr": 0.001},
-                      "log_every_steps": 50},
-            "eval": {"every": "never"}, "checkpoint": {"every_steps": 0}}
+    return {
+        "name": "throughput-mlp",
+        "seed": 0,
+        "task": "classification",
+        "data": {
+            "path": str(data),
+            "target": "label",
+            "split": {"train": 0.9, "val": 0.0, "test": 0.1},
+            "preprocess": {"missing": "drop", "dedupe": False, "normalize": "none"},
+        },
+        "model": {
+            "type": "mlp",
+            "layers": [{"units": 256, "activation": "relu"}, {"units": 256, "activation": "relu"}],
+        },
+        "train": {
+            "epochs": epochs,
+            "batch_size": 512,
+            "optimizer": {"name": "adam", "lr": 0.001},
+            "log_every_steps": 50,
+        },
+        "eval": {"every": "never"},
+        "checkpoint": {"every_steps": 0},
+    }
 
 
 def train(job, run_dir: Path, reuse: bool, overrides: list[str] | None = None) -> float:
@@ -65,13 +82,16 @@ def targets(report: dict) -> dict:
     return {
         "size_x_vs_weights": eager["size_bytes"] / int8["size_bytes"],
         "size_x_vs_fp32_onnx": onnx32["size_bytes"] / int8["size_bytes"],
-        "acc_fp32": eager["metrics"]["accuracy"], "acc_int8": int8["metrics"]["accuracy"],
+        "acc_fp32": eager["metrics"]["accuracy"],
+        "acc_int8": int8["metrics"]["accuracy"],
         "acc_drop_pt": (eager["metrics"]["accuracy"] - int8["metrics"]["accuracy"]) * 100,
         "b1_p50_ms_eager": eager["latency_ms"]["batch_1"]["p50"],
         "b1_p50_ms_int8": int8["latency_ms"]["batch_1"]["p50"],
         "b1_p50_ms_fp32_onnx": onnx32["latency_ms"]["batch_1"]["p50"],
-        "b64_rows_s_eager": eager["throughput_rows_s"], "b64_rows_s_int8": int8["throughput_rows_s"],
-        "int8_bytes": int8["size_bytes"], "weights_bytes": eager["size_bytes"],
+        "b64_rows_s_eager": eager["throughput_rows_s"],
+        "b64_rows_s_int8": int8["throughput_rows_s"],
+        "int8_bytes": int8["size_bytes"],
+        "weights_bytes": eager["size_bytes"],
         "fp32_onnx_bytes": onnx32["size_bytes"],
     }
 
@@ -92,11 +112,22 @@ def main() -> None:
     data = a.work / f"synth-{a.rows}.csv"
     if not data.exists():
         print(f"writing {data} ...", flush=True)
-        subprocess.run([sys.executable, str(a.bench_dir / "ddp_baseline.py"), "--write-data", str(data),
-                        "--rows", str(a.rows)], check=True)
-    models = [("breast-cancer-mlp", str(REPO / "examples" / "breast_cancer_mlp.yaml")),
-              ("digits-cnn", str(REPO / "examples" / "digits_cnn.yaml")),
-              ("throughput-mlp", mlp_job(data, a.mlp_epochs))]
+        subprocess.run(
+            [
+                sys.executable,
+                str(a.bench_dir / "ddp_baseline.py"),
+                "--write-data",
+                str(data),
+                "--rows",
+                str(a.rows),
+            ],
+            check=True,
+        )
+    models = [
+        ("breast-cancer-mlp", str(REPO / "examples" / "breast_cancer_mlp.yaml")),
+        ("digits-cnn", str(REPO / "examples" / "digits_cnn.yaml")),
+        ("throughput-mlp", mlp_job(data, a.mlp_epochs)),
+    ]
     summary = {}
     for name, job in models:
         run_dir = a.work / name
@@ -106,19 +137,27 @@ def main() -> None:
         con.print(report_table(report))
         summary[name] = targets(report)
 
-    print(f"\ntargets (int8 ONNX vs fp32; {a.runs} timed calls per batch size, "
-          f"{summary and report['threads']} threads)")
-    print(f"{'model':<20}{'x smaller (weights / onnx)':>28}{'acc fp32 → int8':>20}{'drop pt':>9}"
-          f"{'b1 p50 ms eager → int8':>26}   verdict")
+    print(
+        f"\ntargets (int8 ONNX vs fp32; {a.runs} timed calls per batch size, "
+        f"{summary and report['threads']} threads)"
+    )
+    print(
+        f"{'model':<20}{'x smaller (weights / onnx)':>28}{'acc fp32 → int8':>20}{'drop pt':>9}"
+        f"{'b1 p50 ms eager → int8':>26}   verdict"
+    )
     for name, t in summary.items():
         ok_size = t["size_x_vs_weights"] >= SIZE_TARGET
         ok_acc = t["acc_drop_pt"] <= ACC_TARGET_PT
         ok_lat = t["b1_p50_ms_int8"] < t["b1_p50_ms_eager"]
-        verdict = " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in
-                           (("size", ok_size), ("acc", ok_acc), ("latency", ok_lat)))
-        print(f"{name:<20}{t['size_x_vs_weights']:>15.2f} / {t['size_x_vs_fp32_onnx']:<10.2f}"
-              f"{t['acc_fp32']:>10.4f} → {t['acc_int8']:.4f}{t['acc_drop_pt']:>+9.2f}"
-              f"{t['b1_p50_ms_eager']:>15.4f} → {t['b1_p50_ms_int8']:.4f}   {verdict}")
+        verdict = " ".join(
+            f"{k}:{'ok' if v else 'MISS'}"
+            for k, v in (("size", ok_size), ("acc", ok_acc), ("latency", ok_lat))
+        )
+        print(
+            f"{name:<20}{t['size_x_vs_weights']:>15.2f} / {t['size_x_vs_fp32_onnx']:<10.2f}"
+            f"{t['acc_fp32']:>10.4f} → {t['acc_int8']:.4f}{t['acc_drop_pt']:>+9.2f}"
+            f"{t['b1_p50_ms_eager']:>15.4f} → {t['b1_p50_ms_int8']:.4f}   {verdict}"
+        )
         t.update(size_ok=ok_size, acc_ok=ok_acc, latency_ok=ok_lat)
     (a.work / "export_benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nsummary: {a.work / 'export_benchmark.json'}")

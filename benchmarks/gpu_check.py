@@ -9,6 +9,7 @@
 3. the throughput workload (64 → 256 → 256 → 10, batch 512) on 1 GPU vs 1 CPU thread: samples/s.
 Prints one JSON line per check and a summary; asserts nothing (a report, not a test).
 """
+
 import argparse
 import json
 import shutil
@@ -25,20 +26,40 @@ REPO = Path(__file__).resolve().parents[1]
 def train(job: Path, run: Path, *sets: str, workers: int = 1) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "lepton", "train", str(job), "--workers", str(workers), "--run-dir", str(run),
-           "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lepton",
+        "train",
+        str(job),
+        "--workers",
+        str(workers),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ] + [a for s in sets for a in ("--set", s)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
-        return {"error": (p.stderr or p.stdout)[-2000:], "logs": [f.read_text()[-1500:] for f in (run / "logs").glob("*.log")]}
+        return {
+            "error": (p.stderr or p.stdout)[-2000:],
+            "logs": [f.read_text()[-1500:] for f in (run / "logs").glob("*.log")],
+        }
     summary = json.loads((run / "summary.json").read_text())
     gens = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
-    return {"wall_s": round(time.perf_counter() - t0, 2), "summary": summary,
-            "backend": [e.get("backend") for e in gens if e["kind"] == "generation"]}
+    return {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "summary": summary,
+        "backend": [e.get("backend") for e in gens if e["kind"] == "generation"],
+    }
 
 
 def max_rel(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
-    x, y = load_file(str(a / "model" / "weights.safetensors")), load_file(str(b / "model" / "weights.safetensors"))
+
+    x, y = (
+        load_file(str(a / "model" / "weights.safetensors")),
+        load_file(str(b / "model" / "weights.safetensors")),
+    )
     return max(float((x[k] - y[k]).abs().max() / (y[k].abs().max() + 1e-12)) for k in x)
 
 
@@ -48,8 +69,17 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     import torch
-    print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                      "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}), flush=True)
+
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "cuda": torch.cuda.is_available(),
+                "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            }
+        ),
+        flush=True,
+    )
     digits = REPO / "examples" / "digits_cnn.yaml"
     gpu1 = train(digits, a.out / "gpu1", "cluster.device=cuda")
     cpu1 = train(digits, a.out / "cpu1", "cluster.device=cpu", "cluster.balance=off")
@@ -67,7 +97,7 @@ def main() -> None:
     np.savez(a.out / "synth.npz", x=x, y=y)
     job = a.out / "synth.yaml"
     job.write_text(f"""name: synth
-data: {{path: {a.out / 'synth.npz'}, target: y, split: {{train: 0.9, val: 0.0, test: 0.1}},
+data: {{path: {a.out / "synth.npz"}, target: y, split: {{train: 0.9, val: 0.0, test: 0.1}},
        preprocess: {{dedupe: false, normalize: none}}}}
 model: {{type: mlp, layers: [{{units: 256}}, {{units: 256}}]}}
 train: {{epochs: 2, batch_size: 512, optimizer: {{name: adam, lr: 0.001}}, log_every_steps: 50}}

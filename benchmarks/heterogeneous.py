@@ -17,6 +17,7 @@ against the balance-off run (and the baseline) of the same round, which ran seco
 median over rounds. The machine's speed drifts by ±10% over tens of seconds on a shared host, and a
 pair cancels most of it where a ratio of separate medians does not; both figures are printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,42 @@ PIN = (0, 1, 1)
 def lepton(job: Path, run_dir: Path, balance: str) -> tuple[dict, float, list[dict]]:
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    coord = subprocess.Popen([str(VENV_BIN / "lepton"), "coordinator", str(job), "--run-dir", str(run_dir),
-                              "--workers", "3", "--set", f"cluster.balance={balance}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    coord = subprocess.Popen(
+        [
+            str(VENV_BIN / "lepton"),
+            "coordinator",
+            str(job),
+            "--run-dir",
+            str(run_dir),
+            "--workers",
+            "3",
+            "--set",
+            f"cluster.balance={balance}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
-    workers = [subprocess.Popen([str(VENV_BIN / "lepton"), "worker", "--coordinator", url, "--token-file",
-                                 str(run_dir / "token"), "--cpus", str(c), "--threads", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in PIN]
+    workers = [
+        subprocess.Popen(
+            [
+                str(VENV_BIN / "lepton"),
+                "worker",
+                "--coordinator",
+                url,
+                "--token-file",
+                str(run_dir / "token"),
+                "--cpus",
+                str(c),
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for c in PIN
+    ]
     code = coord.wait()
     for w in workers:
         w.wait()
@@ -54,7 +84,11 @@ def lepton(job: Path, run_dir: Path, balance: str) -> tuple[dict, float, list[di
         sys.exit(f"lepton ({balance}) failed: {coord.stderr.read()}")
     # plans as applied by the workers (metrics.jsonl), with the step they took effect after
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((run_dir / "summary.json").read_text()), wall, [r for r in records if r["kind"] == "plan"]
+    return (
+        json.loads((run_dir / "summary.json").read_text()),
+        wall,
+        [r for r in records if r["kind"] == "plan"],
+    )
 
 
 def main() -> None:
@@ -71,19 +105,44 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     data = a.work / f"synth-{a.rows}.csv"
     if not data.exists():
-        run([sys.executable, str(a.bench_dir / "ddp_baseline.py"), "--write-data", str(data), "--rows", str(a.rows)])
+        run(
+            [
+                sys.executable,
+                str(a.bench_dir / "ddp_baseline.py"),
+                "--write-data",
+                str(data),
+                "--rows",
+                str(a.rows),
+            ]
+        )
     job = a.work / "heterogeneous.yaml"
-    job.write_text(job_yaml(data, a.epochs).replace("batch_size: 512", "batch_size: 510")
-                   + "cluster: {workers: 3, rebalance_every_steps: 20}\n")
+    job.write_text(
+        job_yaml(data, a.epochs).replace("batch_size: 512", "batch_size: 510")
+        + "cluster: {workers: 3, rebalance_every_steps: 20}\n"
+    )
     n_train = a.rows - a.rows // 10
 
     def baseline() -> tuple[float, float]:
         env = {**os.environ, "PIN": ",".join(map(str, PIN))}
         t0 = time.perf_counter()
-        p = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "3",
-                            str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--global-batch", "510",
-                            "--epochs", str(a.epochs)],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [
+                str(VENV_BIN / "torchrun"),
+                "--standalone",
+                "--nproc-per-node",
+                "3",
+                str(a.bench_dir / "ddp_baseline.py"),
+                "--data",
+                str(data),
+                "--global-batch",
+                "510",
+                "--epochs",
+                str(a.epochs),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if p.returncode != 0:
             sys.exit(p.stderr)
         return last_json(p.stdout)["samples_per_s"], time.perf_counter() - t0
@@ -92,8 +151,14 @@ def main() -> None:
         s, wall, plans = lepton(job, a.work / f"hetero-{balance}", balance)
         return s["samples_per_s"], wall, s, plans
 
-    got = interleaved({"lepton balance=on": lambda: balanced("on"), "lepton balance=off": lambda: balanced("off"),
-                       "torchrun+DDP PIN=0,1,1": baseline}, a.rounds)
+    got = interleaved(
+        {
+            "lepton balance=on": lambda: balanced("on"),
+            "lepton balance=off": lambda: balanced("off"),
+            "torchrun+DDP PIN=0,1,1": baseline,
+        },
+        a.rounds,
+    )
     results = {name: (median(r[0] for r in rs), median(r[1] for r in rs)) for name, rs in got.items()}
     on, off = results["lepton balance=on"][0], results["lepton balance=off"][0]
     base = results["torchrun+DDP PIN=0,1,1"][0]
@@ -103,8 +168,10 @@ def main() -> None:
     print("balanced / balance off per round: " + ", ".join(f"{x:.2f}" for x in vs_off))
     print("balanced / baseline per round:    " + ", ".join(f"{x:.2f}" for x in vs_base))
     # where each balanced round settled: a round that ran slow at the usual shares was the machine's
-    print("balanced final share of the worker alone on core 0 per round: "
-          + ", ".join(f"{r[2]['members'][0]['share']:.3f}" for r in got["lepton balance=on"]))
+    print(
+        "balanced final share of the worker alone on core 0 per round: "
+        + ", ".join(f"{r[2]['members'][0]['share']:.3f}" for r in got["lepton balance=on"])
+    )
 
     print(f"\n{'run':<26}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
     for name, (sps, wall) in results.items():
@@ -120,27 +187,43 @@ def main() -> None:
     # the ideal gain of every round's speeds, median: one round's figure moves with the machine as much
     # as the throughput does
     # a round whose balance-off run reported no speed for some worker has no ideal (nan, left out)
-    ideals = [sum(v) / (len(v) * min(v)) if all(v) else math.nan
-              for v in ([m["speed"] for m in r[2]["members"]] for r in got["lepton balance=off"])]
+    ideals = [
+        sum(v) / (len(v) * min(v)) if all(v) else math.nan
+        for v in ([m["speed"] for m in r[2]["members"]] for r in got["lepton balance=off"])
+    ]
     # each round's gain over its own ideal (the speeds of that round's balance-off run)
     shares = [(r - 1) / (i - 1) if i > 1 else math.nan for r, i in zip(vs_off, ideals)]
     known = [i for i in ideals if not math.isnan(i)]
     if known:
         ideal = median(known)
-        print(f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}  (median; per round: "
-              + ", ".join(f"{x:.2f}" for x in ideals) + ")")
+        print(
+            f"ideal gain sum(speed)/(K*min speed)      {ideal:5.2f}  (median; per round: "
+            + ", ".join(f"{x:.2f}" for x in ideals)
+            + ")"
+        )
         paired = [x for x in shares if not math.isnan(x)]
         if paired and ideal > 1:
-            print(f"achieved share of the ideal gain         {median(paired):5.2f}  [>= 0.75]  (median of rounds;"
-                  f" from the medians {(on / off - 1) / (ideal - 1):.2f}; per round: "
-                  + ", ".join(f"{x:.2f}" for x in shares) + ")")
-    print(f"balanced run: {len(plans)} plan(s), applied from steps {[p['step'] for p in plans]}; final shares "
-          f"{[m['share'] for m in final]}, step cost {[m['fixed_ms'] for m in final]} ms + n x "
-          f"{[m['per_sample_us'] for m in final]} us of processor time, capacities {[m['capacity'] for m in final]}")
-    print(f"balanced / balance off  samples/s        {median(vs_off):5.2f}  [>= 1.25]  (median of rounds; "
-          f"ratio of the medians {on / off:.2f})")
-    print(f"balanced / baseline     samples/s        {median(vs_base):5.2f}  [>= 1.3]   (median of rounds; "
-          f"ratio of the medians {on / base:.2f})")
+            print(
+                f"achieved share of the ideal gain         {median(paired):5.2f}  [>= 0.75]"
+                "  (median of rounds;"
+                f" from the medians {(on / off - 1) / (ideal - 1):.2f}; per round: "
+                + ", ".join(f"{x:.2f}" for x in shares)
+                + ")"
+            )
+    print(
+        f"balanced run: {len(plans)} plan(s), applied from steps {[p['step'] for p in plans]}; final shares "
+        f"{[m['share'] for m in final]}, step cost {[m['fixed_ms'] for m in final]} ms + n x "
+        f"{[m['per_sample_us'] for m in final]} us of processor time,"
+        f" capacities {[m['capacity'] for m in final]}"
+    )
+    print(
+        f"balanced / balance off  samples/s        {median(vs_off):5.2f}  [>= 1.25]  (median of rounds; "
+        f"ratio of the medians {on / off:.2f})"
+    )
+    print(
+        f"balanced / baseline     samples/s        {median(vs_base):5.2f}  [>= 1.3]   (median of rounds; "
+        f"ratio of the medians {on / base:.2f})"
+    )
 
 
 if __name__ == "__main__":

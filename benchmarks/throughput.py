@@ -11,6 +11,7 @@ global batch 512, same epochs, one torch thread per worker for everyone, all run
 Whole-command wall time is measured here around each command. Every run is repeated ``--rounds`` times
 (default 3), interleaved, and the table shows medians; ratios are printed at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,22 @@ BENCH_DIR = REPO.parent / "shared" / "bench"
 
 
 def add_bench_dir(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR,
-                    help="folder of the reference loops ddp_baseline.py and raw_loop.py (default: ../shared/bench)")
+    ap.add_argument(
+        "--bench-dir",
+        type=Path,
+        default=BENCH_DIR,
+        help="folder of the reference loops ddp_baseline.py and raw_loop.py (default: ../shared/bench)",
+    )
 
 
 def check_bench_dir(bench_dir: Path, *names: str) -> None:
     """One clear line instead of a failed subprocess when the reference loops are not there."""
     missing = [n for n in names if not (bench_dir / n).is_file()]
     if missing:
-        sys.exit(f"{bench_dir}: no {', '.join(missing)} (the project's reference loops, in ../shared/bench next"
-                 " to the repository); give their folder with --bench-dir")
+        sys.exit(
+            f"{bench_dir}: no {', '.join(missing)} (the project's reference loops, in ../shared/bench next"
+            " to the repository); give their folder with --bench-dir"
+        )
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> tuple[str, float]:
@@ -62,12 +69,14 @@ def interleaved(runs: dict, rounds: int) -> dict[str, list[tuple]]:
     several rounds, every round's figure."""
     got: dict[str, list[tuple]] = {name: [] for name in runs}
     for rnd in range(rounds):
-        for name, fn in (list(runs.items()) if rnd % 2 == 0 else list(runs.items())[::-1]):
+        for name, fn in list(runs.items()) if rnd % 2 == 0 else list(runs.items())[::-1]:
             got[name].append(fn())
             print(f"round {rnd + 1}/{rounds} {name}: {got[name][-1][0]:,.0f} samples/s", flush=True)
     if rounds > 1:
-        print("\nper round (samples/s): " + "; ".join(
-            f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items()))
+        print(
+            "\nper round (samples/s): "
+            + "; ".join(f"{name}: {', '.join(f'{r[0]:,.0f}' for r in rs)}" for name, rs in got.items())
+        )
     return got
 
 
@@ -113,27 +122,67 @@ def main() -> None:
     def lepton(k: int) -> tuple[float, float, float]:
         run_dir = a.work / f"lepton-{k}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        _, wall = run([str(VENV_BIN / "lepton"), "train", str(job), "--workers", str(k), "--threads", "1",
-                       "--run-dir", str(run_dir), "--no-progress"])
+        _, wall = run(
+            [
+                str(VENV_BIN / "lepton"),
+                "train",
+                str(job),
+                "--workers",
+                str(k),
+                "--threads",
+                "1",
+                "--run-dir",
+                str(run_dir),
+                "--no-progress",
+            ]
+        )
         s = json.loads((run_dir / "summary.json").read_text())
         return s["samples_per_s"], wall, s["test"]["accuracy"]
 
     def torchrun(k: int) -> tuple[float, float, float]:
-        out, wall = run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", str(k),
-                         str(a.bench_dir / "ddp_baseline.py"), "--data", str(data), "--epochs", str(a.epochs)])
+        out, wall = run(
+            [
+                str(VENV_BIN / "torchrun"),
+                "--standalone",
+                "--nproc-per-node",
+                str(k),
+                str(a.bench_dir / "ddp_baseline.py"),
+                "--data",
+                str(data),
+                "--epochs",
+                str(a.epochs),
+            ]
+        )
         r = last_json(out)
         return r["samples_per_s"], wall, r["test_acc"]
 
     def raw() -> tuple[float, float, None]:
-        out, wall = run([py, str(a.bench_dir / "raw_loop.py"), "--data", str(data), "--batch", "256",
-                         "--epochs", str(a.epochs)], cwd=a.bench_dir)
+        out, wall = run(
+            [
+                py,
+                str(a.bench_dir / "raw_loop.py"),
+                "--data",
+                str(data),
+                "--batch",
+                "256",
+                "--epochs",
+                str(a.epochs),
+            ],
+            cwd=a.bench_dir,
+        )
         return last_json(out)["samples_per_s"], wall, None
 
-    runs = {"lepton x1": lambda: lepton(1), "lepton x2": lambda: lepton(2),
-            "torchrun+DDP x1": lambda: torchrun(1), "torchrun+DDP x2": lambda: torchrun(2),
-            "raw loop (batch 256)": raw}
+    runs = {
+        "lepton x1": lambda: lepton(1),
+        "lepton x2": lambda: lepton(2),
+        "torchrun+DDP x1": lambda: torchrun(1),
+        "torchrun+DDP x2": lambda: torchrun(2),
+        "raw loop (batch 256)": raw,
+    }
     got = interleaved(runs, a.rounds)
-    rows = [(name, median([r[0] for r in rs]), median([r[1] for r in rs]), rs[0][2]) for name, rs in got.items()]
+    rows = [
+        (name, median([r[0] for r in rs]), median([r[1] for r in rs]), rs[0][2]) for name, rs in got.items()
+    ]
 
     by = {name: (sps, wall) for name, sps, wall, _ in rows}
     print(f"\n{'run':<22}{'samples/s':>12}{'wall s':>9}{'test acc':>10}")
@@ -145,8 +194,10 @@ def main() -> None:
     print(f"  lepton x2 / (2 x raw loop) samples/s   {l2 / (2 * r1):5.2f}  [>= 0.8]")
     print(f"  lepton x1 / baseline x1 samples/s      {by['lepton x1'][0] / by['torchrun+DDP x1'][0]:5.2f}")
     for k in (1, 2):
-        print(f"  lepton x{k} / torchrun x{k} wall time     "
-              f"{by[f'lepton x{k}'][1] / by[f'torchrun+DDP x{k}'][1]:5.2f}  [<= 1.2]")
+        print(
+            f"  lepton x{k} / torchrun x{k} wall time     "
+            f"{by[f'lepton x{k}'][1] / by[f'torchrun+DDP x{k}'][1]:5.2f}  [<= 1.2]"
+        )
 
 
 if __name__ == "__main__":

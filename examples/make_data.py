@@ -1,5 +1,6 @@
 """Export scikit-learn's bundled data sets to the CSVs in examples/data/ (already committed; rerun to
 regenerate). Both are real data shipped inside scikit-learn, so nothing is downloaded."""
+
 from pathlib import Path
 
 import numpy as np

@@ -7,6 +7,7 @@ scikit-learn's MLPClassifier (hidden layers as in the job's Dense layers; for th
 MLP), and its test accuracy is printed. With --lepton, the job is also trained by Lepton with 2
 workers and its test accuracy printed next to it.
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ def reference_accuracy(job_path: Path) -> float:
     else:
         hidden = (64,)
     clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=2000, random_state=job.seed)
-    flat = lambda a: a.reshape(len(a), -1)   # noqa: E731 - images to vectors for the MLP
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731 - images to vectors for the MLP
     clf.fit(flat(data["train_x"]), data["train_y"])
     return float(clf.score(flat(data["test_x"]), data["test_y"]))
 
@@ -43,6 +44,7 @@ def main() -> None:
         ours = ""
         if a.lepton:
             import lepton
+
             with tempfile.TemporaryDirectory() as tmp:
                 res = lepton.train(HERE / name, workers=2, run_dir=Path(tmp) / "run")
                 ours = f"{res.summary['test']['accuracy']:.4f}"

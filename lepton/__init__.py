@@ -2,6 +2,7 @@
 
 Public API: ``train``, ``load``, ``JobSpec``, ``LeptonError``. Everything else is internal.
 """
+
 from .api import TrainResult, load, train
 from .errors import LeptonError
 from .predict import Predictor

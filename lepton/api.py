@@ -8,6 +8,7 @@
 A callable ``model.factory`` is cloudpickled into the run directory so that worker processes can call
 it (it must be importable or picklable by value, as cloudpickle allows).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from .spec import as_job
 
 # a resumed run continues with the spec it started with (its job.yaml): a changed field would change
 # what the checkpoint is continued with, and the data order; only the worker count may differ
-RESUME_KEEPS_THE_SPEC = ("--set does not apply to --resume: the run continues with its own job.yaml (only"
-                         " --workers may change); start a new run to change the spec")
+RESUME_KEEPS_THE_SPEC = (
+    "--set does not apply to --resume: the run continues with its own job.yaml (only"
+    " --workers may change); start a new run to change the spec"
+)
 
 
 @dataclass
@@ -33,13 +36,20 @@ class TrainResult:
     run_dir: Path
     summary: dict | None
     reason: str = ""
-    export: dict | None = None          # the export report when the job has an ``export:`` section
-    export_error: str = ""              # why that export failed (the training result above still holds)
+    export: dict | None = None  # the export report when the job has an ``export:`` section
+    export_error: str = ""  # why that export failed (the training result above still holds)
 
 
-def train(job=None, workers: int | None = None, run_dir: str | Path | None = None, resume: bool = False,
-          overrides: list[str] | None = None, progress: bool = False, threads: int | None = None,
-          data_from: str | Path | None = None) -> TrainResult:
+def train(
+    job=None,
+    workers: int | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    threads: int | None = None,
+    data_from: str | Path | None = None,
+) -> TrainResult:
     """Train with a local coordinator and ``workers`` local worker processes; blocks until the end.
 
     ``data_from``: train on that run directory's prepared data (its split, preprocessing and rows, e.g.
@@ -60,13 +70,17 @@ def train(job=None, workers: int | None = None, run_dir: str | Path | None = Non
         outcome = run_local(launch.opened, launch.workers, launch.listener, progress)
         report, export_error = None, ""
         opened = launch.opened
-        if outcome.status == "completed" and opened.job.export is not None:     # while the run is held
+        if outcome.status == "completed" and opened.job.export is not None:  # while the run is held
             try:
-                report = run_export(opened.run.root, opened.job.export, progress=progress,
-                                    log=lambda m: console.print(m, markup=False, highlight=False))
-            except LeptonError as e:     # raising would lose the result of the training that did complete
+                report = run_export(
+                    opened.run.root,
+                    opened.job.export,
+                    progress=progress,
+                    log=lambda m: console.print(m, markup=False, highlight=False),
+                )
+            except LeptonError as e:  # raising would lose the result of the training that did complete
                 export_error = str(e)
-            except KeyboardInterrupt:    # Ctrl-C while exporting: the training result still stands
+            except KeyboardInterrupt:  # Ctrl-C while exporting: the training result still stands
                 export_error = f"interrupted; export the trained model with: lepton export {opened.run.root}"
     return TrainResult(outcome.status, outcome.run_dir, outcome.summary, outcome.reason, report, export_error)
 
@@ -79,6 +93,6 @@ def load(path: str | Path) -> Predictor:
     p = Path(path)
     if not p.exists():
         raise LeptonError(f"{p}: no such run or model directory")
-    if p.is_file():                                  # an exported artifact (lepton export)
+    if p.is_file():  # an exported artifact (lepton export)
         return load_artifact(p)
     return RunPredictor(run_model_dir(p))

@@ -1,4 +1,5 @@
 """The ``lepton`` command: a thin layer over the Python API. User errors print one line, exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("job", nargs="?", help="job YAML (optional with --resume: the run's job.yaml is used)")
     t.add_argument("--workers", type=positive, help="number of local workers (default: cluster.workers)")
     t.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.epochs=3 (repeatable)",
+    )
     t.add_argument("--threads", type=positive, help="torch threads per worker (default: cores / workers)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -53,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
     w.add_argument("--threads", type=positive, help="torch intra-op threads")
-    w.add_argument("--connect-timeout", type=float, default=120.0,
-                   help="seconds to keep retrying while the coordinator is unreachable at start")
+    w.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to keep retrying while the coordinator is unreachable at start",
+    )
 
     s = sub.add_parser("status", help="show a running job and its workers")
     s.add_argument("url")
@@ -66,21 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
 
-    add_export_commands(sub)           # export, serve (lepton/export/cli.py)
-    add_runs_command(sub)              # runs (lepton/runs.py)
+    add_export_commands(sub)  # export, serve (lepton/export/cli.py)
+    add_runs_command(sub)  # runs (lepton/runs.py)
     return p
 
 
 def cmd_train(a) -> int:
     if not a.job and not a.resume:
         raise LeptonError("lepton train: give a job file (or --resume --run-dir DIR)")
-    res = api.train(a.job, workers=a.workers, run_dir=a.run_dir, resume=a.resume, overrides=a.overrides,
-                    progress=not a.no_progress, threads=a.threads)
-    code = _finish(res.status, res.reason, res.summary, res.run_dir, console, out, summary_table,
-                   f"lepton train --resume --run-dir {res.run_dir}")
+    res = api.train(
+        a.job,
+        workers=a.workers,
+        run_dir=a.run_dir,
+        resume=a.resume,
+        overrides=a.overrides,
+        progress=not a.no_progress,
+        threads=a.threads,
+    )
+    code = _finish(
+        res.status,
+        res.reason,
+        res.summary,
+        res.run_dir,
+        console,
+        out,
+        summary_table,
+        f"lepton train --resume --run-dir {res.run_dir}",
+    )
     if res.export:
         print_report(res.export, out)
-    if res.export_error:        # after the summary: the trained model is there, only its export failed
+    if res.export_error:  # after the summary: the trained model is there, only its export failed
         raise LeptonError(f"training completed (summary above), but the export failed: {res.export_error}")
     return code
 
@@ -112,19 +140,34 @@ def cmd_coordinator(a) -> int:
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
-    print(f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
-          f" --token-file {opened.run.token_file}", flush=True)
+    print(
+        f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
+        f" --token-file {opened.run.token_file}",
+        flush=True,
+    )
     policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
+
         def on_poll(_status) -> None:
             with server.lock:
                 policy.apply(interrupts.count, server.coord)
+
         server.wait(on_poll=on_poll)
-    server.stop(linger_s=1.0)               # remote workers hear 'exit' on their next poll
+    server.stop(linger_s=1.0)  # remote workers hear 'exit' on their next poll
     c = server.coord
-    bind = f"[{listener.host}]:{listener.port}" if ":" in listener.host else f"{listener.host}:{listener.port}"
-    return _finish(c.phase.value, c.reason, c.summary, opened.run.root, console, out, summary_table,
-                   f"lepton coordinator --resume --run-dir {opened.run.root} --bind {bind}")
+    bind = (
+        f"[{listener.host}]:{listener.port}" if ":" in listener.host else f"{listener.host}:{listener.port}"
+    )
+    return _finish(
+        c.phase.value,
+        c.reason,
+        c.summary,
+        opened.run.root,
+        console,
+        out,
+        summary_table,
+        f"lepton coordinator --resume --run-dir {opened.run.root} --bind {bind}",
+    )
 
 
 def cmd_worker(a) -> int:
@@ -143,7 +186,7 @@ def cmd_status(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    check_output(a.output, a.input, label="--output ", model_path=a.run_dir)       # before any work
+    check_output(a.output, a.input, label="--output ", model_path=a.run_dir)  # before any work
     p = api.load(a.run_dir)
     result = p.predict_file(a.input)
     p.write_csv(result, a.output)
@@ -153,8 +196,13 @@ def cmd_predict(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "coordinator": cmd_coordinator, "worker": cmd_worker,
-               "status": cmd_status, "predict": cmd_predict}.get(a.cmd) or a.handler
+    handler = {
+        "train": cmd_train,
+        "coordinator": cmd_coordinator,
+        "worker": cmd_worker,
+        "status": cmd_status,
+        "predict": cmd_predict,
+    }.get(a.cmd) or a.handler
     try:
         return handler(a)
     except LeptonError as e:

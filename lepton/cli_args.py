@@ -1,6 +1,7 @@
 """Argument types and parsers shared by the ``lepton`` subcommands (``lepton.cli`` and
 ``lepton.export.cli``): counts, CPU lists, HOST:PORT. A leaf: it imports only ``lepton.errors``, so
 both command modules can use it without importing each other."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ def positive(text: str) -> int:
     return n
 
 
-positive.__name__ = "positive integer"     # argparse names the type in its message: "invalid positive integer value"
+positive.__name__ = (
+    "positive integer"  # argparse names the type in its message: "invalid positive integer value"
+)
 
 
 def cpus(text: str | None) -> list[int] | None:
@@ -34,8 +37,10 @@ def cpus(text: str | None) -> list[int] | None:
         raise LeptonError(f"--cpus {text!r}: expected core numbers like 0 or 0,1 or 0-3") from None
     cores = set(range(os.cpu_count() or 1))
     if not set(out) <= cores:
-        raise LeptonError(f"--cpus {text!r}: no core(s) {sorted(set(out) - cores)} on this machine"
-                          f" (it has {_ranges(sorted(cores))})")
+        raise LeptonError(
+            f"--cpus {text!r}: no core(s) {sorted(set(out) - cores)} on this machine"
+            f" (it has {_ranges(sorted(cores))})"
+        )
     return out
 
 
@@ -54,6 +59,6 @@ def split_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
         raise LeptonError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
-    if int(port) > 65535:      # the socket layer would raise OverflowError, not a message
+    if int(port) > 65535:  # the socket layer would raise OverflowError, not a message
         raise LeptonError(f"--bind {bind!r}: port {int(port)} is out of range (0-65535; 0 picks a free port)")
     return host.strip("[]") or "127.0.0.1", int(port)

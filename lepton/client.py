@@ -1,4 +1,5 @@
 """HTTP client for the coordinator's control API (workers and ``lepton status`` use it)."""
+
 from __future__ import annotations
 
 import os
@@ -40,15 +41,16 @@ class CoordinatorClient:
     def __init__(self, url: str, token: str, timeout_s: float = 10.0):
         self.url = url.rstrip("/")
         try:
-            self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
-                                      headers={"Authorization": f"Bearer {token}"})
+            self._http = httpx.Client(
+                base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"}
+            )
         except httpx.InvalidURL as e:
             raise LeptonError(f"{url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
 
     def _call(self, method: str, path: str, **kw) -> dict:
         try:
             r = self._http.request(method, path, **kw)
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:     # before TransportError, its base
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:  # before TransportError, its base
             raise LeptonError(f"{self.url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
         except httpx.TransportError as e:
             raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
@@ -65,7 +67,9 @@ class CoordinatorClient:
         delay = 0.1
         while True:
             try:
-                return RegisterResponse.model_validate(self._call("POST", "/v1/register", json=req.model_dump()))
+                return RegisterResponse.model_validate(
+                    self._call("POST", "/v1/register", json=req.model_dump())
+                )
             except CoordinatorUnreachable:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -76,7 +80,9 @@ class CoordinatorClient:
         return PlanResponse.model_validate(self._call("GET", "/v1/plan", params={"worker_id": worker_id}))
 
     def heartbeat(self, hb: Heartbeat) -> HeartbeatResponse:
-        return HeartbeatResponse.model_validate(self._call("POST", "/v1/heartbeat", json=hb.model_dump(mode="json")))
+        return HeartbeatResponse.model_validate(
+            self._call("POST", "/v1/heartbeat", json=hb.model_dump(mode="json"))
+        )
 
     def report(self, r: Report) -> None:
         self._call("POST", "/v1/report", json=r.model_dump(mode="json"))

@@ -1,11 +1,18 @@
 """What a person sees: the live progress bar and the final tables (rich)."""
+
 from __future__ import annotations
 
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -17,11 +24,20 @@ class TrainingProgress:
 
     def __init__(self, enabled: bool = True):
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
-            TextColumn("workers {task.fields[workers]}"), TextColumn("{task.fields[shares]}"),
-            TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TextColumn("workers {task.fields[workers]}"),
+            TextColumn("{task.fields[shares]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
         self.task = None
 
     def __enter__(self):
@@ -33,20 +49,28 @@ class TrainingProgress:
 
     def update(self, st: dict) -> None:
         live = sum(1 for w in st["workers"] if w["state"] in ("training", "finished"))
-        training = sorted((w for w in st["workers"] if w["state"] == "training" and w["share_fraction"]),
-                          key=lambda w: w["rank"])
+        training = sorted(
+            (w for w in st["workers"] if w["state"] == "training" and w["share_fraction"]),
+            key=lambda w: w["rank"],
+        )
         # each worker's share of the global batch and its compute speed, in rank order
         each = " ".join(f"{w['share_fraction']:.0%}@{_rate(w['samples_per_s'])}" for w in training)
-        fields = {"shares": f"share@samples/s {each}" if training else "",
-                  "loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
-                  "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
-                  "workers": f"{live}/{st['target_workers']}"}
-        desc = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}" if st["status"] == "running"
-                else st["status"])
+        fields = {
+            "shares": f"share@samples/s {each}" if training else "",
+            "loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
+            "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",
+            "workers": f"{live}/{st['target_workers']}",
+        }
+        desc = (
+            f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}"
+            if st["status"] == "running"
+            else st["status"]
+        )
         if self.task is None:
             self.task = self.progress.add_task(desc, total=st.get("total_steps") or None, **fields)
-        self.progress.update(self.task, description=desc, completed=st["step"],
-                             total=st.get("total_steps") or None, **fields)
+        self.progress.update(
+            self.task, description=desc, completed=st["step"], total=st.get("total_steps") or None, **fields
+        )
 
 
 def _rate(v: Optional[float]) -> str:
@@ -68,10 +92,17 @@ def _fmt(v) -> str:
 
 def summary_table(summary: dict, run_dir: str) -> Table:
     splits = [s for s in ("train", "val", "test") if summary.get(s, {}).get("count")]
-    names = [k for k in ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "mse", "mae", "r2")
-             if any(k in summary[s] for s in splits)]
-    t = Table(title=f"Lepton run {summary.get('status', '')}", show_header=True,
-              caption=f"run directory: {run_dir}", caption_justify="left")
+    names = [
+        k
+        for k in ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "mse", "mae", "r2")
+        if any(k in summary[s] for s in splits)
+    ]
+    t = Table(
+        title=f"Lepton run {summary.get('status', '')}",
+        show_header=True,
+        caption=f"run directory: {run_dir}",
+        caption_justify="left",
+    )
     t.add_column("metric")
     for s in splits:
         t.add_column(s, justify="right")
@@ -92,13 +123,24 @@ def summary_table(summary: dict, run_dir: str) -> Table:
 
 
 def status_table(st: dict) -> Table:
-    t = Table(title=f"{st['name']}: {st['status']}  step {st['step']}/{st.get('total_steps') or '?'}"
-                    f"  epoch {st['epoch']}  generation {st['generation']}")
+    t = Table(
+        title=f"{st['name']}: {st['status']}  step {st['step']}/{st.get('total_steps') or '?'}"
+        f"  epoch {st['epoch']}  generation {st['generation']}"
+    )
     for col in ("worker", "host", "pid", "state", "rank", "step", "samples/s", "share", "last seen"):
         t.add_column(col)
     for w in st["workers"]:
         share = f"{w['share_fraction']:.0%}" if w["share_fraction"] is not None else "-"
         speed = f"{w['samples_per_s']:,.0f}" if w["samples_per_s"] is not None else "-"
-        t.add_row(w["worker_id"], w["host"], str(w["pid"]), w["state"], _fmt(w["rank"]), str(w["step"]),
-                  speed, share, f"{w['last_seen_s']:.1f} s ago")
+        t.add_row(
+            w["worker_id"],
+            w["host"],
+            str(w["pid"]),
+            w["state"],
+            _fmt(w["rank"]),
+            str(w["step"]),
+            speed,
+            share,
+            f"{w['last_seen_s']:.1f} s ago",
+        )
     return t

@@ -11,6 +11,7 @@ macro averages over all C classes, a class absent from both labels and predictio
 (sklearn's ``labels=range(C)``). Every sum is a count or a float64 sum, so the reduction is
 order-independent up to float64 rounding of the loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ import math
 import torch
 
 AUC_BINS = 4096
-AUC_MARGIN = 64.0        # logit margins beyond ±this share the end bins
+AUC_MARGIN = 64.0  # logit margins beyond ±this share the end bins
 REGRESSION_SUMS = ("loss", "abs_err", "sum_y", "sum_y2", "count")
 
 
@@ -38,15 +39,22 @@ def batch_sums(task: str, out: torch.Tensor, y: torch.Tensor, classes: int) -> t
         pred = out.reshape(-1)
         yd = y.double()
         err = pred.double() - yd
-        return torch.stack([(err * err).sum(), err.abs().sum(), yd.sum(), (yd * yd).sum(),
-                            torch.tensor(float(len(y)), dtype=torch.float64)])
+        return torch.stack(
+            [
+                (err * err).sum(),
+                err.abs().sum(),
+                yd.sum(),
+                (yd * yd).sum(),
+                torch.tensor(float(len(y)), dtype=torch.float64),
+            ]
+        )
     loss = torch.nn.functional.cross_entropy(out, y, reduction="sum").double().reshape(1)
     count = torch.tensor([float(len(y))], dtype=torch.float64)
     confusion = torch.bincount(y * classes + out.argmax(1), minlength=classes * classes).double()
     parts = [loss, count, confusion]
     if classes == 2:
         margin = out[:, 1].double() - out[:, 0].double()
-        u = torch.asinh(margin.clamp(-AUC_MARGIN, AUC_MARGIN)) / math.asinh(AUC_MARGIN)     # in [-1, 1]
+        u = torch.asinh(margin.clamp(-AUC_MARGIN, AUC_MARGIN)) / math.asinh(AUC_MARGIN)  # in [-1, 1]
         b = torch.clamp(((u + 1) / 2 * AUC_BINS).long(), 0, AUC_BINS - 1)
         parts.append(torch.bincount(y * AUC_BINS + b, minlength=2 * AUC_BINS).double())
     return torch.cat(parts)
@@ -71,12 +79,17 @@ def finish(task: str, sums: torch.Tensor, classes: int, confusion: bool = False)
         if n == 0:
             return {"count": 0}
         sst = sy2 - sy * sy / n
-        return {"loss": sse / n, "mse": sse / n, "mae": sae / n,
-                "r2": 1.0 - sse / sst if sst > 0 else math.nan, "count": int(n)}
+        return {
+            "loss": sse / n,
+            "mse": sse / n,
+            "mae": sae / n,
+            "r2": 1.0 - sse / sst if sst > 0 else math.nan,
+            "count": int(n),
+        }
     loss, n = s[0], s[1]
     if n == 0:
         return {"count": 0}
-    cm = [[int(v) for v in s[2 + r * classes: 2 + (r + 1) * classes]] for r in range(classes)]
+    cm = [[int(v) for v in s[2 + r * classes : 2 + (r + 1) * classes]] for r in range(classes)]
     correct = sum(cm[k][k] for k in range(classes))
     precision, recall, f1 = [], [], []
     for k in range(classes):
@@ -87,10 +100,16 @@ def finish(task: str, sums: torch.Tensor, classes: int, confusion: bool = False)
         precision.append(p)
         recall.append(r)
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
-    out = {"loss": loss / n, "accuracy": correct / n, "precision": sum(precision) / classes,
-           "recall": sum(recall) / classes, "f1": sum(f1) / classes, "count": int(n)}
+    out = {
+        "loss": loss / n,
+        "accuracy": correct / n,
+        "precision": sum(precision) / classes,
+        "recall": sum(recall) / classes,
+        "f1": sum(f1) / classes,
+        "count": int(n),
+    }
     if classes == 2:
-        hist = s[2 + classes * classes:]
+        hist = s[2 + classes * classes :]
         out["roc_auc"] = _auc(hist[:AUC_BINS], hist[AUC_BINS:])
     if confusion:
         out["confusion_matrix"] = cm

@@ -10,6 +10,7 @@ each decision; the coordinator records it as an event with its reason and number
 state travels with the replica's state (checkpoints, the broadcast to a new generation).
 Policies are pure state machines: tests drive them with made-up metric sequences.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from .spec import EarlyStoppingSpec, PlateauSpec, PoliciesSpec
 
 @dataclass
 class Decision:
-    kind: str                      # "lr" | "finish"
+    kind: str  # "lr" | "finish"
     reason: str
     lr_factor: Optional[float] = None
     details: dict = field(default_factory=dict)
@@ -50,8 +51,14 @@ class Tracker:
     def update(self, step: int, value: float) -> bool:
         # a non-finite value is never the best (it compares false with everything: taken as the first
         # best, nothing would ever beat it)
-        better = math.isfinite(value) and (self.best is None or (
-            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta))
+        better = math.isfinite(value) and (
+            self.best is None
+            or (
+                value < self.best - self.min_delta
+                if self.mode == "min"
+                else value > self.best + self.min_delta
+            )
+        )
         if better:
             self.best, self.best_step, self.stale = value, step, 0
         else:
@@ -85,13 +92,21 @@ class ReduceLROnPlateau:
         new = max(self.factor * self.spec.factor, self.spec.min_lr / self.base_lr)
         self.track.stale = 0
         if new >= self.factor:
-            return None                     # already at min_lr
+            return None  # already at min_lr
         self.factor = new
-        return Decision("lr", f"{self.spec.metric} {self.track.standing()} for {self.spec.patience + 1}"
-                        f" evaluations: lr x{self.spec.factor:g}"
-                        f" -> {self.base_lr * new:.3g}", lr_factor=new,
-                        details={"metric": self.spec.metric, "value": value, "best": self.track.best,
-                                 "lr": self.base_lr * new})
+        return Decision(
+            "lr",
+            f"{self.spec.metric} {self.track.standing()} for {self.spec.patience + 1}"
+            f" evaluations: lr x{self.spec.factor:g}"
+            f" -> {self.base_lr * new:.3g}",
+            lr_factor=new,
+            details={
+                "metric": self.spec.metric,
+                "value": value,
+                "best": self.track.best,
+                "lr": self.base_lr * new,
+            },
+        )
 
 
 class EarlyStopping:
@@ -109,11 +124,18 @@ class EarlyStopping:
         value = metric_value(metrics, self.spec.metric)
         if value is None or self.track.update(step, value) or self.track.stale <= self.spec.patience:
             return None
-        return Decision("finish", f"early stop: {self.spec.metric} {self.track.standing()} for {self.track.stale}"
-                        f" evaluations"
-                        f" (patience {self.spec.patience})",
-                        details={"metric": self.spec.metric, "value": value, "best": self.track.best,
-                                 "best_step": self.track.best_step})
+        return Decision(
+            "finish",
+            f"early stop: {self.spec.metric} {self.track.standing()} for {self.track.stale}"
+            f" evaluations"
+            f" (patience {self.spec.patience})",
+            details={
+                "metric": self.spec.metric,
+                "value": value,
+                "best": self.track.best,
+                "best_step": self.track.best_step,
+            },
+        )
 
 
 def build(spec: PoliciesSpec, base_lr: float) -> list:

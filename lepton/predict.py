@@ -6,6 +6,7 @@ model directory and ``export.artifacts.ArtifactPredictor`` for an exported file.
 Raw rows go in; the run's saved preprocessing (fitted on its training split) is applied; predictions
 and, for classification, class probabilities come out.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ from .storage.rundir import RunDir, atomic_write_bytes
 from .storage.tables import SUFFIXES, detect_format, read_table
 
 # prediction has no data.format option: the input's file name has to tell the format
-INPUT_NAMES = ("prediction takes the format from the extension: name the input "
-               + ", ".join(f"*{s}" for s, _ in SUFFIXES))
+INPUT_NAMES = "prediction takes the format from the extension: name the input " + ", ".join(
+    f"*{s}" for s, _ in SUFFIXES
+)
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: object, described: str) -> None:
@@ -41,7 +43,9 @@ def load_weights(model: torch.nn.Module, state: dict, source: object, described:
         # torch's first line is only "Error(s) in loading state_dict for Sequential:"; the next one
         # names the tensor and both shapes
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise LeptonError(f"{source}: the weights do not fit {described} ({lines[min(1, len(lines) - 1)]})") from None
+        raise LeptonError(
+            f"{source}: the weights do not fit {described} ({lines[min(1, len(lines) - 1)]})"
+        ) from None
 
 
 class OutputError(LeptonError):
@@ -82,25 +86,35 @@ class Predictor(ABC):
         saying what is wrong with it (one check for the run's model and for exported artifacts)."""
         try:
             x = np.asarray(x)
-        except (ValueError, TypeError) as e:     # ragged nested lists
+        except (ValueError, TypeError) as e:  # ragged nested lists
             raise LeptonError(f"{self.path}: features must be a numeric array ({first_line(e)})") from None
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(
+            x.dtype, np.complexfloating
+        ):
             raise LeptonError(f"{self.path}: features must be numeric, got an array of dtype {x.dtype}")
         if x.ndim < 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise LeptonError(f"{self.path}: features must have shape (rows, {', '.join(map(str, self.input_shape))}),"
-                              f" got {tuple(x.shape)}")
-        with np.errstate(over="ignore"):     # float64 beyond float32 becomes inf, refused just below
+            raise LeptonError(
+                f"{self.path}: features must have shape (rows, {', '.join(map(str, self.input_shape))}),"
+                f" got {tuple(x.shape)}"
+            )
+        with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, refused just below
             x = np.ascontiguousarray(x, dtype=np.float32)
         bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
         if bad.any():
-            raise LeptonError(f"{self.path}: features must be finite numbers; row {int(np.flatnonzero(bad)[0])}"
-                              " has NaN or inf (beyond float32 range, or missing)")
+            raise LeptonError(
+                f"{self.path}: features must be finite numbers; row {int(np.flatnonzero(bad)[0])}"
+                " has NaN or inf (beyond float32 range, or missing)"
+            )
         return x
 
     def predict_array(self, x: np.ndarray) -> dict:
         """Preprocessed features → {"prediction": labels or values, "probabilities": (n, classes)}."""
         x = self.check_features(x)
-        out = self.forward(x) if len(x) else np.zeros((0, num_outputs(self.task, self.classes)), dtype=np.float32)
+        out = (
+            self.forward(x)
+            if len(x)
+            else np.zeros((0, num_outputs(self.task, self.classes)), dtype=np.float32)
+        )
         if self.task == "regression":
             result = {"prediction": out.reshape(-1)}
             finite = np.isfinite(result["prediction"])
@@ -112,8 +126,11 @@ class Predictor(ABC):
         if not finite.all():
             # finite inputs so large that the network overflows float32: a NaN answer must not pass as one
             row = int(np.flatnonzero(~finite)[0])
-            raise OutputError(f"{self.path}: the model's output for row {row} is not finite (NaN or inf): its"
-                              " features are too large for it", row)
+            raise OutputError(
+                f"{self.path}: the model's output for row {row} is not finite (NaN or inf): its"
+                " features are too large for it",
+                row,
+            )
         return result
 
     def predict_table(self, table: pa.Table, source: str = "input", csv: bool = False) -> dict:
@@ -122,17 +139,27 @@ class Predictor(ABC):
             return self.predict_array(x)
         except OutputError as e:
             # name the row's value furthest from the training data (in the run's scaling): the likely cause
-            j = int(np.abs(x[e.row]).argmax())     # flat index into the row's features
+            j = int(np.abs(x[e.row]).argmax())  # flat index into the row's features
             column = self.preprocessor.column_at(j)
             value = table.column(column)[e.row].as_py()
-            raise CellError(source, column, e.row, f"{value!r} is too far outside the training data: the model's"
-                            " output for this row is not finite (NaN or inf)", csv) from None
+            raise CellError(
+                source,
+                column,
+                e.row,
+                f"{value!r} is too far outside the training data: the model's"
+                " output for this row is not finite (NaN or inf)",
+                csv,
+            ) from None
 
     def predict_file(self, path: str) -> dict:
         kind = detect_format(path, hint=INPUT_NAMES)
         categorical = [c for c in self.preprocessor.columns if c.kind == "categorical"]
-        table = read_table(path, kind, [c.name for c in categorical],
-                           text=[c.name for c in categorical if c.spellings_collide])
+        table = read_table(
+            path,
+            kind,
+            [c.name for c in categorical],
+            text=[c.name for c in categorical if c.spellings_collide],
+        )
         return self.predict_table(table, path, kind == "csv")
 
     def predict_rows(self, rows: list[dict]) -> dict:
@@ -152,7 +179,7 @@ class Predictor(ABC):
         pacsv.write_csv(pa.table(cols), buf)
         try:
             atomic_write_bytes(Path(path), buf.getvalue().to_pybytes())
-        except OSError as e:      # a read-only folder, a full disk
+        except OSError as e:  # a read-only folder, a full disk
             raise LeptonError(f"{path}: cannot write the predictions: {e.strerror or e}") from None
 
 
@@ -162,21 +189,29 @@ class RunPredictor(Predictor):
 
     def __init__(self, model_dir: Path):
         if not (model_dir / MODEL_META).is_file():
-            raise LeptonError(f"{model_dir}: no trained model here (expected {MODEL_META}; did the run complete?)")
+            raise LeptonError(
+                f"{model_dir}: no trained model here (expected {MODEL_META}; did the run complete?)"
+            )
         try:
             weights, meta = read_model(model_dir)
         except json.JSONDecodeError as e:
             raise LeptonError(f"{model_dir / MODEL_META}: cannot read the model description: {e}") from None
-        except SafetensorError as e:          # an empty or truncated weights file
-            raise LeptonError(f"{model_dir / MODEL_WEIGHTS}: cannot read the weights ({first_line(e)})") from None
+        except SafetensorError as e:  # an empty or truncated weights file
+            raise LeptonError(
+                f"{model_dir / MODEL_WEIGHTS}: cannot read the weights ({first_line(e)})"
+            ) from None
         except (OSError, ValueError) as e:
             raise LeptonError(f"{model_dir}: cannot read the model: {e}") from None
         try:
             super().__init__(model_dir, meta)
-            raw_job = {"name": meta["name"], "seed": meta["seed"], "task": self.task,
-                       "data": {"path": "-", "target": self.preprocessor.target, "shape": self.preprocessor.shape},
-                       "model": meta["model"]}
-        except (KeyError, TypeError, ValueError) as e:     # a hand-edited or foreign lepton.json
+            raw_job = {
+                "name": meta["name"],
+                "seed": meta["seed"],
+                "task": self.task,
+                "data": {"path": "-", "target": self.preprocessor.target, "shape": self.preprocessor.shape},
+                "model": meta["model"],
+            }
+        except (KeyError, TypeError, ValueError) as e:  # a hand-edited or foreign lepton.json
             problem = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({first_line(e)})"
             raise LeptonError(f"{model_dir / MODEL_META}: the model description {problem}") from None
         factory = None
@@ -184,7 +219,7 @@ class RunPredictor(Predictor):
         if pickled.exists():
             try:
                 factory = cloudpickle.loads(pickled.read_bytes())
-            except Exception as e:      # unpickling raises whatever the pickled code raises
+            except Exception as e:  # unpickling raises whatever the pickled code raises
                 raise LeptonError(f"{pickled}: cannot load the model's factory ({first_line(e)})") from None
         job = parse_job(raw_job, source=str(model_dir / MODEL_META))
         self.model = build_model(job, self.input_shape, num_outputs(self.task, self.classes), factory)
@@ -193,7 +228,7 @@ class RunPredictor(Predictor):
 
     @torch.no_grad()
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if not x.flags.writeable:       # e.g. a memory-mapped cache: torch wants writable memory
+        if not x.flags.writeable:  # e.g. a memory-mapped cache: torch wants writable memory
             x = x.copy()
         return self.model(torch.from_numpy(x)).numpy()
 
@@ -231,16 +266,19 @@ def rows_as_table(rows) -> pa.Table:
     return pa.table(cols)
 
 
-def check_output(path: str | Path, input_path: str | None = None, label: str = "",
-                 model_path: str | Path | None = None) -> Path:
+def check_output(
+    path: str | Path, input_path: str | None = None, label: str = "", model_path: str | Path | None = None
+) -> Path:
     """``path`` as the place of a new predictions file, checked before any work: not a directory, not
     inside a file, not the input (the predictions would replace the data they came from), and not the
     model it predicts with nor anything in its run's model/, exports/, checkpoints/ or data/.
     ``label`` goes before the path in messages (``--output `` on the command line)."""
     p = Path(path)
     if p.is_dir():
-        raise LeptonError(f"{label}{path}: is a directory; give a file name for the predictions,"
-                          f" e.g. {p / 'predictions.csv'}")
+        raise LeptonError(
+            f"{label}{path}: is a directory; give a file name for the predictions,"
+            f" e.g. {p / 'predictions.csv'}"
+        )
     parent = next((a for a in p.parents if a.exists()), None)
     if parent is not None and not parent.is_dir():
         raise LeptonError(f"{label}{path}: {parent} is a file, not a directory")
@@ -248,22 +286,26 @@ def check_output(path: str | Path, input_path: str | None = None, label: str = "
         inp = Path(input_path)
         same = os.path.samefile(p, inp) if p.exists() and inp.exists() else p.resolve() == inp.resolve()
         if same:
-            raise LeptonError(f"{label}{path}: is the input file; the predictions would overwrite the data,"
-                              " write them to another file")
+            raise LeptonError(
+                f"{label}{path}: is the input file; the predictions would overwrite the data,"
+                " write them to another file"
+            )
     if model_path is not None:
         target = p.resolve()
         for kept in _model_files(Path(model_path)):
             if target == kept or kept in target.parents:
-                raise LeptonError(f"{label}{path}: is among the model's files ({kept}), which predictions must not"
-                                  " overwrite or join; write them somewhere else")
+                raise LeptonError(
+                    f"{label}{path}: is among the model's files ({kept}), which predictions must not"
+                    " overwrite or join; write them somewhere else"
+                )
     return p
 
 
 def _model_files(model: Path) -> list[Path]:
     """What predicting with ``model`` (a run, a model directory or an artifact) must leave alone."""
     model = model.resolve()
-    kept = [model] if model.is_file() or (model / "lepton.json").exists() else []     # an artifact, a model dir
+    kept = [model] if model.is_file() or (model / "lepton.json").exists() else []  # an artifact, a model dir
     for root in (model, model.parent, model.parent.parent):
-        if (root / "model" / "lepton.json").exists():       # a run directory
+        if (root / "model" / "lepton.json").exists():  # a run directory
             kept += [root / d for d in ("model", "exports", "checkpoints", "data")]
     return kept

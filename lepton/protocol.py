@@ -3,6 +3,7 @@
 One typed module for every message so both ends agree; the data plane (torch.distributed) never
 carries any of these.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
@@ -11,12 +12,12 @@ from pydantic import BaseModel, Field
 
 
 class Resources(BaseModel):
-    cpus: int = 1                      # CPU cores this worker may use
-    cpu_list: list[int] = Field(default_factory=list)   # which ones (its affinity)
-    threads: int = 1                   # torch intra-op threads
-    gpus: list[str] = Field(default_factory=list)        # "name uuid" per visible GPU
-    gpu_memory_gb: list[float] = Field(default_factory=list)   # each one's total memory
-    memory_gb: float = 0.0             # host memory
+    cpus: int = 1  # CPU cores this worker may use
+    cpu_list: list[int] = Field(default_factory=list)  # which ones (its affinity)
+    threads: int = 1  # torch intra-op threads
+    gpus: list[str] = Field(default_factory=list)  # "name uuid" per visible GPU
+    gpu_memory_gb: list[float] = Field(default_factory=list)  # each one's total memory
+    memory_gb: float = 0.0  # host memory
 
 
 class RegisterRequest(BaseModel):
@@ -30,26 +31,28 @@ class RegisterResponse(BaseModel):
     job: dict[str, Any]
     run_dir: str
     store_port: int
-    factory_pickle: Optional[str] = None   # path of a cloudpickled model factory (Python API)
+    factory_pickle: Optional[str] = None  # path of a cloudpickled model factory (Python API)
     heartbeat_interval_s: float
 
 
 class Generation(BaseModel):
     """One membership: who is in it, with which rank and share, starting from which state."""
+
     id: int
     rank: int
     world: int
     shares: list[float]
     members: list[str]
-    start_step: int = 0                       # the step the source replica (rank 0) is at
-    store_port: int = 0                       # the coordinator's TCPStore (it changes if the coordinator restarts)
-    resume_checkpoint: Optional[str] = None   # rank 0 loads it before broadcasting state
+    start_step: int = 0  # the step the source replica (rank 0) is at
+    store_port: int = 0  # the coordinator's TCPStore (it changes if the coordinator restarts)
+    resume_checkpoint: Optional[str] = None  # rank 0 loads it before broadcasting state
     backend: Literal["gloo", "nccl"] = "gloo"
 
 
 class PlanResponse(BaseModel):
     """``run``: join ``generation``; ``checkpoint``: write your live state as a checkpoint (before the
     job waits for workers or stops); ``wait``: ask again shortly; ``exit``: leave."""
+
     action: Literal["wait", "run", "checkpoint", "exit"]
     generation: Optional[Generation] = None
     reason: str = ""
@@ -57,6 +60,7 @@ class PlanResponse(BaseModel):
 
 class Heartbeat(BaseModel):
     """Also carries who the worker is, so that a restarted coordinator can adopt a running worker."""
+
     worker_id: str
     state: str = "training"
     step: int = 0
@@ -65,10 +69,10 @@ class Heartbeat(BaseModel):
     world: Optional[int] = None
     host: str = ""
     pid: int = 0
-    plan_version: int = 0               # the share plan this worker trains with
-    shares: list[float] = Field(default_factory=list)   # ... its shares, by rank
-    resources: Optional[Resources] = None               # as registered
-    samples_per_s: float = 0.0          # compute throughput: excludes time waiting in collectives
+    plan_version: int = 0  # the share plan this worker trains with
+    shares: list[float] = Field(default_factory=list)  # ... its shares, by rank
+    resources: Optional[Resources] = None  # as registered
+    samples_per_s: float = 0.0  # compute throughput: excludes time waiting in collectives
     # medians over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
     # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,
     # wall time of compute and update), the part of it spent in the compute window, and the fixed part
@@ -88,6 +92,7 @@ class StepPlan(BaseModel):
     Version v+1 of a generation is issued only after every member applied v. The coordinator sends it
     to the members whose heartbeats come after it was made; the first member to know it carries it to
     the others in the next step's gradient reduction (worker/trainer.py)."""
+
     version: int
     shares: list[float]
     generation: Optional[int] = None
@@ -107,6 +112,7 @@ class Report(BaseModel):
     ``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``paused`` (left its generation
     at ``step``; ``reason`` regroup | collective_error | leaving), ``failed`` (an error that is not the
     cluster's: a bug, bad data; it fails the job)."""
+
     worker_id: str
     kind: Literal["metrics", "checkpoint", "finished", "paused", "failed"]
     payload: dict[str, Any] = Field(default_factory=dict)

@@ -17,6 +17,7 @@ Kinds, all written by rank 0 of a generation:
 
 This module sits at the bottom layer: it imports only the standard library.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 @dataclass(frozen=True, kw_only=True)
 class MetricRecord:
     """A line of ``metrics.jsonl``. Fields are declared in the order the line writes them."""
+
     kind: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,9 +49,9 @@ class TrainRecord(MetricRecord):
     step: int
     epoch: int
     total_steps: int
-    loss: float | None                # mean over the samples since the last train record
+    loss: float | None  # mean over the samples since the last train record
     lr: float
-    samples_per_s: float | None       # None when no time was measured
+    samples_per_s: float | None  # None when no time was measured
     generation: int
     workers: int
 
@@ -57,16 +59,23 @@ class TrainRecord(MetricRecord):
 @dataclass(frozen=True, kw_only=True)
 class EvalRecord(MetricRecord):
     """``metrics`` (``count``, ``loss``, ``accuracy``, ... per task) is flattened into the line."""
+
     kind: ClassVar[str] = "eval"
-    split: str                        # train | val | test
+    split: str  # train | val | test
     time: float = field(default_factory=_now)
     step: int
     epoch: int
     metrics: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "split": self.split, "time": self.time, "step": self.step,
-                "epoch": self.epoch, **self.metrics}
+        return {
+            "kind": self.kind,
+            "split": self.split,
+            "time": self.time,
+            "step": self.step,
+            "epoch": self.epoch,
+            **self.metrics,
+        }
 
     @classmethod
     def from_dict(cls, line: dict[str, Any]) -> EvalRecord:
@@ -74,8 +83,13 @@ class EvalRecord(MetricRecord):
         missing = [key for key in named[1:] if key not in line]
         if missing:
             raise TypeError(f"eval record without {', '.join(missing)}")
-        return cls(split=line["split"], time=line["time"], step=line["step"], epoch=line["epoch"],
-                   metrics={key: value for key, value in line.items() if key not in named})
+        return cls(
+            split=line["split"],
+            time=line["time"],
+            step=line["step"],
+            epoch=line["epoch"],
+            metrics={key: value for key, value in line.items() if key not in named},
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,18 +98,18 @@ class BestRecord(MetricRecord):
     time: float = field(default_factory=_now)
     step: int
     value: float
-    metric: str                       # e.g. val.loss
+    metric: str  # e.g. val.loss
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecisionRecord(MetricRecord):
     kind: ClassVar[str] = "decision"
-    decision: str                     # early_stop | lr
+    decision: str  # early_stop | lr
     time: float = field(default_factory=_now)
     step: int
     reason: str
     details: dict[str, Any]
-    lr: float                         # the learning rate from this step on
+    lr: float  # the learning rate from this step on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +118,7 @@ class PlanRecord(MetricRecord):
     time: float = field(default_factory=_now)
     step: int
     version: int
-    shares: list[float]               # rounded to 6 decimals
+    shares: list[float]  # rounded to 6 decimals
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +126,7 @@ class SkippedStepRecord(MetricRecord):
     kind: ClassVar[str] = "skipped_step"
     time: float = field(default_factory=_now)
     step: int
-    lr_scale: float                   # the divergence guard's scale after the skip
+    lr_scale: float  # the divergence guard's scale after the skip
     reason: str = "non-finite loss or gradient"
 
 
@@ -122,12 +136,21 @@ class GenerationFirstStepRecord(MetricRecord):
     generation: int
     step: int
     time: float = field(default_factory=_now)
-    transport: str                    # shm | gloo | nccl
+    transport: str  # shm | gloo | nccl
 
 
-RECORD_TYPES: dict[str, type[MetricRecord]] = {cls.kind: cls for cls in (
-    TrainRecord, EvalRecord, BestRecord, DecisionRecord, PlanRecord, SkippedStepRecord,
-    GenerationFirstStepRecord)}
+RECORD_TYPES: dict[str, type[MetricRecord]] = {
+    cls.kind: cls
+    for cls in (
+        TrainRecord,
+        EvalRecord,
+        BestRecord,
+        DecisionRecord,
+        PlanRecord,
+        SkippedStepRecord,
+        GenerationFirstStepRecord,
+    )
+}
 
 
 class UnknownRecord(ValueError):

@@ -5,6 +5,7 @@ Everything is read from the files a run directory keeps (design.md §4): ``state
 for classification, the lowest MSE, else loss, for regression) and ``summary.json`` (the test metric).
 Nothing is written; a half-written or foreign folder is shown with what can be read, never an error.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ from .errors import LeptonError
 from .storage.rundir import RunDir
 
 # (metric, mode) tried in order: the first one the validation records carry is the one reported
-BEST = {"classification": [("accuracy", "max"), ("loss", "min")],
-        "regression": [("mse", "min"), ("loss", "min")]}
+BEST = {
+    "classification": [("accuracy", "max"), ("loss", "min")],
+    "regression": [("mse", "min"), ("loss", "min")],
+}
 TEST = {"classification": ["accuracy", "loss"], "regression": ["mse", "loss"]}
 
 
@@ -55,7 +58,7 @@ def _val_records(path: Path) -> list[dict]:
         return out
     with f:
         for line in f:
-            if b'"eval"' not in line:          # cheap filter: most lines are training records
+            if b'"eval"' not in line:  # cheap filter: most lines are training records
                 continue
             try:
                 rec = json.loads(line)
@@ -80,7 +83,9 @@ def _task(job: dict, records: list[dict], summary: dict) -> str:
     task = job.get("task")
     if task in BEST:
         return task
-    seen = set().union(*(r.keys() for r in records), *(v.keys() for v in summary.values() if isinstance(v, dict)))
+    seen = set().union(
+        *(r.keys() for r in records), *(v.keys() for v in summary.values() if isinstance(v, dict))
+    )
     return "regression" if "mse" in seen and "accuracy" not in seen else "classification"
 
 
@@ -104,17 +109,26 @@ def run_info(path: str | Path) -> dict:
             mtimes.append(p.stat().st_mtime)
         except OSError:
             pass
-    return {"name": run.root.name, "path": str(run.root), "job": state.get("name") or job.get("name"),
-            "task": task, "status": status, "reason": state.get("reason", ""),
-            "step": state.get("step", summary.get("steps")), "total_steps": state.get("total_steps"),
-            "epoch": state.get("epoch"), "best": best_metric(records, task), "test": test,
-            "modified": max(mtimes) if mtimes else None}
+    return {
+        "name": run.root.name,
+        "path": str(run.root),
+        "job": state.get("name") or job.get("name"),
+        "task": task,
+        "status": status,
+        "reason": state.get("reason", ""),
+        "step": state.get("step", summary.get("steps")),
+        "total_steps": state.get("total_steps"),
+        "epoch": state.get("epoch"),
+        "best": best_metric(records, task),
+        "test": test,
+        "modified": max(mtimes) if mtimes else None,
+    }
 
 
 def _is_run(d: Path) -> bool:
     try:
         return d.is_dir() and RunDir(d).holds_run()
-    except OSError:           # e.g. another user's folder we may not look into: not ours to list
+    except OSError:  # e.g. another user's folder we may not look into: not ours to list
         return False
 
 
@@ -123,7 +137,9 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
-        raise LeptonError(f"{root}: {what} (give the folder that holds the run directories, or a run directory)")
+        raise LeptonError(
+            f"{root}: {what} (give the folder that holds the run directories, or a run directory)"
+        )
     if RunDir(root).holds_run():
         dirs = [root]
     else:
@@ -133,8 +149,14 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
     return rows
 
 
-_STATUS_STYLE = {"completed": "green", "running": "cyan", "waiting": "yellow", "regrouping": "yellow",
-                 "failed": "red", "stopped": "magenta"}
+_STATUS_STYLE = {
+    "completed": "green",
+    "running": "cyan",
+    "waiting": "yellow",
+    "regrouping": "yellow",
+    "failed": "red",
+    "stopped": "magenta",
+}
 
 
 _SHORT = {"accuracy": "acc"}

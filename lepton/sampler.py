@@ -8,6 +8,7 @@ Contract (design invariants 1 and 2):
   largest-remainder method; the slices depend only on (step, shares), never on timing.
 Any number of workers with any shares therefore covers exactly the same samples at every step.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,11 +59,11 @@ class GlobalBatchSampler:
 
     def global_batch(self, global_step: int) -> np.ndarray:
         epoch, s = self.locate(global_step)
-        return self.permutation(epoch)[s * self.batch_size:(s + 1) * self.batch_size]
+        return self.permutation(epoch)[s * self.batch_size : (s + 1) * self.batch_size]
 
     def worker_slice(self, global_step: int, shares: list[float], rank: int) -> tuple[np.ndarray, int]:
         """(this rank's sample indices, size of the whole global batch) for ``global_step``."""
         batch = self.global_batch(global_step)
         counts = split_counts(len(batch), shares)
         start = sum(counts[:rank])
-        return batch[start:start + counts[rank]], len(batch)
+        return batch[start : start + counts[rank]], len(batch)

@@ -3,6 +3,7 @@
 The YAML file and the Python API (``lepton.train(dict_or_JobSpec)``) go through the same classes.
 Every section forbids unknown keys so that a typo is an error, not a silently ignored option.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,12 +57,15 @@ class DataSpec(_Strict):
     path: str = Field(min_length=1, description="local path or fsspec URL of a .csv, .parquet or .npz file")
     target: str
     features: Union[Literal["all"], list[str]] = "all"
-    categorical: list[str] = Field(default_factory=list,
-                                   description="feature columns to one-hot encode even if numeric")
+    categorical: list[str] = Field(
+        default_factory=list, description="feature columns to one-hot encode even if numeric"
+    )
     classes: Optional[list[Union[int, str]]] = Field(
-        None, description="the model's class labels; labels outside this list are an error")
+        None, description="the model's class labels; labels outside this list are an error"
+    )
     shape: Optional[list[Annotated[int, Field(gt=0)]]] = Field(
-        None, description="reshape each row's features to this shape, e.g. [1, 8, 8] for a cnn")
+        None, description="reshape each row's features to this shape, e.g. [1, 8, 8] for a cnn"
+    )
     format: Optional[Literal["csv", "parquet", "npz"]] = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
@@ -71,8 +75,13 @@ class DenseLayer(_Strict):
     type: Literal["dense"] = "dense"
     units: int = Field(gt=0)
     activation: Activation = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate after the activation (Keras' Dropout layer);"
-                                                          " masks keyed by sample, so the model is split-invariant")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout rate after the activation (Keras' Dropout layer);"
+        " masks keyed by sample, so the model is split-invariant",
+    )
 
 
 class ConvLayer(_Strict):
@@ -106,13 +115,18 @@ class ModelSpec(_Strict):
     layers: list[Any] = Field(default_factory=list)
     factory: Any = None
     init_weights: Optional[str] = Field(
-        None, description="safetensors file of this model's weights to start from (default: random init)")
+        None, description="safetensors file of this model's weights to start from (default: random init)"
+    )
     keep_zeros: bool = Field(
-        False, description="weights that are exactly zero in init_weights stay zero (fine-tuning a pruned model)")
+        False,
+        description="weights that are exactly zero in init_weights stay zero (fine-tuning a pruned model)",
+    )
     batch_norm: Literal["global", "local"] = Field(
-        "global", description="BatchNorm statistics in training: global (over the global batch: the same model for"
-                              " any worker count; a collective per layer and pass) or local (each worker's slice,"
-                              " as DDP without SyncBatchNorm: faster, but the model depends on the split)")
+        "global",
+        description="BatchNorm statistics in training: global (over the global batch: the same model for"
+        " any worker count; a collective per layer and pass) or local (each worker's slice,"
+        " as DDP without SyncBatchNorm: faster, but the model depends on the split)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -122,8 +136,9 @@ class ModelSpec(_Strict):
             if isinstance(self.factory, str) and ":" not in self.factory:
                 raise ValueError(f"model.factory must look like 'module:function' (got {self.factory!r})")
             if self.layers:
-                raise ValueError("model.layers is not used with type 'factory' (the factory builds the model);"
-                                 " remove it")
+                raise ValueError(
+                    "model.layers is not used with type 'factory' (the factory builds the model); remove it"
+                )
         elif self.factory is not None:
             raise ValueError(f"model.factory is only allowed with type 'factory' (type is {self.type!r})")
         if self.keep_zeros and not self.init_weights:
@@ -201,7 +216,8 @@ class PoliciesSpec(_Strict):
     reduce_on_plateau: Optional[PlateauSpec] = None
     early_stopping: Optional[EarlyStoppingSpec] = None
     keep_best: Optional[KeepBestSpec] = Field(
-        None, description="the final model is the best by this metric (early stopping implies it)")
+        None, description="the final model is the best by this metric (early stopping implies it)"
+    )
 
 
 class CheckpointSpec(_Strict):
@@ -214,19 +230,28 @@ class ClusterSpec(_Strict):
     min_workers: int = Field(1, gt=0, description="below this many live workers training pauses")
     max_workers: Optional[int] = Field(None, gt=0, description="workers beyond this wait as standby")
     shares: Optional[list[Annotated[float, Field(gt=0)]]] = Field(
-        None, description="fixed relative shares of the global batch, one per worker (default equal)")
+        None, description="fixed relative shares of the global batch, one per worker (default equal)"
+    )
     collective_timeout_s: float = Field(30.0, gt=0, description="longest wait inside one collective")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is lost")
     wait_for_workers_s: float = Field(300.0, gt=0, description="how long to wait below min_workers")
-    coordinator_timeout_s: float = Field(120.0, gt=0, description="how long workers ride out a lost coordinator")
+    coordinator_timeout_s: float = Field(
+        120.0, gt=0, description="how long workers ride out a lost coordinator"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: a GPU when the worker has one; NCCL when every worker has its own GPU")
+        "auto", description="auto: a GPU when the worker has one; NCCL when every worker has its own GPU"
+    )
     balance: Literal["on", "off"] = Field("on", description="shares follow measured speed (off: equal)")
-    rebalance_every_steps: int = Field(20, gt=0, description="steps between share re-plans once shares have"
-                                       " settled (until then, one per measured plan)")
+    rebalance_every_steps: int = Field(
+        20,
+        gt=0,
+        description="steps between share re-plans once shares have"
+        " settled (until then, one per measured plan)",
+    )
     max_micro_batch: Optional[int] = Field(None, gt=0, description="split a larger share into micro-batches")
     shared_memory: bool = Field(
-        True, description="workers on one host reduce gradients through shared memory (false: gloo/TCP)")
+        True, description="workers on one host reduce gradients through shared memory (false: gloo/TCP)"
+    )
     restart_failed: bool = Field(False, description="lepton train restarts a dead local worker")
     max_restarts: int = Field(3, ge=0, description="restarts allowed per run with restart_failed")
 
@@ -265,19 +290,29 @@ class ExportSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: list[ExportFormat] = Field(
-        default_factory=lambda: ["onnx"], description="artifact format(s): onnx, torchscript, safetensors")
+        default_factory=lambda: ["onnx"], description="artifact format(s): onnx, torchscript, safetensors"
+    )
     quantize: Optional[ExportPrecision] = Field(
-        None, description="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights")
+        None, description="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights"
+    )
     int8_method: Literal["auto", "static", "dynamic"] = Field(
-        "auto", description="static: activation scales calibrated on training rows (fast convolutions);"
-                            " dynamic: activations quantized at run time; auto: static for convolutional classifiers")
+        "auto",
+        description="static: activation scales calibrated on training rows (fast convolutions);"
+        " dynamic: activations quantized at run time; auto: static for convolutional classifiers",
+    )
     prune: Optional[float] = Field(
-        None, gt=0, lt=1, description="fraction of Linear/Conv weights to zero by L1 magnitude")
+        None, gt=0, lt=1, description="fraction of Linear/Conv weights to zero by L1 magnitude"
+    )
     prune_scope: Literal["global", "layer"] = "global"
-    finetune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (a distributed run)")
+    finetune_epochs: int = Field(
+        0, ge=0, description="epochs of fine-tuning after pruning (a distributed run)"
+    )
     finetune_workers: Optional[int] = Field(
-        None, gt=0, description="worker processes of the fine-tune (default: the run's cluster.workers)")
-    latency_runs: int = Field(200, ge=0, description="timed calls per batch size in the report (0: no timing)")
+        None, gt=0, description="worker processes of the fine-tune (default: the run's cluster.workers)"
+    )
+    latency_runs: int = Field(
+        200, ge=0, description="timed calls per batch size in the report (0: no timing)"
+    )
 
     @field_validator("format", mode="before")
     @classmethod
@@ -292,8 +327,10 @@ class ExportSpec(BaseModel):
         if not self.formats:
             raise ValueError("format: give at least one of onnx, torchscript, safetensors")
         if self.quantize == "int8" and self.formats != ["onnx"]:
-            raise ValueError("quantize int8 is done by ONNX Runtime quantization and needs format onnx"
-                             f" (got {', '.join(self.formats)}); torchscript and safetensors take fp16 or bf16")
+            raise ValueError(
+                "quantize int8 is done by ONNX Runtime quantization and needs format onnx"
+                f" (got {', '.join(self.formats)}); torchscript and safetensors take fp16 or bf16"
+            )
         if self.finetune_epochs and self.prune is None:
             raise ValueError("finetune_epochs fine-tunes a pruned model: give prune too (e.g. prune: 0.5)")
         if self.finetune_workers and not self.finetune_epochs:
@@ -321,7 +358,9 @@ class JobSpec(_Strict):
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    export: Optional[ExportSpec] = Field(None, description="run lepton export with these options after training")
+    export: Optional[ExportSpec] = Field(
+        None, description="run lepton export with these options after training"
+    )
 
     @field_validator("name")
     @classmethod
@@ -336,29 +375,38 @@ class JobSpec(_Strict):
         if c.workers > self.train.batch_size:
             raise ValueError(
                 f"cluster.workers ({c.workers}) is larger than train.batch_size ({self.train.batch_size}):"
-                " every worker needs at least one sample of each global batch")
+                " every worker needs at least one sample of each global batch"
+            )
         if c.min_workers > c.workers:
-            raise ValueError(f"cluster.min_workers ({c.min_workers}) is larger than cluster.workers ({c.workers})")
+            raise ValueError(
+                f"cluster.min_workers ({c.min_workers}) is larger than cluster.workers ({c.workers})"
+            )
         if c.max_workers is not None and c.max_workers < c.workers:
-            raise ValueError(f"cluster.max_workers ({c.max_workers}) is smaller than cluster.workers ({c.workers})")
+            raise ValueError(
+                f"cluster.max_workers ({c.max_workers}) is smaller than cluster.workers ({c.workers})"
+            )
         if c.max_workers is not None and c.max_workers > self.train.batch_size:
             raise ValueError(
-                f"cluster.max_workers ({c.max_workers}) is larger than train.batch_size ({self.train.batch_size}):"
-                " every worker needs at least one sample of each global batch")
+                f"cluster.max_workers ({c.max_workers}) is larger than train.batch_size"
+                f" ({self.train.batch_size}):"
+                " every worker needs at least one sample of each global batch"
+            )
         if c.shares is not None and len(c.shares) != c.workers:
             raise ValueError(f"cluster.shares has {len(c.shares)} entries for {c.workers} workers")
         p = self.policies
         if (p.reduce_on_plateau or p.early_stopping or p.keep_best) and self.eval.every == "never":
             raise ValueError("policies need validation: set eval.every to epoch or a number of steps")
-        if p.early_stopping and not p.keep_best:      # stopping early restores the best model
+        if p.early_stopping and not p.keep_best:  # stopping early restores the best model
             p.keep_best = KeepBestSpec(metric=p.early_stopping.metric, mode=p.early_stopping.mode)
         if self.model.type == "cnn" and not self.data.shape:
             raise ValueError("model.type 'cnn' needs data.shape (e.g. [1, 8, 8])")
         s = self.data.split
-        if self.export is not None and s.test == 0 and s.val == 0:    # known now, not after training
-            raise ValueError("export: the artifacts are checked on the test (or validation) rows, and"
-                             " data.split keeps none (test and val are 0): give data.split.test or"
-                             " data.split.val a fraction, or remove export")
+        if self.export is not None and s.test == 0 and s.val == 0:  # known now, not after training
+            raise ValueError(
+                "export: the artifacts are checked on the test (or validation) rows, and"
+                " data.split keeps none (test and val are 0): give data.split.test or"
+                " data.split.val a fraction, or remove export"
+            )
         return self
 
     def to_yaml_dict(self) -> dict:
@@ -374,7 +422,7 @@ def _format_loc(loc: tuple) -> str:
     parts = []
     for i, p in enumerate(loc):
         if isinstance(p, int) and i == 1 and loc[0] == "model":
-            parts.append(f".layers[{p}]")      # the layers are validated by the model section's validator
+            parts.append(f".layers[{p}]")  # the layers are validated by the model section's validator
         elif isinstance(p, int):
             parts.append(f"[{p}]")
         elif p in ("function-after", "function-before") or str(p).startswith(("function-", "tagged-union")):
@@ -391,8 +439,10 @@ def _allowed_fields(loc: tuple) -> list[str]:
         if field is None:
             return []
         model = field.annotation
-        if getattr(model, "__args__", None):          # Optional[Section]
-            model = next((a for a in model.__args__ if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if getattr(model, "__args__", None):  # Optional[Section]
+            model = next(
+                (a for a in model.__args__ if isinstance(a, type) and issubclass(a, BaseModel)), None
+            )
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
     return list(getattr(model, "model_fields", {}))
@@ -404,7 +454,7 @@ def format_validation_error(err: ValidationError, source: str, names: dict[str, 
     msgs = []
     for e in err.errors():
         loc = _format_loc(e["loc"])
-        if names and e["loc"] and e["loc"][0] in names:     # a flag's value has no inner structure
+        if names and e["loc"] and e["loc"][0] in names:  # a flag's value has no inner structure
             loc = names[e["loc"][0]]
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(e["loc"])
@@ -418,7 +468,9 @@ def format_validation_error(err: ValidationError, source: str, names: dict[str, 
             if e["type"] == "union_tag_not_found":
                 msg = "a cnn layer needs a type: conv, maxpool, avgpool or dense"
             got = e.get("input")
-            tail = f" (got {got!r})" if e["type"] != "value_error" and not isinstance(got, (dict, list)) else ""
+            tail = (
+                f" (got {got!r})" if e["type"] != "value_error" and not isinstance(got, (dict, list)) else ""
+            )
             msgs.append(f"{loc}: {msg}{tail}" if loc else msg)
     return (f"{source}: " if source else "") + "; ".join(msgs)
 
@@ -451,13 +503,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue          # `<<: *defaults`: merged keys may be overridden by the section's own
+                continue  # `<<: *defaults`: merged keys may be overridden by the section's own
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)):
-                continue          # an unhashable key: the base loader says so
+                continue  # an unhashable key: the base loader says so
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one section",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one section", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -482,8 +535,9 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | None = None,
-              base_dir: Path | None = None) -> JobSpec:
+def parse_job(
+    raw: dict | JobSpec, source: str = "job", overrides: list[str] | None = None, base_dir: Path | None = None
+) -> JobSpec:
     """Validate a job; relative ``data.path`` is resolved against ``base_dir`` (the YAML's folder)."""
     if isinstance(raw, JobSpec):
         raw = raw.model_dump(mode="python")
@@ -494,14 +548,17 @@ def parse_job(raw: dict | JobSpec, source: str = "job", overrides: list[str] | N
         # an error in a field that --set gave is the command line's, not the file's
         set_keys = {o.partition("=")[0] for o in overrides or []}
         first = _format_loc(e.errors()[0]["loc"]) if e.errors() else ""
-        hit = next((k for k in set_keys if first == k or first.startswith(k + ".") or first.startswith(k + "[")), None)
+        hit = next(
+            (k for k in set_keys if first == k or first.startswith(k + ".") or first.startswith(k + "[")),
+            None,
+        )
         raise SpecError(format_validation_error(e, "--set" if hit else source)) from None
     if base_dir is not None and "://" not in job.data.path and not Path(job.data.path).is_absolute():
         # a relative data path means "next to the job file", whatever the current directory is
         job.data.path = str((base_dir / job.data.path).resolve())
     init = job.model.init_weights
     if base_dir is not None and init and not Path(init).is_absolute():
-        job.model.init_weights = str((base_dir / init).resolve())     # next to the job file too
+        job.model.init_weights = str((base_dir / init).resolve())  # next to the job file too
     return job
 
 

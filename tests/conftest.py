@@ -1,4 +1,5 @@
 """Shared fixtures: small data sets, job dicts, and subprocesses that are always reaped."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_classification_csv(path: Path, rows: int = 240, features: int = 6, classes: int = 3, seed: int = 1) -> Path:
+def make_classification_csv(
+    path: Path, rows: int = 240, features: int = 6, classes: int = 3, seed: int = 1
+) -> Path:
     g = np.random.default_rng(seed)
     centers = g.normal(scale=2.0, size=(classes, features))
     y = g.integers(0, classes, rows)
@@ -33,10 +36,24 @@ def csv_data(tmp_path) -> Path:
 
 def job_dict(data_path, **over) -> dict:
     job = {
-        "name": "t", "seed": 3, "task": "classification",
-        "data": {"path": str(data_path), "target": "label", "split": {"train": 0.7, "val": 0.15, "test": 0.15}},
-        "model": {"type": "mlp", "layers": [{"units": 16, "activation": "relu"}, {"units": 8, "activation": "tanh"}]},
-        "train": {"epochs": 3, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.01}, "log_every_steps": 5},
+        "name": "t",
+        "seed": 3,
+        "task": "classification",
+        "data": {
+            "path": str(data_path),
+            "target": "label",
+            "split": {"train": 0.7, "val": 0.15, "test": 0.15},
+        },
+        "model": {
+            "type": "mlp",
+            "layers": [{"units": 16, "activation": "relu"}, {"units": 8, "activation": "tanh"}],
+        },
+        "train": {
+            "epochs": 3,
+            "batch_size": 16,
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "log_every_steps": 5,
+        },
         "eval": {"every": "epoch"},
         "checkpoint": {"every_steps": 10, "keep": 2},
         "cluster": {"workers": 2, "heartbeat_timeout_s": 20, "collective_timeout_s": 30},
@@ -66,9 +83,16 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
 
     def lepton(self, *args, env: dict | None = None, **kw) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "lepton", *map(str, args)], start_new_session=True,
-                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=kw.pop("cwd", REPO), **kw)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "lepton", *map(str, args)],
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=kw.pop("cwd", REPO),
+            **kw,
+        )
         self.procs.append(p)
         return p
 
@@ -95,6 +119,7 @@ def free_port() -> int:
     it unbound, and a connect to an unbound port of that range can even connect to itself."""
     import random
     import socket
+
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
         with socket.socket() as s:
@@ -120,6 +145,7 @@ def first_line(proc: subprocess.Popen, timeout: float = 60) -> str:
     block the test (and the reaping of its processes) for good if the process printed nothing."""
     import queue
     import threading
+
     q: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: q.put(proc.stdout.readline()), daemon=True).start()
     try:
@@ -131,6 +157,7 @@ def first_line(proc: subprocess.Popen, timeout: float = 60) -> str:
 def coordinator_url(proc: subprocess.Popen, timeout: float = 60) -> str:
     """The URL in a `lepton coordinator`'s first line."""
     import re
+
     line = first_line(proc, timeout)
     m = re.search(r"(http://\S+)", line)
     assert m, (line, proc.poll())
@@ -147,6 +174,7 @@ def procs():
 def wait_for(pred, timeout: float, what: str) -> None:
     """Poll ``pred`` every 50 ms until it is true; fail the test after ``timeout`` seconds."""
     import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -157,9 +185,15 @@ def wait_for(pred, timeout: float, what: str) -> None:
 
 def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> subprocess.CompletedProcess:
     """Run ``lepton ARGS`` to completion in its own session; the whole group is killed on timeout."""
-    p = subprocess.Popen([sys.executable, "-m", "lepton", *map(str, args)], start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                         env={**os.environ, **(env or {})})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lepton", *map(str, args)],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -168,11 +202,10 @@ def run_cli(*args, timeout: float = 120, env: dict | None = None, cwd=REPO) -> s
         raise AssertionError(f"lepton {' '.join(map(str, args))} timed out\n{out}\n{err}") from None
     finally:
         try:
-            os.killpg(p.pid, signal.SIGKILL)     # reap any worker left in the group
+            os.killpg(p.pid, signal.SIGKILL)  # reap any worker left in the group
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
 
 
 # --- tiers: a test that starts processes is `e2e`; everything else is the fast tier ------------------

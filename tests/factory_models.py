@@ -1,4 +1,5 @@
 """A user model module for the ``model.factory: module:function`` tests."""
+
 import torch
 from torch import nn
 
@@ -11,8 +12,9 @@ def build_bn(input_shape, num_outputs):
     """With BatchNorm: its statistics must be the global batch's for invariant 1 to hold. No bias before
     it, as usual: BatchNorm cancels such a bias, so its gradient is rounding noise, which Adam scales up
     to full-size steps that differ with the summation order (the model's outputs would not)."""
-    return nn.Sequential(nn.Linear(input_shape[0], 12, bias=False), nn.BatchNorm1d(12), nn.ReLU(),
-                         nn.Linear(12, num_outputs))
+    return nn.Sequential(
+        nn.Linear(input_shape[0], 12, bias=False), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, num_outputs)
+    )
 
 
 class _WithMask(nn.Module):
@@ -33,12 +35,21 @@ def build_bn_masked(input_shape, num_outputs):
 
 def build_dropout(input_shape, num_outputs):
     """Element and channel dropout: their masks must follow the samples for invariant 1 to hold."""
-    return nn.Sequential(nn.Linear(input_shape[0], 24), nn.ReLU(), nn.Dropout(0.3), nn.Unflatten(1, (6, 4)),
-                         nn.Dropout1d(0.2), nn.Flatten(), nn.Linear(24, num_outputs))
+    return nn.Sequential(
+        nn.Linear(input_shape[0], 24),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Unflatten(1, (6, 4)),
+        nn.Dropout1d(0.2),
+        nn.Flatten(),
+        nn.Linear(24, num_outputs),
+    )
 
 
 def build_alpha_dropout(input_shape, num_outputs):
-    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.SELU(), nn.AlphaDropout(0.1), nn.Linear(8, num_outputs))
+    return nn.Sequential(
+        nn.Linear(input_shape[0], 8), nn.SELU(), nn.AlphaDropout(0.1), nn.Linear(8, num_outputs)
+    )
 
 
 class _Checkpointed(nn.Sequential):

@@ -15,6 +15,7 @@ broadcast, so ``allreduce=k`` fails the generation's (k+1)-th step while evaluat
 Limit: keyed dropout's pass state is process-wide (lepton/worker/dropout.py), so models run by
 several fake ranks at once must not have dropout layers.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,7 @@ class FakeWorld:
         self._result = None
         self.broken_by: str | None = None
 
-    def _combine(self) -> None:           # run by one thread once every rank has arrived
+    def _combine(self) -> None:  # run by one thread once every rank has arrived
         ops = {op for _, op in self._inputs}
         if len(ops) != 1:
             self.broken_by = f"ranks disagree on the collective: {sorted(ops)}"
@@ -76,7 +77,7 @@ class FakeCluster:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._worlds: dict[int, FakeWorld] = {}
-        self._faults: set[tuple[int, int]] = set()     # (rank, allreduce index)
+        self._faults: set[tuple[int, int]] = set()  # (rank, allreduce index)
 
     def group(self) -> FakeGroup:
         return FakeGroup(self)
@@ -108,15 +109,16 @@ class FakeGroup:
         self.rank = 0
         self.world = 1
         self.backend = "gloo"
-        self.allreduces = 0               # this generation's allreduce calls so far
+        self.allreduces = 0  # this generation's allreduce calls so far
         self._world: FakeWorld | None = None
 
     @property
     def transport(self) -> str:
         return "fake"
 
-    def join(self, generation: int, rank: int, world: int, store_port: int = 0,
-             backend: str = "gloo") -> None:
+    def join(
+        self, generation: int, rank: int, world: int, store_port: int = 0, backend: str = "gloo"
+    ) -> None:
         self.leave()
         self._world = self.cluster.world(generation, world) if world > 1 else None
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend

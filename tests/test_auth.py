@@ -1,4 +1,5 @@
 """Invariant 6: every coordinator endpoint but the liveness probe needs the job's token."""
+
 import re
 
 import httpx
@@ -9,11 +10,13 @@ from conftest import Procs, coordinator_url, job_dict, make_classification_csv
 
 pytestmark = pytest.mark.timeout(120)
 
-PROTECTED = [("POST", "/v1/register", {"host": "h", "pid": 1}),
-             ("POST", "/v1/heartbeat", {"worker_id": "w0"}),
-             ("GET", "/v1/plan?worker_id=w0", None),
-             ("POST", "/v1/report", {"worker_id": "w0", "kind": "metrics"}),
-             ("GET", "/v1/status", None)]
+PROTECTED = [
+    ("POST", "/v1/register", {"host": "h", "pid": 1}),
+    ("POST", "/v1/heartbeat", {"worker_id": "w0"}),
+    ("GET", "/v1/plan?worker_id=w0", None),
+    ("POST", "/v1/report", {"worker_id": "w0", "kind": "metrics"}),
+    ("GET", "/v1/status", None),
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def coordinator(tmp_path_factory, request):
     job.write_text(yaml.safe_dump(job_dict(make_classification_csv(tmp / "data.csv"))))
     run_dir = tmp / "run"
     procs = Procs()
-    request.addfinalizer(procs.reap)          # also when the set-up below fails
+    request.addfinalizer(procs.reap)  # also when the set-up below fails
     url = coordinator_url(procs.lepton("coordinator", job, "--run-dir", run_dir, "--workers", 2))
     yield url, (run_dir / "token").read_text().strip(), run_dir
 
@@ -62,6 +65,7 @@ def test_worker_with_bad_token_cannot_join(coordinator, procs, tmp_path):
 
 def test_status_command_shows_the_job(coordinator):
     from conftest import run_cli
+
     url, _, run_dir = coordinator
     r = run_cli("status", url, "--token-file", run_dir / "token", timeout=60)
     assert r.returncode == 0, r.stderr
@@ -75,11 +79,14 @@ def test_every_route_of_the_app_refuses_without_the_token(tmp_path):
     """Not a list kept by hand: every route the coordinator's app serves, whatever is added later (the
     framework's own /openapi.json answered without the token until it was switched off)."""
     import threading
+
     from starlette.testclient import TestClient
+
     from lepton.coordinator.controller import Controller
     from lepton.coordinator.server import build_app
     from lepton.spec import parse_job
     from lepton.storage.rundir import RunDir
+
     coord = Controller(parse_job(job_dict(tmp_path / "d.csv")), RunDir(tmp_path / "run"), 1, train_rows=10)
     app = build_app(coord, "secret", threading.Lock(), 0, None)
     client = TestClient(app)

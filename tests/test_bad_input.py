@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the problem, a non-zero exit, no traceback, nothing written."""
+
 import hashlib
 import re
 from pathlib import Path
@@ -19,7 +20,9 @@ def _write_job(tmp_path, job, name="job.yaml"):
 
 def _expect_error(tmp_path, job_file, *needles, extra=()):
     run_dir = tmp_path / "never-created"
-    expect_cli_error(run_cli("train", job_file, "--run-dir", run_dir, "--no-progress", *extra, timeout=60), *needles)
+    expect_cli_error(
+        run_cli("train", job_file, "--run-dir", run_dir, "--no-progress", *extra, timeout=60), *needles
+    )
     assert not run_dir.exists(), "a refused job must not create its run directory"
 
 
@@ -38,10 +41,13 @@ def test_missing_target_column(tmp_path, csv_data):
 
 
 # an infinity made the fitted mean infinite and every loss NaN: the run died as "diverged"
-@pytest.mark.parametrize("line,col,value,needles", [
-    (17, 2, "abc", ("column 'f2'", "row 17 (line 18)", "'abc' is not a number")),
-    (9, 3, "inf", ("column 'f3'", "row 9 (line 10)", "inf is not a finite number")),
-])
+@pytest.mark.parametrize(
+    "line,col,value,needles",
+    [
+        (17, 2, "abc", ("column 'f2'", "row 17 (line 18)", "'abc' is not a number")),
+        (9, 3, "inf", ("column 'f3'", "row 9 (line 10)", "inf is not a finite number")),
+    ],
+)
 def test_a_bad_value_names_the_row(tmp_path, line, col, value, needles):
     data = make_classification_csv(tmp_path / "d.csv", rows=60)
     lines = data.read_text().splitlines()
@@ -74,18 +80,34 @@ def test_init_weights_are_checked_before_anything_is_written(tmp_path, csv_data)
     """model.init_weights that is missing, not safetensors, or another model's; keep_zeros without it."""
     import torch
     from safetensors.torch import save_file
+
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     other = tmp_path / "other.safetensors"
     save_file({"0.weight": torch.zeros(3, 3)}, str(other))
-    wrong = tmp_path / "wrong.safetensors"          # this model's names, another width
-    save_file({"0.weight": torch.zeros(7, 6), "0.bias": torch.zeros(7), "2.weight": torch.zeros(3, 7),
-               "2.bias": torch.zeros(3)}, str(wrong))
-    cases = [({"init_weights": str(tmp_path / "absent.safetensors")}, ("model.init_weights", "absent.safetensors", "no such file")),
-             ({"init_weights": str(garbage)}, ("model.init_weights", "garbage.safetensors", "not a readable safetensors")),
-             ({"init_weights": str(other)}, ("model.init_weights", "not this model's weights", "unexpected")),
-             ({"init_weights": str(wrong)}, ("model.init_weights", "0.weight has shape [7, 6]", "[8, 6]")),
-             ({"keep_zeros": True}, ("model.keep_zeros", "init_weights"))]
+    wrong = tmp_path / "wrong.safetensors"  # this model's names, another width
+    save_file(
+        {
+            "0.weight": torch.zeros(7, 6),
+            "0.bias": torch.zeros(7),
+            "2.weight": torch.zeros(3, 7),
+            "2.bias": torch.zeros(3),
+        },
+        str(wrong),
+    )
+    cases = [
+        (
+            {"init_weights": str(tmp_path / "absent.safetensors")},
+            ("model.init_weights", "absent.safetensors", "no such file"),
+        ),
+        (
+            {"init_weights": str(garbage)},
+            ("model.init_weights", "garbage.safetensors", "not a readable safetensors"),
+        ),
+        ({"init_weights": str(other)}, ("model.init_weights", "not this model's weights", "unexpected")),
+        ({"init_weights": str(wrong)}, ("model.init_weights", "0.weight has shape [7, 6]", "[8, 6]")),
+        ({"keep_zeros": True}, ("model.keep_zeros", "init_weights")),
+    ]
     for i, (fields, needles) in enumerate(cases):
         job = job_dict(csv_data, model__layers=[{"units": 8, "activation": "relu"}])
         job["model"].update(fields)
@@ -126,8 +148,11 @@ def test_bad_override(tmp_path, csv_data):
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_existing_run_is_never_overwritten(tmp_path, csv_data):
@@ -146,6 +171,7 @@ def test_existing_run_is_never_overwritten(tmp_path, csv_data):
 
 def test_cuda_requested_without_a_gpu(tmp_path, csv_data):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     job = _write_job(tmp_path, job_dict(csv_data))
@@ -154,9 +180,11 @@ def test_cuda_requested_without_a_gpu(tmp_path, csv_data):
 
 # --- reading data files (lepton.storage.tables: shared by train and predict) ----------------------
 
+
 def test_duplicate_column_name_is_named(tmp_path):
     from lepton.errors import DataError
     from lepton.storage.tables import read_table
+
     p = tmp_path / "dup.csv"
     p.write_text("a,b,a,label\n1,2,3,x\n4,5,6,y\n")
     with pytest.raises(DataError, match=r"dup\.csv: duplicate column name\(s\) 'a' \(2 times\)"):
@@ -165,8 +193,10 @@ def test_duplicate_column_name_is_named(tmp_path):
 
 def test_truncated_npz(tmp_path):
     import numpy as np
+
     from lepton.errors import DataError
     from lepton.storage.tables import read_table
+
     np.savez(tmp_path / "ok.npz", x=np.zeros((50, 3)), y=np.arange(50))
     raw = (tmp_path / "ok.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
@@ -176,14 +206,17 @@ def test_truncated_npz(tmp_path):
 
 def test_unopenable_data_file_names_it(tmp_path, monkeypatch):
     import fsspec
+
     from lepton.errors import DataError
     from lepton.storage.tables import read_table
+
     (tmp_path / "plain").write_text("x")
     with pytest.raises(DataError, match=r"plain/data\.csv: cannot open: Not a directory"):
         read_table(str(tmp_path / "plain" / "data.csv"))
 
-    def refused(*a, **kw):      # what a protected file or a network filesystem raises (root reads anything)
+    def refused(*a, **kw):  # what a protected file or a network filesystem raises (root reads anything)
         raise PermissionError(13, "Permission denied")
+
     monkeypatch.setattr(fsspec, "open", refused)
     with pytest.raises(DataError, match=r"data\.csv: cannot open: Permission denied"):
         read_table(str(tmp_path / "data.csv"))
@@ -197,6 +230,7 @@ def test_data_path_under_a_file(tmp_path):
 
 # --- command-line options ------------------------------------------------------------------------------
 
+
 def test_counts_and_cores_are_checked_before_anything_is_written(tmp_path, csv_data):
     job = _write_job(tmp_path, job_dict(csv_data))
     run_dir = tmp_path / "never-created"
@@ -205,6 +239,7 @@ def test_counts_and_cores_are_checked_before_anything_is_written(tmp_path, csv_d
     assert "Traceback" not in r.stderr and not run_dir.exists()
     from lepton.cli_args import cpus as _cpus
     from lepton.errors import LeptonError
+
     assert _cpus("0") == [0]
     for bad in ("3-1", "-1", "x", "0,100000"):
         with pytest.raises(LeptonError, match="--cpus"):
@@ -226,14 +261,17 @@ def test_set_does_not_apply_to_resume(tmp_path):
 
 
 def test_summary_says_how_many_epochs_ran():
-    from lepton.console import summary_table
     from rich.console import Console
+
+    from lepton.console import summary_table
+
     con = Console(record=True, width=120)
     con.print(summary_table({"status": "completed", "steps": 182, "epochs": 14, "epochs_planned": 40}, "run"))
     assert "14 of 40" in con.export_text()
 
 
 # --- found by an audit of bad input (session 15) -----------------------------------------------------
+
 
 def test_a_folder_that_holds_no_run_is_never_written_into(tmp_path, csv_data):
     job = _write_job(tmp_path, job_dict(csv_data, train__epochs=1))
@@ -242,18 +280,25 @@ def test_a_folder_that_holds_no_run_is_never_written_into(tmp_path, csv_data):
     (mine / "model" / "weights.safetensors").write_bytes(b"the user's own file")
     (mine / "notes.txt").write_text("mine")
     before = _snapshot(mine)
-    expect_cli_error(run_cli("train", job, "--run-dir", mine, "--no-progress", timeout=60),
-                     str(mine), "not empty and holds no run")
+    expect_cli_error(
+        run_cli("train", job, "--run-dir", mine, "--no-progress", timeout=60),
+        str(mine),
+        "not empty and holds no run",
+    )
     assert _snapshot(mine) == before
 
 
-@pytest.mark.parametrize("text,needles", [
-    (b"name: x\ntrain:\n  epochs: 40\n  epochs: 1\n", ("key 'epochs' appears twice", "line 4")),
-    (b"\xff\xfen\x00a\x00m\x00e\x00", ("not UTF-8 text",)),
-])
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        (b"name: x\ntrain:\n  epochs: 40\n  epochs: 1\n", ("key 'epochs' appears twice", "line 4")),
+        (b"\xff\xfen\x00a\x00m\x00e\x00", ("not UTF-8 text",)),
+    ],
+)
 def test_job_files_that_yaml_would_misread(tmp_path, text, needles):
     from lepton.errors import SpecError
     from lepton.spec import load_job
+
     p = tmp_path / "job.yaml"
     p.write_bytes(text)
     with pytest.raises(SpecError) as e:
@@ -261,13 +306,17 @@ def test_job_files_that_yaml_would_misread(tmp_path, text, needles):
     assert all(n in str(e.value) for n in needles), str(e.value)
 
 
-@pytest.mark.parametrize("layers,needle", [
-    ([{"units": "ten"}], "model.layers[0].units"),
-    ([{"units": 4}, {"units": 4, "dropout": 1}], "model.layers[1].dropout"),
-])
+@pytest.mark.parametrize(
+    "layers,needle",
+    [
+        ([{"units": "ten"}], "model.layers[0].units"),
+        ([{"units": 4}, {"units": 4, "dropout": 1}], "model.layers[1].dropout"),
+    ],
+)
 def test_layer_errors_name_the_layers_field(tmp_path, csv_data, layers, needle):
     from lepton.errors import SpecError
     from lepton.spec import parse_job
+
     job = job_dict(csv_data)
     job["model"]["layers"] = layers
     with pytest.raises(SpecError, match=re.escape(needle)):
@@ -281,19 +330,23 @@ def test_layer_errors_name_the_layers_field(tmp_path, csv_data, layers, needle):
 
 
 def _rows(n=12):
-    return b"".join(b"%d,%d,%s\n" % (i, i % 3, b"xy"[i % 2:i % 2 + 1]) for i in range(n))
+    return b"".join(b"%d,%d,%s\n" % (i, i % 3, b"xy"[i % 2 : i % 2 + 1]) for i in range(n))
 
 
-@pytest.mark.parametrize("content,needles", [
-    (b"a,b,label\n1,2,x\n3,4\n5,6,y\n", ("line 3", "Expected 3 columns")),
-    (b"a,\xe4b,label\n1,2,x\n", ("header is not UTF-8",)),
-    (b"a,b,label\n1,2,x\n3,4,malign\xe9nt\n" + _rows(), ("column 'label' row 2", "not UTF-8")),
-    (b"a,,label\n" + _rows(), ("column 2 has no name",)),
-])
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        (b"a,b,label\n1,2,x\n3,4\n5,6,y\n", ("line 3", "Expected 3 columns")),
+        (b"a,\xe4b,label\n1,2,x\n", ("header is not UTF-8",)),
+        (b"a,b,label\n1,2,x\n3,4,malign\xe9nt\n" + _rows(), ("column 'label' row 2", "not UTF-8")),
+        (b"a,,label\n" + _rows(), ("column 2 has no name",)),
+    ],
+)
 def test_csv_problems_are_named_where_they_are(tmp_path, content, needles):
     from lepton.errors import DataError
     from lepton.spec import parse_job
     from lepton.storage.prepared import prepare
+
     p = tmp_path / "d.csv"
     p.write_bytes(content)
     with pytest.raises(DataError) as e:
@@ -306,6 +359,7 @@ def test_columns_the_job_does_not_read_may_be_anything(tmp_path):
     use are no reason to refuse the data."""
     from lepton.spec import parse_job
     from lepton.storage.prepared import prepare
+
     p = tmp_path / "d.csv"
     p.write_bytes(b"a,b,label,\n" + _rows().replace(b"\n", b",\n"))
     assert prepare(parse_job(job_dict(p))).preprocessor.feature_names == ["a", "b"]
@@ -317,14 +371,24 @@ def test_a_factory_that_raises_or_gives_the_wrong_outputs(tmp_path, csv_data):
     (tmp_path / "bad_factories.py").write_text(
         "from torch import nn\n"
         "def boom(shape, n):\n    raise RuntimeError('boom in user factory')\n"
-        "def seven(shape, n):\n    return nn.Linear(shape[0], 7)\n")
-    for name, needles in (("boom", ("model.factory", "RuntimeError: boom in user factory")),
-                          ("seven", ("model: gives output (2, 7)", "expected (2, 3)"))):
+        "def seven(shape, n):\n    return nn.Linear(shape[0], 7)\n"
+    )
+    for name, needles in (
+        ("boom", ("model.factory", "RuntimeError: boom in user factory")),
+        ("seven", ("model: gives output (2, 7)", "expected (2, 3)")),
+    ):
         job = job_dict(csv_data)
         job["model"] = {"type": "factory", "factory": f"bad_factories:{name}"}
         run_dir = tmp_path / f"never-{name}"
-        r = run_cli("train", _write_job(tmp_path, job), "--run-dir", run_dir, "--no-progress", timeout=60,
-                    env={"PYTHONPATH": str(tmp_path)})
+        r = run_cli(
+            "train",
+            _write_job(tmp_path, job),
+            "--run-dir",
+            run_dir,
+            "--no-progress",
+            timeout=60,
+            env={"PYTHONPATH": str(tmp_path)},
+        )
         expect_cli_error(r, *needles)
         assert not run_dir.exists()
 
@@ -332,6 +396,7 @@ def test_a_factory_that_raises_or_gives_the_wrong_outputs(tmp_path, csv_data):
 def test_an_empty_or_wrong_token_file(tmp_path):
     from lepton.client import read_token
     from lepton.errors import LeptonError
+
     (tmp_path / "empty").write_text("")
     with pytest.raises(LeptonError, match="not a token file"):
         read_token(str(tmp_path / "empty"))
@@ -341,6 +406,7 @@ def test_an_empty_or_wrong_token_file(tmp_path):
 
 def test_yaml_merge_keys_still_load(tmp_path, csv_data):
     from lepton.spec import load_job
+
     job = job_dict(csv_data)
     text = yaml.safe_dump({k: v for k, v in job.items() if k != "train"})
     p = tmp_path / "job.yaml"
@@ -353,6 +419,7 @@ def test_an_empty_data_path_and_runs_on_a_file(tmp_path, csv_data):
     from lepton.errors import LeptonError, SpecError
     from lepton.runs import list_runs
     from lepton.spec import parse_job
+
     with pytest.raises(SpecError, match="data.path: String should have at least 1 character"):
         parse_job(job_dict(""))
     with pytest.raises(LeptonError, match="is a file, not a folder"):

@@ -1,4 +1,5 @@
 """Heterogeneity-aware shares: a slower worker gets a smaller share, with the same math."""
+
 import json
 import math
 import os
@@ -9,9 +10,9 @@ import sys
 import pytest
 
 import lepton
+from conftest import job_dict, make_classification_csv, max_rel_diff, weights
 from lepton.coordinator import balance
 from lepton.sampler import split_counts
-from conftest import job_dict, make_classification_csv, max_rel_diff, weights
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -21,11 +22,11 @@ THROTTLE = "throttle:rank=0:seconds=0.0005;throttle:rank=1:seconds=0.0015"
 
 def test_propose_follows_speed_with_hysteresis():
     cost = balance.StepCost
-    costs, caps = [cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1]        # balanced at [0.75, 0.25]
+    costs, caps = [cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1]  # balanced at [0.75, 0.25]
     assert balance.propose([1, 1], [300, 100], costs, caps, 512) == [0.75, 0.25]
-    assert balance.propose([0.745, 0.255], [300, 100], costs, caps, 512) is None    # 2% faster: no churn
-    assert balance.propose([0.70, 0.30], [300, 100], costs, caps, 512) == [0.75, 0.25]   # 20% faster
-    assert balance.propose([0.73, 0.27], [300, 100], costs, caps, 512) is None   # 8% faster, but a small move
+    assert balance.propose([0.745, 0.255], [300, 100], costs, caps, 512) is None  # 2% faster: no churn
+    assert balance.propose([0.70, 0.30], [300, 100], costs, caps, 512) == [0.75, 0.25]  # 20% faster
+    assert balance.propose([0.73, 0.27], [300, 100], costs, caps, 512) is None  # 8% faster, but a small move
     # what counts is the gain, not the size of the move: one half-speed worker among 20 would move
     # from 0.05 to 0.026 of the batch (within an absolute 0.03), and it makes every step ~2x longer
     costs, caps = [cost(1e-4, 1e-5)] * 19 + [cost(1e-4, 2e-5)], [1] * 20
@@ -44,20 +45,22 @@ def test_propose_follows_speed_with_hysteresis():
         replans += balance.propose(balanced, target, noisy, caps, 1280) is not None
     assert replans <= 5
     assert balance.ideal_gain([2, 1, 1]) == pytest.approx(4 / 3)
-    assert math.isnan(balance.ideal_gain([2, 1, 0]))                  # a worker with no speed measured yet
+    assert math.isnan(balance.ideal_gain([2, 1, 0]))  # a worker with no speed measured yet
 
 
 def test_target_shares_equalise_step_times_including_the_fixed_cost():
     cost = balance.StepCost
     # no fixed cost: proportional to speed x capacity
-    assert balance.target_shares([cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1], 512) == pytest.approx([0.75, 0.25])
+    assert balance.target_shares([cost(0, 1 / 300), cost(0, 1 / 100)], [1, 1], 512) == pytest.approx(
+        [0.75, 0.25]
+    )
     # one worker alone on a core, two sharing one (capacity 1/2 each), 0.5 ms / 0.6 ms fixed per step
     costs, caps = [cost(0.5e-3, 1 / 145e3), cost(0.6e-3, 1 / 94e3), cost(0.6e-3, 1 / 88e3)], [1, 0.5, 0.5]
     shares = balance.target_shares(costs, caps, 510)
     times = [(c.fixed + s * 510 * c.per_sample) / cap for s, c, cap in zip(shares, costs, caps)]
-    assert max(times) == pytest.approx(min(times), rel=1e-9)            # every step ends together
+    assert max(times) == pytest.approx(min(times), rel=1e-9)  # every step ends together
     plain = balance.normalise([cap / c.per_sample for c, cap in zip(costs, caps)])
-    assert shares[0] > plain[0] + 0.05                                  # the shared core pays the fixed cost twice
+    assert shares[0] > plain[0] + 0.05  # the shared core pays the fixed cost twice
     # a worker whose fixed cost alone exceeds the others' step keeps one sample, not a negative share
     shares = balance.target_shares([cost(0, 1e-6), cost(1.0, 1e-3)], [1, 1], 64)
     assert shares[1] == pytest.approx(1 / 64) and min(split_counts(64, shares)) >= 1
@@ -74,7 +77,9 @@ def test_a_replan_shrinks_no_share_by_more_than_half():
     assert balance.shrink_limits([2, 1, 1], 512) == pytest.approx([128, 64, 64])
     # a limit that is not binding changes nothing
     costs = [cost(0, 1 / 300), cost(0, 1 / 100)]
-    assert balance.target_shares(costs, [1, 1], 512, balance.shrink_limits([0.7, 0.3], 512)) == pytest.approx([0.75, 0.25])
+    assert balance.target_shares(costs, [1, 1], 512, balance.shrink_limits([0.7, 0.3], 512)) == pytest.approx(
+        [0.75, 0.25]
+    )
 
 
 def test_step_cost_from_a_measured_step():
@@ -106,8 +111,10 @@ def data(tmp_path_factory):
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
 def test_worker_placement_runs_it_as_a_batch_task():
     """Workers that share a core should take turns a step at a time (placement.batch_scheduling)."""
-    code = ("import os; from lepton.worker.placement import apply_placement; r = apply_placement(None, 1); "
-            "print(os.sched_getscheduler(0) == os.SCHED_BATCH, r.threads)")
+    code = (
+        "import os; from lepton.worker.placement import apply_placement; r = apply_placement(None, 1); "
+        "print(os.sched_getscheduler(0) == os.SCHED_BATCH, r.threads)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "1"], out.stderr
 
@@ -126,10 +133,10 @@ def test_throttled_worker_gets_a_proportional_share_and_the_same_model(data, tmp
     last = plans[-1]
     ratio = last["speeds"][1] / sum(last["speeds"])
     assert last["shares"][1] == pytest.approx(ratio, rel=0.15)
-    assert last["shares"][1] == pytest.approx(0.25, rel=0.15)           # the throttle's 1:3
+    assert last["shares"][1] == pytest.approx(0.25, rel=0.15)  # the throttle's 1:3
     members = json.loads((on.run_dir / "summary.json").read_text())["members"]
     assert [m["share"] for m in members] == pytest.approx(last["shares"], abs=1e-3)
-    assert members[1]["per_sample_us"] > 2 * members[0]["per_sample_us"]   # the throttle, measured
+    assert members[1]["per_sample_us"] > 2 * members[0]["per_sample_us"]  # the throttle, measured
     # the plan reached the ranks that had not received it through the gradient reduction, intact
     # (a rank splitting a batch differently would have failed the run: the sample count is checked)
     applied = [json.loads(l) for l in (on.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -141,7 +148,7 @@ def test_throttled_worker_gets_a_proportional_share_and_the_same_model(data, tmp
 
 def test_micro_batches_give_the_same_model(data, tmp_path):
     job = job_dict(data, train__epochs=2)
-    job["cluster"]["shares"] = [3, 1]                 # rank 0 computes 12 of 16 samples
+    job["cluster"]["shares"] = [3, 1]  # rank 0 computes 12 of 16 samples
     whole = lepton.train(job, workers=2, run_dir=tmp_path / "whole")
     split = lepton.train(job, workers=2, run_dir=tmp_path / "split", overrides=["cluster.max_micro_batch=5"])
     assert whole.status == split.status == "completed"

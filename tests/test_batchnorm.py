@@ -1,6 +1,7 @@
 """Global-batch BatchNorm (lepton/comm/batchnorm.py): the math against torch's BatchNorm, ranks
 simulated by threads that sum through a barrier, and a model with BatchNorm trained by real worker
 processes that is the same for 1 and 3 workers with unequal shares (invariant 1)."""
+
 import copy
 import threading
 
@@ -10,8 +11,8 @@ from torch import nn
 
 import lepton
 from conftest import job_dict, make_classification_csv, max_rel_diff, weights
-from lepton.model import batchnorm
 from lepton.errors import SpecError
+from lepton.model import batchnorm
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,6 +38,7 @@ class ThreadGroup:
                 group.barrier.wait()
                 t.copy_(total)
                 return t
+
         return Member()
 
 
@@ -56,19 +58,29 @@ def _pair(channels=5, dims=2, affine=True, momentum=0.3):
     return box, mine
 
 
-@pytest.mark.parametrize("splits,dims,affine,momentum", [([12], 2, True, 0.3), ([5, 7], 2, True, 0.3),
-                                                         ([3, 0, 9], 2, True, 0.3), ([6, 7], 1, False, None),
-                                                         ([2, 5, 4], 3, True, None)])
+@pytest.mark.parametrize(
+    "splits,dims,affine,momentum",
+    [
+        ([12], 2, True, 0.3),
+        ([5, 7], 2, True, 0.3),
+        ([3, 0, 9], 2, True, 0.3),
+        ([6, 7], 1, False, None),
+        ([2, 5, 4], 3, True, None),
+    ],
+)
 @pytest.mark.parametrize("arithmetic", ["host", "device"])
-def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dims, affine, momentum, arithmetic,
-                                                                     monkeypatch):
-    if arithmetic == "device":       # the torch implementation a GPU runs, here on CPU tensors
+def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(
+    splits, dims, affine, momentum, arithmetic, monkeypatch
+):
+    if arithmetic == "device":  # the torch implementation a GPU runs, here on CPU tensors
         monkeypatch.setattr(batchnorm, "_on_host", lambda t: False)
     box, mine = _pair(dims=dims, affine=affine, momentum=momentum)
     shape = {1: (5,), 2: (5, 4, 3), 3: (5, 2, 3, 2)}[dims]
     # two steps on different batches: the running statistics' update twice (momentum None: their mean)
-    batches = [torch.randn(sum(splits), *shape) * 3 + 7 + i for i in range(2)]   # an offset mean: E[x²] − E[x]²
-    x = batches[-1]                                                               # must not cancel
+    batches = [
+        torch.randn(sum(splits), *shape) * 3 + 7 + i for i in range(2)
+    ]  # an offset mean: E[x²] − E[x]²
+    x = batches[-1]  # must not cancel
     dy = torch.randn_like(x)
     for xb in batches:
         xr = xb.clone().requires_grad_(True)
@@ -84,17 +96,23 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
             model = mine if r == 0 else copy.deepcopy(mine)
             replicas.append(model)
             for xb in batches:
-                xs = xb[bounds[r]:bounds[r + 1]].clone().requires_grad_(True)
+                xs = xb[bounds[r] : bounds[r + 1]].clone().requires_grad_(True)
                 for p in model.parameters():
                     p.grad = None
                 with batchnorm.reducing(group.member(r), len(x)):
-                    (model(xs) * dy[bounds[r]:bounds[r + 1]]).sum().backward()
+                    (model(xs) * dy[bounds[r] : bounds[r + 1]]).sum().backward()
                 assert not batchnorm.step_totals()[2], "the ranks' passes paired up"
             bn = model[0]
-            grads[r] = (xs.grad, bn.weight.grad if affine else None, bn.bias.grad if affine else None, model.state_dict())
-        except Exception as e:      # surfaced below, not lost in the thread
+            grads[r] = (
+                xs.grad,
+                bn.weight.grad if affine else None,
+                bn.bias.grad if affine else None,
+                model.state_dict(),
+            )
+        except Exception as e:  # surfaced below, not lost in the thread
             errors.append(e)
             group.barrier.abort()
+
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(splits))]
     for t in threads:
         t.start()
@@ -106,7 +124,7 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
     if affine:  # weight/bias gradients: each rank's own sums, added up by the step's gradient reduction
         assert torch.allclose(sum(g[1] for g in grads), box[0].weight.grad, atol=1e-4, rtol=1e-4)
         assert torch.allclose(sum(g[2] for g in grads), box[0].bias.grad, atol=1e-4, rtol=1e-4)
-    for g in grads:                  # every rank's running statistics: those of the whole batch
+    for g in grads:  # every rank's running statistics: those of the whole batch
         for k, v in box.state_dict().items():
             assert torch.allclose(g[3][k].float(), v.float(), atol=1e-5, rtol=1e-5), k
 
@@ -114,10 +132,10 @@ def test_global_statistics_equal_one_batch_norm_over_the_whole_batch(splits, dim
 def test_outside_a_step_and_in_evaluation_it_is_batch_norm():
     box, mine = _pair(dims=1)
     x = torch.randn(16, 5)
-    assert torch.allclose(mine(x), box(x), atol=1e-5)              # training mode, no group: own batch
+    assert torch.allclose(mine(x), box(x), atol=1e-5)  # training mode, no group: own batch
     box.eval(), mine.eval()
-    assert torch.allclose(mine(x), box(x), atol=1e-6)              # running statistics
-    assert list(mine.state_dict()) == list(box.state_dict())        # same names: checkpoints, exports
+    assert torch.allclose(mine(x), box(x), atol=1e-6)  # running statistics
+    assert list(mine.state_dict()) == list(box.state_dict())  # same names: checkpoints, exports
 
 
 def test_what_global_batch_norm_refuses():
@@ -130,9 +148,12 @@ def test_what_global_batch_norm_refuses():
     for odd in (nn.BatchNorm1d(4, track_running_stats=False), nn.LazyBatchNorm1d()):
         with pytest.raises(SpecError, match=f"also has {type(odd).__name__}.*model.batch_norm: local"):
             batchnorm.prepare(nn.Sequential(nn.Linear(3, 4), odd), "global", None)
-    mlp, cnn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    batchnorm.check_last_step(mlp, (3,), train_rows=100, batch_size=16)          # 100 % 16 = 4
-    batchnorm.check_last_step(cnn, (1, 5, 5), train_rows=97, batch_size=16)      # 9 values per channel
+    mlp, cnn = (
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)),
+    )
+    batchnorm.check_last_step(mlp, (3,), train_rows=100, batch_size=16)  # 100 % 16 = 4
+    batchnorm.check_last_step(cnn, (1, 5, 5), train_rows=97, batch_size=16)  # 9 values per channel
     with pytest.raises(SpecError, match="train.batch_size: 16 leaves 1 sample .*97 training rows"):
         batchnorm.check_last_step(mlp, (3,), train_rows=97, batch_size=16)
 
@@ -156,6 +177,7 @@ def test_passes_that_do_not_pair_up_are_detected():
         except Exception as e:
             errors.append(e)
             group.barrier.abort()
+
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
@@ -172,13 +194,15 @@ def test_a_model_with_batch_norm_is_the_same_for_any_worker_count(tmp_path):
         job["cluster"]["shares"] = shares
         res = lepton.train(job, workers=workers, run_dir=tmp_path / f"run-{label}")
         assert res.status == "completed", res.reason
-        assert res.summary["replicas_agree"] is True          # running statistics included
+        assert res.summary["replicas_agree"] is True  # running statistics included
         runs[label] = res
     w1, w3 = weights(runs["1"].run_dir), weights(runs["3-unequal"].run_dir)
     assert "1.running_var" in w1
     diff = max_rel_diff({k: v.float() for k, v in w3.items()}, {k: v.float() for k, v in w1.items()})
     assert diff <= 1e-4, f"3 workers with unequal shares differ from 1 by {diff:.2e}"
-    assert runs["3-unequal"].summary["test"]["accuracy"] == pytest.approx(runs["1"].summary["test"]["accuracy"], abs=1e-9)
+    assert runs["3-unequal"].summary["test"]["accuracy"] == pytest.approx(
+        runs["1"].summary["test"]["accuracy"], abs=1e-9
+    )
 
 
 def test_local_batch_norm_is_per_worker_and_allows_micro_batches(tmp_path):
@@ -201,10 +225,11 @@ def test_a_factory_that_hands_out_one_instance(tmp_path):
     """The launcher checks the model on a copy: the user's instance (and the workers' pickle of the
     factory) keeps plain BatchNorm, and the workers still normalise over the global batch."""
     from factory_models import build_bn
+
     data = make_classification_csv(tmp_path / "data.csv", rows=300)
     shared = build_bn((6,), 3)
     job = job_dict(data, model={"type": "factory", "factory": lambda shape, n: shared})
-    job["cluster"]["shares"] = [1, 2, 5]        # a 1-sample slice: per-worker statistics would fail
+    job["cluster"]["shares"] = [1, 2, 5]  # a 1-sample slice: per-worker statistics would fail
     res = lepton.train(job, workers=3, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
     assert type(shared[1]) is nn.BatchNorm1d

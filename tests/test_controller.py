@@ -8,8 +8,8 @@ from conftest import job_dict
 from fakes import Clock, event_kinds, make_coordinator, measure, ready
 from lepton.coordinator.controller import Controller
 from lepton.coordinator.state import Phase
-from lepton.records import BestRecord, DecisionRecord, EvalRecord, TrainRecord
 from lepton.protocol import Heartbeat, RegisterRequest, Report, Resources
+from lepton.records import BestRecord, DecisionRecord, EvalRecord, TrainRecord
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
 
@@ -21,9 +21,17 @@ def test_heartbeat_records_reach_metrics_and_state_json_is_throttled(tmp_path):
     a, b = ready(c, 1), ready(c, 2)
     gen = c.plan(a).generation.id
     state = lambda: json.loads((tmp_path / "run" / "state.json").read_text())
+
     def train(step):
         return TrainRecord(
-            step=step, epoch=0, total_steps=21, loss=1.0, lr=0.01, samples_per_s=10.0, generation=gen, workers=2
+            step=step,
+            epoch=0,
+            total_steps=21,
+            loss=1.0,
+            lr=0.01,
+            samples_per_s=10.0,
+            generation=gen,
+            workers=2,
         ).to_dict()
 
     clock.t = 5.0
@@ -481,7 +489,9 @@ def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
                         details={"metric": "val.loss", "lr": 0.005},
                         lr=0.005,
                     ).to_dict(),
-                    DecisionRecord(decision="early_stop", step=42, reason="early stop", details={}, lr=0.005).to_dict(),
+                    DecisionRecord(
+                        decision="early_stop", step=42, reason="early stop", details={}, lr=0.005
+                    ).to_dict(),
                     {"kind": "decision", "step": 50},  # malformed: journaled, not acted on
                 ]
             },

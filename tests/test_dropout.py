@@ -2,6 +2,7 @@
 the neighbours or the micro-batch that computes it, so a model with dropout trained by 1 worker or by 3
 with unequal shares and micro-batches ends the same (invariant 1; torch's dropout gave a relative
 difference of 0.68)."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,14 +28,14 @@ def test_a_samples_mask_is_the_same_however_the_batch_is_split():
     with dropout.keyed(seed=3, step=11, rows=rows):
         whole = m(x)
     parts = []
-    for lo, hi in ((0, 1), (1, 4), (4, 10)):                  # three ranks, or three micro-batches
+    for lo, hi in ((0, 1), (1, 4), (4, 10)):  # three ranks, or three micro-batches
         with dropout.keyed(seed=3, step=11, rows=rows[lo:hi]):
             parts.append(m(x[lo:hi]))
     same(torch.cat(parts), whole)
-    order = np.random.default_rng(0).permutation(10)          # other neighbours, other order
+    order = np.random.default_rng(0).permutation(10)  # other neighbours, other order
     with dropout.keyed(seed=3, step=11, rows=rows[order]):
         same(m(x[order]), whole[order])
-    with dropout.keyed(seed=3, step=12, rows=rows):           # the next step draws new masks
+    with dropout.keyed(seed=3, step=12, rows=rows):  # the next step draws new masks
         assert not torch.equal(m(x) == 0, whole == 0)
 
 
@@ -68,7 +69,7 @@ def test_masks_drop_at_the_rate_and_scale_as_torch():
     torch.manual_seed(5)
     assert torch.equal(dropout.KeyedDropout(0.3)(x), ref)
     assert torch.equal(dropout.KeyedDropout(0.3).eval()(x), x)
-    assert list(_model().state_dict()) == ["0.weight", "0.bias"]          # checkpoints unchanged
+    assert list(_model().state_dict()) == ["0.weight", "0.bias"]  # checkpoints unchanged
 
 
 class _Block(nn.Module):
@@ -92,6 +93,7 @@ def _block_model(checkpointed: bool, reuse: bool = False):
     def forward(x):
         h = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         return head(h).sum()
+
     return [*block.parameters(), *head.parameters()], forward
 
 
@@ -118,18 +120,29 @@ class _SequenceFirst(nn.Module):
         super().__init__()
         self.drop, self.head = nn.Dropout(0.2), nn.Linear(4, 2)
 
-    def forward(self, x):                      # x: (batch, time, features)
+    def forward(self, x):  # x: (batch, time, features)
         return self.head(self.drop(x.transpose(0, 1)).mean(0))
 
 
 def test_layers_left_to_torchs_random_numbers_are_named():
-    class MyDropout(nn.Dropout):               # a subclass may do more than drop: not converted
+    class MyDropout(nn.Dropout):  # a subclass may do more than drop: not converted
         pass
-    model = nn.Sequential(nn.Linear(4, 4), MyDropout(0.1), nn.AlphaDropout(0.1), nn.LSTM(4, 4, 2, dropout=0.3),
-                          nn.MultiheadAttention(4, 2, dropout=0.1), nn.MultiheadAttention(4, 2))
+
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        MyDropout(0.1),
+        nn.AlphaDropout(0.1),
+        nn.LSTM(4, 4, 2, dropout=0.3),
+        nn.MultiheadAttention(4, 2, dropout=0.1),
+        nn.MultiheadAttention(4, 2),
+    )
     assert dropout.convert(model) == 0
-    assert dropout.unkeyed(model) == ["AlphaDropout", "LSTM(dropout=0.3)", "MultiheadAttention(dropout=0.1)",
-                                      "MyDropout"]
+    assert dropout.unkeyed(model) == [
+        "AlphaDropout",
+        "LSTM(dropout=0.3)",
+        "MultiheadAttention(dropout=0.1)",
+        "MyDropout",
+    ]
     seq = _SequenceFirst()
     assert dropout.convert(seq) == 1 and seq.training
     assert dropout.batch_first(seq.eval(), (5, 4)) == ["Dropout #0"] and not seq.training
@@ -141,9 +154,11 @@ def test_layers_left_to_torchs_random_numbers_are_named():
 def test_a_model_with_dropout_is_the_same_for_any_worker_count_and_micro_batches(tmp_path):
     data = make_classification_csv(tmp_path / "data.csv", rows=300)
     runs = {}
-    for label, workers, shares, micro, build in (("1", 1, None, None, "build_dropout"),
-                                                 ("3-unequal-micro", 3, [1, 2, 5], 3, "build_dropout"),
-                                                 ("checkpointed", 2, [2, 1], None, "build_dropout_checkpointed")):
+    for label, workers, shares, micro, build in (
+        ("1", 1, None, None, "build_dropout"),
+        ("3-unequal-micro", 3, [1, 2, 5], 3, "build_dropout"),
+        ("checkpointed", 2, [2, 1], None, "build_dropout_checkpointed"),
+    ):
         job = job_dict(data, model={"type": "factory", "factory": f"factory_models:{build}"})
         job["cluster"].update(shares=shares, max_micro_batch=micro)
         res = lepton.train(job, workers=workers, run_dir=tmp_path / f"run-{label}")
@@ -157,11 +172,14 @@ def test_a_model_with_dropout_is_the_same_for_any_worker_count_and_micro_batches
 
 def test_random_layers_it_cannot_key_are_named_at_launch(tmp_path, capsys):
     data = make_classification_csv(tmp_path / "data.csv", rows=100)
-    job = job_dict(data, model={"type": "factory", "factory": "factory_models:build_alpha_dropout"},
-                   train__epochs=1)
+    job = job_dict(
+        data, model={"type": "factory", "factory": "factory_models:build_alpha_dropout"}, train__epochs=1
+    )
     assert lepton.train(job, workers=1, run_dir=tmp_path / "run").status == "completed"
     err = capsys.readouterr().err
-    assert "note: these random layers of the model draw torch's random numbers" in err and "AlphaDropout" in err
+    assert (
+        "note: these random layers of the model draw torch's random numbers" in err and "AlphaDropout" in err
+    )
     job["model"]["factory"] = "factory_models:build_dropout"
     assert lepton.train(job, workers=1, run_dir=tmp_path / "keyed").status == "completed"
     assert "note:" not in capsys.readouterr().err
@@ -170,15 +188,23 @@ def test_random_layers_it_cannot_key_are_named_at_launch(tmp_path, capsys):
 def test_dense_layers_take_a_dropout_rate_as_keras_does(tmp_path):
     from lepton.model.builders import build_model
     from lepton.spec import parse_job
+
     job = job_dict(tmp_path / "data.csv")
     job["model"]["layers"] = [{"units": 8, "dropout": 0.25}, {"units": 8}]
     model = build_model(parse_job(job), (5,), 3)
     assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
     assert model[2].p == 0.25
-    job["model"] = {"type": "cnn", "layers": [{"type": "conv", "filters": 2}, {"type": "dense", "units": 4,
-                                                                              "dropout": 0.5}]}
+    job["model"] = {
+        "type": "cnn",
+        "layers": [{"type": "conv", "filters": 2}, {"type": "dense", "units": 4, "dropout": 0.5}],
+    }
     job["data"]["shape"] = [1, 4, 4]
     assert "Dropout" in [type(m).__name__ for m in build_model(parse_job(job), (1, 4, 4), 3)]
     # without a rate no layer is added: the weights' names stay those of earlier runs
     job["model"], job["data"]["shape"] = {"type": "mlp", "layers": [{"units": 8}]}, None
-    assert list(build_model(parse_job(job), (5,), 3).state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert list(build_model(parse_job(job), (5,), 3).state_dict()) == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]

@@ -1,5 +1,6 @@
 """Elastic fault tolerance with real processes: a lost worker costs at most one step, no checkpoint is
 reloaded, and the final model equals the failure-free run (design invariants 2, 3, 5)."""
+
 import json
 import os
 import re
@@ -12,11 +13,20 @@ import pytest
 import yaml
 
 import lepton
-from conftest import coordinator_url, free_port, job_dict, make_classification_csv, max_rel_diff, run_cli, weights, wait_for as _wait_for
+from conftest import (
+    coordinator_url,
+    free_port,
+    job_dict,
+    make_classification_csv,
+    max_rel_diff,
+    run_cli,
+    weights,
+)
+from conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
-SLOW = "slow:rank=*:seconds=0.03"        # makes room for an outside actor; changes no math
+SLOW = "slow:rank=*:seconds=0.03"  # makes room for an outside actor; changes no math
 
 
 def events(run_dir) -> list[dict]:
@@ -59,20 +69,27 @@ def _check_exactly_once(trace_prefix, n_train, batch=16):
         assert sorted(idx) == list(range(n_train)), f"epoch {epoch}: not every sample exactly once"
 
 
-@pytest.mark.parametrize("fault,transport", [
-    ("kill:rank=1:step=0", "shm"),                       # during the very first step
-    ("kill:rank=2:step=13", "shm"),                      # mid-epoch
-    ("kill:rank=2:step=13", "gloo"),                     # mid-epoch, survivors reducing over TCP
-    ("kill:rank=0:step=12:at=checkpoint", "shm"),        # rank 0 while its checkpoint is being written
-    ("kill:rank=1:step=14:at=eval", "shm"),              # during a validation (end of epoch 1)
-])
+@pytest.mark.parametrize(
+    "fault,transport",
+    [
+        ("kill:rank=1:step=0", "shm"),  # during the very first step
+        ("kill:rank=2:step=13", "shm"),  # mid-epoch
+        ("kill:rank=2:step=13", "gloo"),  # mid-epoch, survivors reducing over TCP
+        ("kill:rank=0:step=12:at=checkpoint", "shm"),  # rank 0 while its checkpoint is being written
+        ("kill:rank=1:step=14:at=eval", "shm"),  # during a validation (end of epoch 1)
+    ],
+)
 def test_kill_one_of_three(setup, tmp_path, monkeypatch, fault, transport):
     root, job, ref = setup
     trace = tmp_path / "trace"
     monkeypatch.setenv("LEPTON_TRACE_SAMPLES", str(trace))
     monkeypatch.setenv("LEPTON_FAULTS", fault)
-    res = lepton.train(job, workers=3, run_dir=tmp_path / "run",
-                       overrides=[f"cluster.shared_memory={str(transport == 'shm').lower()}"])
+    res = lepton.train(
+        job,
+        workers=3,
+        run_dir=tmp_path / "run",
+        overrides=[f"cluster.shared_memory={str(transport == 'shm').lower()}"],
+    )
     assert res.status == "completed", res.reason
     s = _check_same_model(res.run_dir, ref)
     assert s["workers"] == 2
@@ -81,7 +98,7 @@ def test_kill_one_of_three(setup, tmp_path, monkeypatch, fault, transport):
     rec = next(e for e in events(res.run_dir) if e["kind"] == "recovered")
     assert rec["steps_lost"] <= 1
     gen1 = [e for e in events(res.run_dir) if e["kind"] == "generation"][1]
-    assert gen1["state_from"] != "checkpoint"               # live state, no checkpoint reloaded
+    assert gen1["state_from"] != "checkpoint"  # live state, no checkpoint reloaded
     _check_exactly_once(trace, s["train"]["count"])
 
 
@@ -99,21 +116,36 @@ def test_killed_worker_is_restarted_and_rejoins(setup, tmp_path, monkeypatch):
     # min_workers=3: the survivors wait for the replacement (it takes seconds to start) instead of
     # racing it to the end of the run, so it joins whatever the machine's speed
     monkeypatch.setenv("LEPTON_FAULTS", "kill:rank=2:step=7")
-    res = lepton.train(job, workers=3, run_dir=tmp_path / "run",
-                       overrides=["cluster.restart_failed=true", "cluster.min_workers=3",
-                                  "cluster.wait_for_workers_s=120"])
+    res = lepton.train(
+        job,
+        workers=3,
+        run_dir=tmp_path / "run",
+        overrides=["cluster.restart_failed=true", "cluster.min_workers=3", "cluster.wait_for_workers_s=120"],
+    )
     assert res.status == "completed", res.reason
     s = _check_same_model(res.run_dir, ref)
     k = kinds(res.run_dir)
     assert "worker_restarted" in k and k.count("worker_registered") == 4
-    assert s["workers"] == 3                                 # the replacement joined a later generation
+    assert s["workers"] == 3  # the replacement joined a later generation
 
 
 def test_worker_failing_at_start_is_not_restarted_forever(setup, tmp_path):
     root, _, _ = setup
-    r = run_cli("train", root / "job.yaml", "--workers", 2, "--run-dir", tmp_path / "run", "--no-progress",
-                "--set", "cluster.restart_failed=true", "--set", "cluster.max_restarts=2",
-                env={"LEPTON_FAULTS": "crash:at=start:always=1"}, timeout=120)
+    r = run_cli(
+        "train",
+        root / "job.yaml",
+        "--workers",
+        2,
+        "--run-dir",
+        tmp_path / "run",
+        "--no-progress",
+        "--set",
+        "cluster.restart_failed=true",
+        "--set",
+        "cluster.max_restarts=2",
+        env={"LEPTON_FAULTS": "crash:at=start:always=1"},
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "local workers keep failing (2 restart(s), cluster.max_restarts=2)" in r.stderr
     assert kinds(tmp_path / "run").count("worker_restarted") == 2
@@ -153,10 +185,18 @@ def test_ctrl_c_then_resume_equals_uninterrupted(setup, procs, tmp_path):
     # slower steps than SLOW: state.json's progress lags up to a second and the stop reaches the
     # workers at their next heartbeat, so the Ctrl-C must land with seconds of the run left (44 steps ×
     # 0.15 s), not ~1.3 s
-    p = procs.lepton("train", root / "job.yaml", "--workers", 3, "--run-dir", run_dir, "--no-progress",
-                     env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.15"})
+    p = procs.lepton(
+        "train",
+        root / "job.yaml",
+        "--workers",
+        3,
+        "--run-dir",
+        run_dir,
+        "--no-progress",
+        env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.15"},
+    )
     _wait_for(lambda: _step(run_dir) >= 8, 60, "step 8")
-    os.killpg(p.pid, signal.SIGINT)               # what a terminal's Ctrl-C does
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert p.wait(timeout=60) == 130
     err = p.stderr.read()
     assert "resume with: lepton train --resume --run-dir" in err and "Traceback" not in err
@@ -172,10 +212,22 @@ def test_sigterm_to_a_worker_leaves_gracefully(setup, procs, tmp_path):
     run_dir = tmp_path / "run"
     # min_workers=3: after the leave the run waits for the new worker (seconds to start) instead of
     # racing it to the end
-    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 3,
-                         "--set", "cluster.min_workers=3", "--set", "cluster.wait_for_workers_s=120")
+    coord = procs.lepton(
+        "coordinator",
+        root / "job.yaml",
+        "--run-dir",
+        run_dir,
+        "--workers",
+        3,
+        "--set",
+        "cluster.min_workers=3",
+        "--set",
+        "cluster.wait_for_workers_s=120",
+    )
     url = coordinator_url(coord)
-    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token") for _ in range(3)]
+    workers = [
+        procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token") for _ in range(3)
+    ]
     _wait_for(lambda: _step(run_dir) >= 8, 60, "step 8")
     workers[1].send_signal(signal.SIGTERM)
     assert workers[1].wait(timeout=30) == 0
@@ -196,16 +248,20 @@ def test_coordinator_killed_and_restarted(setup, procs, tmp_path):
     """Workers keep training through a coordinator outage and are adopted by its replacement."""
     root, _, ref = setup
     run_dir = tmp_path / "run"
-    bind = f"127.0.0.1:{free_port()}"            # the restarted coordinator binds it again
-    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 2, "--bind", bind)
+    bind = f"127.0.0.1:{free_port()}"  # the restarted coordinator binds it again
+    coord = procs.lepton(
+        "coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 2, "--bind", bind
+    )
     url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
     env = {"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"}
-    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token", env=env)
-               for _ in range(2)]
+    workers = [
+        procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token", env=env)
+        for _ in range(2)
+    ]
     _wait_for(lambda: _step(run_dir) >= 6, 60, "step 6")
     os.killpg(coord.pid, signal.SIGKILL)
     coord.wait(timeout=10)
-    time.sleep(1.0)                                   # the workers train on without it
+    time.sleep(1.0)  # the workers train on without it
     coord2 = procs.lepton("coordinator", "--resume", "--run-dir", run_dir, "--bind", bind)
     assert coord2.wait(timeout=120) == 0, coord2.stderr.read()
     for w in workers:
@@ -213,4 +269,4 @@ def test_coordinator_killed_and_restarted(setup, procs, tmp_path):
     _check_same_model(run_dir, ref)
     k = kinds(run_dir)
     assert k.count("worker_adopted") == 2 and "worker_lost" not in k
-    assert k.count("generation") == 1                 # no regroup, no step redone
+    assert k.count("generation") == 1  # no regroup, no step redone

@@ -4,9 +4,9 @@ the summation order changes with the split, so the models are compared on a hori
 has not been amplified yet: 33 Adam steps (168 training rows, batch 16, 3 epochs), where they agree
 within 1e-4. Over hundreds of steps they drift apart and are only statistically equivalent (see
 docs/architecture.md, "the same model"). Invariant 2: every sample exactly once per epoch."""
+
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +20,17 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from conftest import make_classification_csv
+
     root = tmp_path_factory.mktemp("equiv")
     data = make_classification_csv(root / "data.csv")
     out = {}
-    for label, workers, shares in (("1", 1, None), ("2", 2, None), ("3", 3, None), ("3-unequal", 3, [1, 2, 5]),
-                                   ("3-gloo", 3, None)):
+    for label, workers, shares in (
+        ("1", 1, None),
+        ("2", 2, None),
+        ("3", 3, None),
+        ("3-unequal", 3, [1, 2, 5]),
+        ("3-gloo", 3, None),
+    ):
         job = job_dict(data)
         job["cluster"]["shares"] = shares
         job["cluster"]["shared_memory"] = label != "3-gloo"
@@ -46,7 +52,7 @@ def test_same_test_metrics(runs, label):
     assert a["count"] == b["count"] > 0
     assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
-    assert a["confusion_matrix"] == b["confusion_matrix"]          # evaluated on 2-3 ranks vs 1
+    assert a["confusion_matrix"] == b["confusion_matrix"]  # evaluated on 2-3 ranks vs 1
     assert (a["precision"], a["recall"], a["f1"]) == (b["precision"], b["recall"], b["f1"])
 
 
@@ -54,7 +60,9 @@ def test_local_workers_reduce_through_shared_memory_unless_told_not_to(runs):
     def transport(label):
         recs = [json.loads(l) for l in (runs[label].run_dir / "metrics.jsonl").read_text().splitlines()]
         return {r["transport"] for r in recs if r.get("kind") == "generation_first_step"}
+
     from lepton.comm.shm import available
+
     assert transport("3") == ({"shm"} if available() else {"gloo"})
     assert transport("3-gloo") == {"gloo"} and transport("1") == {"gloo"}
 

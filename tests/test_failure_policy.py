@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import job_dict
 from lepton.coordinator.controller import Controller
 from lepton.coordinator.failure_policy import Action, FailurePolicy
 from lepton.coordinator.journal import Observer
@@ -14,8 +15,6 @@ from lepton.coordinator.state import MemberState, Phase
 from lepton.protocol import Heartbeat, RegisterRequest, Report
 from lepton.spec import parse_job
 from lepton.storage.rundir import RunDir
-
-from conftest import job_dict
 
 CONTROLLER = Path(__file__).resolve().parents[1] / "lepton" / "coordinator" / "controller.py"
 
@@ -98,7 +97,9 @@ def test_every_phase_change_is_one_event_with_previous_and_next(tmp_path):
     a, b = ready(1), ready(2)
     c.process_exited(2, -9)  # b dies: regroup, then too few: wait
     phases.append(c.phase)
-    c.report(Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3}))
+    c.report(
+        Report(worker_id=a, kind="paused", payload={"reason": "collective_error", "generation": 0, "step": 3})
+    )
     phases.append(c.phase)
     c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 3, "path": "/ck3"}))
     d = ready(3)

@@ -1,13 +1,13 @@
 """Learning-rate schedules and the divergence guard, end to end with real workers."""
+
 import json
 import math
 
 import pytest
 
 import lepton
-from lepton.spec import parse_job
-from lepton.storage.prepared import DataCache
 from conftest import job_dict, make_classification_csv, max_rel_diff, weights
+from lepton.spec import parse_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -18,17 +18,22 @@ def data(tmp_path_factory):
 
 
 def _records(run_dir, kind):
-    return [r for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == kind]
+    return [
+        r
+        for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == kind
+    ]
 
 
 def test_lr_schedules():
     from lepton.worker.trainer import Trainer
 
-    class _Cache:                      # the trainer only needs the preprocessor and the train split
+    class _Cache:  # the trainer only needs the preprocessor and the train split
         def __init__(self):
             import numpy as np
+
             from lepton.storage.preprocess import ColumnStats, Preprocessor
+
             self.preprocessor = Preprocessor([ColumnStats("a", "numeric")], "y", "classification", [0, 1])
             self.x, self.y = np.zeros((100, 1), np.float32), np.zeros(100, np.int64)
 
@@ -36,8 +41,15 @@ def test_lr_schedules():
             return self.x, self.y
 
     def trainer(**sched):
-        job = parse_job(job_dict("d.csv", train__epochs=1, train__batch_size=10,
-                                 train__lr_schedule=sched, train__optimizer={"name": "sgd", "lr": 1.0}))
+        job = parse_job(
+            job_dict(
+                "d.csv",
+                train__epochs=1,
+                train__batch_size=10,
+                train__lr_schedule=sched,
+                train__optimizer={"name": "sgd", "lr": 1.0},
+            )
+        )
         return Trainer(job, _Cache())
 
     t = trainer(type="step", step_size=3, gamma=0.5)
@@ -64,12 +76,12 @@ def test_nan_on_one_worker_is_skipped_on_all(data, tmp_path, monkeypatch):
     assert res.status == "completed", res.reason
     skipped = _records(res.run_dir, "skipped_step")
     assert [r["step"] for r in skipped] == [4] and skipped[0]["lr_scale"] == 0.5
-    assert res.summary["replicas_agree"] is True                # no replica applied the NaN update
+    assert res.summary["replicas_agree"] is True  # no replica applied the NaN update
     assert all(math.isfinite(v.abs().sum().item()) for v in weights(res.run_dir).values())
 
 
 def test_repeated_nan_stops_with_a_clear_message(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("LEPTON_FAULTS", "nan:rank=0")            # every step
+    monkeypatch.setenv("LEPTON_FAULTS", "nan:rank=0")  # every step
     res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")
     assert res.status == "failed"
     assert res.reason.startswith("training diverged: 3 steps in a row") and "train.optimizer.lr" in res.reason
@@ -78,7 +90,10 @@ def test_repeated_nan_stops_with_a_clear_message(data, tmp_path, monkeypatch):
 def test_plateau_and_early_stopping_under_a_fixed_metric_sequence():
     from lepton.policies import EarlyStopping, ReduceLROnPlateau
     from lepton.spec import EarlyStoppingSpec, PlateauSpec
-    plateau = ReduceLROnPlateau(PlateauSpec(metric="val.loss", factor=0.5, patience=1, min_lr=0.002), base_lr=0.01)
+
+    plateau = ReduceLROnPlateau(
+        PlateauSpec(metric="val.loss", factor=0.5, patience=1, min_lr=0.002), base_lr=0.01
+    )
     early = EarlyStopping(EarlyStoppingSpec(metric="val.accuracy", mode="max", patience=2, min_delta=0.01))
     losses = [1.0, 0.8, 0.85, 0.81, 0.9, 0.95, 0.99, 1.2]
     accs = [0.5, 0.6, 0.605, 0.6, 0.58, 0.7, 0.7, 0.7]
@@ -95,29 +110,37 @@ def test_plateau_and_early_stopping_under_a_fixed_metric_sequence():
     assert stop_at[0] == 4
 
 
-
 def test_a_non_finite_first_value_is_not_the_best():
     """NaN compares false with everything: taken as the best, nothing would ever improve on it."""
     from lepton.policies import EarlyStopping
     from lepton.spec import EarlyStoppingSpec
+
     early = EarlyStopping(EarlyStoppingSpec(metric="val.loss", patience=2))
-    stops = [step for step, loss in enumerate([float("nan"), 2.0, 1.0, 0.5]) if early.observe(step, {"loss": loss})]
+    stops = [
+        step for step, loss in enumerate([float("nan"), 2.0, 1.0, 0.5]) if early.observe(step, {"loss": loss})
+    ]
     assert stops == []
     # never finite (e.g. r2 of a constant validation target): the policies still decide, and say why
     from lepton.policies import ReduceLROnPlateau
     from lepton.spec import PlateauSpec
+
     early = EarlyStopping(EarlyStoppingSpec(metric="val.r2", mode="max", patience=1))
-    plateau = ReduceLROnPlateau(PlateauSpec(metric="val.r2", mode="max", patience=1, factor=0.5), base_lr=0.01)
+    plateau = ReduceLROnPlateau(
+        PlateauSpec(metric="val.r2", mode="max", patience=1, factor=0.5), base_lr=0.01
+    )
     nan = {"r2": float("nan")}
     decisions = [(early.observe(s, nan), plateau.observe(s, nan)) for s in range(3)]
     assert "val.r2 has had no finite value for 2 evaluations" in decisions[1][0].reason
     assert decisions[1][1].lr_factor == 0.5 and "no finite value" in decisions[1][1].reason
 
+
 def test_plateau_lowers_the_lr_at_the_same_step_on_any_worker_count(data, tmp_path):
     # 'max' on the validation loss: every validation after the first is "no improvement", so the
     # decision step is known in advance: the second validation (end of epoch 2, step 28)
     job = job_dict(data, train__epochs=4)
-    job["policies"] = {"reduce_on_plateau": {"metric": "val.loss", "mode": "max", "patience": 0, "factor": 0.5}}
+    job["policies"] = {
+        "reduce_on_plateau": {"metric": "val.loss", "mode": "max", "patience": 0, "factor": 0.5}
+    }
     two = lepton.train(job, workers=2, run_dir=tmp_path / "two")
     one = lepton.train(job, workers=1, run_dir=tmp_path / "one")
     assert one.status == two.status == "completed"
@@ -132,6 +155,7 @@ def test_plateau_lowers_the_lr_at_the_same_step_on_any_worker_count(data, tmp_pa
 
 def test_early_stopping_stops_and_restores_the_best_model(data, tmp_path):
     from lepton.storage.checkpoint import read_checkpoint
+
     job = job_dict(data, train__epochs=6)
     job["policies"] = {"early_stopping": {"metric": "val.loss", "mode": "max", "patience": 1}}
     res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
@@ -146,7 +170,6 @@ def test_early_stopping_stops_and_restores_the_best_model(data, tmp_path):
     assert meta["best_step"] == 14
 
 
-
 def test_keep_best_weighs_the_final_model_too(data, tmp_path):
     """Validations run at epoch ends before the last step: the final weights were never a candidate,
     so a run that improved to its end was handed back the previous epoch's model."""
@@ -155,24 +178,28 @@ def test_keep_best_weighs_the_final_model_too(data, tmp_path):
     res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
     best = {r["step"]: r["value"] for r in _records(res.run_dir, "best")}
-    assert sorted(best) == [14, 28, 42], best                   # val loss fell every epoch, the last too
+    assert sorted(best) == [14, 28, 42], best  # val loss fell every epoch, the last too
     assert res.summary["best_step"] == 42 and res.summary["val"]["loss"] == pytest.approx(best[42])
 
 
 def test_keep_best_never_takes_a_non_finite_value(data):
     from types import SimpleNamespace
+
     from lepton.policies import Tracker
     from lepton.worker.trainer import Trainer
+
     job = parse_job({**job_dict(data), "policies": {"keep_best": {"metric": "val.loss", "mode": "min"}}})
     t = SimpleNamespace(job=job, keep_best=Tracker("min", 0.0), step=10)
     assert not Trainer.improved(t, {"loss": float("nan")})
     t.step = 20
     assert Trainer.improved(t, {"loss": 0.5}) and (t.keep_best.best, t.keep_best.best_step) == (0.5, 20)
     t.step = 30
-    assert not Trainer.improved(t, {"loss": 0.5}) and t.keep_best.best_step == 20     # equal is no better
+    assert not Trainer.improved(t, {"loss": 0.5}) and t.keep_best.best_step == 20  # equal is no better
+
 
 def test_tensorboard_event_files(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     res = lepton.train(job_dict(data), workers=2, run_dir=tmp_path / "run")
     assert res.status == "completed"
     acc = EventAccumulator(str(res.run_dir / "tensorboard"))

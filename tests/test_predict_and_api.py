@@ -1,4 +1,5 @@
 """Prediction from raw rows, the Python API with a factory callable, and regression end to end."""
+
 import csv
 import json
 import re
@@ -7,8 +8,8 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import pyarrow.csv as pacsv
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -79,6 +80,7 @@ def test_predict_without_model(tmp_path):
 
 # --- bad input to prediction: one clear error naming the cell, nothing written ---------------------
 
+
 def _rows(data, n: int) -> list[dict]:
     rows = list(csv.DictReader(open(data)))[:n]
     for row in rows:
@@ -98,14 +100,19 @@ def _with_cell(src, dst, row: int, column: str, value: str):
     return dst
 
 
-@pytest.mark.parametrize("value, problem", [("inf", "inf is not a finite number"),
-                                            ("-inf", "-inf is not a finite number"),
-                                            ("1e300", "1e+300 is out of range")])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("inf", "inf is not a finite number"),
+        ("-inf", "-inf is not a finite number"),
+        ("1e300", "1e+300 is out of range"),
+    ],
+)
 def test_predict_refuses_values_the_model_cannot_take(trained, tmp_path, value, problem):
     _, data, res = trained
     bad = _with_cell(data, tmp_path / "bad.csv", 4, "f2", value)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)       # no numpy overflow warning on the way
+        warnings.simplefilter("error", RuntimeWarning)  # no numpy overflow warning on the way
         with pytest.raises(DataError, match=re.escape(f"bad.csv: column 'f2', row 5 (line 6): {problem}")):
             lepton.load(res.run_dir).predict_file(str(bad))
 
@@ -122,15 +129,18 @@ def test_non_finite_output_names_the_row_and_column(trained, monkeypatch):
     _, data, res = trained
     p = lepton.load(res.run_dir)
     rows = _rows(data, 3)
-    rows[1]["f4"] = 1e6           # finite, in float32 range once scaled, far outside the training data
+    rows[1]["f4"] = 1e6  # finite, in float32 range once scaled, far outside the training data
     real = p.forward
 
-    def overflowing(x):           # what the network does when such a value overflows float32 inside it
+    def overflowing(x):  # what the network does when such a value overflows float32 inside it
         out = real(x)
         out[np.abs(x).max(1) > 1e4] = np.nan
         return out
+
     monkeypatch.setattr(p, "forward", overflowing)
-    with pytest.raises(DataError, match=r"rows\[1\]\.f4: 1000000\.0 is too far outside the training data: .*not finite"):
+    with pytest.raises(
+        DataError, match=r"rows\[1\]\.f4: 1000000\.0 is too far outside the training data: .*not finite"
+    ):
         p.predict_rows(rows)
     with pytest.raises(LeptonError, match="output for row 1 is not finite"):
         p.predict_array(p.preprocessor.read_features(pa.Table.from_pylist(rows), "rows", False))
@@ -140,21 +150,32 @@ def test_predict_rows_names_the_bad_cell(trained):
     _, data, res = trained
     rows = _rows(data, 2)
     p = lepton.load(res.run_dir)
-    for value, problem in (("abc", re.escape("'abc' is not a number")), ([1], re.escape("'[1]' is not a number")),
-                           (None, "missing value"), (10 ** 400, r"'1000.*\(401 characters\) is not a finite number")):
+    for value, problem in (
+        ("abc", re.escape("'abc' is not a number")),
+        ([1], re.escape("'[1]' is not a number")),
+        (None, "missing value"),
+        (10**400, r"'1000.*\(401 characters\) is not a finite number"),
+    ):
         with pytest.raises(DataError, match=r"^rows\[1\]\.f3: " + problem):
             p.predict_rows([rows[0], dict(rows[1], f3=value)])
     with pytest.raises(DataError, match=re.escape("rows[1]: expected a dict")):
         p.predict_rows([rows[0], 5])
     # a number given as text is read as in a CSV file
-    assert p.predict_rows([rows[0], dict(rows[1], f3=str(rows[1]["f3"]))])["prediction"] == \
-        p.predict_rows(rows)["prediction"]
+    assert (
+        p.predict_rows([rows[0], dict(rows[1], f3=str(rows[1]["f3"]))])["prediction"]
+        == p.predict_rows(rows)["prediction"]
+    )
 
 
-@pytest.mark.parametrize("x, needle", [(np.zeros((2, 5)), "features must have shape (rows, 6), got (2, 5)"),
-                                       (np.zeros(6), "features must have shape (rows, 6), got (6,)"),
-                                       (np.array([["a"] * 6]), "features must be numeric"),
-                                       (np.full((1, 6), np.nan), "row 0 has NaN or inf")])
+@pytest.mark.parametrize(
+    "x, needle",
+    [
+        (np.zeros((2, 5)), "features must have shape (rows, 6), got (2, 5)"),
+        (np.zeros(6), "features must have shape (rows, 6), got (6,)"),
+        (np.array([["a"] * 6]), "features must be numeric"),
+        (np.full((1, 6), np.nan), "row 0 has NaN or inf"),
+    ],
+)
 def test_predict_array_checks_its_input(trained, x, needle):
     _, _, res = trained
     with pytest.raises(LeptonError, match=re.escape(needle)):
@@ -165,11 +186,15 @@ def test_predict_array_checks_its_input(trained, x, needle):
 
 def test_output_path_is_checked(trained, tmp_path):
     from lepton.predict import check_output
+
     _, data, res = trained
     p = lepton.load(res.run_dir)
     result = p.predict_file(str(data))
     (tmp_path / "a_file").write_text("x")
-    for bad, needle in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "p.csv", "a_file is a file, not a directory")):
+    for bad, needle in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "a_file" / "p.csv", "a_file is a file, not a directory"),
+    ):
         with pytest.raises(LeptonError, match=needle):
             p.write_csv(result, str(bad))
     assert (tmp_path / "a_file").read_text() == "x"
@@ -227,12 +252,18 @@ def _damage(model_dir, how: str) -> None:
     meta_path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("how, needle", [
-    ("truncated weights", "weights.safetensors: cannot read the weights"),
-    ("empty weights", "weights.safetensors: cannot read the weights"),
-    ("no preprocess", "lepton.json: the model description lacks 'preprocess'"),
-    ("layer sizes", "weights.safetensors: the weights do not fit the model described in lepton.json (size mismatch"),
-])
+@pytest.mark.parametrize(
+    "how, needle",
+    [
+        ("truncated weights", "weights.safetensors: cannot read the weights"),
+        ("empty weights", "weights.safetensors: cannot read the weights"),
+        ("no preprocess", "lepton.json: the model description lacks 'preprocess'"),
+        (
+            "layer sizes",
+            "weights.safetensors: the weights do not fit the model described in lepton.json (size mismatch",
+        ),
+    ],
+)
 def test_damaged_model_is_one_clear_error(trained, tmp_path, how, needle):
     _, _, res = trained
     shutil.copytree(res.run_dir / "model", tmp_path / "run" / "model")
@@ -251,7 +282,7 @@ def test_predict_cli_with_damaged_model(trained, tmp_path):
 
 
 def test_python_api_with_factory_callable(tmp_path, csv_data):
-    def build(input_shape, num_outputs):          # a closure: only cloudpickle can ship it
+    def build(input_shape, num_outputs):  # a closure: only cloudpickle can ship it
         hidden = 12
         return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
 
@@ -285,9 +316,11 @@ def test_a_new_run_from_another_runs_data_and_weights(trained, tmp_path):
     copy = res.run_dir / "init_weights.safetensors"
     assert copy.read_bytes() == (ref.run_dir / "model" / "weights.safetensors").read_bytes()
     assert yaml.safe_load((res.run_dir / "job.yaml").read_text())["model"]["init_weights"] == str(copy)
-    refused = [(tmp_path / "run" / "model", job, "no complete prepared data"),
-               (ref.run_dir, {**job, "task": "regression"}, "its prepared data has task 'classification'"),
-               (ref.run_dir, {**job, "data": {**job["data"], "target": "other"}}, "data.target 'label'")]
+    refused = [
+        (tmp_path / "run" / "model", job, "no complete prepared data"),
+        (ref.run_dir, {**job, "task": "regression"}, "its prepared data has task 'classification'"),
+        (ref.run_dir, {**job, "data": {**job["data"], "target": "other"}}, "data.target 'label'"),
+    ]
     for source, bad, needle in refused:
         with pytest.raises(LeptonError, match=needle):
             lepton.train(bad, workers=1, run_dir=tmp_path / "never", data_from=source)
@@ -299,15 +332,18 @@ def test_a_run_interrupted_while_linking_another_runs_data_links_again_on_resume
     takes it from the source run again, never from ``data.path`` (here a different file)."""
     from lepton.launch import open_run
     from lepton.spec import parse_job
+
     root, _, ref = trained
     other = tmp_path / "other.csv"
     make_classification_csv(other, rows=50, seed=9)
-    opened = open_run(parse_job(job_dict(other, train__epochs=1)), tmp_path / "run", False, data_from=ref.run_dir)
+    opened = open_run(
+        parse_job(job_dict(other, train__epochs=1)), tmp_path / "run", False, data_from=ref.run_dir
+    )
     opened.release()
     data = opened.run.data_dir
     (data / "manifest.json").unlink()
     victim = sorted(p for p in data.iterdir() if p.is_file())[0]
-    victim.unlink()                      # a hard link to the source's file: never write through it
+    victim.unlink()  # a hard link to the source's file: never write through it
     victim.write_bytes(b"partial")
     again = open_run(None, tmp_path / "run", True)
     assert again.train_rows == opened.train_rows
@@ -320,7 +356,9 @@ def test_regression_end_to_end(tmp_path):
     x = g.normal(size=(300, 4))
     y = x @ np.array([1.5, -2.0, 0.5, 0.0]) + 0.1 * g.normal(size=300)
     path = tmp_path / "reg.csv"
-    path.write_text("a,b,c,d,y\n" + "\n".join(",".join(f"{v:.6f}" for v in [*r, t]) for r, t in zip(x, y)) + "\n")
+    path.write_text(
+        "a,b,c,d,y\n" + "\n".join(",".join(f"{v:.6f}" for v in [*r, t]) for r, t in zip(x, y)) + "\n"
+    )
     job = job_dict(path, task="regression", data__target="y", train__epochs=20)
     res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
@@ -335,11 +373,13 @@ def test_cnn_on_images(tmp_path):
     n = 200
     y = g.integers(0, 2, n)
     img = g.normal(scale=0.3, size=(n, 1, 6, 6))
-    img[y == 1, :, :3, :] += 1.0                     # class 1: bright upper half
+    img[y == 1, :, :3, :] += 1.0  # class 1: bright upper half
     np.savez(tmp_path / "imgs.npz", x=img, y=y)
     job = job_dict(tmp_path / "imgs.npz", data__target="y", data__shape=[1, 6, 6], train__epochs=5)
-    job["model"] = {"type": "cnn", "layers": [{"type": "conv", "filters": 4}, {"type": "maxpool"},
-                                              {"type": "dense", "units": 8}]}
+    job["model"] = {
+        "type": "cnn",
+        "layers": [{"type": "conv", "filters": 4}, {"type": "maxpool"}, {"type": "dense", "units": 8}],
+    }
     res = lepton.train(job, workers=2, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
     assert res.summary["test"]["accuracy"] > 0.9
@@ -349,10 +389,14 @@ def test_cnn_on_images(tmp_path):
 
 def test_predictions_never_overwrite_the_model(trained, tmp_path):
     from lepton.predict import check_output
+
     root, csv_data, ref = trained
     run = ref.run_dir
-    for out, model in ((run / "model" / "lepton.json", run), (run / "model" / "new.csv", run / "model"),
-                       (run / "checkpoints" / "p.csv", run)):
+    for out, model in (
+        (run / "model" / "lepton.json", run),
+        (run / "model" / "new.csv", run / "model"),
+        (run / "checkpoints" / "p.csv", run),
+    ):
         with pytest.raises(LeptonError, match="is among the model's files"):
             check_output(out, str(csv_data), model_path=model)
     assert check_output(run / "predictions.csv", str(csv_data), model_path=run) == run / "predictions.csv"
@@ -366,47 +410,66 @@ def test_a_categorical_value_finds_its_category_in_any_spelling_or_type(tmp_path
     Parquet or Python rows carry typed values. Matched on the text alone, such rows encoded as unseen
     categories, all zeros, silently ('True' for a category 'true', 1234 for '01234')."""
     from datetime import datetime
+
     import pyarrow.parquet as pq
+
     g = np.random.default_rng(0)
-    flags, codes, stamps = ["true", "false", "maybe"], ["01234", "x7", "00042"], ["2024-01-01T10:00:00", "2024-02-01T10:00:00"]
+    flags, codes, stamps = (
+        ["true", "false", "maybe"],
+        ["01234", "x7", "00042"],
+        ["2024-01-01T10:00:00", "2024-02-01T10:00:00"],
+    )
     lines = ["a,flag,code,b,ts,label"]
     for _ in range(240):
         f, c, b, t = g.integers(3), g.integers(3), g.integers(2), g.integers(2)
-        lines.append(f"{g.normal():.4f},{flags[f]},{codes[c]},{['true', 'false'][b]},{stamps[t]},"
-                     f"{'yes' if f == 0 or c == 0 else 'no'}")
+        lines.append(
+            f"{g.normal():.4f},{flags[f]},{codes[c]},{['true', 'false'][b]},{stamps[t]},"
+            f"{'yes' if f == 0 or c == 0 else 'no'}"
+        )
     data = tmp_path / "data.csv"
     data.write_text("\n".join(lines) + "\n")
     job = job_dict(data, train__epochs=8, cluster__workers=1)
-    job["data"]["categorical"] = ["b"]               # typed bool in training: categories 'False', 'True'
+    job["data"]["categorical"] = ["b"]  # typed bool in training: categories 'False', 'True'
     res = lepton.train(job, workers=1, run_dir=tmp_path / "run")
     assert res.status == "completed", res.reason
     predictor = lepton.load(res.run_dir)
     pre = predictor.preprocessor
     assert {c.name: c.categories for c in pre.columns if c.kind == "categorical"} == {
-        "flag": ["false", "maybe", "true"], "code": ["00042", "01234", "x7"], "b": ["False", "True"],
-        "ts": ["2024-01-01 10:00:00", "2024-02-01 10:00:00"]}
+        "flag": ["false", "maybe", "true"],
+        "code": ["00042", "01234", "x7"],
+        "b": ["False", "True"],
+        "ts": ["2024-01-01 10:00:00", "2024-02-01 10:00:00"],
+    }
 
     mixed, narrow = tmp_path / "mixed.csv", tmp_path / "narrow.csv"
     rows = "0.1,true,01234,true,2024-01-01T10:00:00\n0.2,false,00042,false,2024-02-01T10:00:00\n"
     mixed.write_text("a,flag,code,b,ts\n" + rows + "0.3,maybe,x7,true,2024-01-01T10:00:00\n")
-    narrow.write_text("a,flag,code,b,ts\n" + rows)   # here flag and b read as bool, code as int
+    narrow.write_text("a,flag,code,b,ts\n" + rows)  # here flag and b read as bool, code as int
     pq.write_table(pacsv.read_csv(narrow), tmp_path / "narrow.parquet")
 
-    def filled(x) -> bool:       # every categorical block of every row holds its one 1
-        return all((x[:, j:j + c.width].sum(1) == 1).all() for c, j in zip(pre.columns, pre.offsets)
-                   if c.kind == "categorical")
+    def filled(x) -> bool:  # every categorical block of every row holds its one 1
+        return all(
+            (x[:, j : j + c.width].sum(1) == 1).all()
+            for c, j in zip(pre.columns, pre.offsets)
+            if c.kind == "categorical"
+        )
 
     assert filled(pre.read_features(pacsv.read_csv(narrow), "narrow", True))
     want = predictor.predict_file(str(mixed))["probabilities"][:2]
     for source in (narrow, tmp_path / "narrow.parquet"):
         np.testing.assert_array_equal(predictor.predict_file(str(source))["probabilities"], want)
-    typed = [{"a": 0.1, "flag": True, "code": 1234, "b": True, "ts": datetime(2024, 1, 1, 10)},
-             {"a": 0.2, "flag": False, "code": 42, "b": False, "ts": datetime(2024, 2, 1, 10)}]
+    typed = [
+        {"a": 0.1, "flag": True, "code": 1234, "b": True, "ts": datetime(2024, 1, 1, 10)},
+        {"a": 0.2, "flag": False, "code": 42, "b": False, "ts": datetime(2024, 2, 1, 10)},
+    ]
     np.testing.assert_array_equal(predictor.predict_rows(typed)["probabilities"], want)
     assert predictor.predict_file(str(narrow))["prediction"] == ["yes", "no"]
     # lepton serve's JSON rows: booleans and numbers for categorical columns, as parsed from the body
     from lepton.export.serve import parse_body, predict_response, rows_to_table
-    body = json.dumps({"rows": [{"a": 0.1, "flag": True, "code": 1234, "b": "TRUE", "ts": "2024-01-01 10:00:00"}]})
+
+    body = json.dumps(
+        {"rows": [{"a": 0.1, "flag": True, "code": 1234, "b": "TRUE", "ts": "2024-01-01 10:00:00"}]}
+    )
     answer = predict_response(predictor, rows_to_table(parse_body(body.encode()), predictor))
     np.testing.assert_allclose(answer["probabilities"][0], want[0], rtol=1e-6)
 
@@ -415,14 +478,23 @@ def test_a_float32_value_finds_its_decimal_category():
     """A Parquet float32 0.1 read through Python floats is 0.10000000149011612, which matched no
     category '0.1' (the row encoded as unseen, all zeros); float16 likewise."""
     from lepton.storage.preprocess import ColumnStats, Preprocessor
-    pre = Preprocessor([ColumnStats("rate", "categorical", categories=["0.1", "2.5", "3", "high"])],
-                       "y", "classification", ["n", "y"])
+
+    pre = Preprocessor(
+        [ColumnStats("rate", "categorical", categories=["0.1", "2.5", "3", "high"])],
+        "y",
+        "classification",
+        ["n", "y"],
+    )
     for dtype in (pa.float32(), pa.float16(), pa.float64()):
         table = pa.table({"rate": pa.array([0.1, 2.5, 3.0], dtype)})
         np.testing.assert_array_equal(pre.read_features(table, "t.parquet", False), np.eye(4)[:3])
     # a model trained before holds the float64 widening as its category: its own data still finds it
-    older = Preprocessor([ColumnStats("rate", "categorical", categories=["0.10000000149011612", "2.5"])],
-                         "y", "classification", ["n", "y"])
+    older = Preprocessor(
+        [ColumnStats("rate", "categorical", categories=["0.10000000149011612", "2.5"])],
+        "y",
+        "classification",
+        ["n", "y"],
+    )
     table = pa.table({"rate": pa.array([0.1, 2.5], pa.float32())})
     np.testing.assert_array_equal(older.read_features(table, "t.parquet", False), np.eye(2))
 
@@ -432,7 +504,9 @@ def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
     digits: IDs that differ in the last ones became one category in training and prediction."""
     ids = ["12345678901234567890", "12345678901234567891", "12345678901234567892"]
     data = tmp_path / "d.csv"
-    data.write_text("a,user,label\n" + "".join(f"{i / 10},{ids[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60)))
+    data.write_text(
+        "a,user,label\n" + "".join(f"{i / 10},{ids[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60))
+    )
     job = job_dict(data, train__epochs=2, cluster__workers=1)
     job["data"]["categorical"] = ["user"]
     res = lepton.train(job, workers=1, run_dir=tmp_path / "run")
@@ -441,7 +515,7 @@ def test_twenty_digit_ids_stay_distinct_categories(tmp_path):
     pre = predictor.preprocessor
     user = next(c for c in pre.columns if c.name == "user")
     assert user.categories == ids
-    only = tmp_path / "only-ids.csv"             # typed float64 here too: every value is digits
+    only = tmp_path / "only-ids.csv"  # typed float64 here too: every value is digits
     only.write_text("a,user\n0.5," + "\n0.5,".join(ids) + "\n")
     table = read_table(str(only), categorical=["user"])
     assert table.column("user").to_pylist() == ids
@@ -466,8 +540,12 @@ def test_two_spellings_of_one_number_stay_two_categories_in_prediction(tmp_path)
     prediction CSV of only digits types the column int, and the row 01234 was encoded as '1234'."""
     codes = ["01234", "1234", "x7"]
     data = tmp_path / "d.csv"
-    data.write_text("a,code,label\n" + "".join(f"{i / 10},{codes[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60)))
-    res = lepton.train(job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run")
+    data.write_text(
+        "a,code,label\n" + "".join(f"{i / 10},{codes[i % 3]},{'xy'[i % 3 == 1]}\n" for i in range(60))
+    )
+    res = lepton.train(
+        job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run"
+    )
     assert res.status == "completed", res.reason
     predictor = lepton.load(res.run_dir)
     code = next(c for c in predictor.preprocessor.columns if c.name == "code")
@@ -479,6 +557,7 @@ def test_two_spellings_of_one_number_stay_two_categories_in_prediction(tmp_path)
     np.testing.assert_array_equal(got, typed)
     assert not np.array_equal(got[0], got[1])
     from lepton.storage.preprocess import ColumnStats
+
     assert not ColumnStats("code", "categorical", categories=["1234", "x7"]).spellings_collide
 
 
@@ -488,7 +567,9 @@ def test_nanosecond_timestamps_are_categories_not_a_traceback(tmp_path):
     data = tmp_path / "d.csv"
     stamps = ["2024-01-01T10:00:00.123456789", "2024-01-02T10:00:00.123456789"]
     data.write_text("a,ts,label\n" + "".join(f"{i / 10},{stamps[i % 2]},{'xy'[i % 2]}\n" for i in range(40)))
-    res = lepton.train(job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run")
+    res = lepton.train(
+        job_dict(data, train__epochs=2, cluster__workers=1), workers=1, run_dir=tmp_path / "run"
+    )
     assert res.status == "completed", res.reason
     predictor = lepton.load(res.run_dir)
     ts = next(c for c in predictor.preprocessor.columns if c.name == "ts")

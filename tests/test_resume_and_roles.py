@@ -1,16 +1,17 @@
 """Resume after a crash equals the uninterrupted run; separate coordinator/worker commands train to
 the same model as ``lepton train``. Real processes throughout."""
+
 import json
+import os
 import re
 import signal
-import time
-import os
 
 import pytest
 import yaml
 
 import lepton
-from conftest import job_dict, max_rel_diff, run_cli, weights, wait_for as _wait_for
+from conftest import job_dict, max_rel_diff, run_cli, weights
+from conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from conftest import make_classification_csv
+
     root = tmp_path_factory.mktemp("ref")
     data = make_classification_csv(root / "data.csv", rows=400)
     job = job_dict(data, train__epochs=4, checkpoint__every_steps=5)
@@ -31,8 +33,16 @@ def test_resume_after_kill_equals_uninterrupted(reference, procs, tmp_path):
     root, ref = reference
     run_dir = tmp_path / "run"
     # every step slowed down so the kill lands mid-run; the slowdown does not change the math
-    p = procs.lepton("train", root / "job.yaml", "--workers", 2, "--run-dir", run_dir, "--no-progress",
-                     env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.05"})
+    p = procs.lepton(
+        "train",
+        root / "job.yaml",
+        "--workers",
+        2,
+        "--run-dir",
+        run_dir,
+        "--no-progress",
+        env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.05"},
+    )
     state = run_dir / "state.json"
 
     def checkpointed():
@@ -41,8 +51,9 @@ def test_resume_after_kill_equals_uninterrupted(reference, procs, tmp_path):
         except (OSError, json.JSONDecodeError):
             return False
         return bool(ck) and ck["step"] >= 10
+
     _wait_for(checkpointed, 120, "a checkpoint at step >= 10")
-    os.killpg(p.pid, signal.SIGKILL)          # the launcher and its workers die at once
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers die at once
     p.wait(timeout=10)
     st = json.loads(state.read_text())
     assert st["status"] == "running" and st["step"] < st["total_steps"], st
@@ -67,8 +78,9 @@ def test_resume_of_completed_run_is_refused(reference):
 def test_separate_coordinator_and_workers(reference, procs, tmp_path):
     root, ref = reference
     run_dir = tmp_path / "sep"
-    coord = procs.lepton("coordinator", root / "job.yaml", "--bind", "127.0.0.1:0", "--run-dir", run_dir,
-                         "--workers", 2)
+    coord = procs.lepton(
+        "coordinator", root / "job.yaml", "--bind", "127.0.0.1:0", "--run-dir", run_dir, "--workers", 2
+    )
     url = None
     for _ in range(3):
         line = coord.stdout.readline()
@@ -79,8 +91,9 @@ def test_separate_coordinator_and_workers(reference, procs, tmp_path):
             assert line.split("token file:")[1].strip() == str(run_dir / "token")
     assert url, "the coordinator did not print its URL"
     assert oct((run_dir / "token").stat().st_mode & 0o777) == "0o600"
-    workers = [procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token")
-               for _ in range(2)]
+    workers = [
+        procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token") for _ in range(2)
+    ]
     assert coord.wait(timeout=120) == 0, coord.stderr.read()
     for w in workers:
         assert w.wait(timeout=30) == 0, w.stderr.read()
@@ -91,8 +104,9 @@ def test_separate_coordinator_and_workers(reference, procs, tmp_path):
 def test_worker_token_from_environment(reference, procs, tmp_path):
     root, _ = reference
     run_dir = tmp_path / "env"
-    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 1,
-                         "--set", "train.epochs=1")
+    coord = procs.lepton(
+        "coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 1, "--set", "train.epochs=1"
+    )
     url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
     token = (run_dir / "token").read_text().strip()
     w = procs.lepton("worker", "--coordinator", url, env={"LEPTON_TOKEN": token})

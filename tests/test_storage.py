@@ -1,5 +1,6 @@
 """The storage seam (lepton/storage/backend.py): one protocol, a local and an fsspec implementation, the
 same tests for both; RunDir over it writes the run directory it always wrote (design.md §4)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ def storage(request, tmp_path):
     elif request.param == "fsspec-memory":
         s = FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache")
         yield s
-        if s.fs.exists(s.base):                             # the memory filesystem is process-wide
+        if s.fs.exists(s.base):  # the memory filesystem is process-wide
             s.fs.rm(s.base, recursive=True)
     else:
         yield FsspecStorage(f"file://{tmp_path / 'run'}", cache_dir=tmp_path / "cache")
@@ -35,7 +36,7 @@ def test_a_storage_implements_the_protocol(storage):
 
 
 def test_a_written_file_reads_back_and_a_second_write_replaces_it(storage):
-    storage.write("a/b/c.json", b"one")                    # the folders above it are created
+    storage.write("a/b/c.json", b"one")  # the folders above it are created
     assert storage.read("a/b/c.json") == b"one"
     storage.write("a/b/c.json", b"two")
     assert storage.read("a/b/c.json") == b"two"
@@ -93,7 +94,7 @@ def test_delete_removes_a_file_or_a_tree_and_ignores_a_missing_one(storage):
     assert not storage.exists("t/f")
     storage.delete("t/a")
     assert not storage.exists("t/a") and not storage.exists("t/a/1")
-    storage.delete("t/a")                                   # gone already: nothing to do
+    storage.delete("t/a")  # gone already: nothing to do
     storage.delete("never-was")
 
 
@@ -128,7 +129,7 @@ def test_local_path_is_a_file_that_can_be_memory_mapped(storage):
         np.save(f, a)
     path = storage.local_path("data/train_x.npy")
     assert np.array_equal(np.load(path, mmap_mode="r"), a)
-    b = a * 2                                              # replaced: the path gives the new content
+    b = a * 2  # replaced: the path gives the new content
     with storage.open_write("data/train_x.npy") as f:
         np.save(f, b)
     assert np.array_equal(np.load(storage.local_path("data/train_x.npy"), mmap_mode="r"), b)
@@ -152,7 +153,7 @@ def test_fsspec_storage_writes_one_upload_on_an_object_store():
     assert FsspecStorage("memory://x").object_store is False
     assert FsspecStorage("memory://x", object_store=True).object_store is True
     s = FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", object_store=True)
-    s.write("a/b.json", b"1")                               # a single put: no temporary object, no move
+    s.write("a/b.json", b"1")  # a single put: no temporary object, no move
     s.write("a/b.json", b"2")
     assert s.read("a/b.json") == b"2" and s.list("a") == ["b.json"]
     with pytest.raises(RuntimeError), s.open_write("a/b.json") as f:
@@ -169,6 +170,7 @@ def test_a_write_whose_rename_fails_leaves_the_old_file_and_no_temporary(tmp_pat
 
     def crash(src, dst):
         raise OSError("simulated crash at the rename")
+
     monkeypatch.setattr(backend.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         run.write_state({"status": "running", "step": 2})
@@ -182,6 +184,7 @@ def test_an_fsspec_write_whose_move_fails_leaves_the_old_file(tmp_path, monkeypa
 
     def crash(*a, **k):
         raise OSError("simulated crash at the move")
+
     monkeypatch.setattr(s.fs, "mv", crash)
     with pytest.raises(OSError, match="simulated crash"):
         s.write("state.json", b"new")
@@ -192,6 +195,7 @@ def test_a_checkpoint_whose_rename_fails_leaves_the_last_good_one(tmp_path, monk
     import torch
 
     from lepton.storage.checkpoint import read_checkpoint, write_checkpoint
+
     run = RunDir(tmp_path / "run")
     path = write_checkpoint(run, 5, {"w": torch.ones(2)}, keep=2)
     monkeypatch.setattr(LocalStorage, "move", lambda self, a, b: (_ for _ in ()).throw(OSError("crash")))
@@ -207,6 +211,7 @@ def _write_a_run(run: RunDir, extra: Path) -> None:
 
     from lepton.storage.checkpoint import write_best, write_checkpoint, write_model
     from lepton.storage.prepared import PreparedData
+
     run.write_job({"name": "j", "seed": 3, "model": {"layers": [4, 4]}})
     run.write_state({"status": "running", "step": np.int64(7), "path": Path("/x")})
     run.append_event({"kind": "start", "time": 1.5})
@@ -220,12 +225,18 @@ def _write_a_run(run: RunDir, extra: Path) -> None:
         write_checkpoint(run, s, {"model": sd, "step": s}, keep=2)
     write_best(run, 20, {"model": sd, "step": 20})
     extra.write_bytes(b"factory")
-    write_model("model", sd, {"format": "lepton-model/1", "v": np.int64(2)}, {"model_factory.pkl": extra},
-                storage=run.storage)
+    write_model(
+        "model",
+        sd,
+        {"format": "lepton-model/1", "v": np.int64(2)},
+        {"model_factory.pkl": extra},
+        storage=run.storage,
+    )
 
     class Pre:
         def to_dict(self):
             return {"kind": "fake", "n": 2}
+
     x, y = np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(6, dtype=np.int64).reshape(6, 1) * 2
     arrays = {f"{s}_{p}": x if p == "x" else y for s in ("train", "val", "test") for p in "xy"}
     PreparedData(arrays, Pre(), {"rows": 6}).write(run, "fp123")
@@ -233,19 +244,29 @@ def _write_a_run(run: RunDir, extra: Path) -> None:
 
 # the files and their contents as the run directory held them before the seam (sha256, first 16 hex)
 BEFORE = {
-    "checkpoints/best/meta.json": "6757ee3248e9833d", "checkpoints/best/state.pt": "ac23dd44dbf1ab91",
+    "checkpoints/best/meta.json": "6757ee3248e9833d",
+    "checkpoints/best/state.pt": "ac23dd44dbf1ab91",
     "checkpoints/step-000000020/meta.json": "6757ee3248e9833d",
     "checkpoints/step-000000020/state.pt": "ac23dd44dbf1ab91",
     "checkpoints/step-000000030/meta.json": "9b0f80bd23b82cfa",
     "checkpoints/step-000000030/state.pt": "e9a0e405fd597ee8",
-    "data/manifest.json": "49d38d2b173a84b0", "data/preprocess.json": "5ffa9ab438625163",
-    "data/test_x.npy": "3bc7c1aac7f792ef", "data/test_y.npy": "4e7e96bb6e3b65f0",
-    "data/train_x.npy": "3bc7c1aac7f792ef", "data/train_y.npy": "4e7e96bb6e3b65f0",
-    "data/val_x.npy": "3bc7c1aac7f792ef", "data/val_y.npy": "4e7e96bb6e3b65f0",
-    "events.jsonl": "e2f0c5cc52a785af", "job.yaml": "19c73fac43e83d77", "metrics.jsonl": "70703d479ea4ca16",
-    "model/lepton.json": "8526c5be643e80e8", "model/model_factory.pkl": "06c8aaa93d80a768",
-    "model/weights.safetensors": "ae8da253aaa418d0", "state.json": "f1a9263e8f59570c",
-    "summary.json": "8dbeb4afd6dddef1", "token": "4580ce52daa0b310",
+    "data/manifest.json": "49d38d2b173a84b0",
+    "data/preprocess.json": "5ffa9ab438625163",
+    "data/test_x.npy": "3bc7c1aac7f792ef",
+    "data/test_y.npy": "4e7e96bb6e3b65f0",
+    "data/train_x.npy": "3bc7c1aac7f792ef",
+    "data/train_y.npy": "4e7e96bb6e3b65f0",
+    "data/val_x.npy": "3bc7c1aac7f792ef",
+    "data/val_y.npy": "4e7e96bb6e3b65f0",
+    "events.jsonl": "e2f0c5cc52a785af",
+    "job.yaml": "19c73fac43e83d77",
+    "metrics.jsonl": "70703d479ea4ca16",
+    "model/lepton.json": "8526c5be643e80e8",
+    "model/model_factory.pkl": "06c8aaa93d80a768",
+    "model/weights.safetensors": "ae8da253aaa418d0",
+    "state.json": "f1a9263e8f59570c",
+    "summary.json": "8dbeb4afd6dddef1",
+    "token": "4580ce52daa0b310",
 }
 
 
@@ -265,11 +286,15 @@ def test_run_dir_over_local_storage_writes_the_files_it_wrote_before(tmp_path):
     _write_a_run(run, tmp_path / "factory.pkl")
     assert _tree(run.storage) == BEFORE
     assert sorted(str(p.relative_to(run.root)) for p in run.root.rglob("*") if p.is_file()) == sorted(BEFORE)
-    modes = {str(p.relative_to(run.root)): p.stat().st_mode & 0o777 for p in run.root.rglob("*") if p.is_file()}
+    modes = {
+        str(p.relative_to(run.root)): p.stat().st_mode & 0o777 for p in run.root.rglob("*") if p.is_file()
+    }
     default = 0o666 & ~backend._umask()
     assert modes == {k: 0o600 if k in ("token", "model/weights.safetensors") else default for k in BEFORE}
     assert json.loads(run.state_json.read_text()) == {"status": "running", "step": 7, "path": "/x"}
-    assert run.state_json.read_text().startswith('{\n  "status"') and run.state_json.read_text().endswith("}\n")
+    assert run.state_json.read_text().startswith('{\n  "status"') and run.state_json.read_text().endswith(
+        "}\n"
+    )
     assert [r["kind"] for r in read_jsonl(run.events_jsonl)] == ["start", "é"]
 
 
@@ -291,15 +316,19 @@ def test_run_dir_reads_back_what_it_wrote(tmp_path, kind, monkeypatch):
     )
     from lepton.storage.prepared import DataCache
     from lepton.storage.preprocess import Preprocessor
-    storage = (LocalStorage(tmp_path / "run") if kind == "local"
-               else FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache"))
+
+    storage = (
+        LocalStorage(tmp_path / "run")
+        if kind == "local"
+        else FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache")
+    )
     run = RunDir(storage)
     assert not run.holds_run() and run.read_state() == {}
     _write_a_run(run, tmp_path / "factory.pkl")
     assert run.holds_run()
     assert run.read_state() == {"status": "running", "step": 7, "path": "/x"}
     assert run.read_job_dict()["model"] == {"layers": [4, 4]}
-    assert run.create_token() == "tok-abc"                  # the existing token on resume
+    assert run.create_token() == "tok-abc"  # the existing token on resume
     assert [e["kind"] for e in run.events()] == ["start", "é"] and [m["step"] for m in run.metrics()] == [1]
     ck = write_checkpoint(run, 40, {"w": torch.ones(2)}, keep=2)
     assert ck == run.locate("checkpoints/step-000000040")
@@ -308,7 +337,7 @@ def test_run_dir_reads_back_what_it_wrote(tmp_path, kind, monkeypatch):
     assert readable_state_dir("checkpoints/step-000000001", storage=storage) is None
     weights, meta = read_model("model", storage=storage)
     assert meta["v"] == 2 and set(weights) == {"w", "b"}
-    monkeypatch.setattr(Preprocessor, "from_dict", classmethod(lambda cls, d: d))   # _write_a_run's is a fake
+    monkeypatch.setattr(Preprocessor, "from_dict", classmethod(lambda cls, d: d))  # _write_a_run's is a fake
     cache = DataCache(run)
     x, y = cache.get("train")
     assert cache.preprocessor == {"kind": "fake", "n": 2}
@@ -319,7 +348,7 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     run = RunDir(tmp_path / "run")
     run.append_event({"kind": "a"})
     with open(run.events_jsonl, "ab") as f:
-        f.write(b'{"kind": "b", "det')                      # a crash mid-append
+        f.write(b'{"kind": "b", "det')  # a crash mid-append
     assert [e["kind"] for e in run.events()] == ["a"]
     assert [e["kind"] for e in read_jsonl(run.events_jsonl)] == ["a"]
 
@@ -337,7 +366,7 @@ def test_the_methods_for_the_launcher_write_where_the_paths_say(tmp_path):
     src.write_bytes(b"weights")
     assert run.copy_init_weights(src) == run.init_weights and run.init_weights.read_bytes() == b"weights"
     run.copy_in(src, "data/x.npy", link=True)
-    assert os.path.samefile(src, run.data_dir / "x.npy")    # a hard link on one file system
+    assert os.path.samefile(src, run.data_dir / "x.npy")  # a hard link on one file system
     run.write_factory(b"pickle")
     assert run.factory_pickle.read_bytes() == b"pickle" and run.read_factory() == b"pickle"
     assert run.read_data_from() is None
@@ -352,17 +381,23 @@ def test_the_methods_for_the_launcher_write_where_the_paths_say(tmp_path):
 
 def test_share_prepared_links_the_files_and_writes_the_manifest_last(tmp_path):
     from lepton.storage.prepared import share_prepared
+
     source = RunDir(tmp_path / "a")
     for name in ("train_x.npy", "preprocess.json", "manifest.json"):
         source.storage.write(f"data/{name}", name.encode())
     run = RunDir(tmp_path / "b")
     share_prepared(source, run)
-    assert sorted(p.name for p in run.data_dir.iterdir()) == ["manifest.json", "preprocess.json", "train_x.npy"]
+    assert sorted(p.name for p in run.data_dir.iterdir()) == [
+        "manifest.json",
+        "preprocess.json",
+        "train_x.npy",
+    ]
     assert os.path.samefile(run.data_dir / "train_x.npy", source.data_dir / "train_x.npy")
 
 
 def test_a_run_dir_not_on_this_machine_has_no_local_paths():
     from lepton.errors import LeptonError
+
     run = RunDir(FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}"))
     with pytest.raises(LeptonError, match="not a folder on this machine"):
         _ = run.state_json

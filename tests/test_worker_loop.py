@@ -2,6 +2,7 @@
 
 No coordinator and no worker processes: each test takes seconds.
 """
+
 from __future__ import annotations
 
 import threading
@@ -14,8 +15,18 @@ from conftest import job_dict
 from fake_group import FakeCluster, FakeGroup
 from lepton.comm import CommError
 from lepton.protocol import Generation, HeartbeatResponse
-from lepton.records import (RECORD_TYPES, BestRecord, DecisionRecord, EvalRecord, GenerationFirstStepRecord,
-                            PlanRecord, SkippedStepRecord, TrainRecord, UnknownRecord, parse_record)
+from lepton.records import (
+    RECORD_TYPES,
+    BestRecord,
+    DecisionRecord,
+    EvalRecord,
+    GenerationFirstStepRecord,
+    PlanRecord,
+    SkippedStepRecord,
+    TrainRecord,
+    UnknownRecord,
+    parse_record,
+)
 from lepton.spec import parse_job
 from lepton.storage.preprocess import ColumnStats, Preprocessor
 from lepton.storage.rundir import RunDir
@@ -35,8 +46,12 @@ class _Cache:
 
     def __init__(self, rows: int = 96):
         rng = np.random.default_rng(0)
-        self.preprocessor = Preprocessor([ColumnStats(f"f{i}", "numeric") for i in range(FEATURES)], "label",
-                                         "classification", ["a", "b", "c"])
+        self.preprocessor = Preprocessor(
+            [ColumnStats(f"f{i}", "numeric") for i in range(FEATURES)],
+            "label",
+            "classification",
+            ["a", "b", "c"],
+        )
         x = rng.normal(size=(rows, FEATURES)).astype(np.float32)
         y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
         self.splits = {"train": (x, y), "val": (x[:24], y[:24]), "test": (x[24:48], y[24:48])}
@@ -50,7 +65,7 @@ class _Client:
 
     def __init__(self):
         self.reports = []
-        self.records = []                 # the metrics records the heartbeats carried
+        self.records = []  # the metrics records the heartbeats carried
         self.lock = threading.Lock()
 
     def heartbeat(self, beat):
@@ -69,14 +84,26 @@ def _job(**over):
 
 
 def _worker(job, tmp_path, group, client) -> Worker:
-    reporter = Reporter(client, "w", interval=60.0)     # not started: records wait for a flush
-    return Worker(job=job, run=RunDir(tmp_path), trainer=Trainer(job, _Cache()), group=group, client=client,
-                  reporter=reporter, faults=FaultInjector(""))
+    reporter = Reporter(client, "w", interval=60.0)  # not started: records wait for a flush
+    return Worker(
+        job=job,
+        run=RunDir(tmp_path),
+        trainer=Trainer(job, _Cache()),
+        group=group,
+        client=client,
+        reporter=reporter,
+        faults=FaultInjector(""),
+    )
 
 
 def _generation(rank: int, world: int, gen_id: int = 0) -> Generation:
-    return Generation(id=gen_id, rank=rank, world=world, shares=[1.0 / world] * world,
-                      members=[f"w{r}" for r in range(world)])
+    return Generation(
+        id=gen_id,
+        rank=rank,
+        world=world,
+        shares=[1.0 / world] * world,
+        members=[f"w{r}" for r in range(world)],
+    )
 
 
 def _in_threads(fn, world: int) -> list:
@@ -87,7 +114,7 @@ def _in_threads(fn, world: int) -> list:
     def run(rank):
         try:
             results[rank] = fn(rank)
-        except BaseException as e:        # noqa: BLE001 - re-raised below
+        except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
@@ -101,6 +128,7 @@ def _in_threads(fn, world: int) -> list:
 
 
 # --- the control slots ------------------------------------------------------------------------------
+
 
 def test_step_control_round_trips_through_the_extra_slots():
     extra = torch.zeros(slots(3))
@@ -118,12 +146,13 @@ def test_step_control_sums_votes_counts_and_plans_over_ranks():
         packed.append(extra)
     reduced = ReducedControl.unpack(sum(packed), world)
     assert (reduced.loss_sum, reduced.samples, reduced.regroup) == (3.0, 6, False)
-    assert reduced.next_shares == pytest.approx([0.2, 0.3, 0.5])   # the mean of the ranks that knew it
+    assert reduced.next_shares == pytest.approx([0.2, 0.3, 0.5])  # the mean of the ranks that knew it
     nobody = ReducedControl.unpack(torch.zeros(slots(world)), world)
     assert nobody.next_shares is None and not nobody.regroup
 
 
 # --- the trainer's step -----------------------------------------------------------------------------
+
 
 def _flat_params(trainer: Trainer) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
@@ -145,7 +174,7 @@ def test_two_fake_ranks_make_the_update_of_one_rank_over_the_same_batch():
     (first, result0), (second, result1) = _in_threads(rank_step, 2)
     assert result0.batch == result1.batch == 12 and result0.local + result1.local == 12
     assert result0.loss == result1.loss
-    assert torch.equal(_flat_params(first), _flat_params(second))                # one replica
+    assert torch.equal(_flat_params(first), _flat_params(second))  # one replica
     assert torch.allclose(_flat_params(first), _flat_params(alone), rtol=1e-5, atol=1e-6)
     assert first.step == alone.step == 1
 
@@ -158,8 +187,9 @@ def test_a_plan_known_to_one_rank_reaches_every_rank_in_the_same_step():
         group = cluster.group()
         group.join(0, rank, 2, 0)
         trainer = Trainer(job, _Cache())
-        return trainer.train_step(group, [0.5, 0.5], rank, regroup=rank == 1,
-                                  next_plan=[0.25, 0.75] if rank == 0 else None)
+        return trainer.train_step(
+            group, [0.5, 0.5], rank, regroup=rank == 1, next_plan=[0.25, 0.75] if rank == 0 else None
+        )
 
     results = _in_threads(rank_step, 2)
     assert [r.next_shares for r in results] == [[0.25, 0.75]] * 2
@@ -168,10 +198,11 @@ def test_a_plan_known_to_one_rank_reaches_every_rank_in_the_same_step():
 
 # --- the worker loop --------------------------------------------------------------------------------
 
+
 def test_a_comm_error_on_one_rank_pauses_every_rank_at_the_step_reached(tmp_path):
     job = _job()
     cluster = FakeCluster()
-    cluster.fail_at(rank=1, allreduce=3)      # no evaluation before it: the fourth step fails
+    cluster.fail_at(rank=1, allreduce=3)  # no evaluation before it: the fourth step fails
     client = _Client()
     workers = [_worker(job, tmp_path, cluster.group(), client) for _ in range(2)]
     outcomes = _in_threads(lambda rank: workers[rank]._run_generation(_generation(rank, 2)), 2)
@@ -186,7 +217,7 @@ def test_a_regroup_vote_on_one_rank_pauses_every_rank_after_the_same_step(tmp_pa
     cluster = FakeCluster()
     client = _Client()
     workers = [_worker(job, tmp_path, cluster.group(), client) for _ in range(2)]
-    workers[1].reporter.regroup_generation = 0          # the coordinator asked rank 1 to end generation 0
+    workers[1].reporter.regroup_generation = 0  # the coordinator asked rank 1 to end generation 0
     outcomes = _in_threads(lambda rank: workers[rank]._run_generation(_generation(rank, 2)), 2)
     assert outcomes == [GenerationOutcome.PAUSED] * 2
     assert [w.trainer.step for w in workers] == [1, 1]
@@ -201,7 +232,7 @@ def test_train_steps_returns_finished_and_rank_0_writes_typed_records(tmp_path):
 
     def generation(rank):
         worker = workers[rank]
-        worker.generation = 0                 # what _run_generation sets before it joins
+        worker.generation = 0  # what _run_generation sets before it joins
         worker.group.join(0, rank, 2, 0)
         outcome = worker._train_steps(_generation(rank, 2))
         return outcome, worker._finish_run(_generation(rank, 2))
@@ -213,7 +244,7 @@ def test_train_steps_returns_finished_and_rank_0_writes_typed_records(tmp_path):
     workers[0].reporter.flush()
     workers[1].reporter.flush()
     lines = clients[0].records
-    assert clients[1].records == []                             # rank 0 writes the records
+    assert clients[1].records == []  # rank 0 writes the records
     kinds = {line["kind"] for line in lines}
     assert {"generation_first_step", "train", "eval", "best"} <= kinds
     for line in lines:
@@ -249,16 +280,47 @@ def test_the_fake_group_turns_a_broken_peer_into_comm_errors():
 # --- metrics records --------------------------------------------------------------------------------
 
 LINES = [
-    {"kind": "train", "time": 1.5, "step": 5, "epoch": 0, "total_steps": 42, "loss": 0.7, "lr": 0.01,
-     "samples_per_s": None, "generation": 0, "workers": 2},
-    {"kind": "eval", "split": "val", "time": 1.5, "step": 14, "epoch": 1, "count": 36, "loss": 0.4,
-     "accuracy": 0.9, "confusion": [[1, 0], [0, 1]]},
+    {
+        "kind": "train",
+        "time": 1.5,
+        "step": 5,
+        "epoch": 0,
+        "total_steps": 42,
+        "loss": 0.7,
+        "lr": 0.01,
+        "samples_per_s": None,
+        "generation": 0,
+        "workers": 2,
+    },
+    {
+        "kind": "eval",
+        "split": "val",
+        "time": 1.5,
+        "step": 14,
+        "epoch": 1,
+        "count": 36,
+        "loss": 0.4,
+        "accuracy": 0.9,
+        "confusion": [[1, 0], [0, 1]],
+    },
     {"kind": "best", "time": 1.5, "step": 14, "value": 0.4, "metric": "val.loss"},
-    {"kind": "decision", "decision": "early_stop", "time": 1.5, "step": 28, "reason": "no improvement",
-     "details": {"patience": 2}, "lr": 0.01},
+    {
+        "kind": "decision",
+        "decision": "early_stop",
+        "time": 1.5,
+        "step": 28,
+        "reason": "no improvement",
+        "details": {"patience": 2},
+        "lr": 0.01,
+    },
     {"kind": "plan", "time": 1.5, "step": 10, "version": 1, "shares": [0.25, 0.75]},
-    {"kind": "skipped_step", "time": 1.5, "step": 4, "lr_scale": 0.5,
-     "reason": "non-finite loss or gradient"},
+    {
+        "kind": "skipped_step",
+        "time": 1.5,
+        "step": 4,
+        "lr_scale": 0.5,
+        "reason": "non-finite loss or gradient",
+    },
     {"kind": "generation_first_step", "generation": 1, "step": 11, "time": 1.5, "transport": "shm"},
 ]
 
@@ -271,16 +333,38 @@ def test_every_record_kind_writes_the_line_it_reads_keys_in_order():
 
 
 def test_records_built_by_the_worker_have_todays_keys():
-    built = [TrainRecord(time=1.5, step=5, epoch=0, total_steps=42, loss=0.7, lr=0.01, samples_per_s=None,
-                         generation=0, workers=2),
-             EvalRecord(split="val", time=1.5, step=14, epoch=1,
-                        metrics={"count": 36, "loss": 0.4, "accuracy": 0.9, "confusion": [[1, 0], [0, 1]]}),
-             BestRecord(time=1.5, step=14, value=0.4, metric="val.loss"),
-             DecisionRecord(decision="early_stop", time=1.5, step=28, reason="no improvement",
-                            details={"patience": 2}, lr=0.01),
-             PlanRecord(time=1.5, step=10, version=1, shares=[0.25, 0.75]),
-             SkippedStepRecord(time=1.5, step=4, lr_scale=0.5),
-             GenerationFirstStepRecord(generation=1, step=11, time=1.5, transport="shm")]
+    built = [
+        TrainRecord(
+            time=1.5,
+            step=5,
+            epoch=0,
+            total_steps=42,
+            loss=0.7,
+            lr=0.01,
+            samples_per_s=None,
+            generation=0,
+            workers=2,
+        ),
+        EvalRecord(
+            split="val",
+            time=1.5,
+            step=14,
+            epoch=1,
+            metrics={"count": 36, "loss": 0.4, "accuracy": 0.9, "confusion": [[1, 0], [0, 1]]},
+        ),
+        BestRecord(time=1.5, step=14, value=0.4, metric="val.loss"),
+        DecisionRecord(
+            decision="early_stop",
+            time=1.5,
+            step=28,
+            reason="no improvement",
+            details={"patience": 2},
+            lr=0.01,
+        ),
+        PlanRecord(time=1.5, step=10, version=1, shares=[0.25, 0.75]),
+        SkippedStepRecord(time=1.5, step=4, lr_scale=0.5),
+        GenerationFirstStepRecord(generation=1, step=11, time=1.5, transport="shm"),
+    ]
     assert [list(r.to_dict().items()) for r in built] == [list(line.items()) for line in LINES]
 
 

@@ -1,4 +1,5 @@
 """Network communication: one process group per generation, exact gradient reduction, state broadcast."""
+
 from .flat_grads import FlatGradients
 from .group import CommError, GenerationGroup
 

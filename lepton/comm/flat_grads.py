@@ -6,6 +6,7 @@ sample count) appended at the end. Each worker's loss is a SUM over its own samp
 reduction the gradient is divided by the global batch size, which makes the update the mean over
 exactly the B samples of the step, however they were split (design invariant 1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,18 +24,17 @@ class FlatGradients:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = self.flat[offset:offset + n].view_as(p)
+            p.grad = self.flat[offset : offset + n].view_as(p)
             offset += n
         self.params = params
 
     @property
     def extra(self) -> torch.Tensor:
-        return self.flat[self.numel:]
+        return self.flat[self.numel :]
 
     @property
     def grads(self) -> torch.Tensor:
-        return self.flat[:self.numel]
+        return self.flat[: self.numel]
 
     def zero(self) -> None:
         self.flat.zero_()
-

@@ -6,6 +6,7 @@ joining the next one builds a new group. Everything above this module talks to i
 ``join``/``leave``/``allreduce``/``broadcast_bytes``; every collective error becomes ``CommError`` so
 the worker loop can report it and wait for the next generation.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,13 +23,19 @@ from .shm import ShmAllreduce
 
 
 class GenerationGroup:
-    def __init__(self, store_host: str, store_port: int, timeout_s: float, shared_memory: bool = True,
-                 shm_capacity: int = 1 << 20):
+    def __init__(
+        self,
+        store_host: str,
+        store_port: int,
+        timeout_s: float,
+        shared_memory: bool = True,
+        shm_capacity: int = 1 << 20,
+    ):
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.shared_memory, self.shm_capacity = shared_memory, shm_capacity
         self.shm: ShmAllreduce | None = None
-        self.should_abort = None          # (seconds waited) -> bool, consulted by the shared-memory wait
-        self.work_s = 0.0                 # processor time the last allreduce cost this process, waits excluded
+        self.should_abort = None  # (seconds waited) -> bool, consulted by the shared-memory wait
+        self.work_s = 0.0  # processor time the last allreduce cost this process, waits excluded
         self.store_host, self.store_port = store_host, store_port
         self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
         self.generation: int | None = None
@@ -41,7 +48,7 @@ class GenerationGroup:
 
     def join(self, generation: int, rank: int, world: int, store_port: int, backend: str = "gloo") -> None:
         self.leave()
-        if store_port != self.store_port:      # a restarted coordinator hosts a new store
+        if store_port != self.store_port:  # a restarted coordinator hosts a new store
             self._client = dist.TCPStore(self.store_host, store_port, None, False, self.timeout)
             self.store_port = store_port
         store = dist.PrefixStore(f"gen-{generation}/", self._client)
@@ -51,8 +58,15 @@ class GenerationGroup:
                 # co-located ranks reduce through a shared segment; None unless every rank can map it
                 # and wants it (a rank whose gradients live on a GPU does not: each rank choosing for
                 # itself would leave some in the segment's barrier and the others in gloo's)
-                self.shm = ShmAllreduce.connect(store, rank, world, self.shm_capacity, self.timeout.total_seconds(),
-                                                self.should_abort, usable=self.shared_memory)
+                self.shm = ShmAllreduce.connect(
+                    store,
+                    rank,
+                    world,
+                    self.shm_capacity,
+                    self.timeout.total_seconds(),
+                    self.should_abort,
+                    usable=self.shared_memory,
+                )
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend
@@ -85,7 +99,7 @@ class GenerationGroup:
             self.shm.allreduce(t, op)
             self.work_s = self.shm.work_s
             return t
-        c0 = time.process_time()         # gloo blocks without burning processor time while it waits
+        c0 = time.process_time()  # gloo blocks without burning processor time while it waits
         try:
             dev = self._staged(t)
             dist.all_reduce(dev, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)

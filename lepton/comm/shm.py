@@ -33,14 +33,15 @@ per peer), that no rank abandoned the generation (a flag in the segment), the ca
 ``should_abort`` (the coordinator asked for a regroup and the wait is already long) and the collective
 timeout; any of them raises ``CommError``, like a failed gloo collective, unless the barrier is complete.
 """
+
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
 import platform
-import select
 import secrets
+import select
 import threading
 import time
 from typing import Callable
@@ -51,14 +52,14 @@ import torch
 from .errors import CommError
 
 SHM_DIR = "/dev/shm"
-HEADER = 4096                 # magic + nonce, abandoned flag, arrived[64], reduced[64], wake[64]
+HEADER = 4096  # magic + nonce, abandoned flag, arrived[64], reduced[64], wake[64]
 MAX_WORLD = 64
 MAGIC = b"LEPTONSHM1"
-SPIN_S = 50e-6                # poll this long, then sleep on a futex (measured: 0 and 300 µs no better)
-CHECK_EVERY_S = 0.005         # liveness / abort / timeout checks while waiting
+SPIN_S = 50e-6  # poll this long, then sleep on a futex (measured: 0 and 300 µs no better)
+CHECK_EVERY_S = 0.005  # liveness / abort / timeout checks while waiting
 FULL_REDUCE_BYTES = 32 << 20  # up to world × tensor bytes this size every rank sums everything itself
-_fence = threading.Lock()     # acquire+release = locked instructions = a full memory fence on x86
-_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1                     # x86-64 Linux
+_fence = threading.Lock()  # acquire+release = locked instructions = a full memory fence on x86
+_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1  # x86-64 Linux
 
 
 class _Timespec(ctypes.Structure):
@@ -73,20 +74,40 @@ _CHECK_TS = _Timespec(0, int(CHECK_EVERY_S * 1e9))
 def _futex(addr: int, op: int, val: int, timeout=None) -> None:
     """FUTEX_WAIT (sleep while ``*addr == val``, at most ``timeout``) or FUTEX_WAKE (``val`` sleepers)
     on a word of the shared segment (not FUTEX_PRIVATE: the waiters are other processes)."""
-    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(op), ctypes.c_int(val),
-                  timeout, None, ctypes.c_int(0))
+    _libc.syscall(
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(addr),
+        ctypes.c_int(op),
+        ctypes.c_int(val),
+        timeout,
+        None,
+        ctypes.c_int(0),
+    )
 
 
 def available() -> bool:
-    return (platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
-            and os.path.isdir(SHM_DIR) and hasattr(os, "pidfd_open"))
+    return (
+        platform.system() == "Linux"
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and os.path.isdir(SHM_DIR)
+        and hasattr(os, "pidfd_open")
+    )
 
 
 class ShmAllreduce:
     """One generation's shared segment. Build it with ``connect`` (a collective over the store)."""
 
-    def __init__(self, buf: mmap.mmap, rank: int, world: int, capacity: int, peers: list[int],
-                 timeout_s: float, spin_s: float = SPIN_S, should_abort: Callable[[float], bool] | None = None):
+    def __init__(
+        self,
+        buf: mmap.mmap,
+        rank: int,
+        world: int,
+        capacity: int,
+        peers: list[int],
+        timeout_s: float,
+        spin_s: float = SPIN_S,
+        should_abort: Callable[[float], bool] | None = None,
+    ):
         # the peers' pidfds first: a peer already gone raises before any view of ``buf`` exists, so
         # ``connect`` can still close the mapping (with views alive, mmap.close raises BufferError)
         self._pidfds: list[int] = []
@@ -99,29 +120,39 @@ class ShmAllreduce:
             raise
         self.buf, self.rank, self.world, self.capacity = buf, rank, world, capacity
         self.timeout_s, self.spin_s = timeout_s, spin_s
-        self.should_abort = should_abort    # given the seconds waited so far
+        self.should_abort = should_abort  # given the seconds waited so far
         hdr = np.frombuffer(buf, dtype=np.int64, count=HEADER // 8)
-        self._abandoned = hdr[4:5]          # after magic + nonce (bytes 0..25)
-        self._arrived = hdr[8:8 + MAX_WORLD]
-        self._reduced = hdr[8 + MAX_WORLD:8 + 2 * MAX_WORLD]
+        self._abandoned = hdr[4:5]  # after magic + nonce (bytes 0..25)
+        self._arrived = hdr[8 : 8 + MAX_WORLD]
+        self._reduced = hdr[8 + MAX_WORLD : 8 + 2 * MAX_WORLD]
         # one futex word per rank, bumped by the rank that completes a barrier: a waiter sleeps on its own
         self._wake = np.frombuffer(buf, dtype=np.int32, count=MAX_WORLD, offset=8 * (8 + 2 * MAX_WORLD))
         self._wake_addr = self._wake.ctypes.data
         # two sets of world input slots (calls alternate between them), then the output
-        self._slots = [torch.frombuffer(buf, dtype=torch.uint8, count=capacity, offset=HEADER + i * capacity)
-                       for i in range(2 * world + 1)]
+        self._slots = [
+            torch.frombuffer(buf, dtype=torch.uint8, count=capacity, offset=HEADER + i * capacity)
+            for i in range(2 * world + 1)
+        ]
         self.seq = 0
-        self.work_s = 0.0             # this thread's processor time in the last call, waits excluded
+        self.work_s = 0.0  # this thread's processor time in the last call, waits excluded
 
     # --- set-up ----------------------------------------------------------------------------------
     @classmethod
-    def connect(cls, store, rank: int, world: int, capacity: int, timeout_s: float,
-                should_abort: Callable[[float], bool] | None = None, usable: bool = True) -> "ShmAllreduce | None":
+    def connect(
+        cls,
+        store,
+        rank: int,
+        world: int,
+        capacity: int,
+        timeout_s: float,
+        should_abort: Callable[[float], bool] | None = None,
+        usable: bool = True,
+    ) -> "ShmAllreduce | None":
         """Every rank of the generation calls this at the same point. Returns the segment when every
         rank could map it (they share a host, a /dev/shm and a PID namespace) and is ``usable`` (its
         tensors are in host memory; shared memory is on), else None on every rank.
         """
-        capacity = -(-capacity // 64) * 64                  # cache-line aligned slots
+        capacity = -(-capacity // 64) * 64  # cache-line aligned slots
         size = HEADER + (2 * world + 1) * capacity
         ns = _pid_namespace()
         buf, err, path, nonce = None, "", "", ""
@@ -132,7 +163,7 @@ class ShmAllreduce:
             path = os.path.join(SHM_DIR, f"lepton-{os.getpid()}-{nonce}")
             try:
                 buf = _map(path, size, create=True)
-                buf[:len(MAGIC) + 16] = MAGIC + nonce.encode()
+                buf[: len(MAGIC) + 16] = MAGIC + nonce.encode()
             except OSError as e:
                 err = f"cannot create {path}: {e}"
         if rank == 0:
@@ -145,7 +176,7 @@ class ShmAllreduce:
                 path, nonce = entry.split()
                 try:
                     buf = _map(path, size, create=False)
-                    if bytes(buf[:len(MAGIC) + 16]) != MAGIC + nonce.encode():
+                    if bytes(buf[: len(MAGIC) + 16]) != MAGIC + nonce.encode():
                         err = "another host's segment"
                 except OSError as e:
                     err = f"{path}: {e}"
@@ -153,13 +184,13 @@ class ShmAllreduce:
         try:
             store.set(f"shm/{rank}", f"no {err}" if err or buf is None else f"ok {os.getpid()} {ns} {cpus}")
             answers = [store.get(f"shm/{r}").decode().split() for r in range(world)]
-        except BaseException:               # a peer died before answering: the store timed out
+        except BaseException:  # a peer died before answering: the store timed out
             if buf is not None:
                 buf.close()
             raise
         finally:
             if rank == 0 and buf is not None:
-                os.unlink(path)             # every rank mapped it, gave up or is gone: nothing left behind
+                os.unlink(path)  # every rank mapped it, gave up or is gone: nothing left behind
         if any(a[0] != "ok" or a[2] != ns for a in answers):
             if buf is not None:
                 buf.close()
@@ -169,10 +200,18 @@ class ShmAllreduce:
         # cores than ranks a poll burns the time slice a peer on the same core needs to catch up
         cores = set().union(*({int(c) for c in a[3].split(",")} for a in answers))
         try:
-            return cls(buf, rank, world, capacity, peers, timeout_s, spin_s=SPIN_S if len(cores) >= world else 0.0,
-                       should_abort=should_abort)
+            return cls(
+                buf,
+                rank,
+                world,
+                capacity,
+                peers,
+                timeout_s,
+                spin_s=SPIN_S if len(cores) >= world else 0.0,
+                should_abort=should_abort,
+            )
         except ProcessLookupError:
-            buf.close()               # no view of it exists yet (__init__ opens the pidfds first)
+            buf.close()  # no view of it exists yet (__init__ opens the pidfds first)
             raise CommError("a peer exited while the generation formed") from None
 
     def close(self, abandon: bool = True) -> None:
@@ -189,7 +228,7 @@ class ShmAllreduce:
         try:
             self.buf.close()
         except BufferError:
-            pass          # a view is still alive somewhere; the mapping goes with the process
+            pass  # a view is still alive somewhere; the mapping goes with the process
         self.buf = None
 
     # --- the collective --------------------------------------------------------------------------
@@ -203,7 +242,7 @@ class ShmAllreduce:
         n, nbytes = t.numel(), t.numel() * t.element_size()
         self.seq += 1
         first = (self.seq % 2) * self.world
-        inputs = [s[:nbytes].view(t.dtype) for s in self._slots[first:first + self.world]]
+        inputs = [s[:nbytes].view(t.dtype) for s in self._slots[first : first + self.world]]
         flat = t.view(-1)
         c0 = time.thread_time()
         inputs[self.rank].copy_(flat)
@@ -232,10 +271,10 @@ class ShmAllreduce:
         with _fence:
             pass
         flags[self.rank] = self.seq
-        with _fence:              # store → load order: two ranks arriving together cannot both miss
-            pass                  # each other's flag, so at least one of them sees the barrier complete
-        if flags[:self.world].min() < self.seq:
-            return                # not the last to arrive: the last one wakes the waiters
+        with _fence:  # store → load order: two ranks arriving together cannot both miss
+            pass  # each other's flag, so at least one of them sees the barrier complete
+        if flags[: self.world].min() < self.seq:
+            return  # not the last to arrive: the last one wakes the waiters
         # the barrier is complete: wake the peers. Each waiter sleeps on its own word only while the
         # word still holds the value it read before checking the flags (FUTEX_WAIT compares atomically),
         # and the word changes after every flag is set, so no waiter sleeps through this. Waking only
@@ -273,7 +312,7 @@ class ShmAllreduce:
         of a barrier that is complete."""
         abandoned = bool(self._abandoned[0])
         exited = bool(self._pidfds and select.select(self._pidfds, [], [], 0)[0])
-        if flags[:self.world].min() >= self.seq:
+        if flags[: self.world].min() >= self.seq:
             return
         missing = [r for r in range(self.world) if flags[r] < self.seq]
         where = f"shared-memory allreduce #{self.seq} ({phase})"
@@ -282,7 +321,9 @@ class ShmAllreduce:
         if exited:
             raise CommError(f"{where}: a peer process exited")
         if self.should_abort is not None and self.should_abort(waited):
-            raise CommError(f"{where}: the coordinator regrouped while waiting {waited:.1f} s for ranks {missing}")
+            raise CommError(
+                f"{where}: the coordinator regrouped while waiting {waited:.1f} s for ranks {missing}"
+            )
         if waited > self.timeout_s:
             raise CommError(f"{where}: timed out after {waited:.0f} s waiting for ranks {missing}")
 
@@ -309,7 +350,7 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
         return mmap.mmap(fd, size)
     except OSError:
         if create:
-            os.unlink(path)       # nobody else knows the name yet
+            os.unlink(path)  # nobody else knows the name yet
         raise
     finally:
         os.close(fd)

@@ -10,6 +10,7 @@
 Every comparison is constant-time (``hmac.compare_digest``); a refusal is a 401 with
 ``WWW-Authenticate: Bearer``. ``GET /healthz`` is the one route without the token.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,29 +42,35 @@ def dashboard_url(base_url: str, token: str) -> str:
 
 def request_authorized(request: Request, token: str) -> bool:
     """The bearer header or the dashboard's cookie carries ``token``."""
-    return (bearer_ok(request.headers.get("authorization"), token)
-            or same_secret(request.cookies.get(cookie_name(token)), token))
+    return bearer_ok(request.headers.get("authorization"), token) or same_secret(
+        request.cookies.get(cookie_name(token)), token
+    )
 
 
 def unauthorized() -> HTTPException:
-    return HTTPException(status_code=401, detail="missing or wrong bearer token",
-                         headers={"WWW-Authenticate": "Bearer"})
+    return HTTPException(
+        status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def bearer_dependency(token: str):
     """A FastAPI dependency refusing a request without the bearer header (the control API). Async:
     a plain ``def`` dependency runs on a thread of FastAPI's pool, which the hot endpoints
     (heartbeat, plan, report) cannot afford (server.py)."""
+
     async def auth(authorization: Optional[str] = Header(default=None)) -> None:
         if not bearer_ok(authorization, token):
             raise unauthorized()
+
     return auth
 
 
 def token_or_cookie_dependency(token: str):
     """A FastAPI dependency refusing a request with neither the bearer header nor the cookie (the
     dashboard's assets, data and ``/metrics``)."""
+
     def require(request: Request) -> None:
         if not request_authorized(request, token):
             raise unauthorized()
+
     return require

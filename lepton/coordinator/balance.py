@@ -5,24 +5,26 @@ A worker's step costs it ``fixed + n × per_sample`` seconds of *processor time*
 reduction work, the training loop's own bookkeeping, the per-operation dispatch of a forward/backward
 pass), the per-sample part is the rest of its compute window. Workers measure both over a window of
 steps at each share plan (worker/meter.py), and each worker's *capacity* (the cores it can count on,
-from the placement it registered with) turns processor time into wall time. Shares are chosen so that every worker's step ends at the same time (``target_shares``); each
+from the placement it registered with) turns processor time into wall time. Shares are chosen so that
+every worker's step ends at the same time (``target_shares``); each
 re-plan uses costs measured at the current shares, so the plan converges on the shares whose steps do
 end together. Processor time, not wall time: two workers pinned to one core that take turns would each
 see full-speed wall times, yet together they only get one core. The policy is pure functions so the
 coordinator can call them at its decision points and tests can drive them with made-up numbers. Shares
 never change the math (invariant 1): any split of a global batch gives the same update.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-SMOOTHING = 0.5        # weight of a new measurement in the coordinator's moving average (within a plan)
-HYSTERESIS = 0.03      # re-plan only when the measured costs predict a step more than 3% faster ...
-MOVE = (0.03, 0.25)    # ... and some share moves by more than 3% of the batch or a quarter of itself
-RELIABLE = 0.3         # a per-sample cost is measured only where it is this part of the compute window
-SHRINK = 0.5           # a re-plan leaves every worker at least this part of its current share
+SMOOTHING = 0.5  # weight of a new measurement in the coordinator's moving average (within a plan)
+HYSTERESIS = 0.03  # re-plan only when the measured costs predict a step more than 3% faster ...
+MOVE = (0.03, 0.25)  # ... and some share moves by more than 3% of the batch or a quarter of itself
+RELIABLE = 0.3  # a per-sample cost is measured only where it is this part of the compute window
+SHRINK = 0.5  # a re-plan leaves every worker at least this part of its current share
 
 
 def smooth(previous: Optional[float], measured: float) -> float:
@@ -32,12 +34,19 @@ def smooth(previous: Optional[float], measured: float) -> float:
 @dataclass(frozen=True)
 class StepCost:
     """Processor seconds of one step of ``n`` samples: ``fixed + n × per_sample``."""
+
     fixed: float
     per_sample: float
 
     @classmethod
-    def measured(cls, samples: float, busy: float, compute: float, compute_fixed: float,
-                 previous: Optional["StepCost"] = None) -> "StepCost":
+    def measured(
+        cls,
+        samples: float,
+        busy: float,
+        compute: float,
+        compute_fixed: float,
+        previous: Optional["StepCost"] = None,
+    ) -> "StepCost":
         """From one operating point: a step of ``samples`` took ``busy`` seconds, ``compute`` of them in
         the compute window (forward/backward), of which ``compute_fixed`` does not grow with the share
         (a one-sample pass: per-operation dispatch). The rest of the step is fixed too.
@@ -48,7 +57,7 @@ class StepCost:
         ended at 1 sample of 510 with 72 µs a sample against a real 10). The per-sample cost of
         ``previous`` (a larger operating point) is kept then."""
         cf = min(max(compute_fixed, 0.0), compute)
-        if previous is not None and compute - cf <= RELIABLE * compute:     # <=: an empty window too
+        if previous is not None and compute - cf <= RELIABLE * compute:  # <=: an empty window too
             return cls(max(busy - compute, 0.0) + cf, previous.per_sample)
         cf = min(cf, (1 - RELIABLE) * compute)
         return cls(max(busy - compute, 0.0) + cf, max(compute - cf, 1e-12) / max(samples, 1.0))
@@ -59,8 +68,12 @@ def normalise(weights: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def target_shares(costs: Sequence[StepCost], capacities: Sequence[float], batch: int,
-                  minimum: Optional[Sequence[float]] = None) -> list[float]:
+def target_shares(
+    costs: Sequence[StepCost],
+    capacities: Sequence[float],
+    batch: int,
+    minimum: Optional[Sequence[float]] = None,
+) -> list[float]:
     """Shares of a ``batch`` that make every worker finish its step at the same time.
 
     Worker i's step of n_i samples takes ``(fixed_i + n_i·per_sample_i) / capacity_i``. Equal times T
@@ -98,14 +111,23 @@ def shrink_limits(current: Sequence[float], batch: int) -> list[float]:
     return [SHRINK * s * batch for s in now]
 
 
-def step_time(shares: Sequence[float], costs: Sequence[StepCost], capacities: Sequence[float], batch: int) -> float:
+def step_time(
+    shares: Sequence[float], costs: Sequence[StepCost], capacities: Sequence[float], batch: int
+) -> float:
     """Predicted wall time of a lockstep step at ``shares``: its slowest worker's."""
-    return max((c.fixed + s * batch * c.per_sample) / cap
-               for s, c, cap in zip(normalise(shares), costs, capacities))
+    return max(
+        (c.fixed + s * batch * c.per_sample) / cap for s, c, cap in zip(normalise(shares), costs, capacities)
+    )
 
 
-def propose(current: Sequence[float], target: Sequence[float], costs: Sequence[StepCost],
-            capacities: Sequence[float], batch: int, hysteresis: float = HYSTERESIS) -> Optional[list[float]]:
+def propose(
+    current: Sequence[float],
+    target: Sequence[float],
+    costs: Sequence[StepCost],
+    capacities: Sequence[float],
+    batch: int,
+    hysteresis: float = HYSTERESIS,
+) -> Optional[list[float]]:
     """``target`` shares (normalised), or None when they are not worth a plan: the measured costs
     predict a step at most ``hysteresis`` faster with them than with ``current``, or no share moves by
     more than ``MOVE`` (so that measurement noise does not make shares oscillate).
@@ -119,7 +141,9 @@ def propose(current: Sequence[float], target: Sequence[float], costs: Sequence[S
     absolute, relative = MOVE
     if not any(abs(t - c) > absolute or abs(t - c) > relative * c for t, c in zip(new, now)):
         return None
-    if step_time(now, costs, capacities, batch) <= (1 + hysteresis) * step_time(new, costs, capacities, batch):
+    if step_time(now, costs, capacities, batch) <= (1 + hysteresis) * step_time(
+        new, costs, capacities, batch
+    ):
         return None
     return [round(t, 4) for t in new]
 
@@ -135,5 +159,7 @@ def capacities(placements: Sequence[tuple[str, Sequence[int], int, bool]]) -> li
     that n workers of the same host are pinned to gives each 1/n of itself; a worker uses at most
     ``threads`` cores; a GPU worker counts as one device."""
     users = Counter((host, c) for host, cpus, _, _ in placements for c in cpus)
-    return [1.0 if gpu else (min(threads, sum(1 / users[(host, c)] for c in cpus)) if cpus else float(threads))
-            for host, cpus, threads, gpu in placements]
+    return [
+        1.0 if gpu else (min(threads, sum(1 / users[(host, c)] for c in cpus)) if cpus else float(threads))
+        for host, cpus, threads, gpu in placements
+    ]

@@ -255,8 +255,14 @@ class Controller:
                 continue
             silent = now - m.last_seen
             if silent > timeout:
-                self._lose(m, f"heartbeat timeout ({silent:.1f} s silent, cluster.heartbeat_timeout_s={timeout:g})")
-            elif self.phase == Phase.REGROUPING and m.state == MemberState.TRAINING and silent > SUSPECT_SILENCE_S:
+                self._lose(
+                    m, f"heartbeat timeout ({silent:.1f} s silent, cluster.heartbeat_timeout_s={timeout:g})"
+                )
+            elif (
+                self.phase == Phase.REGROUPING
+                and m.state == MemberState.TRAINING
+                and silent > SUSPECT_SILENCE_S
+            ):
                 self._lose(m, f"silent for {silent:.1f} s while its generation regrouped")
         if self.phase == Phase.WAITING and self.started_at is not None:
             decision = self.failures.too_few_workers(
@@ -352,7 +358,9 @@ class Controller:
             self.generation = hb.generation
             self.planner.adopt(hb.generation, hb.world)
             self.started_at, self.source_is_checkpoint = now, False
-        self.generation_members = sorted(self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank)
+        self.generation_members = sorted(
+            self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank
+        )
         m.share = self.planner.share_of(hb.rank) if hb.rank is not None else None
         if len(hb.shares) == self.planner.world and hb.plan_version >= self.planner.version:
             self.planner.follow(hb, self._generation_list())
@@ -466,18 +474,25 @@ class Controller:
             if decision.action == Action.REGROUP:
                 self._open_incident(f"collective error reported by {m.worker_id}: {p.get('error', '')}")
                 self._regroup(
-                    f"a collective failed in generation {self.generation}", worker=m.worker_id, error=error[:300]
+                    f"a collective failed in generation {self.generation}",
+                    worker=m.worker_id,
+                    error=error[:300],
                 )
         elif why == "leaving" and self.phase == Phase.RUNNING:
             self._regroup(f"worker {m.worker_id} left")
         self._advance()
 
     def _lose(self, m: Member, how: str) -> None:
-        running = m.worker_id in self.generation_members and m.state in (MemberState.TRAINING, MemberState.PAUSED)
+        running = m.worker_id in self.generation_members and m.state in (
+            MemberState.TRAINING,
+            MemberState.PAUSED,
+        )
         self._set_member_state(m, MemberState.LOST, how)
         if self.checkpoint_from == m.worker_id:
             self.checkpoint_from = None
-        self._event("worker_lost", f"{m.worker_id} lost: {how}", worker=m.worker_id, detected_by=how, step=m.step)
+        self._event(
+            "worker_lost", f"{m.worker_id} lost: {how}", worker=m.worker_id, detected_by=how, step=m.step
+        )
         decision = self.failures.member_lost(m.worker_id, how, running and self.phase == Phase.RUNNING)
         if decision.action == Action.REGROUP:
             self._open_incident(f"{m.worker_id}: {how}")
@@ -535,13 +550,19 @@ class Controller:
         """Move on once the current generation has wound down (or nothing is running)."""
         if self.phase == Phase.RUNNING or self.phase.final:
             return
-        if self.phase == Phase.REGROUPING and any(m.state == MemberState.TRAINING for m in self._generation_list()):
+        if self.phase == Phase.REGROUPING and any(
+            m.state == MemberState.TRAINING for m in self._generation_list()
+        ):
             return  # still waiting for members to pause
         if self.checkpoint_from is not None:
             return  # a checkpoint of the live state is being written
-        paused = sorted((m for m in self.members.values() if m.state == MemberState.PAUSED), key=lambda m: -m.step)
+        paused = sorted(
+            (m for m in self.members.values() if m.state == MemberState.PAUSED), key=lambda m: -m.step
+        )
         best = paused[0] if paused else None
-        behind = best is not None and (not self.latest_checkpoint or self.latest_checkpoint["step"] < best.step)
+        behind = best is not None and (
+            not self.latest_checkpoint or self.latest_checkpoint["step"] < best.step
+        )
         if self.stop_requested:
             if behind and best is not None:
                 self.checkpoint_from = best.worker_id
@@ -588,7 +609,8 @@ class Controller:
         self._transition(
             Phase.RUNNING,
             "generation",
-            f"generation {self.generation} with {len(chosen)} worker(s) from step {self.generation_start_step}",
+            f"generation {self.generation} with {len(chosen)} worker(s)"
+            f" from step {self.generation_start_step}",
             generation=self.generation,
             members=self.generation_members,
             shares=shares,
@@ -602,7 +624,10 @@ class Controller:
         self.ended_at = self.clock()
         wall = self.ended_at - (self.started_at if self.started_at is not None else self.ended_at)
         summary.update(
-            status="completed", workers=len(self.generation_members), wall_s=round(wall, 3), members=self._member_costs()
+            status="completed",
+            workers=len(self.generation_members),
+            wall_s=round(wall, 3),
+            members=self._member_costs(),
         )
         self.summary = summary
         self.step = summary.get("steps", self.step)

@@ -20,6 +20,7 @@ The data routes and ``/metrics`` accept ``Authorization: Bearer T`` (scripts, Pr
 The curves come from ``metrics.jsonl``, read incrementally (each request reads only what was appended
 since the previous one), so the coordinator keeps no history of its own for the dashboard.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,14 @@ from .state import PHASES
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
-MAX_POINTS = 500          # per series sent to the page
-EVENTS_SHOWN = 200        # most recent events sent to the page
+MAX_POINTS = 500  # per series sent to the page
+EVENTS_SHOWN = 200  # most recent events sent to the page
 _NOT_METRICS = {"kind", "split", "time", "step", "epoch", "count", "generation", "workers", "total_steps"}
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -65,15 +68,15 @@ class Series:
     def __init__(self, max_points: int = MAX_POINTS):
         self.max_points = max(2, max_points)
         self.width = 1
-        self.count = 0                                 # points added (after rewinds)
-        self._b: list[list[float]] = []                # [sum_x, sum_y, n, first_x, last_x]
+        self.count = 0  # points added (after rewinds)
+        self._b: list[list[float]] = []  # [sum_x, sum_y, n, first_x, last_x]
 
     def add(self, x: float, y: float) -> None:
         if not (math.isfinite(x) and math.isfinite(y)):
             return
-        while self._b and self._b[-1][3] >= x:         # rewind
+        while self._b and self._b[-1][3] >= x:  # rewind
             self.count -= int(self._b.pop()[2])
-        if self._b and self._b[-1][4] >= x:            # inside the last bucket's span: cut it there
+        if self._b and self._b[-1][4] >= x:  # inside the last bucket's span: cut it there
             self.count -= int(self._b.pop()[2])
         b = self._b[-1] if self._b else None
         if b is not None and b[2] < self.width:
@@ -90,9 +93,16 @@ class Series:
     def _compact(self) -> None:
         merged = []
         for i in range(0, len(self._b), 2):
-            pair = self._b[i:i + 2]
-            merged.append([sum(p[0] for p in pair), sum(p[1] for p in pair), sum(p[2] for p in pair),
-                           pair[0][3], pair[-1][4]])
+            pair = self._b[i : i + 2]
+            merged.append(
+                [
+                    sum(p[0] for p in pair),
+                    sum(p[1] for p in pair),
+                    sum(p[2] for p in pair),
+                    pair[0][3],
+                    pair[-1][4],
+                ]
+            )
         self._b = merged
         self.width *= 2
 
@@ -122,8 +132,9 @@ def _number(v: Any) -> bool:
 class MetricsHistory:
     """The run's ``metrics.jsonl`` turned into downsampled series, read incrementally.
 
-    Series: ``train/loss``, ``train/samples_per_s``, ``train/lr`` (train records) and ``val/<metric>`` for every
-    scalar of the validation records. ``last_eval[split]`` is the latest eval record of each split."""
+    Series: ``train/loss``, ``train/samples_per_s``, ``train/lr`` (train records) and ``val/<metric>``
+    for every scalar of the validation records. ``last_eval[split]`` is the latest eval record of each
+    split."""
 
     def __init__(self, path: Path, max_points: int = MAX_POINTS):
         self.path = Path(path)
@@ -147,15 +158,15 @@ class MetricsHistory:
             with f:
                 st = os.fstat(f.fileno())
                 if (st.st_dev, st.st_ino) != self._ident or st.st_size < self._offset:
-                    self._reset()                      # a new file (or a truncated one): start over
+                    self._reset()  # a new file (or a truncated one): start over
                     self._ident = (st.st_dev, st.st_ino)
                 f.seek(self._offset)
                 data = f.read()
             end = data.rfind(b"\n")
             if end < 0:
-                return                                 # only a line still being written
+                return  # only a line still being written
             self._offset += end + 1
-            for line in data[:end + 1].splitlines():
+            for line in data[: end + 1].splitlines():
                 try:
                     rec = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -190,10 +201,12 @@ class MetricsHistory:
     def snapshot(self) -> dict:
         self.refresh()
         with self._lock:
-            return {"max_points": self.max_points,
-                    "series": {k: s.points() for k, s in self.series.items()},
-                    "raw_points": {k: s.count for k, s in self.series.items()},
-                    "last_eval": {k: _clean(v) for k, v in self.last_eval.items()}}
+            return {
+                "max_points": self.max_points,
+                "series": {k: s.points() for k, s in self.series.items()},
+                "raw_points": {k: s.count for k, s in self.series.items()},
+                "last_eval": {k: _clean(v) for k, v in self.last_eval.items()},
+            }
 
     def latest_train(self) -> Optional[dict]:
         self.refresh()
@@ -223,8 +236,10 @@ def _device(resources: Optional[dict]) -> str:
         return "-"
     gpus, memory = resources.get("gpus") or [], resources.get("gpu_memory_gb") or []
     if gpus:
-        return ", ".join(f"{g} ({m:g} GiB)" if isinstance(m, (int, float)) else str(g)
-                         for g, m in zip(gpus, memory + [None] * len(gpus)))
+        return ", ".join(
+            f"{g} ({m:g} GiB)" if isinstance(m, (int, float)) else str(g)
+            for g, m in zip(gpus, memory + [None] * len(gpus))
+        )
     return f"cpu ×{resources.get('cpus', 1)} ({resources.get('threads', 1)} threads)"
 
 
@@ -236,7 +251,7 @@ class LeptonCollector(Collector):
         self.coord, self.lock, self.history = coord, lock, history
 
     def describe(self):
-        return []          # nothing to check for clashes: this registry holds only this collector
+        return []  # nothing to check for clashes: this registry holds only this collector
 
     def collect(self):
         with self.lock:
@@ -265,11 +280,17 @@ class LeptonCollector(Collector):
         yield gauge("lepton_epoch", "Epochs completed", st.get("epoch"))
         yield gauge("lepton_epochs", "Epochs of the whole job", st.get("epochs"))
         yield gauge("lepton_loss", "Training loss of the last logged window", st.get("loss"))
-        yield gauge("lepton_samples_per_second", "Training throughput of the last logged window",
-                    st.get("samples_per_s"))
+        yield gauge(
+            "lepton_samples_per_second",
+            "Training throughput of the last logged window",
+            st.get("samples_per_s"),
+        )
         yield gauge("lepton_generation", "Current generation (membership) number", st.get("generation"))
-        yield gauge("lepton_learning_rate", "Learning rate of the last logged window",
-                    (self.history.latest_train() or {}).get("lr"))
+        yield gauge(
+            "lepton_learning_rate",
+            "Learning rate of the last logged window",
+            (self.history.latest_train() or {}).get("lr"),
+        )
 
         workers = st.get("workers") or []
         by_state = Counter(w.get("state") for w in workers)
@@ -277,15 +298,21 @@ class LeptonCollector(Collector):
         for s in sorted(set(WORKER_STATES) | set(by_state)):
             g.add_metric([str(s)], by_state.get(s, 0))
         yield g
-        speed = GaugeMetricFamily("lepton_worker_samples_per_second", "A worker's measured throughput",
-                                  labels=["worker", "host"])
-        share = GaugeMetricFamily("lepton_worker_share", "A worker's fraction of the global batch",
-                                  labels=["worker"])
-        step = GaugeMetricFamily("lepton_worker_step", "Steps completed by a worker's replica", labels=["worker"])
-        seen = GaugeMetricFamily("lepton_worker_last_heartbeat_seconds", "Seconds since a worker was last heard",
-                                 labels=["worker"])
-        winfo = GaugeMetricFamily("lepton_worker_info", "A worker's host and state (always 1)",
-                                  labels=["worker", "host", "state"])
+        speed = GaugeMetricFamily(
+            "lepton_worker_samples_per_second", "A worker's measured throughput", labels=["worker", "host"]
+        )
+        share = GaugeMetricFamily(
+            "lepton_worker_share", "A worker's fraction of the global batch", labels=["worker"]
+        )
+        step = GaugeMetricFamily(
+            "lepton_worker_step", "Steps completed by a worker's replica", labels=["worker"]
+        )
+        seen = GaugeMetricFamily(
+            "lepton_worker_last_heartbeat_seconds", "Seconds since a worker was last heard", labels=["worker"]
+        )
+        winfo = GaugeMetricFamily(
+            "lepton_worker_info", "A worker's host and state (always 1)", labels=["worker", "host", "state"]
+        )
         for w in workers:
             wid = str(w["worker_id"])
             # a worker outside the running plan (lost, standby) computes nothing and holds no share
@@ -296,13 +323,18 @@ class LeptonCollector(Collector):
             winfo.add_metric([wid, str(w.get("host")), str(w.get("state"))], 1)
         yield from (speed, share, step, seen, winfo)
 
-        yield CounterMetricFamily("lepton_failures", "Workers lost (worker_lost events)", kinds.get("worker_lost", 0))
+        yield CounterMetricFamily(
+            "lepton_failures", "Workers lost (worker_lost events)", kinds.get("worker_lost", 0)
+        )
         ev = CounterMetricFamily("lepton_events", "Events by kind", labels=["kind"])
         for k, n in sorted(kinds.items()):
             ev.add_metric([k], n)
         yield ev
 
-        for split, rec, name in (("val", val, "lepton_validation_metric"), ("test", test, "lepton_test_metric")):
+        for split, rec, name in (
+            ("val", val, "lepton_validation_metric"),
+            ("test", test, "lepton_test_metric"),
+        ):
             m = GaugeMetricFamily(name, f"Latest {split}-split evaluation", labels=["metric"])
             for key, v in sorted((rec or {}).items()):
                 if key not in _NOT_METRICS and _number(v):
@@ -316,8 +348,9 @@ def _num(v) -> float:
 
 
 # --- routes --------------------------------------------------------------------------------------------
-def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
-                         max_points: int = MAX_POINTS) -> MetricsHistory:
+def add_dashboard_routes(
+    app: FastAPI, coord, lock: threading.Lock, token: str, max_points: int = MAX_POINTS
+) -> MetricsHistory:
     """Add the dashboard, its data and ``/metrics`` to ``app``; all need ``token``."""
     cookie = cookie_name(token)
     history = MetricsHistory(coord.run.metrics_jsonl, max_points)
@@ -325,18 +358,27 @@ def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
     registry.register(LeptonCollector(coord, lock, history))
     job_text: list[str] = []
 
-    require = token_or_cookie_dependency(token)      # auth.py: the bearer header or the cookie
+    require = token_or_cookie_dependency(token)  # auth.py: the bearer header or the cookie
 
     @app.get("/dashboard", include_in_schema=False)
     def page(request: Request) -> Response:
         query = request.query_params.get("token")
         fresh = same_secret(query, token)
         if not (fresh or request_authorized(request, token)):
-            return HTMLResponse(_REFUSED, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer", "Content-Security-Policy": CSP, **NO_STORE})
-        r = HTMLResponse((STATIC / "dashboard.html").read_text(),
-                         headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
-                                  "X-Content-Type-Options": "nosniff", **NO_STORE})
+            return HTMLResponse(
+                _REFUSED,
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer", "Content-Security-Policy": CSP, **NO_STORE},
+            )
+        r = HTMLResponse(
+            (STATIC / "dashboard.html").read_text(),
+            headers={
+                "Content-Security-Policy": CSP,
+                "Referrer-Policy": "no-referrer",
+                "X-Content-Type-Options": "nosniff",
+                **NO_STORE,
+            },
+        )
         if fresh:
             r.set_cookie(cookie, token, httponly=True, samesite="lax", path="/")
         return r
@@ -345,8 +387,11 @@ def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
     def asset(name: str) -> Response:
         if name not in ASSETS:
             raise HTTPException(status_code=404, detail="no such asset")
-        return Response((STATIC / name).read_bytes(), media_type=ASSETS[name],
-                        headers={"X-Content-Type-Options": "nosniff", **NO_STORE})
+        return Response(
+            (STATIC / name).read_bytes(),
+            media_type=ASSETS[name],
+            headers={"X-Content-Type-Options": "nosniff", **NO_STORE},
+        )
 
     @app.get("/dashboard/api/state", dependencies=[Depends(require)])
     def state() -> JSONResponse:
@@ -354,8 +399,11 @@ def add_dashboard_routes(app: FastAPI, coord, lock: threading.Lock, token: str,
             st = coord.status()
             events = list(coord.events[-EVENTS_SHOWN:])
             total_events = len(coord.events)
-            registered = {e.get("worker"): e.get("resources") for e in coord.events
-                          if e.get("kind") == "worker_registered"}
+            registered = {
+                e.get("worker"): e.get("resources")
+                for e in coord.events
+                if e.get("kind") == "worker_registered"
+            }
             if not job_text:
                 job_text.append(yaml.safe_dump(coord.job.to_yaml_dict(), sort_keys=False))
             batch = coord.job.train.batch_size

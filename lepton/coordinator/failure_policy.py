@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
 from ..spec import ClusterSpec
 
 
@@ -68,7 +69,9 @@ class FailurePolicy:
         out while the live state is being written as a checkpoint (``checkpointing``)."""
         limit = self.cluster.wait_for_workers_s
         if checkpointing or waited_s <= limit:
-            return FailureDecision(Action.WAIT, f"{alive} worker(s) alive, cluster.min_workers is {self.cluster.min_workers}")
+            return FailureDecision(
+                Action.WAIT, f"{alive} worker(s) alive, cluster.min_workers is {self.cluster.min_workers}"
+            )
         return FailureDecision(
             Action.FAIL,
             f"only {alive} worker(s) alive, fewer than cluster.min_workers={self.cluster.min_workers}, for "
@@ -80,16 +83,20 @@ class FailurePolicy:
         if code == 0 or run_final or not self.cluster.restart_failed:
             return FailureDecision(Action.NONE, f"a local worker exited with code {code}")
         if restarts >= self.cluster.max_restarts:
-            return FailureDecision(Action.NONE, f"no restart left (cluster.max_restarts={self.cluster.max_restarts})")
+            return FailureDecision(
+                Action.NONE, f"no restart left (cluster.max_restarts={self.cluster.max_restarts})"
+            )
         return FailureDecision(
             Action.RESTART_LOCAL,
-            f"restarted a local worker that exited with code {code} ({restarts + 1}/{self.cluster.max_restarts})",
+            f"restarted a local worker that exited with code {code}"
+            f" ({restarts + 1}/{self.cluster.max_restarts})",
         )
 
     def no_local_workers(self, restarts: int) -> FailureDecision:
         """Every local worker process has exited while the run goes on."""
         if self.cluster.restart_failed:
-            why = f"local workers keep failing ({restarts} restart(s), cluster.max_restarts={self.cluster.max_restarts})"
+            limit = self.cluster.max_restarts
+            why = f"local workers keep failing ({restarts} restart(s), cluster.max_restarts={limit})"
         else:
             why = "every local worker exited"
         return FailureDecision(Action.FAIL, why)

@@ -36,7 +36,9 @@ def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
     return [round(s, 4) for s in balance.normalise([m.capacity for m in members])]
 
 
-def balanced_shares(job: JobSpec, members: list[Member], current: Optional[list[float]] = None) -> list[float]:
+def balanced_shares(
+    job: JobSpec, members: list[Member], current: Optional[list[float]] = None
+) -> list[float]:
     """Shares that equalise the members' step times; from ``current`` shares (a re-plan), none shrinks
     by more than ``balance.SHRINK`` at once."""
     batch = job.train.batch_size
@@ -49,7 +51,9 @@ def balanced_shares(job: JobSpec, members: list[Member], current: Optional[list[
 def assign_capacities(job: JobSpec, members: list[Member]) -> None:
     """Cores each member can count on in its generation (``balance.capacities``)."""
     gpus = job.cluster.device != "cpu"  # a worker told to train on its CPU is a CPU worker
-    placements = [(m.host, m.resources.cpu_list, m.resources.threads, gpus and bool(m.resources.gpus)) for m in members]
+    placements = [
+        (m.host, m.resources.cpu_list, m.resources.threads, gpus and bool(m.resources.gpus)) for m in members
+    ]
     for m, cap in zip(members, balance.capacities(placements)):
         m.capacity = cap
 

@@ -5,6 +5,7 @@ The TCPStore and gloo have no authentication of their own (PyTorch's security mo
 bound to the same interface as the HTTP API, so bind both to the cluster's private interface.
 All calls into the controller hold one lock; the controller itself never blocks.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,8 +28,9 @@ HEARTBEAT_INTERVAL_S = 0.5
 BEATS_PER_TIMEOUT = 8
 
 
-def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: int,
-              factory_pickle: str | None) -> FastAPI:
+def build_app(
+    coord: Controller, token: str, lock: threading.Lock, store_port: int, factory_pickle: str | None
+) -> FastAPI:
     # no OpenAPI schema or docs pages: they would answer without the token (and list every route)
     app = FastAPI(title="Lepton coordinator", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -38,7 +40,7 @@ def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: i
     # (heartbeat, plan, report) are async: the controller never waits on anything but a few small file
     # writes, so they hold the event loop no longer than they would hold the lock; the rare heavier
     # ones (register, status, the dashboard) stay on the pool.
-    auth = bearer_dependency(token)     # async (auth.py)
+    auth = bearer_dependency(token)  # async (auth.py)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -49,10 +51,16 @@ def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: i
         with lock:
             wid = coord.register(req)
             job = coord.job.to_yaml_dict()
-        return RegisterResponse(worker_id=wid, job=job, run_dir=str(coord.run.root), store_port=store_port,
-                                factory_pickle=factory_pickle,
-                                heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S,
-                                                         coord.job.cluster.heartbeat_timeout_s / BEATS_PER_TIMEOUT))
+        return RegisterResponse(
+            worker_id=wid,
+            job=job,
+            run_dir=str(coord.run.root),
+            store_port=store_port,
+            factory_pickle=factory_pickle,
+            heartbeat_interval_s=min(
+                HEARTBEAT_INTERVAL_S, coord.job.cluster.heartbeat_timeout_s / BEATS_PER_TIMEOUT
+            ),
+        )
 
     @app.post("/v1/heartbeat", dependencies=[Depends(auth)])
     async def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
@@ -78,7 +86,7 @@ def build_app(coord: Controller, token: str, lock: threading.Lock, store_port: i
         with lock:
             return coord.status()
 
-    add_dashboard_routes(app, coord, lock, token)          # /dashboard, /dashboard/api/*, /metrics
+    add_dashboard_routes(app, coord, lock, token)  # /dashboard, /dashboard/api/*, /metrics
     return app
 
 
@@ -87,8 +95,9 @@ def _listen_tcp(host: str, port: int) -> socket.socket:
     asyncio sets TCP_NODELAY only on connections whose proto says TCP, and without it uvicorn's
     two-part responses wait on the client's delayed ACK, 40 ms per request when requests come less
     than ~40 ms apart (measured: heartbeats took 42-58 ms while training, 1.5-10 ms with this)."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      proto=socket.IPPROTO_TCP)[0]
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )[0]
     s = socket.socket(family, kind, proto)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -132,17 +141,24 @@ class CoordinatorServer:
         self.lock = threading.Lock()
         self.listener = listener
         # the store listens on the socket we bound, so it is on the same interface as the API
-        self.store = dist.TCPStore(listener.host, listener.store_port, None, True,
-                                   datetime.timedelta(seconds=60), wait_for_workers=False,
-                                   master_listen_fd=listener.store.fileno())
+        self.store = dist.TCPStore(
+            listener.host,
+            listener.store_port,
+            None,
+            True,
+            datetime.timedelta(seconds=60),
+            wait_for_workers=False,
+            master_listen_fd=listener.store.fileno(),
+        )
         # the store owns the descriptor from now on (its destructor closes it): the socket object lets
         # go of it, or closing both would close whatever file took the number in between
         listener.store.detach()
         app = build_app(coord, token, self.lock, listener.store_port, factory_pickle)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener.http]},
-                                        name="lepton-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [listener.http]}, name="lepton-http", daemon=True
+        )
         self._ticker = threading.Thread(target=self._tick_loop, name="lepton-tick", daemon=True)
         self._stopping = threading.Event()
 
@@ -186,4 +202,4 @@ class CoordinatorServer:
         self._server.should_exit = True
         self._thread.join(timeout=5)
         self.listener.close()
-        self.store = None                  # closes the store's listening socket
+        self.store = None  # closes the store's listening socket

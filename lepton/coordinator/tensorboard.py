@@ -1,6 +1,7 @@
 """TensorBoard event files in ``RUN_DIR/tensorboard/``, written by the coordinator from the metric
 records workers send, when the optional ``tensorboard`` package is installed (``pip install
 lepton[tensorboard]``); without it this is a no-op."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ class TensorBoardSink:
     def __init__(self, folder: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:                 # the optional extra is not installed
+        except ImportError:  # the optional extra is not installed
             self.writer = None
             return
         self.writer = SummaryWriter(log_dir=str(folder))

@@ -11,6 +11,7 @@ Modules: ``pipeline`` (run_export), ``artifacts`` (writers, ``ArtifactPredictor`
 
 ONNX and ONNX Runtime are imported only when an ONNX model is written or run.
 """
+
 from __future__ import annotations
 
 from ..spec import ExportSpec

@@ -21,6 +21,7 @@ Every artifact embeds the run's model description (``meta``), so a file works wi
 ``lepton.load`` calls it for a file.
 Every problem with the file (missing, corrupt, not from Lepton) is a ``LeptonError`` naming it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,7 +54,12 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def artifact_name(fmt: str, precision: str, pruned: bool) -> str:
-    return "model" + (".pruned" if pruned else "") + ("" if precision == "fp32" else f".{precision}") + EXTENSIONS[fmt]
+    return (
+        "model"
+        + (".pruned" if pruned else "")
+        + ("" if precision == "fp32" else f".{precision}")
+        + EXTENSIONS[fmt]
+    )
 
 
 def detect_format(path: Path) -> str:
@@ -75,8 +81,10 @@ def detect_format(path: Path) -> str:
 
 # --- writing ---------------------------------------------------------------------------------------
 
-def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision: str, meta: dict,
-                      path: Path) -> list[str]:
+
+def write_torchscript(
+    model: nn.Module, input_shape: tuple[int, ...], precision: str, meta: dict, path: Path
+) -> list[str]:
     """Trace ``model`` in ``precision`` and save it with the description; returns notes for the report
     (torch's deprecation message of torch.jit, when it gives one)."""
     dtype = TORCH_DTYPES[precision]
@@ -88,7 +96,7 @@ def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision:
         try:
             with torch.no_grad():
                 traced = torch.jit.trace(m, example)
-        except Exception as e:     # tracing raises many types for models it cannot follow
+        except Exception as e:  # tracing raises many types for models it cannot follow
             raise LeptonError(f"TorchScript tracing of the model failed: {first_line(e)}") from None
         torch.jit.save(traced, buf, _extra_files={META_KEY: encode_meta(meta)})
     atomic_write_bytes(path, buf.getvalue())
@@ -98,8 +106,10 @@ def write_torchscript(model: nn.Module, input_shape: tuple[int, ...], precision:
 
 def write_safetensors(model: nn.Module, precision: str, meta: dict, path: Path) -> None:
     dtype = TORCH_DTYPES[precision]
-    tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     atomic_write_bytes(path, save(tensors, metadata={META_KEY: encode_meta(meta)}))
 
 
@@ -113,6 +123,7 @@ def _copy_as(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # --- running ---------------------------------------------------------------------------------------
 
+
 class TorchRunner:
     """float32 features → float32 outputs through a torch module computing in ``dtype``."""
 
@@ -120,7 +131,7 @@ class TorchRunner:
         self.model, self.dtype = model.eval(), dtype
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if not x.flags.writeable:       # e.g. a memory-mapped cache: torch wants writable memory
+        if not x.flags.writeable:  # e.g. a memory-mapped cache: torch wants writable memory
             x = x.copy()
         with torch.inference_mode():
             out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.dtype))
@@ -135,15 +146,26 @@ def rebuild_torch_model(meta: dict, source: Path) -> nn.Module:
         if pickled.exists():
             factory = cloudpickle.loads(pickled.read_bytes())
     pre = Preprocessor.from_dict(meta["preprocess"])
-    job = parse_job({"name": meta.get("name", "model"), "seed": meta.get("seed", 0), "task": meta["task"],
-                     "data": {"path": "-", "target": pre.target, "shape": pre.shape}, "model": meta["model"]},
-                    source=f"{source} (embedded model spec)")
+    job = parse_job(
+        {
+            "name": meta.get("name", "model"),
+            "seed": meta.get("seed", 0),
+            "task": meta["task"],
+            "data": {"path": "-", "target": pre.target, "shape": pre.shape},
+            "model": meta["model"],
+        },
+        source=f"{source} (embedded model spec)",
+    )
     try:
-        return build_model(job, tuple(meta["input_shape"]), num_outputs(meta["task"], meta["classes"]), factory)
+        return build_model(
+            job, tuple(meta["input_shape"]), num_outputs(meta["task"], meta["classes"]), factory
+        )
     except LeptonError as e:
-        raise LeptonError(f"{source}: cannot rebuild the model from its embedded spec ({e}); a model built by"
-                          " a Python callable needs its run's model/model_factory.pkl next to exports/, or"
-                          " ship it as onnx or torchscript, which carry the whole graph") from None
+        raise LeptonError(
+            f"{source}: cannot rebuild the model from its embedded spec ({e}); a model built by"
+            " a Python callable needs its run's model/model_factory.pkl next to exports/, or"
+            " ship it as onnx or torchscript, which carry the whole graph"
+        ) from None
 
 
 def _load_onnx(path: Path, threads: int | None) -> tuple[Runner, dict]:
@@ -158,7 +180,7 @@ def _load_torchscript(path: Path) -> tuple[Runner, dict]:
             # torch.jit.load is deprecated upstream; the export report already said so once
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as e:      # RuntimeError from the zip reader / unpickler, for any damage
+    except Exception as e:  # RuntimeError from the zip reader / unpickler, for any damage
         raise LeptonError(f"{path}: not a readable TorchScript file ({first_line(e)})") from None
     meta = decode_meta(extra[META_KEY], str(path))
     return TorchRunner(module, TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]), meta
@@ -171,7 +193,7 @@ def _load_safetensors(path: Path) -> tuple[Runner, dict]:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except LeptonError:
         raise
-    except Exception as e:     # SafetensorError (header/size mismatch), OSError
+    except Exception as e:  # SafetensorError (header/size mismatch), OSError
         raise LeptonError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     dtype = TORCH_DTYPES[meta["artifact"].get("precision", "fp32")]
     model = rebuild_torch_model(meta, path).to(dtype)
@@ -196,7 +218,12 @@ class ArtifactPredictor(Predictor):
         return self.runner(x)
 
     def describe(self) -> dict:
-        return {"source": str(self.path), "format": self.format, "precision": self.precision, "task": self.task}
+        return {
+            "source": str(self.path),
+            "format": self.format,
+            "precision": self.precision,
+            "task": self.task,
+        }
 
 
 def load_artifact(path: str | Path, threads: int | None = None) -> ArtifactPredictor:
@@ -216,5 +243,14 @@ def load_artifact(path: str | Path, threads: int | None = None) -> ArtifactPredi
     return ArtifactPredictor(p, runner, meta)
 
 
-__all__ = ["ArtifactPredictor", "FORMATS", "artifact_name", "load_artifact",
-           "rebuild_torch_model", "write_onnx", "write_safetensors", "write_torchscript", "TorchRunner"]
+__all__ = [
+    "ArtifactPredictor",
+    "FORMATS",
+    "artifact_name",
+    "load_artifact",
+    "rebuild_torch_model",
+    "write_onnx",
+    "write_safetensors",
+    "write_torchscript",
+    "TorchRunner",
+]

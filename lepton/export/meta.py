@@ -7,6 +7,7 @@ format's own metadata slot (ONNX ``metadata_props``, TorchScript extra files, sa
 the preprocessing of a wide table is several kB of repetitive JSON, more than a small model's weights,
 and compressing it keeps the size comparison of the report about the parameters.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,10 @@ def encode_meta(meta: dict) -> str:
 def decode_meta(text: str | bytes | None, source: str) -> dict:
     """The description stored by ``encode_meta``; a missing or damaged one is a ``LeptonError``."""
     if not text:
-        raise LeptonError(f"{source}: no Lepton metadata ('{META_KEY}') in this file; export the model "
-                          "with `lepton export` so that its preprocessing travels with it")
+        raise LeptonError(
+            f"{source}: no Lepton metadata ('{META_KEY}') in this file; export the model "
+            "with `lepton export` so that its preprocessing travels with it"
+        )
     try:
         meta = json.loads(zlib.decompress(base64.b64decode(text, validate=True)))
     except (binascii.Error, zlib.error, ValueError) as e:
@@ -47,6 +50,11 @@ def artifact_meta(model_meta: dict, fmt: str, precision: str, pruning: dict | No
     """The description of one artifact, from the run's model description."""
     meta = {k: v for k, v in model_meta.items() if k not in ("metrics", "format")}
     meta["format"] = ARTIFACT_FORMAT
-    meta["artifact"] = {"format": fmt, "precision": precision, "pruning": pruning, "source_run": source_run,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta["artifact"] = {
+        "format": fmt,
+        "precision": precision,
+        "pruning": pruning,
+        "source_run": source_run,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     return meta

@@ -24,6 +24,7 @@ Contracts:
 them costs start-up time in every ``lepton`` command and worker process, and only the export phase
 and ONNX artifacts need them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,8 @@ def _strip(proto) -> None:
                 del item.metadata_props[:]
             if hasattr(item, "doc_string"):
                 item.doc_string = ""
-    del g.value_info[:]          # ONNX Runtime infers intermediate shapes when it loads the model
-    del g.metadata_props[:]      # the exporter's graph signature (~500 bytes of text)
+    del g.value_info[:]  # ONNX Runtime infers intermediate shapes when it loads the model
+    del g.metadata_props[:]  # the exporter's graph signature (~500 bytes of text)
     del proto.metadata_props[:]
     # quant_pre_process declares every domain ONNX Runtime knows; keep the ones the nodes use
     used = {n.domain for n in g.node} | {""}
@@ -88,6 +89,7 @@ def _compact_names(g) -> None:
     The graph's input and output keep their names (they are the interface). Graphs with subgraphs
     (If/Loop from a custom factory model) are left alone: their inner names would need renaming too."""
     from onnx import AttributeProto
+
     if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return
     keep = {v.name for v in g.input} | {v.name for v in g.output} | {""}
@@ -125,10 +127,18 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], meta: dict
     batch = torch.export.Dim("batch")
     try:
         with _quiet():
-            program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=({0: batch},),
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        opset_version=OPSET, optimize=True, verbose=False)
-    except Exception as e:    # the exporter raises many types; the user needs the first line
+            program = torch.onnx.export(
+                model,
+                example,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; the user needs the first line
         raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first_line(e)}") from None
     proto = program.model_proto
     _strip(proto)
@@ -165,8 +175,12 @@ def quantize_int8(proto, meta: dict, method: str = "dynamic", calibration=None):
 
     class Rows(CalibrationDataReader):
         def __init__(self, x):
-            self.batches = iter([{INPUT_NAME: np.ascontiguousarray(x[i:i + 64], dtype=np.float32)}
-                                 for i in range(0, len(x), 64)])
+            self.batches = iter(
+                [
+                    {INPUT_NAME: np.ascontiguousarray(x[i : i + 64], dtype=np.float32)}
+                    for i in range(0, len(x), 64)
+                ]
+            )
 
         def get_next(self):
             return next(self.batches, None)
@@ -185,9 +199,15 @@ def quantize_int8(proto, meta: dict, method: str = "dynamic", calibration=None):
             if method == "static":
                 # QOperator (QLinearConv, QLinearMatMul...) rather than QDQ: the same kernels here, and
                 # no Quantize/Dequantize pair around every tensor (digits CNN: 930 bytes, 5% of the file)
-                quantize_static(str(pre), str(dst), Rows(calibration), quant_format=QuantFormat.QOperator,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                per_channel=False)
+                quantize_static(
+                    str(pre),
+                    str(dst),
+                    Rows(calibration),
+                    quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=False,
+                )
             else:
                 quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=False)
         q = onnx.load(str(dst))
@@ -200,6 +220,7 @@ def store_weights_as(proto, precision: str, meta: dict):
     """A copy of ``proto`` whose float initializers are stored as fp16 or bf16 (see module doc)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
     if precision not in ("fp16", "bf16"):
         raise ValueError(precision)
     out = onnx.ModelProto()
@@ -214,15 +235,16 @@ def store_weights_as(proto, precision: str, meta: dict):
         name16 = f"{init.name}__{precision}"
         if precision == "fp16":
             t16 = numpy_helper.from_array(a.astype(np.float16), name16)
-        else:     # numpy has no bfloat16: round through torch (round-to-nearest-even) and keep the bits
+        else:  # numpy has no bfloat16: round through torch (round-to-nearest-even) and keep the bits
             bits = torch.tensor(a).to(torch.bfloat16).view(torch.int16).numpy()
             t16 = helper.make_tensor(name16, TensorProto.BFLOAT16, list(a.shape), bits.tobytes(), raw=True)
         kept.append(t16)
-        casts.append(helper.make_node("Cast", [name16], [init.name], to=TensorProto.FLOAT,
-                                      name=f"cast_{name16}"))
+        casts.append(
+            helper.make_node("Cast", [name16], [init.name], to=TensorProto.FLOAT, name=f"cast_{name16}")
+        )
     del g.initializer[:]
     g.initializer.extend(kept)
-    nodes = casts + list(g.node)       # the casts come first: graph nodes must be topologically sorted
+    nodes = casts + list(g.node)  # the casts come first: graph nodes must be topologically sorted
     del g.node[:]
     g.node.extend(nodes)
     set_meta(out, meta)
@@ -234,13 +256,14 @@ class OnnxRunner:
 
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
+
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3          # errors only: warnings about unused initializers etc. are noise
+        opts.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
         if threads:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:    # InvalidProtobuf, Fail, NoSuchFile... all mean "not a usable model"
+        except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile... all mean "not a usable model"
             raise LeptonError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
         self.meta = decode_meta(self.session.get_modelmeta().custom_metadata_map.get(META_KEY), str(path))
         self.input_name = self.session.get_inputs()[0].name

@@ -16,6 +16,7 @@ Contract of ``run_export(run_dir, spec)``:
   measures it against the fp32 torch model (``report`` module doc); writes ``exports/report.json`` and
   returns the same dict.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,12 +48,14 @@ from .report import Candidate, measure
 
 REPORT_NAME = "report.json"
 REPORT_FORMAT = "lepton-export-report/1"
-CALIBRATION_ROWS = 512        # static int8: rows whose activation ranges set the scales
+CALIBRATION_ROWS = 512  # static int8: rows whose activation ranges set the scales
 
 Log = Callable[[str], None]
 
 
-def as_spec(spec: ExportSpec | dict | None, source: str = "export", names: dict[str, str] | None = None) -> ExportSpec:
+def as_spec(
+    spec: ExportSpec | dict | None, source: str = "export", names: dict[str, str] | None = None
+) -> ExportSpec:
     """``names``: how the caller calls the fields (``lepton export``'s flags), for the error line."""
     if spec is None:
         return ExportSpec()
@@ -76,8 +79,10 @@ def _eval_split(run: RunDir) -> tuple[str, np.ndarray, np.ndarray]:
             raise LeptonError(f"{xp}: cannot read the prepared {split} split ({e})") from None
         if len(y):
             return split, x, y
-    raise LeptonError(f"{run.data_dir}: no prepared test (or validation) rows to check the artifacts on"
-                      " (expected data/test_x.npy and data/test_y.npy from `lepton train`)")
+    raise LeptonError(
+        f"{run.data_dir}: no prepared test (or validation) rows to check the artifacts on"
+        " (expected data/test_x.npy and data/test_y.npy from `lepton train`)"
+    )
 
 
 def _calibration_rows(run: RunDir) -> np.ndarray | None:
@@ -96,9 +101,17 @@ def _calibration_rows(run: RunDir) -> np.ndarray | None:
     return np.asarray(x[pick], dtype=np.float32)
 
 
-def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pruning: dict | None,
-           run: RunDir, log: Log, method: str = "auto",
-           rows: np.ndarray | None = None) -> tuple[list[tuple[str, str, Path]], list[str]]:
+def _write(
+    fmt: str,
+    precision: str,
+    model: torch.nn.Module,
+    base_meta: dict,
+    pruning: dict | None,
+    run: RunDir,
+    log: Log,
+    method: str = "auto",
+    rows: np.ndarray | None = None,
+) -> tuple[list[tuple[str, str, Path]], list[str]]:
     """Write the artifact(s) of one format; returns [(format, precision, path)] and report notes.
     ``method``/``rows``: the int8 method asked for and the calibration rows (``_calibration_rows``)."""
     pruned = pruning is not None
@@ -108,7 +121,9 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
     notes: list[str] = []
     if fmt == "torchscript":
         log(f"tracing TorchScript ({precision}) → {path.name}")
-        notes += write_torchscript(model, shape, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path)
+        notes += write_torchscript(
+            model, shape, precision, artifact_meta(base_meta, fmt, precision, pruning, src), path
+        )
         return [(fmt, precision, path)], notes
     if fmt == "safetensors":
         log(f"writing safetensors ({precision}) → {path.name}")
@@ -125,55 +140,79 @@ def _write(fmt: str, precision: str, model: torch.nn.Module, base_meta: dict, pr
         q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src), chosen, rows)
         write_onnx(q, path)
         if chosen == "static":
-            notes.append(f"int8: ONNX Runtime static quantization (int8 weights, uint8 activations, one scale"
-                         f" per tensor, activation ranges calibrated on {len(rows)} training rows; input and"
-                         " output stay float32)")
+            notes.append(
+                f"int8: ONNX Runtime static quantization (int8 weights, uint8 activations, one scale"
+                f" per tensor, activation ranges calibrated on {len(rows)} training rows; input and"
+                " output stay float32)"
+            )
         else:
-            notes.append("int8: ONNX Runtime dynamic quantization (int8 weights with one scale per tensor,"
-                         " activations quantized per batch at run time; input and output stay float32)")
+            notes.append(
+                "int8: ONNX Runtime dynamic quantization (int8 weights with one scale per tensor,"
+                " activations quantized per batch at run time; input and output stay float32)"
+            )
         if any(n.op_type == "ConvInteger" for n in q.graph.node):
-            notes.append("int8 convolutions run as ConvInteger, which ONNX Runtime's CPU provider computes"
-                         " more slowly than float Conv at larger batches: compare the b64 columns"
-                         " (--int8-method static calibrates and runs them as QLinearConv)")
+            notes.append(
+                "int8 convolutions run as ConvInteger, which ONNX Runtime's CPU provider computes"
+                " more slowly than float Conv at larger batches: compare the b64 columns"
+                " (--int8-method static calibrates and runs them as QLinearConv)"
+            )
         out.append(("onnx", "int8", path))
     elif precision in ("fp16", "bf16"):
         log(f"storing ONNX weights as {precision} → {path.name}")
-        write_onnx(store_weights_as(proto, precision, artifact_meta(base_meta, "onnx", precision, pruning, src)), path)
-        notes.append(f"onnx {precision}: weights stored in {precision}, computed in float32 by ONNX Runtime"
-                     " (its CPU provider lacks 16-bit Gemm/Conv kernels)")
+        write_onnx(
+            store_weights_as(proto, precision, artifact_meta(base_meta, "onnx", precision, pruning, src)),
+            path,
+        )
+        notes.append(
+            f"onnx {precision}: weights stored in {precision}, computed in float32 by ONNX Runtime"
+            " (its CPU provider lacks 16-bit Gemm/Conv kernels)"
+        )
         out.append(("onnx", precision, path))
     return out, notes
 
 
-def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: Log | None = None,
-               progress: bool = False) -> dict:
+def run_export(
+    run_dir: str | Path, spec: ExportSpec | dict | None = None, log: Log | None = None, progress: bool = False
+) -> dict:
     """Run the export phase on a completed run (see module doc); returns the report."""
     spec = as_spec(spec)
     log = log or (lambda msg: None)
     run = RunDir(run_dir)
     if run.root.is_file():
         run_of = run.root.parent.parent if run.root.parent.name == "exports" else None
-        raise LeptonError(f"{run.root}: is a file; lepton export takes a run directory"
-                          + (f" (this file's run: {run_of})" if run_of else ""))
+        raise LeptonError(
+            f"{run.root}: is a file; lepton export takes a run directory"
+            + (f" (this file's run: {run_of})" if run_of else "")
+        )
     if not run.root.is_dir():
         raise LeptonError(f"{run.root}: no such run directory")
-    base = RunPredictor(run.model_dir)               # LeptonError when the run has no final model
+    base = RunPredictor(run.model_dir)  # LeptonError when the run has no final model
     split, x, y = _eval_split(run)
     rows = None
     if spec.precision == "int8" and spec.int8_method != "dynamic":
         rows = _calibration_rows(run)
-        if rows is None and spec.int8_method == "static":    # before any work
-            raise LeptonError(f"{run.data_dir / 'train_x.npy'}: int8_method static calibrates on the run's"
-                              " prepared training rows, and there are none; use int8_method dynamic"
-                              " (--int8-method dynamic)")
+        if rows is None and spec.int8_method == "static":  # before any work
+            raise LeptonError(
+                f"{run.data_dir / 'train_x.npy'}: int8_method static calibrates on the run's"
+                " prepared training rows, and there are none; use int8_method dynamic"
+                " (--int8-method dynamic)"
+            )
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
 
     model = copy.deepcopy(base.model).eval()
     pruning = None
     if spec.prune is not None:
-        pruning = prune_model(model, run, spec.prune, spec.prune_scope, spec.finetune_epochs,
-                              spec.finetune_workers, log, progress)
+        pruning = prune_model(
+            model,
+            run,
+            spec.prune,
+            spec.prune_scope,
+            spec.finetune_epochs,
+            spec.finetune_workers,
+            log,
+            progress,
+        )
 
     run.exports_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, str, Path]] = []
@@ -183,16 +222,26 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
         written += [f for f in files if f not in written]
         notes += more
     if pruning is not None:
-        notes.append("pruning is unstructured: the zeros are stored densely, so it shrinks files only"
-                     " together with compression; its effect shows in the pruned rows' metrics")
+        notes.append(
+            "pruning is unstructured: the zeros are stored densely, so it shrinks files only"
+            " together with compression; its effect shows in the pruned rows' metrics"
+        )
 
-    candidates = [Candidate(f"{MODEL_WEIGHTS} (fp32 torch eager)", TorchRunner(base.model), "torch", "fp32",
-                            run.model_dir / MODEL_WEIGHTS)]
+    candidates = [
+        Candidate(
+            f"{MODEL_WEIGHTS} (fp32 torch eager)",
+            TorchRunner(base.model),
+            "torch",
+            "fp32",
+            run.model_dir / MODEL_WEIGHTS,
+        )
+    ]
     if pruning is not None:
-        candidates.append(Candidate("pruned model (fp32 torch eager)", TorchRunner(model), "torch", "fp32",
-                                    None, True))
+        candidates.append(
+            Candidate("pruned model (fp32 torch eager)", TorchRunner(model), "torch", "fp32", None, True)
+        )
     for fmt, precision, path in written:
-        p = load_artifact(path, threads=threads)      # measure what was shipped, loaded as users load it
+        p = load_artifact(path, threads=threads)  # measure what was shipped, loaded as users load it
         candidates.append(Candidate(path.name, p.runner, fmt, precision, path, pruning is not None))
 
     log(f"measuring {len(candidates)} candidates on the {split} split ({len(y)} rows, {threads} threads)")
@@ -201,15 +250,27 @@ def run_export(run_dir: str | Path, spec: ExportSpec | dict | None = None, log: 
     for c in candidates:
         row, out = measure(c, base.task, x, y, ref, baseline_size, spec.latency_runs)
         if ref is None:
-            ref = out              # the fp32 torch model's outputs: every difference is measured from it
+            ref = out  # the fp32 torch model's outputs: every difference is measured from it
         rows.append(row)
 
     import onnxruntime  # only for its version: ONNX Runtime is imported when an ONNX model is made or run
-    report = {"format": REPORT_FORMAT, "name": base.meta.get("name", "model"), "run_dir": str(run.root),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": base.task, "split": split,
-              "test_rows": int(len(y)), "threads": threads, "spec": spec.model_dump(mode="json"),
-              "pruning": pruning, "artifacts": [str(p) for _, _, p in written], "rows": rows, "notes": notes,
-              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-              "wall_s": round(time.perf_counter() - t0, 2)}
+
+    report = {
+        "format": REPORT_FORMAT,
+        "name": base.meta.get("name", "model"),
+        "run_dir": str(run.root),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": base.task,
+        "split": split,
+        "test_rows": int(len(y)),
+        "threads": threads,
+        "spec": spec.model_dump(mode="json"),
+        "pruning": pruning,
+        "artifacts": [str(p) for _, _, p in written],
+        "rows": rows,
+        "notes": notes,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
     atomic_write_json(run.exports_dir / REPORT_NAME, report)
     return report

@@ -16,6 +16,7 @@ Contract of ``prune_model(model, run, amount, scope, finetune_epochs, finetune_w
   pruned weights; a later export with a fine-tune replaces that run;
 - the model is modified in place; returns a dict for the report (sparsity reached, the fine-tune's run).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -66,57 +67,98 @@ def make_permanent(model: nn.Module) -> None:
             prune.remove(m, name)
 
 
-def finetune(model: nn.Module, run: RunDir, epochs: int, workers: int | None = None,
-             log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
+def finetune(
+    model: nn.Module,
+    run: RunDir,
+    epochs: int,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> dict:
     """Fine-tune the pruned ``model`` in place as a distributed run (module doc); what the report shows."""
     job = run.read_job_dict()
     workers = workers or int(job.get("cluster", {}).get("workers", 1))
     child = run.finetune_dir
     with tempfile.TemporaryDirectory(prefix="lepton-finetune-") as tmp:
-        init = Path(tmp) / "pruned.safetensors"        # the run copies it in (model.init_weights)
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init))
+        init = Path(tmp) / "pruned.safetensors"  # the run copies it in (model.init_weights)
+        save_file(
+            {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(init)
+        )
         job["name"] = f"{job.get('name', 'job')}-finetune"
         job["model"].update(init_weights=str(init), keep_zeros=True)
-        if run.factory_pickle.exists():     # a callable from the Python API: job.yaml holds only its name
+        if run.factory_pickle.exists():  # a callable from the Python API: job.yaml holds only its name
             job["model"]["factory"] = cloudpickle.loads(run.factory_pickle.read_bytes())
         job["train"]["epochs"] = epochs
         job["export"] = None
         cluster = job.setdefault("cluster", {})
         # the run's placement options were for its own worker count and machines; the fine-tune runs
         # here, on a GPU if this machine has one
-        cluster.update(workers=workers, shares=None, max_workers=None, device="auto",
-                       min_workers=min(int(cluster.get("min_workers", 1)), workers))
+        cluster.update(
+            workers=workers,
+            shares=None,
+            max_workers=None,
+            device="auto",
+            min_workers=min(int(cluster.get("min_workers", 1)), workers),
+        )
         # validated before anything is deleted; relative paths as lepton.train would read them
         spec = parse_job(job, source=f"{run.job_yaml} (as the fine-tune's job)", base_dir=Path.cwd())
-        shutil.rmtree(child, ignore_errors=True)      # an earlier export's fine-tune: derived, replaced
+        shutil.rmtree(child, ignore_errors=True)  # an earlier export's fine-tune: derived, replaced
         if log:
             log(f"fine-tuning the pruned model: {epochs} epoch(s), {workers} worker(s), run {child}")
-        with open_local(spec, child, data_from=run.root) as launch:    # the launcher, not lepton.train
+        with open_local(spec, child, data_from=run.root) as launch:  # the launcher, not lepton.train
             res = run_local(launch.opened, launch.workers, launch.listener, progress)
     if res.status != "completed":
-        raise LeptonError(f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})")
+        raise LeptonError(
+            f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})"
+        )
     model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))
     model.eval()
     s = res.summary or {}
-    vals = [r["loss"] for r in read_jsonl(res.run_dir / "metrics.jsonl")
-            if r.get("kind") == "eval" and r.get("split") == "val" and "loss" in r]
-    return {"run_dir": str(res.run_dir), "workers": workers, "epochs": epochs, "steps": s.get("steps"),
-            "train_loss": (s.get("train") or {}).get("loss"), "val_loss": vals}
+    vals = [
+        r["loss"]
+        for r in read_jsonl(res.run_dir / "metrics.jsonl")
+        if r.get("kind") == "eval" and r.get("split") == "val" and "loss" in r
+    ]
+    return {
+        "run_dir": str(res.run_dir),
+        "workers": workers,
+        "epochs": epochs,
+        "steps": s.get("steps"),
+        "train_loss": (s.get("train") or {}).get("loss"),
+        "val_loss": vals,
+    }
 
 
-def prune_model(model: nn.Module, run: RunDir, amount: float, scope: str = "global", finetune_epochs: int = 0,
-                finetune_workers: int | None = None, log: Callable[[str], None] | None = None,
-                progress: bool = False) -> dict:
+def prune_model(
+    model: nn.Module,
+    run: RunDir,
+    amount: float,
+    scope: str = "global",
+    finetune_epochs: int = 0,
+    finetune_workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> dict:
     """Prune ``model`` in place (see module doc); returns what the report shows about it."""
     apply_pruning(model, amount, scope)
     make_permanent(model)
     reached = sparsity(model)
     if log:
         log(f"pruned {scope} L1 magnitude: {reached:.1%} of the Linear/Conv weights are zero")
-    tuned = finetune(model, run, finetune_epochs, finetune_workers, log, progress) if finetune_epochs else None
+    tuned = (
+        finetune(model, run, finetune_epochs, finetune_workers, log, progress) if finetune_epochs else None
+    )
     model.eval()
     after = sparsity(model)
-    if after < reached:         # keep_zeros failed: never ship that as "pruned"
-        raise LeptonError(f"the fine-tune lost sparsity ({reached:.1%} → {after:.1%} zeros); its run: {tuned['run_dir']}")
-    return {"amount": amount, "scope": scope, "method": "l1_unstructured", "sparsity": after,
-            "finetune_epochs": finetune_epochs, "finetune": tuned}
+    if after < reached:  # keep_zeros failed: never ship that as "pruned"
+        raise LeptonError(
+            f"the fine-tune lost sparsity ({reached:.1%} → {after:.1%} zeros); its run: {tuned['run_dir']}"
+        )
+    return {
+        "amount": amount,
+        "scope": scope,
+        "method": "l1_unstructured",
+        "sparsity": after,
+        "finetune_epochs": finetune_epochs,
+        "finetune": tuned,
+    }

@@ -13,6 +13,7 @@ For every candidate (the run's fp32 torch model first, then each artifact) on th
   against them).
 Timings are measured, never assumed; they depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,24 +36,30 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 @dataclass
 class Candidate:
-    name: str                   # the table's label, e.g. "model.int8.onnx"
+    name: str  # the table's label, e.g. "model.int8.onnx"
     runner: Runner
-    format: str                 # "torch" (eager), "onnx", "torchscript", "safetensors"
-    precision: str              # "fp32", "int8", "fp16", "bf16"
-    path: Path | None = None    # the file, when there is one
+    format: str  # "torch" (eager), "onnx", "torchscript", "safetensors"
+    precision: str  # "fp32", "int8", "fp16", "bf16"
+    path: Path | None = None  # the file, when there is one
     pruned: bool = False
 
 
 def outputs(runner: Runner, x: np.ndarray) -> np.ndarray:
-    parts = [runner(np.ascontiguousarray(x[s:s + EVAL_CHUNK], dtype=np.float32))
-             for s in range(0, len(x), EVAL_CHUNK)]
+    parts = [
+        runner(np.ascontiguousarray(x[s : s + EVAL_CHUNK], dtype=np.float32))
+        for s in range(0, len(x), EVAL_CHUNK)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
 
 
 def split_metrics(task: str, out: np.ndarray, y: np.ndarray) -> dict:
     classes = out.shape[1] if task == "classification" else 0
-    sums = metrics.batch_sums(task, torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
-                              torch.from_numpy(np.ascontiguousarray(y)), classes)
+    sums = metrics.batch_sums(
+        task,
+        torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y)),
+        classes,
+    )
     return metrics.finish(task, sums, classes)
 
 
@@ -69,19 +76,33 @@ def latency_ms(runner: Runner, x: np.ndarray, runs: int) -> dict:
     return {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "mean": float(t.mean())}
 
 
-def measure(c: Candidate, task: str, x: np.ndarray, y: np.ndarray, ref_out: np.ndarray | None,
-            baseline_size: int | None, runs: int) -> tuple[dict, np.ndarray]:
+def measure(
+    c: Candidate,
+    task: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    ref_out: np.ndarray | None,
+    baseline_size: int | None,
+    runs: int,
+) -> tuple[dict, np.ndarray]:
     """The report row of one candidate (see module doc) and its outputs on the test split."""
     out = outputs(c.runner, x)
-    row: dict = {"name": c.name, "format": c.format, "precision": c.precision, "pruned": c.pruned,
-                 "path": str(c.path) if c.path else None}
+    row: dict = {
+        "name": c.name,
+        "format": c.format,
+        "precision": c.precision,
+        "pruned": c.pruned,
+        "path": str(c.path) if c.path else None,
+    }
     size = c.path.stat().st_size if c.path else None
     row["size_bytes"] = size
     row["compression"] = round(baseline_size / size, 3) if size and baseline_size else None
     row["metrics"] = split_metrics(task, out, y)
     if ref_out is not None and len(out):
         row["max_abs_diff"] = float(np.abs(out.astype(np.float64) - ref_out.astype(np.float64)).max())
-        row["agreement"] = float((out.argmax(1) == ref_out.argmax(1)).mean()) if task == "classification" else None
+        row["agreement"] = (
+            float((out.argmax(1) == ref_out.argmax(1)).mean()) if task == "classification" else None
+        )
     else:
         row["max_abs_diff"], row["agreement"] = None, None
     row["latency_ms"] = {}
@@ -116,11 +137,22 @@ def report_table(report: dict) -> Table:
     task = report["task"]
     key = "accuracy" if task == "classification" else "mse"
     base = report["rows"][0]["metrics"].get(key) if report["rows"] else None
-    t = Table(title=f"lepton export: {report['name']}  (test split: {report['test_rows']} rows,"
-                    f" {report['threads']} CPU threads)")
-    for col, just in (("artifact", "left"), ("size", "right"), ("x smaller", "right"), (key, "right"),
-                      ("delta", "right"), ("agree", "right"), ("max |diff|", "right"),
-                      ("b1 p50/p95 ms", "right"), ("b64 p50/p95 ms", "right"), ("rows/s", "right")):
+    t = Table(
+        title=f"lepton export: {report['name']}  (test split: {report['test_rows']} rows,"
+        f" {report['threads']} CPU threads)"
+    )
+    for col, just in (
+        ("artifact", "left"),
+        ("size", "right"),
+        ("x smaller", "right"),
+        (key, "right"),
+        ("delta", "right"),
+        ("agree", "right"),
+        ("max |diff|", "right"),
+        ("b1 p50/p95 ms", "right"),
+        ("b64 p50/p95 ms", "right"),
+        ("rows/s", "right"),
+    ):
         t.add_column(col, justify=just)
     for row in report["rows"]:
         v = row["metrics"].get(key)
@@ -130,13 +162,18 @@ def report_table(report: dict) -> Table:
             delta = f"{(v - base) * 100:+.2f} pt"
         else:
             delta = f"{v - base:+.4g}"
-        t.add_row(row["name"], _size(row["size_bytes"]),
-                  f"{row['compression']:.2f}" if row.get("compression") else "-",
-                  f"{v:.4f}" if v is not None else "-", delta,
-                  f"{row['agreement']:.3f}" if row.get("agreement") is not None else "-",
-                  f"{row['max_abs_diff']:.2e}" if row.get("max_abs_diff") is not None else "-",
-                  _lat(row, 1), _lat(row, 64),
-                  f"{row['throughput_rows_s']:,.0f}" if row.get("throughput_rows_s") else "-")
+        t.add_row(
+            row["name"],
+            _size(row["size_bytes"]),
+            f"{row['compression']:.2f}" if row.get("compression") else "-",
+            f"{v:.4f}" if v is not None else "-",
+            delta,
+            f"{row['agreement']:.3f}" if row.get("agreement") is not None else "-",
+            f"{row['max_abs_diff']:.2e}" if row.get("max_abs_diff") is not None else "-",
+            _lat(row, 1),
+            _lat(row, 64),
+            f"{row['throughput_rows_s']:,.0f}" if row.get("throughput_rows_s") else "-",
+        )
     return t
 
 
@@ -149,13 +186,21 @@ def print_report(report: dict, console=None) -> None:
     con.print(report_table(report))
     pruning = report.get("pruning")
     if pruning:
-        line = f"pruned: {pruning['sparsity']:.1%} of the Linear/Conv weights are zero ({pruning['scope']} L1)"
+        line = (
+            f"pruned: {pruning['sparsity']:.1%} of the Linear/Conv weights are zero ({pruning['scope']} L1)"
+        )
         tuned = pruning.get("finetune")
         if tuned:
             vals = tuned.get("val_loss") or []
-            line += (f"; fine-tuned {tuned['epochs']} epoch(s) on {tuned['workers']} worker(s)"
-                     + (f", val loss after the first validation {vals[0]:.4g}, at the end {vals[-1]:.4g}" if vals else "")
-                     + f" (run: {tuned['run_dir']})")
+            line += (
+                f"; fine-tuned {tuned['epochs']} epoch(s) on {tuned['workers']} worker(s)"
+                + (
+                    f", val loss after the first validation {vals[0]:.4g}, at the end {vals[-1]:.4g}"
+                    if vals
+                    else ""
+                )
+                + f" (run: {tuned['run_dir']})"
+            )
         con.print(line, markup=False, highlight=False)
     for note in report.get("notes", []):
         con.print(f"note: {note}", markup=False, highlight=False)

@@ -20,6 +20,7 @@ Contract:
 - on start, the first line on stdout is ``serving on http://HOST:PORT`` (the real port when the bind
   asked for port 0), so a supervisor or a test can read where it listens.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,9 @@ def parse_body(body: bytes):
         return json.loads(body, parse_int=_parse_int)
     except UnicodeDecodeError as e:
         raise RequestError(400, f"malformed JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except ValueError as e:          # json.JSONDecodeError, and any other refusal of the decoder
+    except ValueError as e:  # json.JSONDecodeError, and any other refusal of the decoder
         raise RequestError(400, f"malformed JSON: {e}") from None
-    except RecursionError:           # e.g. 100000 nested '['
+    except RecursionError:  # e.g. 100000 nested '['
         raise RequestError(400, "malformed JSON: nested too deeply") from None
 
 
@@ -91,15 +92,23 @@ def rows_to_table(doc, predictor: Predictor) -> pa.Table:
     cols: dict[str, list] = {n: [] for n in names}
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise RequestError(422, f"rows[{i}]: expected an object {{column: value}}, got {type(row).__name__}")
+            raise RequestError(
+                422, f"rows[{i}]: expected an object {{column: value}}, got {type(row).__name__}"
+            )
         missing = [n for n in names if n not in row]
         if missing:
-            raise RequestError(422, f"rows[{i}]: missing feature column(s) {', '.join(map(repr, missing))}"
-                                    f" (the model needs: {', '.join(names)})")
+            raise RequestError(
+                422,
+                f"rows[{i}]: missing feature column(s) {', '.join(map(repr, missing))}"
+                f" (the model needs: {', '.join(names)})",
+            )
         unknown = [k for k in row if k not in known]
         if unknown:
-            raise RequestError(422, f"rows[{i}]: unknown column(s) {', '.join(map(repr, unknown))}"
-                                    f" (the model needs: {', '.join(names)})")
+            raise RequestError(
+                422,
+                f"rows[{i}]: unknown column(s) {', '.join(map(repr, unknown))}"
+                f" (the model needs: {', '.join(names)})",
+            )
         for st in pre.columns:
             v = row[st.name]
             if st.kind == "numeric":
@@ -107,28 +116,37 @@ def rows_to_table(doc, predictor: Predictor) -> pa.Table:
                     raise RequestError(422, f"rows[{i}].{st.name}: expected a number, got {v!r}")
                 try:
                     f = None if v is None else float(v)
-                except OverflowError:    # an integer beyond float64
+                except OverflowError:  # an integer beyond float64
                     f = math.inf
                 if f is not None and math.isnan(f):
                     raise RequestError(422, f"rows[{i}].{st.name}: expected a number, got NaN")
-                if f is not None and math.isinf(f):     # 1e400, Infinity, or a long integer (_parse_int)
-                    raise RequestError(422, f"rows[{i}].{st.name}: out of range: the value is infinite or"
-                                            " beyond float64 (|x| > 1.8e308)")
+                if f is not None and math.isinf(f):  # 1e400, Infinity, or a long integer (_parse_int)
+                    raise RequestError(
+                        422,
+                        f"rows[{i}].{st.name}: out of range: the value is infinite or"
+                        " beyond float64 (|x| > 1.8e308)",
+                    )
                 cols[st.name].append(f)
             else:
                 # a JSON true matches a category 'true' or 'True' (ColumnStats.category_index)
                 if v is not None and not (isinstance(v, (str, bool)) or _number(v)):
-                    raise RequestError(422, f"rows[{i}].{st.name}: expected a string, number or boolean, got {v!r}")
+                    raise RequestError(
+                        422, f"rows[{i}].{st.name}: expected a string, number or boolean, got {v!r}"
+                    )
                 cols[st.name].append(None if v is None else str(v))
-    return pa.table({st.name: pa.array(cols[st.name], type=pa.float64() if st.kind == "numeric" else pa.string())
-                     for st in pre.columns})
+    return pa.table(
+        {
+            st.name: pa.array(cols[st.name], type=pa.float64() if st.kind == "numeric" else pa.string())
+            for st in pre.columns
+        }
+    )
 
 
 def predict_response(predictor: Predictor, table: pa.Table) -> dict:
     try:
         result = predictor.predict_table(table, "request")
-    except CellError as e:            # a null where the run fitted no fill value, a value out of range
-        raise RequestError(422, e.as_list_item()) from None     # rows[i].column, as every other message
+    except CellError as e:  # a null where the run fitted no fill value, a value out of range
+        raise RequestError(422, e.as_list_item()) from None  # rows[i].column, as every other message
     except LeptonError as e:
         raise RequestError(422, str(e)) from None
     preds = result["prediction"]
@@ -143,13 +161,19 @@ def make_app(predictor: Predictor, max_body: int = MAX_BODY):
     """The FastAPI application serving ``predictor`` (see module doc)."""
 
     app = FastAPI(title="lepton serve", docs_url=None, redoc_url=None, openapi_url=None)
-    info = {"status": "ok", "model": predictor.meta.get("name"), **predictor.describe(),
-            "features": predictor.preprocessor.feature_names, "classes": predictor.classes,
-            "max_body_bytes": max_body}
+    info = {
+        "status": "ok",
+        "model": predictor.meta.get("name"),
+        **predictor.describe(),
+        "features": predictor.preprocessor.feature_names,
+        "classes": predictor.classes,
+        "max_body_bytes": max_body,
+    }
 
     def error(status: int, message: str, close: bool = False) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status,
-                            headers={"Connection": "close"} if close else None)
+        return JSONResponse(
+            {"error": message}, status_code=status, headers={"Connection": "close"} if close else None
+        )
 
     @app.get("/healthz")
     async def healthz():
@@ -171,7 +195,7 @@ def make_app(predictor: Predictor, max_body: int = MAX_BODY):
                     return error(413, too_big, close=True)
                 if size <= max_body:
                     chunks.append(chunk)
-        except ClientDisconnect:    # gone before its body was complete: nobody to answer, nothing to log
+        except ClientDisconnect:  # gone before its body was complete: nobody to answer, nothing to log
             return Response(status_code=400)
         if size > max_body:
             return error(413, too_big)
@@ -183,7 +207,7 @@ def make_app(predictor: Predictor, max_body: int = MAX_BODY):
             return JSONResponse(await run_in_threadpool(predict_response, predictor, table))
         except RequestError as e:
             return error(e.status, e.message)
-        except Exception as e:      # a bug: answer it, log it, keep serving
+        except Exception as e:  # a bug: answer it, log it, keep serving
             print(f"lepton serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return error(500, f"internal error: {type(e).__name__}: {e}")
 
@@ -212,8 +236,12 @@ def serve(predictor: Predictor, target: str | Path, host: str, port: int, max_bo
     # the socket is already listening: a client that reads this line and connects at once is queued
     print(f"serving on http://{url_host}:{real_port}", flush=True)
     d = predictor.describe()
-    print(f"model {predictor.meta.get('name')!r} ({d['format']} {d['precision']}, {d['task']}) from {target};"
-          f" POST /v1/predict, GET /healthz", file=sys.stderr, flush=True)
+    print(
+        f"model {predictor.meta.get('name')!r} ({d['format']} {d['precision']}, {d['task']}) from {target};"
+        f" POST /v1/predict, GET /healthz",
+        file=sys.stderr,
+        flush=True,
+    )
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -8,12 +8,24 @@ Modules: ``run`` (``open_run``, its checks, ``start_coordinator``), ``local`` (`
 ``LocalSupervisor``, ``open_local``, ``run_local``), ``signals`` (``InterruptCounter``,
 ``InterruptPolicy``).
 """
+
 from __future__ import annotations
 
 from .local import LocalLaunch, LocalOutcome, LocalSupervisor, LocalWorkers, open_local, run_local
 from .run import OpenRun, default_run_dir, open_run, start_coordinator
 from .signals import InterruptCounter, InterruptPolicy
 
-__all__ = ["InterruptCounter", "InterruptPolicy", "LocalLaunch", "LocalOutcome", "LocalSupervisor",
-           "LocalWorkers", "OpenRun", "default_run_dir", "open_local", "open_run", "run_local",
-           "start_coordinator"]
+__all__ = [
+    "InterruptCounter",
+    "InterruptPolicy",
+    "LocalLaunch",
+    "LocalOutcome",
+    "LocalSupervisor",
+    "LocalWorkers",
+    "OpenRun",
+    "default_run_dir",
+    "open_local",
+    "open_run",
+    "run_local",
+    "start_coordinator",
+]

@@ -5,6 +5,7 @@ and ``run_local``, which takes an opened run to its end with them.
     with launch:                                  # holds the run directory's lock until the end
         outcome = run_local(launch.opened, launch.workers, launch.listener, progress=True)
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -42,8 +43,13 @@ class LocalWorkers:
         threads = threads or max(1, (os.cpu_count() or 1) // count)
         # local workers import what the launching process can import (a model factory module, say)
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "LEPTON_TOKEN": token,
-                    "LEPTON_LOCAL_WORKER": "1"}
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": path,
+            "LEPTON_TOKEN": token,
+            "LEPTON_LOCAL_WORKER": "1",
+        }
         self.cmd = [sys.executable, "-m", "lepton", "worker", "--coordinator", url, "--threads", str(threads)]
         self.gpus = _visible_gpus()
         self.procs: list[subprocess.Popen] = []
@@ -56,10 +62,16 @@ class LocalWorkers:
     def spawn(self) -> None:
         """Start one more worker (also used to restart a failed one)."""
         env = self.env
-        if self.gpus:                                 # one GPU per local worker, round robin
+        if self.gpus:  # one GPU per local worker, round robin
             env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[len(self.procs) % len(self.gpus)]}
-        p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        p = subprocess.Popen(
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         self.procs.append(p)
         self.pumps.append(_LogPump(p.stdout))
         if self.run is not None:
@@ -126,7 +138,7 @@ def _visible_gpus() -> list[str]:
 def _die_with_parent() -> None:
     """Runs in the child before exec: a local worker must not outlive its launcher (Linux)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the worker still exits once it loses its coordinator
 
@@ -155,7 +167,7 @@ class _LogPump(threading.Thread):
         for line in iter(self.stream.readline, b""):
             with self.lock:
                 self.buffer.append(line)
-                del self.buffer[:-200]          # keep a tail for failure_output
+                del self.buffer[:-200]  # keep a tail for failure_output
                 if self.file:
                     self.file.write(line)
                     self.file.flush()
@@ -210,7 +222,7 @@ class LocalLaunch:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.opened.release()        # the run directory is free for a resume or an export
+        self.opened.release()  # the run directory is free for a resume or an export
 
 
 @dataclass
@@ -223,9 +235,14 @@ class LocalOutcome:
     reason: str = ""
 
 
-def open_local(job: JobSpec | None, run_dir: str | Path | None = None, resume: bool = False,
-               workers: int | None = None, threads: int | None = None,
-               data_from: str | Path | None = None) -> LocalLaunch:
+def open_local(
+    job: JobSpec | None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    workers: int | None = None,
+    threads: int | None = None,
+    data_from: str | Path | None = None,
+) -> LocalLaunch:
     """``open_run`` with ``workers`` local worker processes (the job's ``cluster.workers`` for a new run).
     A new run's workers start first and import torch while the data is prepared (they wait in the
     listener's backlog); a run that cannot be opened stops them again."""
@@ -253,28 +270,35 @@ def open_local(job: JobSpec | None, run_dir: str | Path | None = None, resume: b
     return LocalLaunch(opened, local, listener)
 
 
-def run_local(opened: OpenRun, local: LocalWorkers, listener: Listener,
-              progress: bool = False) -> LocalOutcome:
+def run_local(
+    opened: OpenRun, local: LocalWorkers, listener: Listener, progress: bool = False
+) -> LocalOutcome:
     """The opened run to its end: its coordinator on ``listener``, the local workers supervised, a
     progress bar when ``progress``. The caller releases the run (``LocalLaunch``)."""
     local.attach_logs(opened.run)
     server = start_coordinator(opened, listener)
     coord = server.coord
     if progress:
-        console.print(f"dashboard: {dashboard_url(server.url, opened.token)}", markup=False, highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"dashboard: {dashboard_url(server.url, opened.token)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     supervisor = LocalSupervisor(server, local, opened.job)
     try:
         with TrainingProgress(enabled=progress) as bar, InterruptCounter() as interrupts:
+
             def poll(status: dict) -> None:
                 bar.update(status)
                 supervisor.check(interrupts.count)
+
             server.wait(on_poll=poll)
     finally:
         if supervisor.forced:
             local.kill()
         else:
-            local.wait()         # they hear 'exit' on their next poll and leave on their own
+            local.wait()  # they hear 'exit' on their next poll and leave on their own
         server.stop()
     if coord.phase.value == "failed" and local.failure_output():
         console.print(local.failure_output(), markup=False, highlight=False)

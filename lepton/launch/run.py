@@ -4,6 +4,7 @@
 the model (it builds, takes ``init_weights``, fits the data's shape and the task's outputs) and, for a
 resume, the checkpoint it continues from. ``start_coordinator`` serves the opened run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,7 @@ class OpenRun:
     resume_checkpoint: dict | None
     factory_pickle: str | None
     previous_generation: int | None = None
-    lock: RunLock | None = None       # held while this process runs the run (``release`` when done)
+    lock: RunLock | None = None  # held while this process runs the run (``release`` when done)
 
     def release(self) -> None:
         if self.lock:
@@ -48,8 +49,14 @@ def default_run_dir(job: JobSpec) -> Path:
     return Path("runs") / f"{job.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, workers: int | None = None,
-             token: str | None = None, data_from: str | Path | None = None) -> OpenRun:
+def open_run(
+    job: JobSpec | None,
+    run_dir: str | Path | None,
+    resume: bool,
+    workers: int | None = None,
+    token: str | None = None,
+    data_from: str | Path | None = None,
+) -> OpenRun:
     """Validate and (for a new run) create the run directory; for ``resume`` reopen an existing one.
     ``data_from``: a new run trains on that run's prepared data (the same split, preprocessing and rows)
     instead of preparing ``job.data`` again. The returned run holds the run directory's lock
@@ -73,15 +80,22 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
     assert job is not None
     run = RunDir(run_dir or default_run_dir(job))
     if run.holds_run():
-        raise LeptonError(f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise LeptonError(
+            f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir"
+        )
     if run.root.exists() and not run.root.is_dir():
         raise LeptonError(f"{run.root}: cannot create the run directory: a file of that name exists")
-    # hidden files (.gitkeep, a lock left by a start that failed) and a fresh volume's lost+found are no one's data
-    if run.root.is_dir() and any(not p.name.startswith(".") and p.name != "lost+found" for p in run.root.iterdir()):
-        raise LeptonError(f"{run.root}: this folder is not empty and holds no run; a new run goes into a new or"
-                          " empty folder (its files would be overwritten)")
+    # hidden files (.gitkeep, a lock left by a start that failed) and a fresh volume's lost+found
+    # are no one's data
+    if run.root.is_dir() and any(
+        not p.name.startswith(".") and p.name != "lost+found" for p in run.root.iterdir()
+    ):
+        raise LeptonError(
+            f"{run.root}: this folder is not empty and holds no run; a new run goes into a new or"
+            " empty folder (its files would be overwritten)"
+        )
     if data_from is None:
-        prepared = prepare(job)             # every data error surfaces here, before any write
+        prepared = prepare(job)  # every data error surfaces here, before any write
         pre, train_rows = prepared.preprocessor, prepared.report["train_rows"]
     else:
         source, train_rows, pre = _prepared_source(data_from)
@@ -100,7 +114,7 @@ def open_run(job: JobSpec | None, run_dir: str | Path | None, resume: bool, work
             # the run keeps its own copy: a resume or a late worker reads it again (keep_zeros takes its
             # masks from it), whatever happens to the original afterwards
             job.model.init_weights = str(run.copy_init_weights(Path(job.model.init_weights)))
-        if data_from is not None:   # before job.yaml: a resume of a run interrupted while linking links again
+        if data_from is not None:  # before job.yaml: a resume of a run interrupted while linking links again
             run.write_data_from(str(source.root.resolve()))
         run.write_job(job.to_yaml_dict())
         if data_from is None:
@@ -122,17 +136,20 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
         job.model.factory = cloudpickle.loads(blob)
     prepared = cache_state(run, job)
     shared = run.read_data_from()
-    if prepared == "missing" and shared:     # the first start ended while linking another run's data
+    if prepared == "missing" and shared:  # the first start ended while linking another run's data
         share_prepared(_prepared_source(shared)[0], run)
-    elif prepared == "missing":              # the first start ended while preparing the data
+    elif prepared == "missing":  # the first start ended while preparing the data
         prepare(job).write(run, fingerprint(job))
     elif prepared == "changed" and not shared:
         # resuming continues on the data the run trained on, in the same order (design §3); a
         # re-read would change the split, the steps per epoch and the samples left in this epoch
-        print(f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
-              f" with the run's prepared data in {run.data_dir}", file=sys.stderr)
+        print(
+            f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
+            f" with the run's prepared data in {run.data_dir}",
+            file=sys.stderr,
+        )
     manifest, cache = _readable_data(run)
-    _check_model(job, cache.preprocessor, manifest["train_rows"])   # a run from an older version
+    _check_model(job, cache.preprocessor, manifest["train_rows"])  # a run from an older version
     ckpt = state.get("latest_checkpoint")
     if ckpt:
         # this run's own checkpoint of that name: state.json keeps absolute paths, and a run that was
@@ -140,8 +157,16 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
         ckpt = {**ckpt, "path": str(run.checkpoints_dir / Path(ckpt["path"]).name)}
         if readable_state_dir(ckpt["path"]) is None:
             raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
-    return OpenRun(job, run, run.create_token(), manifest["train_rows"], ckpt, _factory_path(run),
-                   state.get("generation"), lock)
+    return OpenRun(
+        job,
+        run,
+        run.create_token(),
+        manifest["train_rows"],
+        ckpt,
+        _factory_path(run),
+        state.get("generation"),
+        lock,
+    )
 
 
 def _check_model(job: JobSpec, pre, train_rows: int) -> None:
@@ -152,7 +177,7 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     model = build_model(job, pre.input_shape, num_outputs(job.task, pre.classes))
     try:
         model, copied = copy.deepcopy(model), True
-    except Exception:      # a model that cannot be copied is checked in place (nothing better to do)
+    except Exception:  # a model that cannot be copied is checked in place (nothing better to do)
         copied = False
     load_init_weights(job, model)
     _check_outputs(job, model, pre)
@@ -160,33 +185,43 @@ def _check_model(job: JobSpec, pre, train_rows: int) -> None:
     batchnorm.check_last_step(model, pre.input_shape, train_rows, job.train.batch_size)
     unkeyed = dropout.unkeyed(model)
     if copied and dropout.convert(model):
-        unkeyed += [f"{name} (its input is not batch-first)" for name in dropout.batch_first(model, pre.input_shape)]
-    if unkeyed:     # allowed (DDP behaves so), but the user should know the run is not split-invariant
-        console.print(f"note: these random layers of the model draw torch's random numbers in each worker's order,"
-                      f" so the trained model depends on the worker count and shares: {', '.join(unkeyed)}"
-                      " (nn.Dropout and Dropout1d/2d/3d on batch-first inputs do not: their masks are keyed by"
-                      " sample)", markup=False, highlight=False)
+        unkeyed += [
+            f"{name} (its input is not batch-first)" for name in dropout.batch_first(model, pre.input_shape)
+        ]
+    if unkeyed:  # allowed (DDP behaves so), but the user should know the run is not split-invariant
+        console.print(
+            f"note: these random layers of the model draw torch's random numbers in each worker's order,"
+            f" so the trained model depends on the worker count and shares: {', '.join(unkeyed)}"
+            " (nn.Dropout and Dropout1d/2d/3d on batch-first inputs do not: their masks are keyed by"
+            " sample)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _check_outputs(job: JobSpec, model, pre) -> None:
     """A forward pass on two zero rows: a factory model that does not take the data's shape, or gives
     another number of outputs than the task needs, is refused now rather than after an epoch."""
     if any(p.device.type != "cpu" for p in model.parameters()):
-        return                    # a factory that places its model itself: checked where it trains
+        return  # a factory that places its model itself: checked where it trains
     want = num_outputs(job.task, pre.classes)
     was = model.training
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros((2,) + tuple(pre.input_shape)))
-    except Exception as e:        # whatever the user's model raises, the user needs its first line
-        raise LeptonError(f"model: a forward pass on a batch of shape {(2,) + tuple(pre.input_shape)} failed:"
-                          f" {type(e).__name__}: {first_line(e)}") from None
+    except Exception as e:  # whatever the user's model raises, the user needs its first line
+        raise LeptonError(
+            f"model: a forward pass on a batch of shape {(2,) + tuple(pre.input_shape)} failed:"
+            f" {type(e).__name__}: {first_line(e)}"
+        ) from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 or out[0].numel() != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise LeptonError(f"model: gives output {got} for a batch of 2, expected (2, {want}) for this"
-                          f" {job.task} task ({'classes: ' + str(len(pre.classes)) if pre.classes else 'one value'})")
+        raise LeptonError(
+            f"model: gives output {got} for a batch of 2, expected (2, {want}) for this"
+            f" {job.task} task ({'classes: ' + str(len(pre.classes)) if pre.classes else 'one value'})"
+        )
 
 
 def _prepared_source(path: str | Path):
@@ -207,22 +242,26 @@ def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:
         pairs.append(("data.shape", list(job.data.shape), list(pre.shape or [])))
     for field, ours, theirs in pairs:
         if ours != theirs:
-            raise LeptonError(f"{source.root}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
-                              " data_from takes a run prepared for the same task and data")
+            raise LeptonError(
+                f"{source.root}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
+                " data_from takes a run prepared for the same task and data"
+            )
 
 
 def _readable_data(run: RunDir):
     """The run's manifest and its prepared splits, every file opened once: a file deleted or damaged
     since is one line now, not a traceback from every worker."""
     try:
-        manifest = _manifest(run)              # written last: the data is complete
+        manifest = _manifest(run)  # written last: the data is complete
         cache = DataCache(run)
         for split in SPLITS:
             cache.get(split)
         return manifest, cache
     except (OSError, ValueError, KeyError) as e:
-        raise LeptonError(f"{run.data_dir}: the prepared data is damaged ({e}); start a new run (or delete"
-                          f" {run.data_dir / 'manifest.json'} to prepare it again from data.path)") from None
+        raise LeptonError(
+            f"{run.data_dir}: the prepared data is damaged ({e}); start a new run (or delete"
+            f" {run.data_dir / 'manifest.json'} to prepare it again from data.path)"
+        ) from None
 
 
 def _manifest(run: RunDir) -> dict:
@@ -235,6 +274,12 @@ def _factory_path(run: RunDir) -> str | None:
 
 def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None = None) -> CoordinatorServer:
     target = workers or opened.job.cluster.workers
-    coord = Controller(opened.job, opened.run, target, train_rows=opened.train_rows,
-                        resume_checkpoint=opened.resume_checkpoint, previous_generation=opened.previous_generation)
+    coord = Controller(
+        opened.job,
+        opened.run,
+        target,
+        train_rows=opened.train_rows,
+        resume_checkpoint=opened.resume_checkpoint,
+        previous_generation=opened.previous_generation,
+    )
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()

@@ -5,6 +5,7 @@ The signal handler only counts (``InterruptCounter``); the coordinator's poll lo
 code may hold. First interrupt: checkpoint at the next step boundary, then stop. Second: stop at once
 (the last checkpoint is kept; ``lepton train`` also kills its local workers).
 """
+
 from __future__ import annotations
 
 import signal

@@ -35,6 +35,7 @@ Contract:
 - outside ``reducing`` (a forward in training mode that is not a step) it uses its own batch's
   statistics, as BatchNorm does; evaluation mode uses the running statistics: no collective.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,6 +66,7 @@ class _Step(threading.local):
     """The step this thread is computing: its generation group, global batch size and totals. The
     forward pass runs in the thread that called it and hands them to its backward (which autograd may
     run on another thread) in ``ctx``."""
+
     group = None
     batch = 0
     totals = _Totals()
@@ -82,7 +84,7 @@ def reducing(group, batch: int):
     try:
         yield
     finally:
-        _step.group, _step.batch = previous[:2]      # the totals stay readable (step_totals)
+        _step.group, _step.batch = previous[:2]  # the totals stay readable (step_totals)
 
 
 def step_totals() -> tuple[float, float, bool]:
@@ -102,7 +104,7 @@ def _reduce(group, t: torch.Tensor, tag: float, totals: _Totals) -> None:
     if t.device.type == "cpu":
         bad = t.numpy()[-1] != tag * group.world
         totals.mismatched = bool(totals.mismatched) or bad
-    else:                                     # stays on the device: read once per step
+    else:  # stays on the device: read once per step
         bad = t[-1] != tag * group.world
         totals.mismatched = bad if totals.mismatched is None else (totals.mismatched | bad)
 
@@ -122,8 +124,9 @@ def _count(x: torch.Tensor, batch: int) -> int:
 # 3–5 µs, and a layer makes ~20 of them per step: most of this layer's overhead on small batches), on a
 # device in torch (the values stay there: no host synchronisation per layer).
 
+
 def _on_host(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS     # (numpy has no bfloat16)
+    return t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS  # (numpy has no bfloat16)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
@@ -133,10 +136,10 @@ def _global_stats(x: torch.Tensor, n: int, total: int, group, tag: float, totals
     """This rank's ``n`` values per channel → the global batch's mean and biased variance (x's dtype),
     and the unbiased variance for the running statistics."""
     c = x.shape[1]
-    local = torch.batch_norm_update_stats(x, None, None, 0.0) if n else None   # mean, biased variance
+    local = torch.batch_norm_update_stats(x, None, None, 0.0) if n else None  # mean, biased variance
     if _on_host(x):
         s = np.zeros(2 * c + 1)
-        if local is not None:       # per-rank sums Σx = n·mean, Σx² = n·(var + mean²)
+        if local is not None:  # per-rank sums Σx = n·mean, Σx² = n·(var + mean²)
             s[:c], s[c:-1] = local[0].numpy(), local[1].numpy()
             s[c:-1] += s[:c] * s[:c]
             s[:-1] *= n
@@ -155,7 +158,7 @@ def _global_stats(x: torch.Tensor, n: int, total: int, group, tag: float, totals
         mean = s[:c] / total
         var = (s[c:-1] / total - mean * mean).clamp_min(0)
         out = torch.cat([mean, var, var * (total / (total - 1))]).to(x.dtype)
-    return out[:c], out[c:2 * c], out[2 * c:]
+    return out[:c], out[c : 2 * c], out[2 * c :]
 
 
 def _input_grad_terms(gb, gw, weight, mean, var, eps: float, total: int, group, tag: float, totals: _Totals):
@@ -192,11 +195,15 @@ class _GlobalNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, group, batch: int, totals: _Totals, layer: int):
         c = x.shape[1]
         total = _count(x, batch)
-        if total < 2:        # every rank knows the same count: every rank raises
-            raise ValueError(f"BatchNorm needs more than 1 value per channel when training (this step's global"
-                             f" batch has {total})")
-        mean, var, unbiased = _global_stats(x, x.numel() // c, total, group, _tag(totals.calls, layer), totals)
-        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)     # torch's fused pass
+        if total < 2:  # every rank knows the same count: every rank raises
+            raise ValueError(
+                f"BatchNorm needs more than 1 value per channel when training (this step's global"
+                f" batch has {total})"
+            )
+        mean, var, unbiased = _global_stats(
+            x, x.numel() // c, total, group, _tag(totals.calls, layer), totals
+        )
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)  # torch's fused pass
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.total, ctx.group, ctx.totals, ctx.layer = eps, total, group, totals, layer
         ctx.mark_non_differentiable(mean, unbiased)
@@ -209,21 +216,31 @@ class _GlobalNorm(torch.autograd.Function):
             # evaluation-form backward, fused: dy·w·invstd and this rank's Σdy·x̂, Σdy
             w = weight if weight is not None else torch.ones_like(mean)
             gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
-        else:                # (that kernel divides by zero on an empty batch)
+                dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+            )
+        else:  # (that kernel divides by zero on an empty batch)
             gi, gw, gb = torch.zeros_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
         ctx.totals.calls += 1
         tag = -_tag(ctx.totals.calls, ctx.layer)
         b, a = _input_grad_terms(gb, gw, weight, mean, var, ctx.eps, ctx.total, ctx.group, tag, ctx.totals)
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         dx = torch.addcmul(gi, x, b.view(shape), value=-1).sub_(a.view(shape))
-        return dx, (gw if weight is not None else None), (gb if weight is not None else None), None, None, None, None, None
+        return (
+            dx,
+            (gw if weight is not None else None),
+            (gb if weight is not None else None),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class GlobalBatchNorm(_BN):
     """BatchNorm whose training statistics are those of the global batch (module doc)."""
 
-    layer = 0           # its place among the model's global BatchNorm layers (``convert``): in the tags
+    layer = 0  # its place among the model's global BatchNorm layers (``convert``): in the tags
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -232,14 +249,15 @@ class GlobalBatchNorm(_BN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = _step.group
         if not self.training or group is None or group.world == 1:
-            return super().forward(x)        # torch's BatchNorm: running statistics, or its own batch
+            return super().forward(x)  # torch's BatchNorm: running statistics, or its own batch
         self._check_input_dim(x)
         _step.totals.calls += 1
-        y, mean, unbiased = _GlobalNorm.apply(x, self.weight, self.bias, self.eps, group, _step.batch, _step.totals,
-                                              self.layer)
-        with torch.no_grad():                # as torch's BatchNorm, from the global statistics
+        y, mean, unbiased = _GlobalNorm.apply(
+            x, self.weight, self.bias, self.eps, group, _step.batch, _step.totals, self.layer
+        )
+        with torch.no_grad():  # as torch's BatchNorm, from the global statistics
             self.num_batches_tracked.add_(1)
-            m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum   # no host sync
+            m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum  # no host sync
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         return y
@@ -275,15 +293,25 @@ def prepare(model: nn.Module, mode: str, max_micro_batch: int | None) -> bool:
     if mode != "global":
         return False
     swapped = convert(model)
-    left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BN) and not isinstance(m, GlobalBatchNorm)})
+    left = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, _BN) and not isinstance(m, GlobalBatchNorm)
+        }
+    )
     if left:
-        raise SpecError(f"model.batch_norm: global normalises BatchNorm1d/2d/3d and SyncBatchNorm layers that track"
-                        f" running statistics over the global batch; this model also has {', '.join(left)}, which"
-                        " would stay per worker: set model.batch_norm: local (or use those layer types)")
+        raise SpecError(
+            f"model.batch_norm: global normalises BatchNorm1d/2d/3d and SyncBatchNorm layers that track"
+            f" running statistics over the global batch; this model also has {', '.join(left)}, which"
+            " would stay per worker: set model.batch_norm: local (or use those layer types)"
+        )
     if swapped and max_micro_batch:
-        raise SpecError("cluster.max_micro_batch: the model has BatchNorm layers, which normalise over the whole"
-                        " global batch in one pass per worker (model.batch_norm: global); micro-batches would"
-                        " change that (remove max_micro_batch, or set model.batch_norm: local)")
+        raise SpecError(
+            "cluster.max_micro_batch: the model has BatchNorm layers, which normalise over the whole"
+            " global batch in one pass per worker (model.batch_norm: global); micro-batches would"
+            " change that (remove max_micro_batch, or set model.batch_norm: local)"
+        )
     return swapped > 0
 
 
@@ -291,17 +319,21 @@ def check_last_step(model: nn.Module, input_shape: tuple[int, ...], train_rows: 
     """A step of one sample cannot be batch-normalised where a layer sees one value per channel (an
     (N, C) input): when every epoch ends with such a step (no drop_last), refuse the batch size now
     rather than fail after the first epoch."""
-    if not any(isinstance(m, _BN) for m in model.modules()) or (train_rows % batch_size != 1 and batch_size != 1):
+    if not any(isinstance(m, _BN) for m in model.modules()) or (
+        train_rows % batch_size != 1 and batch_size != 1
+    ):
         return
     was = model.training
     try:
         with torch.no_grad():
             model.train()(torch.zeros((1,) + tuple(input_shape)))
-    except Exception as e:      # only that one answer matters here; any other failure shows in training
+    except Exception as e:  # only that one answer matters here; any other failure shows in training
         if not (isinstance(e, ValueError) and "more than 1 value per channel" in str(e)):
             return
-        raise SpecError(f"train.batch_size: {batch_size} leaves 1 sample for the last step of every epoch"
-                        f" ({train_rows} training rows), and the model's BatchNorm cannot normalise one sample in"
-                        " training; choose another batch size") from None
+        raise SpecError(
+            f"train.batch_size: {batch_size} leaves 1 sample for the last step of every epoch"
+            f" ({train_rows} training rows), and the model's BatchNorm cannot normalise one sample in"
+            " training; choose another batch size"
+        ) from None
     finally:
         model.train(was)

@@ -4,6 +4,7 @@ Every replica builds its model the same way after ``torch.manual_seed(job.seed)`
 identical even before the generation's state broadcast (which makes that a no-op check, and is what
 a joining worker relies on).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,8 +20,13 @@ from ..errors import SpecError, first_line
 from ..spec import ConvLayer, DenseLayer, JobSpec, ModelSpec, PoolLayer
 
 _ACT: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
-    "leaky_relu": nn.LeakyReLU, "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "linear": nn.Identity,
 }
 
 
@@ -43,7 +49,9 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
     if len(input_shape) == 2:
         input_shape = (1,) + input_shape
     if len(input_shape) != 3:
-        raise SpecError(f"model.type 'cnn' needs data.shape [channels, height, width] (got {list(input_shape)})")
+        raise SpecError(
+            f"model.type 'cnn' needs data.shape [channels, height, width] (got {list(input_shape)})"
+        )
     channels = input_shape[0]
     mods: list[nn.Module] = []
     flat = False
@@ -52,7 +60,10 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
             if flat:
                 raise SpecError(f"model.layers[{i}]: a conv layer cannot follow a dense layer")
             pad = layer.kernel // 2 if layer.padding == "same" else 0
-            mods += [nn.Conv2d(channels, layer.filters, layer.kernel, layer.stride, pad), _ACT[layer.activation]()]
+            mods += [
+                nn.Conv2d(channels, layer.filters, layer.kernel, layer.stride, pad),
+                _ACT[layer.activation](),
+            ]
             channels = layer.filters
         elif isinstance(layer, PoolLayer):
             if flat:
@@ -68,12 +79,13 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], out: int) -> nn.Module:
         mods.append(nn.Flatten())
     mods.append(nn.LazyLinear(out))
     model = nn.Sequential(*mods)
-    with torch.no_grad():           # materialise the lazy layers with the real shapes
+    with torch.no_grad():  # materialise the lazy layers with the real shapes
         try:
             model(torch.zeros((1,) + tuple(input_shape)))
         except RuntimeError as e:
-            raise SpecError(f"model.layers do not fit the input shape {list(input_shape)}: "
-                            f"{first_line(e)}") from None
+            raise SpecError(
+                f"model.layers do not fit the input shape {list(input_shape)}: {first_line(e)}"
+            ) from None
     return model
 
 
@@ -104,9 +116,11 @@ def build_model(job: JobSpec, input_shape: tuple[int, ...], num_outputs: int, fa
     fn = resolve_factory(factory or spec.factory)
     try:
         model = fn(tuple(input_shape), num_outputs)
-    except Exception as e:        # the user's code: its first line, not our traceback
-        raise SpecError(f"model.factory {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {first_line(e)}"
-                        f" (it is called as factory(input_shape, num_outputs))") from None
+    except Exception as e:  # the user's code: its first line, not our traceback
+        raise SpecError(
+            f"model.factory {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {first_line(e)}"
+            f" (it is called as factory(input_shape, num_outputs))"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -128,8 +142,10 @@ def load_init_weights(job: JobSpec, model: nn.Module) -> None:
     own = model.state_dict()
     missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or extra:
-        raise SpecError(f"{where}: not this model's weights (missing {missing[:3] or 'none'}, unexpected"
-                        f" {extra[:3] or 'none'})")
+        raise SpecError(
+            f"{where}: not this model's weights (missing {missing[:3] or 'none'}, unexpected"
+            f" {extra[:3] or 'none'})"
+        )
     for k, v in own.items():
         if tuple(saved[k].shape) != tuple(v.shape):
             raise SpecError(f"{where}: {k} has shape {list(saved[k].shape)}, this model's is {list(v.shape)}")
@@ -140,8 +156,11 @@ def zero_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """``model.keep_zeros``: (parameter, mask of its non-zero entries) for every weight matrix or kernel
     (two or more dimensions; biases and norm scales are never pruned) that holds a zero."""
     # a frozen parameter (requires_grad False) has no gradient and is never updated: nothing to mask
-    return [(p, p.detach() != 0) for p in model.parameters()
-            if p.requires_grad and p.dim() >= 2 and bool((p == 0).any())]
+    return [
+        (p, p.detach() != 0)
+        for p in model.parameters()
+        if p.requires_grad and p.dim() >= 2 and bool((p == 0).any())
+    ]
 
 
 def build_optimizer(job: JobSpec, params) -> torch.optim.Optimizer:

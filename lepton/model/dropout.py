@@ -19,6 +19,7 @@ The hash is a 32-bit integer mixer (hash-prospector's improved lowbias32) comput
 arithmetic on the activation's device: every product stays below 2**63 (a value below 2**32 times a
 multiplier below 2**31), so nothing relies on overflow.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,12 @@ import torch
 from torch import nn
 
 _CONVERTIBLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_TORCH = {nn.Dropout: nn.functional.dropout, nn.Dropout1d: nn.functional.dropout1d,
-          nn.Dropout2d: nn.functional.dropout2d, nn.Dropout3d: nn.functional.dropout3d}
+_TORCH = {
+    nn.Dropout: nn.functional.dropout,
+    nn.Dropout1d: nn.functional.dropout1d,
+    nn.Dropout2d: nn.functional.dropout2d,
+    nn.Dropout3d: nn.functional.dropout3d,
+}
 _M32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 
@@ -63,17 +68,18 @@ def keep_mask(rows: torch.Tensor, width: int, key: int, p: float, device=None) -
     lo, hi = key & _M32, key >> 32
     per_row = _mix(_mix((rows.to(device=device, dtype=torch.int64) ^ lo) & _M32) ^ (hi & _M32))
     per_column = _mix((torch.arange(width, dtype=torch.int64, device=device) + (hi >> 1)) & _M32)
-    return _mix(per_row[:, None] ^ per_column[None, :]) >= min(round(p * 2 ** 32), 2 ** 32)
+    return _mix(per_row[:, None] ^ per_column[None, :]) >= min(round(p * 2**32), 2**32)
 
 
 class _Pass:
     """The pass in progress. Process-wide, not per thread: autograd may run a checkpoint's recompute
     on its own device thread during ``backward``; a worker runs one pass at a time."""
+
     seed: int = 0
     step: int = 0
-    rows: torch.Tensor | None = None   # the dataset rows of the pass's samples, None outside ``keyed``
-    calls: dict | None = None          # layer → keyed calls in this pass's forward
-    missed: set | None = None          # layers that could not be keyed in this pass (``batch_first``)
+    rows: torch.Tensor | None = None  # the dataset rows of the pass's samples, None outside ``keyed``
+    calls: dict | None = None  # layer → keyed calls in this pass's forward
+    missed: set | None = None  # layers that could not be keyed in this pass (``batch_first``)
 
 
 _pass = _Pass()
@@ -95,7 +101,7 @@ class KeyedDropout(nn.Module):
     """Dropout with per-sample masks (module doc): per element as ``nn.Dropout``, or per (sample,
     channel) as ``nn.Dropout1d/2d/3d`` (``kind``, the layer it replaces)."""
 
-    layer = 0           # its place among the model's keyed layers (``convert``): in the key
+    layer = 0  # its place among the model's keyed layers (``convert``): in the key
 
     def __init__(self, p: float, kind: type = nn.Dropout, inplace: bool = False):
         super().__init__()
@@ -112,10 +118,12 @@ class KeyedDropout(nn.Module):
         if rows is None or x.dim() < (3 if self.channels else 1) or x.shape[0] != len(rows):
             if rows is not None:
                 _pass.missed.add(self.layer)
-            return _TORCH[self.kind](x, self.p, True, self.inplace)     # not keyable: torch's dropout
+            return _TORCH[self.kind](x, self.p, True, self.inplace)  # not keyable: torch's dropout
         key = _key(_pass.seed, _pass.step, self.layer, self._call())
         shape = tuple(x.shape[:2] if self.channels else x.shape)
-        keep = keep_mask(rows, math.prod(shape[1:]), key, self.p, x.device).reshape(shape + (1,) * (x.dim() - len(shape)))
+        keep = keep_mask(rows, math.prod(shape[1:]), key, self.p, x.device).reshape(
+            shape + (1,) * (x.dim() - len(shape))
+        )
         y = x.mul_(keep) if self.inplace else x.mul(keep)
         return y.mul_(1.0 / (1.0 - self.p)) if self.p < 1.0 else y
 
@@ -125,13 +133,15 @@ class KeyedDropout(nn.Module):
         call a layer called several times repeats cannot be known, and guessing would pair the
         gradient with another mask than the forward's, so that is refused."""
         calls = _pass.calls
-        if torch._C._current_graph_task_id() == -1:          # the forward pass
+        if torch._C._current_graph_task_id() == -1:  # the forward pass
             calls[self.layer] = calls.get(self.layer, 0) + 1
             return calls[self.layer]
         if calls.get(self.layer, 0) > 1:
-            raise RuntimeError(f"a dropout layer ({self.kind.__name__}) called {calls[self.layer]} times in one"
-                               " forward pass is recomputed by activation checkpointing: give each call its own"
-                               " dropout module")
+            raise RuntimeError(
+                f"a dropout layer ({self.kind.__name__}) called {calls[self.layer]} times in one"
+                " forward pass is recomputed by activation checkpointing: give each call its own"
+                " dropout module"
+            )
         return 1
 
 
@@ -146,8 +156,8 @@ def convert(model: nn.Module) -> int:
 
 
 def _swap(model: nn.Module, done: dict | None = None) -> None:
-    done = {} if done is None else done       # a module registered twice is swapped for one layer
-    for name, child in list(model._modules.items()):      # named_children skips a second registration
+    done = {} if done is None else done  # a module registered twice is swapped for one layer
+    for name, child in list(model._modules.items()):  # named_children skips a second registration
         if type(child) in _CONVERTIBLE:
             if id(child) not in done:
                 done[id(child)] = KeyedDropout(child.p, type(child), child.inplace).train(child.training)
@@ -178,7 +188,7 @@ def batch_first(model: nn.Module, input_shape: tuple[int, ...], rows: int = 3) -
         with torch.no_grad(), keyed(0, 0, list(range(rows))):
             model.train()(torch.zeros((rows,) + tuple(input_shape)))
             missed = sorted(_pass.missed)
-    except Exception:           # a model that cannot run on zeros is the other checks' business
+    except Exception:  # a model that cannot run on zeros is the other checks' business
         return []
     finally:
         model.train(was)

@@ -28,6 +28,7 @@ the final model's safetensors is memory-mapped too. ``LocalStorage`` answers wit
 ``ukey``: size, time or ETag) and answers with the copy. Files of a run are only ever replaced whole
 (by a rename or a new upload), never changed in place, so a cached copy keyed that way stays right.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,7 +126,7 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
-    except OSError as e:      # some network and FUSE filesystems cannot sync a folder: nothing more to do
+    except OSError as e:  # some network and FUSE filesystems cannot sync a folder: nothing more to do
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
             raise
     finally:
@@ -177,14 +178,14 @@ class LocalStorage:
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, path)
-        fsync_dir(path.parent)            # the rename itself survives a crash only once its folder is synced
+        fsync_dir(path.parent)  # the rename itself survives a crash only once its folder is synced
 
     def write(self, rel: str, data: bytes, *, mode: int | None = None, create_only: bool = False) -> None:
         if not create_only:
             with self.open_write(rel, mode=mode) as f:
                 f.write(data)
             return
-        path = self._path(rel)                # a complete file linked to the name: a link refuses an existing one
+        path = self._path(rel)  # a complete file linked to the name: a link refuses an existing one
         with self._temp_file(path, mode) as (f, tmp):
             f.write(data)
             f.flush()
@@ -196,13 +197,13 @@ class LocalStorage:
         path = self._path(rel)
         if link:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)          # a link refuses an existing name (left by an interrupted copy)
+            path.unlink(missing_ok=True)  # a link refuses an existing name (left by an interrupted copy)
             try:
                 os.link(src, path)
                 fsync_dir(path.parent)
                 return
             except OSError:
-                pass                               # another file system: copy it
+                pass  # another file system: copy it
         with open(src, "rb") as s, self.open_write(rel) as f:
             shutil.copyfileobj(s, f)
 
@@ -264,15 +265,26 @@ class FsspecStorage:
     downloads (by default a folder under the system's temporary folder). Permission bits (``mode``)
     are not set: access on a remote store is the store's (its ACLs, the bucket's policy)."""
 
-    def __init__(self, url: str, *, object_store: bool | None = None, cache_dir: str | Path | None = None,
-                 **storage_options):
+    def __init__(
+        self,
+        url: str,
+        *,
+        object_store: bool | None = None,
+        cache_dir: str | Path | None = None,
+        **storage_options,
+    ):
         import fsspec
+
         self.url = url.rstrip("/")
         self.fs, path = fsspec.core.url_to_fs(self.url, **storage_options)
         self.base = path.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.object_store = any(p in OBJECT_STORES for p in protocols) if object_store is None else object_store
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lepton-storage-cache"
+        self.object_store = (
+            any(p in OBJECT_STORES for p in protocols) if object_store is None else object_store
+        )
+        self.cache_dir = (
+            Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lepton-storage-cache"
+        )
         self.local_root: Path | None = None
 
     def __repr__(self) -> str:

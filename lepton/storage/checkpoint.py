@@ -12,6 +12,7 @@ unless a ``storage`` is given, in which case the path is a name relative to that
 On an object store a folder rename is a copy: there the next step is a create-only manifest written
 after the checkpoint's objects (design.md §10), which ``RunStorage.write(create_only=True)`` allows.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,21 +53,23 @@ def _quiet_delete(storage: RunStorage, rel: str) -> None:
     try:
         storage.delete(rel)
     except OSError:
-        pass                        # as rmtree(ignore_errors=True): a leftover is removed by the next save
+        pass  # as rmtree(ignore_errors=True): a leftover is removed by the next save
 
 
 def _replace_dir(storage: RunStorage, tmp: str, final: str) -> None:
     """The complete folder ``tmp`` renamed to ``final``; a folder already there is moved aside first, not
     deleted, until the new one is in place (a crash in between leaves it readable as ``.NAME.old``)."""
     old = _aside_rel(final)
-    if storage.exists(final):       # the same step saved again (e.g. the final save)
+    if storage.exists(final):  # the same step saved again (e.g. the final save)
         _quiet_delete(storage, old)
         storage.move(final, old)
-    storage.move(tmp, final)        # the folder it is in synced
+    storage.move(tmp, final)  # the folder it is in synced
     _quiet_delete(storage, old)
 
 
-def write_state_dir(final: str | Path, step: int, state: dict, storage: RunStorage | None = None) -> Path | str:
+def write_state_dir(
+    final: str | Path, step: int, state: dict, storage: RunStorage | None = None
+) -> Path | str:
     """``state`` into the folder ``final``, written beside it and renamed, replacing it whole. Its
     data reaches the disk before the rename does (a crash must not leave a complete-looking folder
     with an empty state file), and a folder of the same step is moved aside, not deleted, until the
@@ -148,7 +151,7 @@ def read_checkpoint(path: str | Path, storage: RunStorage | None = None) -> dict
             state = torch.load(f, map_location="cpu", weights_only=False)
     except (FileNotFoundError, MemoryError):
         raise
-    except Exception as e:      # torch.load raises pickle, zip and runtime errors alike
+    except Exception as e:  # torch.load raises pickle, zip and runtime errors alike
         raise CheckpointUnreadable(f"{file}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointUnreadable(f"{file}: unreadable checkpoint (not a Lepton state)")
@@ -165,13 +168,13 @@ class AsyncCheckpointer:
 
     def save(self, step: int, state: dict) -> None:
         self.wait()
-        snapshot = _to_host(state)            # the only part that stalls training
+        snapshot = _to_host(state)  # the only part that stalls training
 
         def work():
             try:
                 path = write_checkpoint(self.run, step, snapshot, self.keep)
                 self.on_saved(step, path)
-            except BaseException as e:   # surfaced by wait(): a failed save must not pass silently
+            except BaseException as e:  # surfaced by wait(): a failed save must not pass silently
                 self.error = e
 
         self._thread = threading.Thread(target=work, name="lepton-checkpoint", daemon=True)
@@ -186,15 +189,20 @@ class AsyncCheckpointer:
             raise err
 
 
-def write_model(model_dir: str | Path, state_dict: dict, meta: dict, extra_files: dict[str, Path] | None = None,
-                storage: RunStorage | None = None) -> None:
+def write_model(
+    model_dir: str | Path,
+    state_dict: dict,
+    meta: dict,
+    extra_files: dict[str, Path] | None = None,
+    storage: RunStorage | None = None,
+) -> None:
     """``model/`` = weights (safetensors) + lepton.json, replaced as a whole."""
     storage, rel = _at(model_dir, storage)
     tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
     _quiet_delete(storage, tmp)
     # copies: safetensors refuses tensors that share memory (a user model with tied weights)
     weights = save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
-    storage.write(f"{tmp}/{MODEL_WEIGHTS}", weights, mode=0o600)   # the mode safetensors' save_file gave it
+    storage.write(f"{tmp}/{MODEL_WEIGHTS}", weights, mode=0o600)  # the mode safetensors' save_file gave it
     del weights
     for name, src in (extra_files or {}).items():
         storage.put(Path(src), f"{tmp}/{name}")

@@ -8,12 +8,14 @@ They are written and read through the run's ``RunStorage``; the memory map needs
 machine's disk, which ``RunStorage.local_path`` gives (the file itself locally, a cached download from
 an object store).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import DataError
@@ -24,23 +26,25 @@ from .tables import check_used_columns, detect_format, read_table
 
 SPLITS = ("train", "val", "test")
 PREPROCESS = f"{DATA_DIR}/preprocess.json"
-MANIFEST = f"{DATA_DIR}/manifest.json"       # written last: its presence says the data is complete
+MANIFEST = f"{DATA_DIR}/manifest.json"  # written last: its presence says the data is complete
 
 
 @dataclass
 class PreparedData:
     """The in-memory result of ``prepare``; ``write`` puts it in the run directory."""
 
-    arrays: dict[str, np.ndarray]          # "train_x", "train_y", ...
+    arrays: dict[str, np.ndarray]  # "train_x", "train_y", ...
     preprocessor: Preprocessor
-    report: dict                           # counts of rows read/dropped, per-split sizes
+    report: dict  # counts of rows read/dropped, per-split sizes
 
     def write(self, run: RunDir, fingerprint: str) -> None:
         for key, a in self.arrays.items():
             with run.storage.open_write(f"{DATA_DIR}/{key}.npy") as f:
                 np.save(f, np.ascontiguousarray(a))
         run.storage.write(PREPROCESS, _json_bytes(self.preprocessor.to_dict()))
-        run.storage.write(MANIFEST, _json_bytes({"fingerprint": fingerprint, **self.report}))   # last: complete
+        run.storage.write(
+            MANIFEST, _json_bytes({"fingerprint": fingerprint, **self.report})
+        )  # last: complete
 
 
 def share_prepared(source: RunDir, run: RunDir) -> None:
@@ -87,13 +91,18 @@ def prepare(job: JobSpec) -> PreparedData:
         raise DataError(f"{src}: target column '{spec.target}' not found (columns: {', '.join(names)})")
     if spec.features == "all":
         # a line that ends with a comma gives an unnamed, empty last column: not a feature
-        features = [c for c in names if c != spec.target
-                    and (c.strip() or table.column(c).null_count < table.num_rows)]
+        features = [
+            c
+            for c in names
+            if c != spec.target and (c.strip() or table.column(c).null_count < table.num_rows)
+        ]
     else:
         unknown = [c for c in spec.features if c not in names]
         if unknown:
-            raise DataError(f"{src}: feature column(s) {', '.join(map(repr, unknown))} not found"
-                            f" (columns: {', '.join(names)})")
+            raise DataError(
+                f"{src}: feature column(s) {', '.join(map(repr, unknown))} not found"
+                f" (columns: {', '.join(names)})"
+            )
         features = list(spec.features)
     if spec.target in features:
         raise DataError(f"{src}: data.features lists the target column '{spec.target}'")
@@ -105,10 +114,14 @@ def prepare(job: JobSpec) -> PreparedData:
         raise DataError(f"data.categorical: {', '.join(map(repr, bad_cat))} not among the feature columns")
 
     # --- typing ----------------------------------------------------------------------------------
-    kinds = {c: "categorical" if c in spec.categorical or not looks_numeric(table.column(c)) else "numeric"
-             for c in features}
-    raw = {c: to_float(table.column(c), c, src, csv) if kinds[c] == "numeric" else to_strings(table.column(c))
-           for c in features}
+    kinds = {
+        c: "categorical" if c in spec.categorical or not looks_numeric(table.column(c)) else "numeric"
+        for c in features
+    }
+    raw = {
+        c: to_float(table.column(c), c, src, csv) if kinds[c] == "numeric" else to_strings(table.column(c))
+        for c in features
+    }
     tcol = table.column(spec.target)
     if job.task == "regression":
         y_raw = to_float(tcol, spec.target, src, csv)
@@ -131,14 +144,18 @@ def prepare(job: JobSpec) -> PreparedData:
     if spec.preprocess.missing == "error" and (feature_missing & keep).any():
         row = int(np.flatnonzero(feature_missing & keep)[0])
         col = next(c for c in features if column_is_missing(raw[c], kinds[c])[row])
-        raise DataError(f"{src}: column '{col}', row {row + 1}: missing value (data.preprocess.missing is 'error')")
+        raise DataError(
+            f"{src}: column '{col}', row {row + 1}: missing value (data.preprocess.missing is 'error')"
+        )
     n_missing = int((feature_missing & keep).sum())
     if spec.preprocess.missing == "drop":
         keep &= ~feature_missing
     rows = np.flatnonzero(keep)
     if rows.size == 0:
-        raise DataError(f"{src}: no rows left after cleaning ({n_read} read, {n_dupes} duplicates,"
-                        f" {int(y_missing.sum())} without a target, {n_missing} with missing features)")
+        raise DataError(
+            f"{src}: no rows left after cleaning ({n_read} read, {n_dupes} duplicates,"
+            f" {int(y_missing.sum())} without a target, {n_missing} with missing features)"
+        )
 
     # --- labels ----------------------------------------------------------------------------------
     classes = None
@@ -149,36 +166,54 @@ def prepare(job: JobSpec) -> PreparedData:
             for r in rows:
                 if str(y_raw[r]) not in allowed:
                     where = f"row {r + 1} (line {r + 2})" if csv else f"row {r + 1}"
-                    raise DataError(f"{src}: column '{spec.target}', {where}: label {y_raw[r]!r} is not one of"
-                                    f" the model's classes {list(spec.classes)} (data.classes)")
+                    raise DataError(
+                        f"{src}: column '{spec.target}', {where}: label {y_raw[r]!r} is not one of"
+                        f" the model's classes {list(spec.classes)} (data.classes)"
+                    )
             classes = list(spec.classes)
         else:
             classes = sorted(set(labels.tolist()), key=lambda v: (isinstance(v, str), v))
         if len(classes) < 2:
-            raise DataError(f"{src}: column '{spec.target}' has a single class {classes}; "
-                            "classification needs at least two (or set task: regression)")
+            raise DataError(
+                f"{src}: column '{spec.target}' has a single class {classes}; "
+                "classification needs at least two (or set task: regression)"
+            )
 
     # --- split (seeded by the job seed) and fit on train only -----------------------------------
     perm = rows[np.random.default_rng(job.seed).permutation(rows.size)]
     n = rows.size
     n_train = max(1, int(round(spec.split.train * n)))
     n_val = min(int(round(spec.split.val * n)), n - n_train)
-    parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
-    pre = Preprocessor.fit({c: raw[c][parts["train"]] for c in features}, kinds,
-                           target=spec.target, task=job.task, classes=classes,
-                           missing=spec.preprocess.missing, normalize=spec.preprocess.normalize,
-                           shape=spec.shape)
+    parts = {"train": perm[:n_train], "val": perm[n_train : n_train + n_val], "test": perm[n_train + n_val :]}
+    pre = Preprocessor.fit(
+        {c: raw[c][parts["train"]] for c in features},
+        kinds,
+        target=spec.target,
+        task=job.task,
+        classes=classes,
+        missing=spec.preprocess.missing,
+        normalize=spec.preprocess.normalize,
+        shape=spec.shape,
+    )
     if spec.shape and int(np.prod(spec.shape)) != pre.num_features:
-        raise DataError(f"data.shape {spec.shape} holds {int(np.prod(spec.shape))} values but the data has"
-                        f" {pre.num_features} features")
+        raise DataError(
+            f"data.shape {spec.shape} holds {int(np.prod(spec.shape))} values but the data has"
+            f" {pre.num_features} features"
+        )
     arrays = {}
     for split, idx in parts.items():
         arrays[f"{split}_x"] = pre.transform({c: raw[c][idx] for c in features})
         arrays[f"{split}_y"] = pre.encode_target(y_raw[idx])
-    report = {"rows_read": n_read, "duplicates_dropped": n_dupes, "missing_target_dropped": int(y_missing.sum()),
-              "missing_features": n_missing, "rows": int(n),
-              **{f"{s}_rows": int(parts[s].size) for s in SPLITS},
-              "features": pre.num_features, "classes": classes}
+    report = {
+        "rows_read": n_read,
+        "duplicates_dropped": n_dupes,
+        "missing_target_dropped": int(y_missing.sum()),
+        "missing_features": n_missing,
+        "rows": int(n),
+        **{f"{s}_rows": int(parts[s].size) for s in SPLITS},
+        "features": pre.num_features,
+        "classes": classes,
+    }
     return PreparedData(arrays, pre, report)
 
 
@@ -190,8 +225,9 @@ def _first_occurrences(raw: dict[str, np.ndarray], kinds: dict[str, str], y: np.
         if kinds[c] == "numeric":
             codes.append(v)
         else:
-            _, inv = np.unique(np.array(["\0" if s is None else s for s in v], dtype=object).astype(str),
-                               return_inverse=True)
+            _, inv = np.unique(
+                np.array(["\0" if s is None else s for s in v], dtype=object).astype(str), return_inverse=True
+            )
             codes.append(inv.astype(np.float64))
     if y.dtype == object:
         _, inv = np.unique(np.array([str(v) for v in y]), return_inverse=True)

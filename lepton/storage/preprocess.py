@@ -4,10 +4,12 @@
 while preparing the training cache and when ``lepton predict`` / ``lepton.load`` receive raw rows, so
 a model always sees its inputs transformed exactly as in training.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, time as dtime
+from datetime import datetime
+from datetime import time as dtime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from itertools import accumulate
@@ -62,7 +64,7 @@ def _parse_float(v: Any) -> float | None:
 def looks_numeric(col: pa.ChunkedArray) -> bool:
     if _is_numeric_type(col.type):
         return True
-    if pa.types.is_temporal(col.type):      # dates and times: categories
+    if pa.types.is_temporal(col.type):  # dates and times: categories
         return False
     values = [v for v in col.to_pylist() if v is not None]
     if not values:
@@ -91,7 +93,7 @@ def to_float(col: pa.ChunkedArray, name: str, source: str, csv: bool) -> np.ndar
         f = _parse_float(v)
         if f is None:
             raise CellError(source, name, i, f"{_shown(v)} is not a number", csv)
-        if np.isinf(f):      # 'inf', or digits beyond float64
+        if np.isinf(f):  # 'inf', or digits beyond float64
             raise CellError(source, name, i, f"{_shown(v)} is not a finite number", csv)
         out[i] = f
     return out
@@ -115,8 +117,8 @@ def to_strings(col: pa.ChunkedArray) -> np.ndarray:
 @dataclass
 class ColumnStats:
     name: str
-    kind: str                      # "numeric" | "categorical"
-    fill: Any = None               # imputation value (None: rows with missing values are refused)
+    kind: str  # "numeric" | "categorical"
+    fill: Any = None  # imputation value (None: rows with missing values are refused)
     categories: list[str] = field(default_factory=list)
     center: float = 0.0
     scale: float = 1.0
@@ -149,23 +151,23 @@ class ColumnStats:
         return None in self._keys.values()
 
     def _build(self) -> None:
-        if self._index is None:       # both built before either is published: serve's threads share it
+        if self._index is None:  # both built before either is published: serve's threads share it
             keys: dict = {}
             for i, c in enumerate(self.categories):
                 for k in {category_key(c), _narrow_float_key(c)} - {None}:
-                    keys[k] = None if k in keys else i    # two spellings of one value: neither matches
+                    keys[k] = None if k in keys else i  # two spellings of one value: neither matches
             self._keys = keys
             self._index = {c: i for i, c in enumerate(self.categories)}
 
     def __post_init__(self):
-        self._index: dict | None = None     # built on first use (the categories are set after fitting)
+        self._index: dict | None = None  # built on first use (the categories are set after fitting)
         self._keys: dict = {}
 
 
-_TRUE, _FALSE = {"true", "True", "TRUE"}, {"false", "False", "FALSE"}    # pyarrow's CSV spellings
+_TRUE, _FALSE = {"true", "True", "TRUE"}, {"false", "False", "FALSE"}  # pyarrow's CSV spellings
 
 
-@lru_cache(maxsize=1 << 16)       # a column's unseen values repeat: parse each once
+@lru_cache(maxsize=1 << 16)  # a column's unseen values repeat: parse each once
 def category_key(text: str):
     """The value a category's text stands for, in a form that compares across spellings: a boolean, a
     number (``01234`` = ``1234`` = ``1234.0``, exactly), or a date/time (``2024-01-01T10:00:00`` = pyarrow's
@@ -173,7 +175,7 @@ def category_key(text: str):
     t = text.strip()
     if t in _TRUE or t in _FALSE:
         return ("bool", t in _TRUE)
-    try:      # exact: a long identifier (12345678901234567) must not meet its float64 neighbours
+    try:  # exact: a long identifier (12345678901234567) must not meet its float64 neighbours
         x = Decimal(t)
         return ("number", x) if x.is_finite() else None
     except InvalidOperation:
@@ -194,7 +196,7 @@ def _narrow_float_key(text: str):
         x = float(text)
     except ValueError:
         return None
-    for narrow in (np.float16, np.float32):      # float16 first: its values are float32 values too
+    for narrow in (np.float16, np.float32):  # float16 first: its values are float32 values too
         with np.errstate(over="ignore"):
             v = narrow(x)
         if np.isfinite(v) and repr(float(v)) == text and str(v) != text:
@@ -209,14 +211,23 @@ class Preprocessor:
     columns: list[ColumnStats]
     target: str
     task: str
-    classes: list[Any] | None     # class labels in output order (classification)
+    classes: list[Any] | None  # class labels in output order (classification)
     shape: list[int] | None = None
 
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, raw: dict[str, np.ndarray], kinds: dict[str, str], *,
-            target: str, task: str, classes: list[Any] | None, missing: str, normalize: str,
-            shape: list[int] | None) -> "Preprocessor":
+    def fit(
+        cls,
+        raw: dict[str, np.ndarray],
+        kinds: dict[str, str],
+        *,
+        target: str,
+        task: str,
+        classes: list[Any] | None,
+        missing: str,
+        normalize: str,
+        shape: list[int] | None,
+    ) -> "Preprocessor":
         """``raw`` holds the training split's columns (float64 with NaN / object with None)."""
         stats = []
         for name, values in raw.items():
@@ -282,9 +293,9 @@ class Preprocessor:
                 for r, s in enumerate(v):
                     s = st.fill if s is None else s
                     k = None if s is None else find(s)
-                    if k is not None:       # a category unseen in training encodes as all zeros
+                    if k is not None:  # a category unseen in training encodes as all zeros
                         onehot[r, k] = 1.0
-                out[:, j:j + st.width] = onehot
+                out[:, j : j + st.width] = onehot
                 j += st.width
         return out.reshape((n,) + self.input_shape)
 
@@ -298,8 +309,10 @@ class Preprocessor:
         """Raw rows (e.g. a CSV for ``lepton predict``) to the model's input, with clear errors."""
         missing_cols = [c for c in self.feature_names if c not in table.column_names]
         if missing_cols:
-            raise DataError(f"{source}: missing feature column(s) {', '.join(repr(c) for c in missing_cols)}"
-                            f" (the model needs: {', '.join(self.feature_names)})")
+            raise DataError(
+                f"{source}: missing feature column(s) {', '.join(repr(c) for c in missing_cols)}"
+                f" (the model needs: {', '.join(self.feature_names)})"
+            )
         check_used_columns(table, self.feature_names, source)
         raw = {}
         for st in self.columns:
@@ -308,8 +321,13 @@ class Preprocessor:
             holes = np.isnan(v) if st.kind == "numeric" else np.array([s is None for s in v], dtype=bool)
             if holes.any() and st.fill is None:
                 row = int(np.flatnonzero(holes)[0])
-                raise CellError(source, st.name, row, "missing value (the run's preprocess.missing is"
-                                " 'drop', so no fill value was fitted)", csv)
+                raise CellError(
+                    source,
+                    st.name,
+                    row,
+                    "missing value (the run's preprocess.missing is 'drop', so no fill value was fitted)",
+                    csv,
+                )
             raw[st.name] = v
         x = self.transform(raw)
         # A finite value can still be out of the model's reach: scaled by the fitted statistics it
@@ -321,14 +339,20 @@ class Preprocessor:
                 bad = ~np.isfinite(flat[:, j])
                 if bad.any():
                     row = int(np.flatnonzero(bad)[0])
-                    raise CellError(source, st.name, row, f"{raw[st.name][row]:g} is out of range: scaled by the"
-                                    " run's preprocessing it overflows the model's float32 input", csv)
+                    raise CellError(
+                        source,
+                        st.name,
+                        row,
+                        f"{raw[st.name][row]:g} is out of range: scaled by the"
+                        " run's preprocessing it overflows the model's float32 input",
+                        csv,
+                    )
         return x
 
     @property
     def offsets(self) -> list[int]:
         """Each column's first position in a row of features."""
-        return list(accumulate((c.width for c in self.columns[:-1]), initial=0))[:len(self.columns)]
+        return list(accumulate((c.width for c in self.columns[:-1]), initial=0))[: len(self.columns)]
 
     def column_at(self, j: int) -> str:
         """The column that feature ``j`` of a (flattened) row comes from."""
@@ -339,17 +363,22 @@ class Preprocessor:
 
     # --- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"target": self.target, "task": self.task, "classes": self.classes, "shape": self.shape,
-                "columns": [{k: v for k, v in vars(c).items() if not k.startswith("_")} for c in self.columns]}
+        return {
+            "target": self.target,
+            "task": self.task,
+            "classes": self.classes,
+            "shape": self.shape,
+            "columns": [{k: v for k, v in vars(c).items() if not k.startswith("_")} for c in self.columns],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessor":
-        return cls([ColumnStats(**c) for c in d["columns"]], d["target"], d["task"], d["classes"],
-                   d.get("shape"))
+        return cls(
+            [ColumnStats(**c) for c in d["columns"]], d["target"], d["task"], d["classes"], d.get("shape")
+        )
 
 
 def column_is_missing(values: np.ndarray, kind: str) -> np.ndarray:
     if kind == "numeric":
         return np.isnan(values)
     return np.array([v is None for v in values], dtype=bool)
-

@@ -11,6 +11,7 @@ The ``Path`` properties (``job_yaml``, ``data_dir`` ...) are for callers that st
 they raise on a run that is not on this machine's disk. The names relative to the root are the
 constants below, and the methods take them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,15 @@ import yaml
 from ..errors import LeptonError
 from .backend import LocalStorage, RunStorage, fsync_dir
 
-__all__ = ["RunDir", "RunLock", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_jsonl", "new_token"]
+__all__ = [
+    "RunDir",
+    "RunLock",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "fsync_dir",
+    "read_jsonl",
+    "new_token",
+]
 
 # names relative to the run's root (design.md §4, a public contract)
 JOB_YAML = "job.yaml"
@@ -85,7 +94,7 @@ def _jsonl_records(storage: RunStorage, rel: str) -> Iterator[dict]:
         for line in f:
             try:
                 yield json.loads(line.decode())
-            except ValueError:           # a torn line: JSON cut short, or a multi-byte character cut
+            except ValueError:  # a torn line: JSON cut short, or a multi-byte character cut
                 continue
 
 
@@ -121,41 +130,74 @@ class RunDir:
     @property
     def root(self) -> Path:
         if self.storage.local_root is None:
-            raise LeptonError(f"{self.where()}: not a folder on this machine (this needs a local run directory)")
+            raise LeptonError(
+                f"{self.where()}: not a folder on this machine (this needs a local run directory)"
+            )
         return self.storage.local_root
 
     @property
-    def job_yaml(self) -> Path: return self.root / JOB_YAML
+    def job_yaml(self) -> Path:
+        return self.root / JOB_YAML
+
     @property
-    def state_json(self) -> Path: return self.root / STATE_JSON
+    def state_json(self) -> Path:
+        return self.root / STATE_JSON
+
     @property
-    def events_jsonl(self) -> Path: return self.root / EVENTS_JSONL
+    def events_jsonl(self) -> Path:
+        return self.root / EVENTS_JSONL
+
     @property
-    def metrics_jsonl(self) -> Path: return self.root / METRICS_JSONL
+    def metrics_jsonl(self) -> Path:
+        return self.root / METRICS_JSONL
+
     @property
-    def data_dir(self) -> Path: return self.root / DATA_DIR
+    def data_dir(self) -> Path:
+        return self.root / DATA_DIR
+
     @property
-    def checkpoints_dir(self) -> Path: return self.root / CHECKPOINTS_DIR
+    def checkpoints_dir(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
     @property
-    def model_dir(self) -> Path: return self.root / MODEL_DIR
+    def model_dir(self) -> Path:
+        return self.root / MODEL_DIR
+
     @property
-    def summary_json(self) -> Path: return self.root / SUMMARY_JSON
+    def summary_json(self) -> Path:
+        return self.root / SUMMARY_JSON
+
     @property
-    def exports_dir(self) -> Path: return self.root / EXPORTS_DIR
+    def exports_dir(self) -> Path:
+        return self.root / EXPORTS_DIR
+
     @property
-    def token_file(self) -> Path: return self.root / TOKEN
+    def token_file(self) -> Path:
+        return self.root / TOKEN
+
     @property
-    def factory_pickle(self) -> Path: return self.root / FACTORY_PICKLE
+    def factory_pickle(self) -> Path:
+        return self.root / FACTORY_PICKLE
+
     @property
-    def data_from_file(self) -> Path: return self.root / DATA_FROM    # the run whose prepared data it shares
+    def data_from_file(self) -> Path:
+        return self.root / DATA_FROM  # the run whose prepared data it shares
+
     @property
-    def init_weights(self) -> Path: return self.root / INIT_WEIGHTS   # its copy of model.init_weights
+    def init_weights(self) -> Path:
+        return self.root / INIT_WEIGHTS  # its copy of model.init_weights
+
     @property
-    def logs_dir(self) -> Path: return self.root / LOGS_DIR          # local workers' output (worker-K.log)
+    def logs_dir(self) -> Path:
+        return self.root / LOGS_DIR  # local workers' output (worker-K.log)
+
     @property
-    def finetune_dir(self) -> Path: return self.exports_dir / "finetune"   # the pruned model's fine-tune run
+    def finetune_dir(self) -> Path:
+        return self.exports_dir / "finetune"  # the pruned model's fine-tune run
+
     @property
-    def tensorboard_dir(self) -> Path: return self.root / TENSORBOARD_DIR
+    def tensorboard_dir(self) -> Path:
+        return self.root / TENSORBOARD_DIR
 
     @property
     def best_dir(self) -> Path:
@@ -284,16 +326,20 @@ class RunLock:
         try:
             self._f = open(path, "a")
         except OSError as e:
-            raise LeptonError(f"{path.parent}: cannot write in the run directory ({e.strerror or e})") from None
+            raise LeptonError(
+                f"{path.parent}: cannot write in the run directory ({e.strerror or e})"
+            ) from None
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                return            # a file system without locks (some NFS/FUSE): run unguarded, as before
+                return  # a file system without locks (some NFS/FUSE): run unguarded, as before
             self._f.close()
-            raise LeptonError(f"{path.parent}: another lepton process is running this run (wait for it to end,"
-                              " or stop it with Ctrl-C)") from None
+            raise LeptonError(
+                f"{path.parent}: another lepton process is running this run (wait for it to end,"
+                " or stop it with Ctrl-C)"
+            ) from None
 
     def release(self) -> None:
         if not self._f.closed:
-            self._f.close()          # closing the file drops the lock
+            self._f.close()  # closing the file drops the lock

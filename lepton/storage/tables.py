@@ -3,6 +3,7 @@
 Columns come back as a ``pyarrow.Table``; type decisions (numeric vs categorical) are made later by
 ``preprocess`` so that training and prediction read raw rows the same way.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,14 @@ import pyarrow as pa
 
 from ..errors import DataError
 
-SUFFIXES = ((".csv", "csv"), (".csv.gz", "csv"), (".tsv", "csv"), (".parquet", "parquet"), (".pq", "parquet"),
-            (".npz", "npz"))
+SUFFIXES = (
+    (".csv", "csv"),
+    (".csv.gz", "csv"),
+    (".tsv", "csv"),
+    (".parquet", "parquet"),
+    (".pq", "parquet"),
+    (".npz", "npz"),
+)
 # what to do when the name tells no format; the default fits a job's data.path, a caller with no such
 # option (lepton predict) passes its own
 SET_FORMAT = "set data.format to csv, parquet or npz"
@@ -32,13 +39,14 @@ def detect_format(path: str, fmt: str | None = None, hint: str = SET_FORMAT) -> 
     for suffix, kind in SUFFIXES:
         if name.endswith(suffix):
             return kind
-    if "://" not in path and Path(path).is_dir():      # "no format" would send the user the wrong way
+    if "://" not in path and Path(path).is_dir():  # "no format" would send the user the wrong way
         raise DataError(f"{path}: is a directory, not a data file")
     raise DataError(f"{path}: cannot tell the format from the file name; {hint}")
 
 
 def _open_bytes(path: str) -> bytes:
     import fsspec
+
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
             return f.read()
@@ -46,14 +54,15 @@ def _open_bytes(path: str) -> bytes:
         raise DataError(f"{path}: data file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not a data file") from None
-    except OSError as e:      # NotADirectoryError, PermissionError, a network filesystem's errors
+    except OSError as e:  # NotADirectoryError, PermissionError, a network filesystem's errors
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     except (ValueError, ImportError) as e:  # unknown protocol, missing fsspec backend
         raise DataError(f"{path}: cannot open: {e}") from None
 
 
-def read_table(path: str, fmt: str | None = None, categorical: Collection[str] = (),
-               text: Collection[str] = ()) -> pa.Table:
+def read_table(
+    path: str, fmt: str | None = None, categorical: Collection[str] = (), text: Collection[str] = ()
+) -> pa.Table:
     """Read the whole file; raises ``DataError`` naming the file for anything unreadable.
 
     ``categorical``: columns whose values are categories. A CSV column of those that pyarrow typed as
@@ -73,10 +82,13 @@ def read_table(path: str, fmt: str | None = None, categorical: Collection[str] =
     # pyarrow keeps repeated names, but then cannot look either column up by name
     repeated = [f"'{n}' ({k} times)" for n, k in Counter(names).items() if k > 1]
     if repeated:
-        raise DataError(f"{path}: duplicate column name(s) {', '.join(repeated)}; every column needs its own name")
+        raise DataError(
+            f"{path}: duplicate column name(s) {', '.join(repeated)}; every column needs its own name"
+        )
     keep = [c for c in dict.fromkeys(text) if c in names and not pa.types.is_string(table.column(c).type)]
-    floats = [c for c in categorical if c in names and c not in keep
-              and pa.types.is_floating(table.column(c).type)]
+    floats = [
+        c for c in categorical if c in names and c not in keep and pa.types.is_floating(table.column(c).type)
+    ]
     if kind == "csv" and (floats or keep):
         written = _parse(path, kind, raw, text=floats + keep)
         for c in keep + [c for c in floats if any(_float_changes(v) for v in written.column(c).to_pylist())]:
@@ -90,12 +102,16 @@ def check_used_columns(table: pa.Table, columns: list[str], path: str) -> None:
     may be anything."""
     for c in columns:
         if not c.strip():
-            raise DataError(f"{path}: column {table.column_names.index(c) + 1} has no name in the header;"
-                            " every column the job reads needs one")
+            raise DataError(
+                f"{path}: column {table.column_names.index(c) + 1} has no name in the header;"
+                " every column the job reads needs one"
+            )
         col = table.column(c)
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             row = next((i for i, v in enumerate(col.to_pylist()) if v is not None and not _utf8(v)), None)
-            what = f" row {row + 1}: bytes that are not UTF-8 text" if row is not None else ": bytes, not text"
+            what = (
+                f" row {row + 1}: bytes that are not UTF-8 text" if row is not None else ": bytes, not text"
+            )
             raise DataError(f"{path}: column '{c}'{what} (a CSV must be saved as UTF-8)")
 
 
@@ -103,11 +119,11 @@ def _float_changes(text: str | None) -> bool:
     """Whether float64 reads the number ``text`` as another value than written (more digits than it
     keeps: ``12345678901234567891``); its shortest text (``0.1``) counts as the same value."""
     if text is None or (len(text) <= 15 and "e" not in text.lower()):
-        return False                  # at most 15 digits and no exponent: float64 keeps it exactly
+        return False  # at most 15 digits and no exponent: float64 keeps it exactly
     try:
         written = Decimal(text)
         return written.is_finite() and Decimal(repr(float(text))) != written
-    except (ValueError, InvalidOperation):    # text pyarrow parses and Decimal or float does not
+    except (ValueError, InvalidOperation):  # text pyarrow parses and Decimal or float does not
         return False
 
 
@@ -123,6 +139,7 @@ def _ragged_line(raw: bytes, delimiter: str) -> int | None:
     """The line of the first CSV row whose field count differs from the header's (pyarrow's message
     quotes the row but not where it is)."""
     import csv
+
     rows = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""), delimiter=delimiter)
     width = None
     for row in rows:
@@ -138,15 +155,20 @@ def _parse(path: str, kind: str, raw: bytes, text: Collection[str] = ()) -> pa.T
     try:
         if kind == "csv":
             import pyarrow.csv as pacsv
+
             return pacsv.read_csv(
                 io.BytesIO(raw),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
                 # ``text``: only those columns, as text (a second reading of a few columns)
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
-                                                     column_types={c: pa.string() for c in text},
-                                                     include_columns=list(text)))
+                convert_options=pacsv.ConvertOptions(
+                    strings_can_be_null=True,
+                    column_types={c: pa.string() for c in text},
+                    include_columns=list(text),
+                ),
+            )
         if kind == "parquet":
             import pyarrow.parquet as pq
+
             return pq.read_table(io.BytesIO(raw))
         return _npz_table(raw)
     except pa.ArrowInvalid as e:
@@ -154,7 +176,13 @@ def _parse(path: str, kind: str, raw: bytes, text: Collection[str] = ()) -> pa.T
         line = _ragged_line(raw, delimiter) if kind == "csv" and "Expected" in msg else None
         where = f" line {line}:" if line else ""
         raise DataError(f"{path}:{where} cannot parse as {kind}: {msg}") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:    # the last three: a damaged .npz
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:  # the last three: a damaged .npz
         raise DataError(f"{path}: cannot read as {kind}: {e}") from None
 
 

@@ -14,6 +14,7 @@ well-defined points:
   redo the step are not hit again) unless ``always=1``.
 Example: ``kill:rank=1:step=5;slow:rank=2:seconds=0.01``.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,12 @@ class Fault:
 
     def applies(self, at: str, rank: int | None, step: int | None, generation: int | None) -> bool:
         first_only = self.action in ("crash", "kill", "hang") and not self.always
-        return (self.at == at and (self.rank == "*" or (rank is not None and int(self.rank) == rank))
-                and (self.step is None or self.step == step) and not (first_only and generation))
+        return (
+            self.at == at
+            and (self.rank == "*" or (rank is not None and int(self.rank) == rank))
+            and (self.step is None or self.step == step)
+            and not (first_only and generation)
+        )
 
 
 def parse(text: str) -> list[Fault]:
@@ -47,9 +52,16 @@ def parse(text: str) -> list[Fault]:
         kw = dict(p.split("=", 1) for p in pairs)
         if action not in ACTIONS or kw.get("at", "step") not in POINTS:
             raise ValueError(f"LEPTON_FAULTS: cannot parse {rule!r} (actions {ACTIONS}, at {POINTS})")
-        faults.append(Fault(action, kw.get("at", "step"), kw.get("rank", "*"),
-                            int(kw["step"]) if "step" in kw else None, float(kw.get("seconds", 0)),
-                            kw.get("always") == "1"))
+        faults.append(
+            Fault(
+                action,
+                kw.get("at", "step"),
+                kw.get("rank", "*"),
+                int(kw["step"]) if "step" in kw else None,
+                float(kw.get("seconds", 0)),
+                kw.get("always") == "1",
+            )
+        )
     return faults
 
 
@@ -67,13 +79,17 @@ class FaultInjector:
                     pass
 
     def poisoned(self, rank: int, step: int) -> bool:
-        return any(f.action == "nan" and (f.rank == "*" or int(f.rank) == rank) and f.step in (None, step)
-                   for f in self.faults)
+        return any(
+            f.action == "nan" and (f.rank == "*" or int(f.rank) == rank) and f.step in (None, step)
+            for f in self.faults
+        )
 
     def has(self, action: str) -> bool:
         return any(f.action == action for f in self.faults)
 
-    def fire(self, at: str, rank: int | None = None, step: int | None = None, generation: int | None = None) -> None:
+    def fire(
+        self, at: str, rank: int | None = None, step: int | None = None, generation: int | None = None
+    ) -> None:
         for f in self.faults:
             if not f.applies(at, rank, step, generation):
                 continue

@@ -11,6 +11,7 @@ A generation ends in a ``GenerationOutcome``: ``_train_steps`` runs the steps to
 agreed pause, ``_finish_run`` the final phase (keep-best, final evaluations, the model). The
 heartbeat thread is worker/reporter.py; cores and threads are worker/placement.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,11 +33,24 @@ from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
 from ..policies import Decision
 from ..protocol import Generation, RegisterRequest, Report, StepPlan
-from ..records import (BestRecord, DecisionRecord, EvalRecord, GenerationFirstStepRecord, PlanRecord,
-                       SkippedStepRecord, TrainRecord)
+from ..records import (
+    BestRecord,
+    DecisionRecord,
+    EvalRecord,
+    GenerationFirstStepRecord,
+    PlanRecord,
+    SkippedStepRecord,
+    TrainRecord,
+)
 from ..spec import JobSpec, parse_job
-from ..storage.checkpoint import (AsyncCheckpointer, CheckpointUnreadable, read_checkpoint, write_best,
-                                  write_checkpoint, write_model)
+from ..storage.checkpoint import (
+    AsyncCheckpointer,
+    CheckpointUnreadable,
+    read_checkpoint,
+    write_best,
+    write_checkpoint,
+    write_model,
+)
 from ..storage.prepared import DataCache
 from ..storage.rundir import MODEL_DIR, RunDir
 from .fault_injection import FaultInjector
@@ -46,21 +60,23 @@ from .reporter import Reporter
 from .trainer import Diverged, StepResult, Trainer
 
 PLAN_POLL_S = 0.05
-REDUCE_BYTES = 1 << 20    # smallest shared-memory reduction slot (evaluation sums fit)
-ABANDON_AFTER_S = 1.0     # in a collective this long after the coordinator asked for a regroup: give up
+REDUCE_BYTES = 1 << 20  # smallest shared-memory reduction slot (evaluation sums fit)
+ABANDON_AFTER_S = 1.0  # in a collective this long after the coordinator asked for a regroup: give up
 
 
 class GenerationOutcome(Enum):
     """How one generation ended for this worker (``Worker._run_generation``)."""
-    FINISHED = "finished"    # trained to the end (or an early stop): the final phase ran
-    PAUSED = "paused"        # paused after a step every rank agreed on, or a collective failed:
-                             # it reported the step it reached and waits for the next generation
-    LEFT = "left"            # paused at an agreed step because this worker leaves the job
+
+    FINISHED = "finished"  # trained to the end (or an early stop): the final phase ran
+    PAUSED = "paused"  # paused after a step every rank agreed on, or a collective failed:
+    # it reported the step it reached and waits for the next generation
+    LEFT = "left"  # paused at an agreed step because this worker leaves the job
 
 
 @dataclass
 class _Throughput:
     """Samples, seconds and summed loss over a run of steps."""
+
     samples: int = 0
     seconds: float = 0.0
     loss_sum: float = 0.0
@@ -77,14 +93,15 @@ class _Throughput:
 @dataclass
 class _StepLoop:
     """What the step loop of one generation tracks between steps."""
+
     generation: Generation
     meter: StepMeter
-    probe: Callable[[], float]              # a one-sample pass's cost, for the meter (balancing only)
+    probe: Callable[[], float]  # a one-sample pass's cost, for the meter (balancing only)
     shares: list[float]
     plan_version: int = 0
     first_step: bool = True
-    announced: bool = False                 # the first full window at this plan was sent
-    window: _Throughput = field(default_factory=_Throughput)   # since the last train record
+    announced: bool = False  # the first full window at this plan was sent
+    window: _Throughput = field(default_factory=_Throughput)  # since the last train record
     # the steady state: the first step of a generation (warm-up) is left out
     steady: _Throughput = field(default_factory=_Throughput)
 
@@ -93,8 +110,18 @@ class Worker:
     """One worker process. ``connect`` registers with the coordinator and builds the parts; the
     constructor takes them ready-made (tests hand it an in-process group and a fake client)."""
 
-    def __init__(self, *, job: JobSpec, run: RunDir, trainer: Trainer, group: GenerationGroup,
-                 client: CoordinatorClient, reporter: Reporter, faults: FaultInjector, url: str = ""):
+    def __init__(
+        self,
+        *,
+        job: JobSpec,
+        run: RunDir,
+        trainer: Trainer,
+        group: GenerationGroup,
+        client: CoordinatorClient,
+        reporter: Reporter,
+        faults: FaultInjector,
+        url: str = "",
+    ):
         self.job = job
         self.run = run
         self.trainer = trainer
@@ -107,12 +134,18 @@ class Worker:
         self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
         self.leaving = False
-        self.checkpointer: AsyncCheckpointer | None = None   # rank 0's background saves in a generation
-        self.steady = _Throughput()       # the last generation's steady-state throughput
+        self.checkpointer: AsyncCheckpointer | None = None  # rank 0's background saves in a generation
+        self.steady = _Throughput()  # the last generation's steady-state throughput
 
     @classmethod
-    def connect(cls, url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
-                connect_timeout_s: float = 120.0) -> Worker:
+    def connect(
+        cls,
+        url: str,
+        token: str,
+        cpus: list[int] | None = None,
+        threads: int | None = None,
+        connect_timeout_s: float = 120.0,
+    ) -> Worker:
         faults = FaultInjector()
         faults.fire("start")
         client = CoordinatorClient(url, token)
@@ -133,14 +166,27 @@ class Worker:
         factory = None
         if reg.factory_pickle:
             import cloudpickle
+
             factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
         trainer = Trainer(job, DataCache(run), factory, _device(job))
         cluster = job.cluster
-        group = GenerationGroup(urlparse(url).hostname, reg.store_port, cluster.collective_timeout_s,
-                                shared_memory=cluster.shared_memory and trainer.device.type == "cpu",
-                                shm_capacity=max(REDUCE_BYTES, _max_flat_bytes(trainer)))
-        return cls(job=job, run=run, trainer=trainer, group=group, client=client, reporter=reporter,
-                   faults=faults, url=url)
+        group = GenerationGroup(
+            urlparse(url).hostname,
+            reg.store_port,
+            cluster.collective_timeout_s,
+            shared_memory=cluster.shared_memory and trainer.device.type == "cpu",
+            shm_capacity=max(REDUCE_BYTES, _max_flat_bytes(trainer)),
+        )
+        return cls(
+            job=job,
+            run=run,
+            trainer=trainer,
+            group=group,
+            client=client,
+            reporter=reporter,
+            faults=faults,
+            url=url,
+        )
 
     # --- signals -------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -178,8 +224,8 @@ class Worker:
                 elif self._run_generation(plan.generation) is GenerationOutcome.LEFT:
                     break
         except LeptonError:
-            raise                                 # the coordinator is gone: nobody to tell
-        except (Diverged, CheckpointUnreadable) as e:   # a clear cause: report it, no traceback
+            raise  # the coordinator is gone: nobody to tell
+        except (Diverged, CheckpointUnreadable) as e:  # a clear cause: report it, no traceback
             self._send("failed", {"error": str(e)})
             return 1
         except Exception as e:
@@ -193,8 +239,16 @@ class Worker:
     def _run_generation(self, gen: Generation) -> GenerationOutcome:
         """Join generation ``gen``, train in it, and tell the coordinator how it ended."""
         self.generation = gen.id
-        self.reporter.update(state="training", generation=gen.id, step=gen.start_step, rank=gen.rank,
-                             world=gen.world, plan_version=0, shares=list(gen.shares), **NOT_MEASURED)
+        self.reporter.update(
+            state="training",
+            generation=gen.id,
+            step=gen.start_step,
+            rank=gen.rank,
+            world=gen.world,
+            plan_version=0,
+            shares=list(gen.shares),
+            **NOT_MEASURED,
+        )
         try:
             self.group.join(gen.id, gen.rank, gen.world, gen.store_port, gen.backend)
             outcome = self._train_steps(gen)
@@ -205,11 +259,18 @@ class Worker:
             # for a checkpoint of this very step, and two writers of one folder corrupt it
             self._checkpoints_written()
             self.reporter.update(state="paused")
-            self._send("paused", {"reason": "collective_error", "generation": gen.id,
-                                  "step": self.trainer.step, "error": str(e)[:300]})
+            self._send(
+                "paused",
+                {
+                    "reason": "collective_error",
+                    "generation": gen.id,
+                    "step": self.trainer.step,
+                    "error": str(e)[:300],
+                },
+            )
             return GenerationOutcome.PAUSED
         self.group.leave()
-        if outcome is GenerationOutcome.PAUSED:   # at an agreed step boundary
+        if outcome is GenerationOutcome.PAUSED:  # at an agreed step boundary
             self.reporter.update(state="paused")
             why = "leaving" if self.leaving else "regroup"
             self._send("paused", {"reason": why, "generation": gen.id, "step": self.trainer.step})
@@ -226,12 +287,14 @@ class Worker:
                 return fn(*args)
             except CoordinatorUnreachable:
                 if time.monotonic() > deadline:
-                    raise LeptonError(f"lost the coordinator at {self.url} for more than "
-                                      f"{self.job.cluster.coordinator_timeout_s:g} s") from None
+                    raise LeptonError(
+                        f"lost the coordinator at {self.url} for more than "
+                        f"{self.job.cluster.coordinator_timeout_s:g} s"
+                    ) from None
                 time.sleep(0.5)
 
     def _send(self, kind: str, payload: dict) -> None:
-        self.reporter.flush()      # a heartbeat first: a restarted coordinator adopts us before the report
+        self.reporter.flush()  # a heartbeat first: a restarted coordinator adopts us before the report
         self._control(self.client.report, Report(worker_id=self.worker_id, kind=kind, payload=payload))
 
     # --- one generation ------------------------------------------------------------------------------
@@ -241,8 +304,11 @@ class Worker:
         return waited_s > ABANDON_AFTER_S and self.reporter.regroup_generation == self.generation
 
     def _wants_regroup(self) -> bool:
-        return (self.leaving or self.reporter.regroup_generation == self.generation
-                or self.reporter.exit_requested.is_set())
+        return (
+            self.leaving
+            or self.reporter.regroup_generation == self.generation
+            or self.reporter.exit_requested.is_set()
+        )
 
     def _train_steps(self, gen: Generation) -> GenerationOutcome:
         """Train from the broadcast state to the end (FINISHED) or to a step boundary every rank
@@ -251,12 +317,13 @@ class Worker:
         self._receive_state(gen)
         loop = self._start_loop(gen)
         if self._eval_due() and trainer.evaluated_step < trainer.step < trainer.total_steps:
-            self._validate(rank, gen.id)          # a validation interrupted by the last failure
+            self._validate(rank, gen.id)  # a validation interrupted by the last failure
         while trainer.step < trainer.total_steps and not trainer.stopped_early:
             loop.meter.begin()
             self.faults.fire("step", rank, trainer.step, gen.id)
-            result = trainer.train_step(self.group, loop.shares, rank, regroup=self._wants_regroup(),
-                                        next_plan=self._next_plan(loop))
+            result = trainer.train_step(
+                self.group, loop.shares, rank, regroup=self._wants_regroup(), next_plan=self._next_plan(loop)
+            )
             loop.meter.record(result.local, result.compute_s, result.compute_cpu_s, result.overhead_s)
             self._account_step(loop, result)
             self._checkpoint_and_validate(loop)
@@ -277,8 +344,9 @@ class Worker:
         state = self.group.broadcast_state(trainer.state() if rank == 0 else None, src=0)
         if rank != 0:
             trainer.load_state(state)
-        self.checkpointer = (AsyncCheckpointer(self.run, self.job.checkpoint.keep, self._on_checkpoint)
-                             if rank == 0 else None)
+        self.checkpointer = (
+            AsyncCheckpointer(self.run, self.job.checkpoint.keep, self._on_checkpoint) if rank == 0 else None
+        )
 
     def _start_loop(self, gen: Generation) -> _StepLoop:
         trainer, job, rank = self.trainer, self.job, gen.rank
@@ -289,8 +357,9 @@ class Worker:
             trainer.poison = lambda step: self.faults.poisoned(rank, step)
         # the probe and the short first window serve the balancer only: not when shares are equal or fixed
         balancing = job.cluster.balance == "on" and job.cluster.fixed_shares(gen.world) is None
-        meter = StepMeter(on_gpu=trainer.device.type == "cuda",
-                          first_window=FIRST_WINDOW if balancing else None)
+        meter = StepMeter(
+            on_gpu=trainer.device.type == "cuda", first_window=FIRST_WINDOW if balancing else None
+        )
         probe = trainer.probe_fixed_cost if balancing else (lambda: 0.0)
         return _StepLoop(generation=gen, meter=meter, probe=probe, shares=list(gen.shares))
 
@@ -305,23 +374,31 @@ class Worker:
     def _account_step(self, loop: _StepLoop, result: StepResult) -> None:
         """After a step: its records, the plan it agreed on, the meter and the heartbeat fields."""
         trainer, meter, gen = self.trainer, loop.meter, loop.generation
-        lead = gen.rank == 0                  # rank 0 writes the records
+        lead = gen.rank == 0  # rank 0 writes the records
         if result.skipped and lead:
             self.reporter.push(SkippedStepRecord(step=trainer.step - 1, lr_scale=trainer.lr_scale))
-        if result.next_shares is not None:    # plan v+1 reached every rank in this step's reduction
+        if result.next_shares is not None:  # plan v+1 reached every rank in this step's reduction
             loop.shares, loop.plan_version = result.next_shares, loop.plan_version + 1
             # together: the fields of a measurement never mix two plans
             self.reporter.update(shares=loop.shares, plan_version=loop.plan_version, **NOT_MEASURED)
             if lead:
-                self.reporter.push(PlanRecord(step=trainer.step, version=loop.plan_version,
-                                              shares=[round(share, 6) for share in loop.shares]))
+                self.reporter.push(
+                    PlanRecord(
+                        step=trainer.step,
+                        version=loop.plan_version,
+                        shares=[round(share, 6) for share in loop.shares],
+                    )
+                )
             meter.reset()
-            meter.compute_fixed = loop.probe()    # in a step the meter leaves out
+            meter.compute_fixed = loop.probe()  # in a step the meter leaves out
             loop.announced = False
-        if loop.first_step and lead:          # when a generation's first step completed (recovery time)
-            self.reporter.push(GenerationFirstStepRecord(generation=gen.id, step=trainer.step,
-                                                         transport=self.group.transport))
-        if loop.first_step:                   # the first step of a generation warms up: left out
+        if loop.first_step and lead:  # when a generation's first step completed (recovery time)
+            self.reporter.push(
+                GenerationFirstStepRecord(
+                    generation=gen.id, step=trainer.step, transport=self.group.transport
+                )
+            )
+        if loop.first_step:  # the first step of a generation warms up: left out
             meter.discard()
             meter.compute_fixed = loop.probe()
         else:
@@ -338,12 +415,18 @@ class Worker:
         log_now = trainer.step % self.job.train.log_every_steps == 0 or trainer.step == trainer.total_steps
         if lead and log_now:
             window = loop.window
-            self.reporter.push(TrainRecord(step=trainer.step, epoch=trainer.epoch,
-                                           total_steps=trainer.total_steps,
-                                           loss=window.loss_sum / window.samples,
-                                           lr=trainer.lr_at(trainer.step - 1),
-                                           samples_per_s=window.samples_per_s(), generation=gen.id,
-                                           workers=gen.world))
+            self.reporter.push(
+                TrainRecord(
+                    step=trainer.step,
+                    epoch=trainer.epoch,
+                    total_steps=trainer.total_steps,
+                    loss=window.loss_sum / window.samples,
+                    lr=trainer.lr_at(trainer.step - 1),
+                    samples_per_s=window.samples_per_s(),
+                    generation=gen.id,
+                    workers=gen.world,
+                )
+            )
             loop.window = _Throughput()
 
     def _checkpoint_and_validate(self, loop: _StepLoop) -> None:
@@ -354,7 +437,7 @@ class Worker:
             self.faults.fire("checkpoint", gen.rank, trainer.step, gen.id)
             loop.meter.discard()
         if self._eval_due() and trainer.step < trainer.total_steps:
-            self._validate(gen.rank, gen.id)      # may stop early: the final phase then starts now
+            self._validate(gen.rank, gen.id)  # may stop early: the final phase then starts now
             loop.meter.discard()
 
     def _finish_run(self, gen: Generation) -> dict | None:
@@ -369,8 +452,9 @@ class Worker:
             best = read_checkpoint(self.run.best_rel, storage=self.run.storage) if rank == 0 else None
             trainer.model.load_state_dict(self.group.broadcast_state(best, src=0)["model"])
         agree = trainer.replicas_agree(self.group)
-        results = {split: trainer.evaluate(self.group, split, confusion=True)
-                   for split in ("train", "val", "test")}
+        results = {
+            split: trainer.evaluate(self.group, split, confusion=True) for split in ("train", "val", "test")
+        }
         if job.eval.every != "never":
             self._log_eval("val", results["val"], rank)
         if rank != 0:
@@ -381,15 +465,23 @@ class Worker:
         self._write_model(results)
         steady = self.steady.samples_per_s()
         # epochs: completed ones (fewer than planned after an early stop)
-        return {**results, "steps": trainer.step, "epochs": trainer.epoch, "epochs_planned": job.train.epochs,
-                "replicas_agree": agree, "stopped_early": trainer.stopped_early,
-                "best_step": trainer.best_step,
-                "samples_per_s": round(steady, 1) if steady is not None else None}
+        return {
+            **results,
+            "steps": trainer.step,
+            "epochs": trainer.epoch,
+            "epochs_planned": job.train.epochs,
+            "replicas_agree": agree,
+            "stopped_early": trainer.stopped_early,
+            "best_step": trainer.best_step,
+            "samples_per_s": round(steady, 1) if steady is not None else None,
+        }
 
     def _eval_due(self) -> bool:
         every, trainer = self.job.eval.every, self.trainer
-        return trainer.step > 0 and ((every == "epoch" and trainer.at_epoch_end())
-                                     or (isinstance(every, int) and trainer.step % every == 0))
+        return trainer.step > 0 and (
+            (every == "epoch" and trainer.at_epoch_end())
+            or (isinstance(every, int) and trainer.step % every == 0)
+        )
 
     def _validate(self, rank: int, generation: int) -> None:
         """A periodic validation and the policies' decisions on it."""
@@ -411,13 +503,17 @@ class Worker:
         if trainer.improved(scores) and rank == 0:
             best = {"model": trainer.model.state_dict(), "step": trainer.step}
             write_best(self.run, trainer.step, best)
-            self.reporter.push(BestRecord(step=trainer.step, value=trainer.best_value,
-                                          metric=self.job.policies.keep_best.metric))
+            self.reporter.push(
+                BestRecord(
+                    step=trainer.step, value=trainer.best_value, metric=self.job.policies.keep_best.metric
+                )
+            )
 
     def _log_eval(self, split: str, scores: dict, rank: int) -> None:
         if rank == 0 and scores.get("count"):
-            self.reporter.push(EvalRecord(split=split, step=self.trainer.step, epoch=self.trainer.epoch,
-                                          metrics=scores))
+            self.reporter.push(
+                EvalRecord(split=split, step=self.trainer.step, epoch=self.trainer.epoch, metrics=scores)
+            )
 
     def _checkpoints_written(self) -> None:
         if self.checkpointer is not None:
@@ -432,16 +528,30 @@ class Worker:
         extra = {}
         if self.run.factory_pickle.exists():
             extra["model_factory.pkl"] = self.run.factory_pickle
-        meta = {"format": "lepton-model/1", "name": self.job.name, "task": self.job.task,
-                "model": self.job.to_yaml_dict()["model"], "seed": self.job.seed,
-                "input_shape": list(pre.input_shape), "classes": pre.classes, "preprocess": pre.to_dict(),
-                "metrics": results, "step": self.trainer.step, "best_step": self.trainer.best_step}
+        meta = {
+            "format": "lepton-model/1",
+            "name": self.job.name,
+            "task": self.job.task,
+            "model": self.job.to_yaml_dict()["model"],
+            "seed": self.job.seed,
+            "input_shape": list(pre.input_shape),
+            "classes": pre.classes,
+            "preprocess": pre.to_dict(),
+            "metrics": results,
+            "step": self.trainer.step,
+            "best_step": self.trainer.best_step,
+        }
         write_model(MODEL_DIR, self.trainer.model.state_dict(), meta, extra, storage=self.run.storage)
 
 
 def _decision_record(decision: Decision, step: int, lr: float) -> DecisionRecord:
-    return DecisionRecord(decision="early_stop" if decision.kind == "finish" else "lr", step=step,
-                          reason=decision.reason, details=decision.details, lr=lr)
+    return DecisionRecord(
+        decision="early_stop" if decision.kind == "finish" else "lr",
+        step=step,
+        reason=decision.reason,
+        details=decision.details,
+        lr=lr,
+    )
 
 
 def _device(job: JobSpec) -> torch.device:
@@ -449,7 +559,7 @@ def _device(job: JobSpec) -> torch.device:
     if want == "cuda" and not torch.cuda.is_available():
         raise LeptonError("cluster.device is 'cuda' but this worker sees no GPU (or torch has no CUDA)")
     if want != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(0)          # the launcher gives each local worker its own GPU as device 0
+        torch.cuda.set_device(0)  # the launcher gives each local worker its own GPU as device 0
         return torch.device("cuda", 0)
     return torch.device("cpu")
 
@@ -461,6 +571,11 @@ def _max_flat_bytes(trainer: Trainer) -> int:
     return flat.nbytes + MAX_WORLD * flat.element_size()
 
 
-def run_worker(url: str, token: str, cpus: list[int] | None = None, threads: int | None = None,
-               connect_timeout_s: float = 120.0) -> int:
+def run_worker(
+    url: str,
+    token: str,
+    cpus: list[int] | None = None,
+    threads: int | None = None,
+    connect_timeout_s: float = 120.0,
+) -> int:
     return Worker.connect(url, token, cpus, threads, connect_timeout_s).serve()

@@ -20,6 +20,7 @@ capacity. On a GPU the kernels' time is wall time, so there a step's busy time i
 plus its update, both wall-clock. Waiting for peers costs (almost) no processor time: the shared-memory
 and gloo waits sleep.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,7 +28,7 @@ from collections import deque
 from statistics import median
 from typing import Optional
 
-WINDOW = 10       # steps over which a worker measures itself
+WINDOW = 10  # steps over which a worker measures itself
 FIRST_WINDOW = 4  # ... at a generation's starting shares, which are a guess (capacities) or an old plan
 # the heartbeat fields of a worker without a full window at its current plan
 NOT_MEASURED = {"step_samples": 0.0, "step_busy_s": 0.0, "step_compute_s": 0.0, "step_compute_fixed_s": 0.0}
@@ -45,7 +46,7 @@ class StepMeter:
         twice: on the heterogeneous benchmark its steps take ~40% longer than balanced ones), so the
         first plan is worth more early than precise; the plans after it measure full windows."""
         self.on_gpu, self.window = on_gpu, window
-        self.compute_fixed = 0.0      # Trainer.probe_fixed_cost at the current plan: the fixed part of compute
+        self.compute_fixed = 0.0  # Trainer.probe_fixed_cost at the current plan: the fixed part of compute
         # samples, compute window (wall s), compute window (busy s), whole step (busy s)
         self.steps: deque[tuple[int, float, float, float]] = deque(maxlen=first_window or window)
         self._open: Optional[tuple[int, float, float, float]] = None
@@ -93,7 +94,10 @@ class StepMeter:
         # medians, not means: one step of a window that paid for something else (a garbage collection,
         # a page fault storm) made a 36-sample share look 31 µs a sample instead of ~10 and sent the
         # next plan to 1.6% of the batch (seen on the heterogeneous benchmark)
-        return {**out, "step_samples": median(x[0] for x in self.steps),
-                "step_busy_s": median(x[3] for x in self.steps),
-                "step_compute_s": median(x[2] for x in self.steps),
-                "step_compute_fixed_s": self.compute_fixed}
+        return {
+            **out,
+            "step_samples": median(x[0] for x in self.steps),
+            "step_busy_s": median(x[3] for x in self.steps),
+            "step_compute_s": median(x[2] for x in self.steps),
+            "step_compute_fixed_s": self.compute_fixed,
+        }

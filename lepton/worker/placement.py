@@ -1,5 +1,6 @@
 """Where a worker runs: its cores, its threads, its scheduling policy, and the resources it
 registers with (cores, memory, GPUs)."""
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,10 @@ def apply_placement(cpus: list[int] | None, threads: int | None) -> Resources:
     if cpus:
         try:
             os.sched_setaffinity(0, set(cpus))
-        except OSError as e:      # e.g. cores outside this container's cpuset
-            raise LeptonError(f"--cpus {','.join(map(str, cpus))}: cannot run on these cores"
-                              f" ({e.strerror or e})") from None
+        except OSError as e:  # e.g. cores outside this container's cpuset
+            raise LeptonError(
+                f"--cpus {','.join(map(str, cpus))}: cannot run on these cores ({e.strerror or e})"
+            ) from None
     usable = len(os.sched_getaffinity(0))
     batch_scheduling()
     n_threads = threads or usable
@@ -47,8 +49,16 @@ def _resources(usable: int, n_threads: int) -> Resources:
     except (ValueError, OSError):
         mem_gb = 0.0
     # "name uuid" per visible GPU: the coordinator picks NCCL only when every worker has a GPU of its own
-    props = ([torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-             if torch.cuda.is_available() else [])
-    return Resources(cpus=usable, cpu_list=sorted(os.sched_getaffinity(0)), threads=n_threads,
-                     gpus=[f"{p.name} {p.uuid}" for p in props],
-                     gpu_memory_gb=[round(p.total_memory / 2**30, 1) for p in props], memory_gb=round(mem_gb, 1))
+    props = (
+        [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    return Resources(
+        cpus=usable,
+        cpu_list=sorted(os.sched_getaffinity(0)),
+        threads=n_threads,
+        gpus=[f"{p.name} {p.uuid}" for p in props],
+        gpu_memory_gb=[round(p.total_memory / 2**30, 1) for p in props],
+        memory_gb=round(mem_gb, 1),
+    )

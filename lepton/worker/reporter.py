@@ -1,6 +1,7 @@
 """The worker's line to the coordinator off the training path: a thread that sends heartbeats and the
 queued metric records every ``interval`` seconds, and keeps what the replies say (a regroup request,
 the newest share plan, an exit) for the training loop to read at a step boundary."""
+
 from __future__ import annotations
 
 import threading
@@ -22,12 +23,12 @@ class Reporter(threading.Thread):
         self.interval = interval
         self.lock = threading.Lock()
         self.records: list[dict] = []
-        self.fields: dict = {"state": "waiting"}   # the next heartbeat's content, set at step boundaries
+        self.fields: dict = {"state": "waiting"}  # the next heartbeat's content, set at step boundaries
         self.regroup_generation: int | None = None
-        self.plan: StepPlan | None = None       # the newest share plan the coordinator sent
+        self.plan: StepPlan | None = None  # the newest share plan the coordinator sent
         self.exit_requested = threading.Event()
         self._closing = threading.Event()
-        self._soon = threading.Event()          # set: send the next heartbeat now, not at the interval
+        self._soon = threading.Event()  # set: send the next heartbeat now, not at the interval
         # beats go out from this thread, the training loop's (before a report) and the checkpoint
         # writer's: one at a time, or records could land out of order and an older reply's
         # regroup_generation overwrite a newer one's

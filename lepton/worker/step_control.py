@@ -23,6 +23,7 @@ ranks that know the next plan all add the same shares, so the mean of the reduce
 plan, computed from the same bits everywhere. A world-size change is a new generation, whose
 buffer has ``slots(world)`` extra entries on every rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Slot(IntEnum):
     SAMPLES = 1
     REGROUP_VOTES = 2
     PLAN_VOTES = 3
-    NEXT_SHARES = 4          # the first of ``world`` slots, one per rank
+    NEXT_SHARES = 4  # the first of ``world`` slots, one per rank
 
 
 FIXED_SLOTS = len(Slot) - 1  # the slots before the shares
@@ -50,10 +51,11 @@ def slots(world: int) -> int:
 @dataclass
 class StepControl:
     """What this rank contributes to a step's reduction."""
+
     loss_sum: float = 0.0
     samples: int = 0
-    regroup: bool = False                    # this rank's vote to end the generation after the step
-    next_plan: list[float] | None = None     # the next share plan, if this rank has received it
+    regroup: bool = False  # this rank's vote to end the generation after the step
+    next_plan: list[float] | None = None  # the next share plan, if this rank has received it
 
     def pack(self, extra: torch.Tensor, world: int) -> None:
         """Write into the buffer's extra entries (zeroed with the gradients). Slot by slot: on a GPU
@@ -63,20 +65,23 @@ class StepControl:
         extra[Slot.REGROUP_VOTES] = float(self.regroup)
         if self.next_plan is not None:
             extra[Slot.PLAN_VOTES] = 1.0
-            extra[Slot.NEXT_SHARES:Slot.NEXT_SHARES + world] = torch.tensor(self.next_plan, dtype=extra.dtype)
+            extra[Slot.NEXT_SHARES : Slot.NEXT_SHARES + world] = torch.tensor(
+                self.next_plan, dtype=extra.dtype
+            )
 
 
 @dataclass
 class ReducedControl:
     """The step's reduced control values: the same on every rank."""
+
     loss_sum: float
     samples: int
-    regroup: bool                            # some rank voted: the generation ends after this step
-    next_shares: list[float] | None          # some rank knew the next plan: applied from the next step
+    regroup: bool  # some rank voted: the generation ends after this step
+    next_shares: list[float] | None  # some rank knew the next plan: applied from the next step
 
     @classmethod
     def unpack(cls, extra: torch.Tensor, world: int) -> ReducedControl:
         """One read of the reduced extra entries (one device sync on a GPU)."""
-        loss_sum, samples, regroup_votes, plan_votes, *plan_sum = extra[:slots(world)].tolist()
+        loss_sum, samples, regroup_votes, plan_votes, *plan_sum = extra[: slots(world)].tolist()
         next_shares = [share / plan_votes for share in plan_sum] if plan_votes > 0 else None
         return cls(loss_sum, int(samples), regroup_votes > 0, next_shares)

@@ -6,6 +6,7 @@ Contract with the worker loop (which touches the trainer only between steps):
 - ``state``/``load_state`` capture everything that defines the next step (model, optimizer, step);
 - ``evaluate`` is a collective too: every rank calls it for the same split at the same step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,17 +40,17 @@ class Diverged(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float              # mean loss over the global batch
-    batch: int               # global batch size of this step
-    local: int               # samples this rank computed
-    compute_s: float         # time in forward/backward (excludes waiting in the collective)
-    compute_cpu_s: float     # processor time of the same window (CPU seconds of this process)
-    overhead_s: float        # processor time of the reduction work and the update (wall on a GPU):
-                             # what the step costs this rank whatever its share
+    loss: float  # mean loss over the global batch
+    batch: int  # global batch size of this step
+    local: int  # samples this rank computed
+    compute_s: float  # time in forward/backward (excludes waiting in the collective)
+    compute_cpu_s: float  # processor time of the same window (CPU seconds of this process)
+    overhead_s: float  # processor time of the reduction work and the update (wall on a GPU):
+    # what the step costs this rank whatever its share
     wall_s: float
-    regroup: bool            # some rank asked to end the generation after this step (all see it)
-    skipped: bool            # the reduced loss or gradient was not finite: no update anywhere
-    next_shares: list[float] | None   # some rank knew the next share plan: every rank applies it next
+    regroup: bool  # some rank asked to end the generation after this step (all see it)
+    skipped: bool  # the reduced loss or gradient was not finite: no update anywhere
+    next_shares: list[float] | None  # some rank knew the next share plan: every rank applies it next
 
 
 class Trainer:
@@ -67,8 +68,12 @@ class Trainer:
         self.model = model.to(self.device)
         # BatchNorm running statistics change in the forward pass: a step skipped for a non-finite loss
         # puts them back, so that it changes nothing anywhere (a NaN running variance would stay for good)
-        self.bn_buffers = [b for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                           for b in m.buffers()]
+        self.bn_buffers = [
+            b
+            for m in self.model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()
+        ]
         # model.keep_zeros: the zeros of the starting weights (a pruned model), from the init file even
         # when a checkpoint is loaded next, so a resumed fine-tune keeps the same ones
         self.masks = zero_masks(self.model) if job.model.keep_zeros else []
@@ -76,29 +81,42 @@ class Trainer:
         # the step's control values ride after the gradients (worker/step_control.py); train_step
         # sizes them for the generation's world
         self.grads = FlatGradients(self.model, extra_slots=step_control.FIXED_SLOTS)
-        self.compute_hook = None          # called with the sample count inside the compute window (throttle)
-        self.poison = None                # step -> bool: make this rank's loss NaN (fault injection)
-        self.lr_scale = 1.0               # lowered by the divergence guard; part of the replicated state
-        self.plan_lr = 1.0                # the evaluation policies' learning-rate factor
+        self.compute_hook = None  # called with the sample count inside the compute window (throttle)
+        self.poison = None  # step -> bool: make this rank's loss NaN (fault injection)
+        self.lr_scale = 1.0  # lowered by the divergence guard; part of the replicated state
+        self.plan_lr = 1.0  # the evaluation policies' learning-rate factor
         self.policies = policies.build(job.policies, job.train.optimizer.lr)
-        self.stopped_early = False        # early stopping decided: train no further
+        self.stopped_early = False  # early stopping decided: train no further
         kb = job.policies.keep_best
-        self.keep_best = policies.Tracker(kb.mode, 0.0) if kb else None   # best validation value and its step
+        self.keep_best = policies.Tracker(kb.mode, 0.0) if kb else None  # best validation value and its step
         self.bad_steps = 0
         self.x, self.y = cache.get("train")
         self.sampler = GlobalBatchSampler(len(self.y), job.train.batch_size, job.seed)
         self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
         self.step = 0
-        self.evaluated_step = -1          # step of the last completed periodic validation
-        trace = os.environ.get("LEPTON_TRACE_SAMPLES")      # test-only: which samples each step used
-        self._trace = LocalStorage(Path(trace).parent).open_append(f"{Path(trace).name}.{os.getpid()}") if trace else None
+        self.evaluated_step = -1  # step of the last completed periodic validation
+        trace = os.environ.get("LEPTON_TRACE_SAMPLES")  # test-only: which samples each step used
+        self._trace = (
+            LocalStorage(Path(trace).parent).open_append(f"{Path(trace).name}.{os.getpid()}")
+            if trace
+            else None
+        )
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "evaluated_step": self.evaluated_step, "lr_scale": self.lr_scale, "bad_steps": self.bad_steps,
-                "plan_lr": self.plan_lr, "best_value": self.best_value, "best_step": self.best_step,
-                "policies": [p.state() for p in self.policies], "stopped_early": self.stopped_early}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "evaluated_step": self.evaluated_step,
+            "lr_scale": self.lr_scale,
+            "bad_steps": self.bad_steps,
+            "plan_lr": self.plan_lr,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "policies": [p.state() for p in self.policies],
+            "stopped_early": self.stopped_early,
+        }
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -167,8 +185,14 @@ class Trainer:
         return self.step % self.sampler.steps_per_epoch == 0
 
     # --- training ----------------------------------------------------------------------------------
-    def train_step(self, group: GenerationGroup, shares: list[float], rank: int, regroup: bool = False,
-                   next_plan: list[float] | None = None) -> StepResult:
+    def train_step(
+        self,
+        group: GenerationGroup,
+        shares: list[float],
+        rank: int,
+        regroup: bool = False,
+        next_plan: list[float] | None = None,
+    ) -> StepResult:
         """One global step.
 
         ``regroup`` is this rank's vote to end the generation after the step; ``next_plan`` the next
@@ -181,8 +205,8 @@ class Trainer:
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         indices, batch = self.sampler.worker_slice(self.step, shares, rank)
         world = len(shares)
-        if self.grads.extra.numel() != step_control.slots(world):   # a new world size: every rank's
-            self.grads = FlatGradients(self.model, extra_slots=step_control.slots(world))   # buffer has it
+        if self.grads.extra.numel() != step_control.slots(world):  # a new world size: every rank's
+            self.grads = FlatGradients(self.model, extra_slots=step_control.slots(world))  # buffer has it
         self.model.train()
         self.grads.zero()
         bn_before = [b.clone() for b in self.bn_buffers] if self.bn_buffers else ()
@@ -196,17 +220,27 @@ class Trainer:
         # the global sample count equals ``batch`` unless a peer disagrees on the plan, which would
         # break invariant 1, so it is checked rather than trusted
         if reduced.samples != batch:
-            raise RuntimeError(f"step {self.step}: the generation computed {reduced.samples} samples,"
-                               f" expected {batch}")
+            raise RuntimeError(
+                f"step {self.step}: the generation computed {reduced.samples} samples, expected {batch}"
+            )
         finite = self._update(batch, bn_before)
         if self._trace:
             self._trace.write((json.dumps({"step": self.step, "idx": indices.tolist()}) + "\n").encode())
             self._trace.flush()
         self.step += 1
         overhead = group.work_s + clock() - update_start
-        return StepResult(reduced.loss_sum / batch, batch, len(indices), compute, compute_cpu, overhead,
-                          time.perf_counter() - start_wall, skipped=not finite, regroup=reduced.regroup,
-                          next_shares=reduced.next_shares)
+        return StepResult(
+            reduced.loss_sum / batch,
+            batch,
+            len(indices),
+            compute,
+            compute_cpu,
+            overhead,
+            time.perf_counter() - start_wall,
+            skipped=not finite,
+            regroup=reduced.regroup,
+            next_shares=reduced.next_shares,
+        )
 
     def forward_backward_step(self, group: GenerationGroup, indices: np.ndarray, batch: int) -> float:
         """This rank's samples ``indices`` of a global batch of ``batch``: the forward and backward
@@ -223,7 +257,7 @@ class Trainer:
         loss_sum = 0.0
         with batchnorm.reducing(group, batch) if self.global_bn else contextlib.nullcontext():
             for lo in range(0, max(len(indices), 1), max(chunk, 1)):
-                part = indices[lo:lo + chunk]
+                part = indices[lo : lo + chunk]
                 inputs = torch.from_numpy(np.take(self.x, part, axis=0)).to(self.device)
                 targets = torch.from_numpy(np.take(self.y, part, axis=0)).to(self.device)
                 # the backward too: an activation-checkpointing recompute redraws the forward's masks
@@ -240,14 +274,16 @@ class Trainer:
     def _compute_window(self, start_wall: float, start_cpu: float) -> tuple[float, float]:
         """Wall and processor seconds of this step's compute so far, what the balancer measures."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize()      # kernels run asynchronously: the compute window ends here
+            torch.cuda.synchronize()  # kernels run asynchronously: the compute window ends here
         compute, compute_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
         if self.global_bn:
             waited, waited_cpu, mismatched = batchnorm.step_totals()
-            if mismatched:      # every rank sees it: the tags were reduced too
-                raise RuntimeError(f"step {self.step}: the ranks' BatchNorm passes did not pair up (the model calls"
-                                   " its BatchNorm layers a different number of times or in another order on some"
-                                   " rank); set model.batch_norm: local for such a model")
+            if mismatched:  # every rank sees it: the tags were reduced too
+                raise RuntimeError(
+                    f"step {self.step}: the ranks' BatchNorm passes did not pair up (the model calls"
+                    " its BatchNorm layers a different number of times or in another order on some"
+                    " rank); set model.batch_norm: local for such a model"
+                )
             # time in these collectives is waiting for peers, not compute
             compute, compute_cpu = max(compute - waited, 0.0), max(compute_cpu - waited_cpu, 0.0)
         return compute, compute_cpu
@@ -286,10 +322,12 @@ class Trainer:
         self.bad_steps += 1
         self.lr_scale *= self.job.train.divergence.lr_factor
         if self.bad_steps >= self.job.train.divergence.max_consecutive:
-            raise Diverged(f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or"
-                           f" gradient (last: step {self.step}); train.divergence.max_consecutive="
-                           f"{self.job.train.divergence.max_consecutive}. Lower train.optimizer.lr;"
-                           " the last checkpoint is intact")
+            raise Diverged(
+                f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or"
+                f" gradient (last: step {self.step}); train.divergence.max_consecutive="
+                f"{self.job.train.divergence.max_consecutive}. Lower train.optimizer.lr;"
+                " the last checkpoint is intact"
+            )
 
     def probe_fixed_cost(self, repeats: int = 3) -> float:
         """Processor seconds (wall on a GPU) of a one-sample forward and backward pass: what a compute
@@ -343,10 +381,10 @@ class Trainer:
         flat = torch.cat([b.reshape(-1).double() for b in own])
         if group.rank != 0:
             flat.zero_()
-        group.allreduce(flat)             # rank 0's values + zeros: exact
+        group.allreduce(flat)  # rank 0's values + zeros: exact
         offset = 0
         for b in own:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
 
     @torch.no_grad()
@@ -355,7 +393,7 @@ class Trainer:
         self.sync_local_batch_norm(group)
         x, y = self.cache.get(split)
         counts = split_counts(len(y), [1.0] * group.world)
-        lo = sum(counts[:group.rank])
+        lo = sum(counts[: group.rank])
         hi = lo + counts[group.rank]
         classes = len(self.cache.preprocessor.classes or [])
         self.model.eval()
