@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from rich.console import Console
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from throughput import add_bench_dir, check_bench_dir  # noqa: E402
+from throughput import add_bench_dir, check_bench_dir, synthetic_data  # noqa: E402
 
 import lepton  # noqa: E402
 from lepton.export import run_export  # noqa: E402
@@ -109,20 +108,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     con = Console(width=170)
 
-    data = a.work / f"synth-{a.rows}.csv"
-    if not data.exists():
-        print(f"writing {data} ...", flush=True)
-        subprocess.run(
-            [
-                sys.executable,
-                str(a.bench_dir / "ddp_baseline.py"),
-                "--write-data",
-                str(data),
-                "--rows",
-                str(a.rows),
-            ],
-            check=True,
-        )
+    data = synthetic_data(a.work, a.bench_dir, a.rows)
     models = [
         ("breast-cancer-mlp", str(REPO / "examples" / "breast_cancer_mlp.yaml")),
         ("digits-cnn", str(REPO / "examples" / "digits_cnn.yaml")),

@@ -32,7 +32,15 @@ import time
 from pathlib import Path
 from statistics import median
 
-from throughput import VENV_BIN, add_bench_dir, check_bench_dir, interleaved, job_yaml, last_json, run
+from throughput import (
+    VENV_BIN,
+    add_bench_dir,
+    check_bench_dir,
+    interleaved,
+    job_yaml,
+    last_json,
+    synthetic_data,
+)
 
 PIN = (0, 1, 1)
 
@@ -103,18 +111,7 @@ def main() -> None:
     if os.cpu_count() < 2:
         sys.exit("needs 2 cores")
     a.work.mkdir(parents=True, exist_ok=True)
-    data = a.work / f"synth-{a.rows}.csv"
-    if not data.exists():
-        run(
-            [
-                sys.executable,
-                str(a.bench_dir / "ddp_baseline.py"),
-                "--write-data",
-                str(data),
-                "--rows",
-                str(a.rows),
-            ]
-        )
+    data = synthetic_data(a.work, a.bench_dir, a.rows)
     job = a.work / "heterogeneous.yaml"
     job.write_text(
         job_yaml(data, a.epochs).replace("batch_size: 512", "batch_size: 510")

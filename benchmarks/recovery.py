@@ -21,11 +21,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from throughput import VENV_BIN, add_bench_dir, check_bench_dir, job_yaml, run
+from throughput import VENV_BIN, add_bench_dir, check_bench_dir, job_yaml, run, synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,18 +218,7 @@ def main() -> None:
     a = ap.parse_args()
     check_bench_dir(a.bench_dir, "ddp_baseline.py")
     a.work.mkdir(parents=True, exist_ok=True)
-    data = a.work / f"synth-{a.rows}.csv"
-    if not data.exists():
-        run(
-            [
-                sys.executable,
-                str(a.bench_dir / "ddp_baseline.py"),
-                "--write-data",
-                str(data),
-                "--rows",
-                str(a.rows),
-            ]
-        )
+    data = synthetic_data(a.work, a.bench_dir, a.rows)
     job = a.work / "recovery.yaml"
     job.write_text(job_yaml(data, 1))
     lep = lepton_runs(job, a.work, a.kill_at)

@@ -29,6 +29,24 @@ VENV_BIN = Path(sys.executable).parent
 BENCH_DIR = REPO.parent / "shared" / "bench"
 
 
+def synthetic_data(work: Path, bench_dir: Path, rows: int) -> Path:
+    """The benchmarks' shared CSV (``ddp_baseline.py --write-data``), written once per row count."""
+    data = work / f"synth-{rows}.csv"
+    if not data.exists():
+        print(f"writing {data} ...", flush=True)
+        run(
+            [
+                sys.executable,
+                str(bench_dir / "ddp_baseline.py"),
+                "--write-data",
+                str(data),
+                "--rows",
+                str(rows),
+            ]
+        )
+    return data
+
+
 def add_bench_dir(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--bench-dir",
@@ -111,11 +129,8 @@ def main() -> None:
     a = ap.parse_args()
     check_bench_dir(a.bench_dir, "ddp_baseline.py", "raw_loop.py")
     a.work.mkdir(parents=True, exist_ok=True)
-    data = a.work / f"synth-{a.rows}.csv"
+    data = synthetic_data(a.work, a.bench_dir, a.rows)
     py = sys.executable
-    if not data.exists():
-        print(f"writing {data} ...", flush=True)
-        run([py, str(a.bench_dir / "ddp_baseline.py"), "--write-data", str(data), "--rows", str(a.rows)])
     job = a.work / "throughput.yaml"
     job.write_text(job_yaml(data, a.epochs))
 
