@@ -19,7 +19,6 @@ is the only writer of the phase, and every transition is an event.
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,50 +37,16 @@ from ..protocol import (
 from ..records import BestRecord, DecisionRecord, EvalRecord, TrainRecord, UnknownRecord, parse_record
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
-from . import balance
+from . import views
 from .failure_policy import Action, FailureDecision, FailurePolicy
 from .journal import Observer, run_journal
+from .members import Incident, Member, comm_backend
 from .planner import SharePlanner, assign_capacities, initial_shares
 from .state import ControllerState, MemberState, Phase, Transition
 
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
-
-
-@dataclass
-class Member:
-    worker_id: str
-    host: str
-    pid: int
-    resources: Resources
-    last_seen: float
-    state: MemberState = MemberState.JOINING
-    cause: str = "registered"  # why it is in ``state``
-    step: int = 0  # steps completed by this replica
-    samples_per_s: float = 0.0
-    rank: Optional[int] = None
-    share: Optional[float] = None
-    generation: Optional[int] = None
-    speed: Optional[float] = None  # samples per second of processor time at its current operating point
-    speed_plan: Optional[tuple[Optional[int], int]] = None  # (generation, plan version) of that measurement
-    # per step, smoothed: samples, busy s, compute s, fixed part of compute s (Heartbeat.step_*)
-    measured: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
-    cost: Optional[balance.StepCost] = None  # from ``measured``
-    capacity: float = 1.0  # cores it can count on in its generation (balance.capacities)
-    plan_version: int = 0  # the share plan it has applied
-    run_sent: bool = False  # it was told to start its generation (``plan`` answered ``run``)
-
-
-@dataclass
-class Incident:
-    """A failure not yet recovered from: closed by the new generation's first completed step."""
-
-    detected_by: str
-    detected_at: float
-    generation: Optional[int]
-    step_before: int
-    formed_at: Optional[float] = None
 
 
 @dataclass
@@ -503,21 +468,9 @@ class Controller:
         self.incidents.append(Incident(detected_by, self.clock(), self.generation, self.step))
 
     def _recovered(self) -> None:
-        now = self.clock()
         for inc in self.incidents:
-            lost = max(0, inc.step_before - self.generation_start_step)
-            formed = inc.formed_at if inc.formed_at is not None else now
-            self._event(
-                "recovered",
-                f"recovered from '{inc.detected_by}' in {now - inc.detected_at:.2f} s;"
-                f" resumed at step {self.generation_start_step}, {lost} completed step(s) lost",
-                detected_by=inc.detected_by,
-                recovery_s=round(now - inc.detected_at, 3),
-                regroup_s=round(formed - inc.detected_at, 3),
-                resumed_at_step=self.generation_start_step,
-                steps_lost=lost,
-                generation=self.generation,
-            )
+            reason, details = inc.recovered(self.clock(), self.generation_start_step, self.generation)
+            self._event("recovered", reason, **details)
         self.incidents = []
 
     def _maybe_replan(self) -> None:
@@ -648,50 +601,17 @@ class Controller:
         for obs in self.observers or ():
             obs.on_event(ev)
 
-    def _persisted_state(self) -> dict:
-        return {
-            "status": self.phase.value,
-            "reason": self.reason,
-            "name": self.job.name,
-            # until a member is adopted or a generation formed, the predecessor's (another --resume needs it)
-            "generation": self.generation if self.generation is not None else self.previous_generation,
-            "step": self.step,
-            "epoch": self.epoch,
-            "total_steps": self.total_steps,
-            "latest_checkpoint": copy.deepcopy(self.latest_checkpoint),
-            "workers": len(self.generation_members),
-        }
-
     def _persist(self, progress: bool = False) -> None:
         """Tell the observers what state.json should hold (``journal.StateFile`` decides when to write)."""
-        state = self._persisted_state()
+        state = views.persisted_state(self)
         for obs in self.observers or ():
             obs.on_state(state, progress)
 
     def _backend(self) -> str:
-        """NCCL when every member trains on a GPU of its own, gloo otherwise (CPU, or a shared GPU)."""
-        if self.job.cluster.device == "cpu":
-            return "gloo"
-        firsts = [m.resources.gpus[:1] for m in self._generation_list()]
-        hosts = {(m.host, f[0]) for m, f in zip(self._generation_list(), firsts) if f}
-        return "nccl" if all(firsts) and len(hosts) == len(firsts) else "gloo"
+        return comm_backend(self.job.cluster.device, self._generation_list())
 
     def _member_costs(self) -> list[dict]:
-        """The last generation's members at their last measured operating point: share, effective
-        speed (samples per second of wall time, capacity included) and step cost."""
-        members = self._generation_list()
-        total = sum(m.share or 0.0 for m in members) or 1.0
-        return [
-            {
-                "worker": m.worker_id,
-                "share": round((m.share or 0.0) / total, 4),
-                "capacity": round(m.capacity, 4),
-                "speed": round(m.speed * m.capacity, 1) if m.speed else None,
-                "fixed_ms": round(m.cost.fixed * 1e3, 3) if m.cost else None,
-                "per_sample_us": round(m.cost.per_sample * 1e6, 3) if m.cost else None,
-            }
-            for m in members
-        ]
+        return views.member_costs(self._generation_list())
 
     def _alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.state.alive]
@@ -708,50 +628,6 @@ class Controller:
         needed = self.target_workers if self.started_at is None else self.job.cluster.min_workers
         return f"{len(self._alive())}/{needed} workers"
 
-    def _in_plan(self, m: Member) -> bool:
-        """``m`` trains (or trained, or paused from) the current generation's plan. A lost, departed or
-        standby member keeps the share and speed of a plan that no longer runs: shown, they would
-        misstate the others' fractions of the batch."""
-        return m.worker_id in self.generation_members and m.state in (
-            MemberState.TRAINING,
-            MemberState.PAUSED,
-            MemberState.FINISHED,
-        )
-
     def status(self) -> dict:
-        now = self.clock()
-        planned = [m for m in self.members.values() if self._in_plan(m) and m.share]
-        total = sum(m.share or 0.0 for m in planned) or 1.0
-        return {
-            "name": self.job.name,
-            "status": self.phase.value,
-            "reason": self.reason,
-            "generation": self.generation,
-            "step": self.step,
-            "epoch": self.epoch,
-            "epochs": self.job.train.epochs,
-            "total_steps": self.total_steps,
-            "loss": self.loss,
-            "samples_per_s": self.samples_per_s,
-            "target_workers": self.target_workers,
-            "latest_checkpoint": self.latest_checkpoint,
-            "run_dir": str(self.run.root),
-            "summary": self.summary,
-            "workers": [self._worker_status(m, m in planned, total, now) for m in self.members.values()],
-            "events": self.events[-20:],
-        }
-
-    def _worker_status(self, m: Member, planned: bool, total: float, now: float) -> dict:
-        return {
-            "worker_id": m.worker_id,
-            "host": m.host,
-            "pid": m.pid,
-            "state": m.state.value,
-            "cause": m.cause,
-            "rank": m.rank if m.state == MemberState.TRAINING else None,
-            "share": m.share if planned else None,
-            "share_fraction": round(m.share / total, 4) if planned and m.share else None,
-            "step": m.step,
-            "samples_per_s": round(m.samples_per_s, 1) if self._in_plan(m) else None,
-            "last_seen_s": round(now - m.last_seen, 2),
-        }
+        """The run as ``GET /v1/status`` shows it (``views.status``)."""
+        return views.status(self)

@@ -12,14 +12,12 @@ it at the same step (invariant 5). Shares never change the math (invariant 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from ..protocol import Heartbeat, StepPlan
 from ..spec import JobSpec
 from . import balance
-
-if TYPE_CHECKING:  # the controller's Member; imported for annotations only (no cycle at run time)
-    from .controller import Member
+from .members import Member
 
 
 def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
