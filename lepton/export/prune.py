@@ -31,9 +31,10 @@ from torch.nn.utils import prune
 
 from ..errors import LeptonError
 from ..launch import open_local, run_local
+from ..records import EvalRecord, parse_record
 from ..spec import parse_job
 from ..storage.checkpoint import MODEL_WEIGHTS
-from ..storage.rundir import RunDir, read_jsonl
+from ..storage.rundir import RunDir
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -114,10 +115,11 @@ def finetune(
     model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))
     model.eval()
     s = res.summary or {}
+    evals = [parse_record(line) for line in RunDir(res.run_dir).metrics() if line.get("kind") == "eval"]
     vals = [
-        r["loss"]
-        for r in read_jsonl(res.run_dir / "metrics.jsonl")
-        if r.get("kind") == "eval" and r.get("split") == "val" and "loss" in r
+        r.metrics["loss"]
+        for r in evals
+        if isinstance(r, EvalRecord) and r.split == "val" and "loss" in r.metrics
     ]
     return {
         "run_dir": str(res.run_dir),
