@@ -117,7 +117,7 @@ def finish(task: str, sums: torch.Tensor, classes: int, confusion: bool = False)
 
 
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The training loss as a SUM over the batch (design invariant 1: divide by B after reduction)."""
+    """The training loss as a SUM over the batch (invariant 1: divide by B after reduction)."""
     if task == "classification":
         return torch.nn.functional.cross_entropy(out, y, reduction="sum")
     return torch.nn.functional.mse_loss(out.reshape(-1), y, reduction="sum")

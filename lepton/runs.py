@@ -1,6 +1,6 @@
 """``lepton runs [DIR]``: the run directories under DIR with their status, progress and best metric.
 
-Everything is read from the files a run directory keeps (design.md §4): ``state.json`` (status, step),
+Everything is read from the files a run directory keeps: ``state.json`` (status, step),
 ``job.yaml`` (name, task), ``metrics.jsonl`` (validation records: the best one is the highest accuracy
 for classification, the lowest MSE, else loss, for regression) and ``summary.json`` (the test metric).
 Nothing is written; a half-written or foreign folder is shown with what can be read, never an error.

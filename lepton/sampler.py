@@ -1,6 +1,6 @@
 """The deterministic sampler: which samples form global step g, and which part each worker computes.
 
-Contract (design invariants 1 and 2):
+Contract (invariants 1 and 2, docs/architecture.md):
 - epoch e uses the permutation ``default_rng([seed, e]).permutation(n)`` of the training rows;
 - step s of an epoch is rows ``perm[s*B : (s+1)*B]``; the last step of an epoch takes the remainder,
   so every sample is used exactly once per epoch (no drop_last);

@@ -141,7 +141,7 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
     elif prepared == "missing":  # the first start ended while preparing the data
         prepare(job).write(run, fingerprint(job))
     elif prepared == "changed" and not shared:
-        # resuming continues on the data the run trained on, in the same order (design §3); a
+        # resuming continues on the data the run trained on, in the same order; a
         # re-read would change the split, the steps per epoch and the samples left in this epoch
         print(
             f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"

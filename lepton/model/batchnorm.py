@@ -1,5 +1,5 @@
 """Batch normalisation over the global batch, so that a model with BatchNorm layers is the same model
-whatever the worker count and the shares (design invariant 1).
+whatever the worker count and the shares (invariant 1).
 
 A BatchNorm layer in training mode normalises with the mean and variance of the batch it sees. In data
 parallel each rank sees only its slice: per-rank statistics make the result depend on how the global

@@ -19,7 +19,7 @@ The narrow part is the protocol: write (whole bytes, or streamed through ``open_
 local file), read (whole, streamed with ``open_read``, or through ``local_path``), ``list``, ``exists``,
 ``delete`` (a file or a tree), append, ``move``. No folders need creating: a write creates the folders
 above it. ``write(..., create_only=True)`` refuses to replace an existing file: on an object store a
-checkpoint is committed by a create-only manifest written after its objects (design.md §10).
+checkpoint is committed by a create-only manifest written after its objects (the object-storage stage).
 
 ``local_path`` is the escape hatch for readers that need a real file on this machine: the prepared
 data is memory-mapped (``np.load(mmap_mode='r')``; its page cache is shared by the local workers) and

@@ -10,7 +10,8 @@ All of it goes through the run's ``RunStorage`` (backend.py). The functions that
 (``write_state_dir``, ``read_checkpoint``, ``write_model`` ...) work on that folder of this machine
 unless a ``storage`` is given, in which case the path is a name relative to that storage's root.
 On an object store a folder rename is a copy: there the next step is a create-only manifest written
-after the checkpoint's objects (design.md §10), which ``RunStorage.write(create_only=True)`` allows.
+after the checkpoint's objects (the object-storage stage), which
+``RunStorage.write(create_only=True)`` allows.
 """
 
 from __future__ import annotations

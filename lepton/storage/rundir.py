@@ -1,4 +1,5 @@
-"""The run directory: the one object that owns every path of a run (design.md §4).
+"""The run directory: the one object that owns every path of a run (a public contract: users and
+tools read it).
 
 Every name at the top of a run directory, and every folder in it, comes from ``RunDir``; the files inside
 data/, model/, checkpoints/ and logs/ are named by the one module that writes them (PreparedData, the
@@ -37,7 +38,7 @@ __all__ = [
     "new_token",
 ]
 
-# names relative to the run's root (design.md §4, a public contract)
+# names relative to the run's root (a public contract: docs/architecture.md, "Storage")
 JOB_YAML = "job.yaml"
 STATE_JSON = "state.json"
 EVENTS_JSONL = "events.jsonl"
@@ -103,7 +104,7 @@ def new_token() -> str:
 
 
 class RunDir:
-    """Names and small-file I/O of one run. See design.md §4 for the layout (a public contract).
+    """Names and small-file I/O of one run. The layout is a public contract (the README lists it).
 
     ``RunDir(path)`` is a run in a local folder; ``RunDir(storage)`` one on any ``RunStorage``
     (``RunDir(FsspecStorage("s3://bucket/run"))``)."""

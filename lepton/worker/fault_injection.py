@@ -1,4 +1,4 @@
-"""Deterministic fault injection, a product feature for tests and chaos benchmarks (design §7).
+"""Deterministic fault injection, a product feature for tests and chaos benchmarks.
 
 ``LEPTON_FAULTS`` holds ``;``-separated rules ``ACTION:key=value:...`` that a worker applies at
 well-defined points:

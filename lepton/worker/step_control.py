@@ -4,7 +4,7 @@ The flat gradient buffer (``comm.FlatGradients``) ends in ``slots(world)`` extra
 with the gradients before every step. Each rank writes its own values there (``StepControl.pack``)
 before the step's one allreduce, a SUM over the ranks, and reads the reduced values after it
 (``ReducedControl.unpack``). Every rank reads the same reduced bits, so every rank takes the same
-decision at the same step (invariant 3).
+decision at the same step (invariant 5).
 
 | slot            | a rank writes                                  | the sum means                          |
 |-----------------|------------------------------------------------|----------------------------------------|

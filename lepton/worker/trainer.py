@@ -290,7 +290,7 @@ class Trainer:
 
     def _update(self, batch: int, bn_before) -> bool:
         """The optimizer step on the reduced gradients, or a skipped step if they are not finite.
-        Every rank holds the same reduced values, so every rank takes the same branch (invariant 3)."""
+        Every rank holds the same reduced values, so every rank takes the same branch (invariant 5)."""
         self.grads.grads.div_(batch)
         # one sum over the whole buffer (gradients and loss) is non-finite iff some entry is, or the
         # gradient is so large that it overflows: a step to skip either way (~20x cheaper than isfinite)
