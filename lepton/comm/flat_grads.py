@@ -3,8 +3,9 @@
 Every parameter's ``.grad`` is a view into a single flat tensor, so backward accumulates straight into
 it and one allreduce per step moves every gradient plus the step-control slots appended at the end
 (worker/step_control.py: loss sum, sample count, votes, the next plan). Each worker's loss is a SUM
-over its own samples; after the sum reduction the gradient is divided by the global batch size, which makes the update the mean over
-exactly the B samples of the step, however they were split (invariant 1).
+over its own samples; after the sum reduction the gradient is divided by the global batch size,
+which makes the update the mean over exactly the B samples of the step, however they were split
+(invariant 1).
 """
 
 from __future__ import annotations
