@@ -27,10 +27,10 @@ def read_token(token_file: str | None) -> str:
         if not token or any(c.isspace() or not c.isprintable() for c in token):
             raise LeptonError(f"{p}: not a token file (empty, or more than one word); use RUN_DIR/token")
         return token
-    token = os.environ.get("LEPTON_TOKEN")
-    if not token:
+    env = os.environ.get("LEPTON_TOKEN")
+    if not env:
         raise LeptonError("no token: pass --token-file FILE (RUN_DIR/token) or set LEPTON_TOKEN")
-    return token.strip()
+    return env.strip()
 
 
 class CoordinatorUnreachable(LeptonError):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -38,7 +39,7 @@ class TrainingProgress:
             disable=not enabled,
             transient=False,
         )
-        self.task = None
+        self.task: Optional[TaskID] = None
 
     def __enter__(self):
         self.progress.__enter__()
@@ -55,7 +56,7 @@ class TrainingProgress:
         )
         # each worker's share of the global batch and its compute speed, in rank order
         each = " ".join(f"{w['share_fraction']:.0%}@{_rate(w['samples_per_s'])}" for w in training)
-        fields = {
+        fields: dict[str, Any] = {
             "shares": f"share@samples/s {each}" if training else "",
             "loss": f"{st['loss']:.4f}" if st.get("loss") is not None else "-",
             "speed": f"{st['samples_per_s']:,.0f}" if st.get("samples_per_s") else "-",

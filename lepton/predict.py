@@ -13,6 +13,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -116,7 +117,7 @@ class Predictor(ABC):
             else np.zeros((0, num_outputs(self.task, self.classes)), dtype=np.float32)
         )
         if self.task == "regression":
-            result = {"prediction": out.reshape(-1)}
+            result: dict[str, Any] = {"prediction": out.reshape(-1)}
             finite = np.isfinite(result["prediction"])
         else:
             # softmax in torch for every predictor, so equal logits give equal probabilities

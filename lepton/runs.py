@@ -51,7 +51,7 @@ def _finite(v: Any) -> bool:
 
 def _val_records(path: Path) -> list[dict]:
     """The validation records of ``metrics.jsonl`` (torn or foreign lines are skipped)."""
-    out = []
+    out: list[dict] = []
     try:
         f = open(path, "rb")
     except OSError:
@@ -97,7 +97,9 @@ def run_info(path: str | Path) -> dict:
     task = _task(job, records, summary)
     status = state.get("status") or summary.get("status") or "unknown"
     test = None
-    split = summary.get("test") if isinstance(summary.get("test"), dict) else {}
+    split = summary.get("test")
+    if not isinstance(split, dict):
+        split = {}
     if split.get("count"):
         for metric in TEST[task]:
             if _finite(split.get(metric)):

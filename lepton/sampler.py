@@ -12,6 +12,7 @@ Any number of workers with any shares therefore covers exactly the same samples 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class GlobalBatchSampler:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             self._perm_epoch = epoch
-        return self._perm
+        return cast(np.ndarray, self._perm)  # set together with ``_perm_epoch``
 
     def global_batch(self, global_step: int) -> np.ndarray:
         epoch, s = self.locate(global_step)

@@ -284,13 +284,17 @@ ExportFormat = Literal["onnx", "torchscript", "safetensors"]
 ExportPrecision = Literal["int8", "fp16", "bf16"]
 
 
+def _default_formats() -> list[ExportFormat]:
+    return ["onnx"]
+
+
 class ExportSpec(BaseModel):
     """Validated export options; an unknown key is an error (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
 
     format: list[ExportFormat] = Field(
-        default_factory=lambda: ["onnx"], description="artifact format(s): onnx, torchscript, safetensors"
+        default_factory=_default_formats, description="artifact format(s): onnx, torchscript, safetensors"
     )
     quantize: Optional[ExportPrecision] = Field(
         None, description="int8: ONNX Runtime quantization (onnx only); fp16/bf16: 16-bit weights"

@@ -13,6 +13,7 @@ import datetime
 import io
 import os
 import time
+from typing import Callable, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ class GenerationGroup:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.shared_memory, self.shm_capacity = shared_memory, shm_capacity
         self.shm: ShmAllreduce | None = None
-        self.should_abort = None  # (seconds waited) -> bool, consulted by the shared-memory wait
+        # (seconds waited) -> bool, consulted by the shared-memory wait
+        self.should_abort: Callable[[float], bool] | None = None
         self.work_s = 0.0  # processor time the last allreduce cost this process, waits excluded
         self.store_host, self.store_port = store_host, store_port
         self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
@@ -114,7 +116,7 @@ class GenerationGroup:
     def broadcast_state(self, state: dict | None, src: int) -> dict:
         """``state`` (a torch-serialisable dict, only needed on ``src``) delivered to every rank."""
         if self.world == 1:
-            return state
+            return cast(dict, state)  # the only rank is ``src``: it passes its state
         try:
             if self.rank == src:
                 buf = io.BytesIO()
@@ -133,5 +135,5 @@ class GenerationGroup:
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(first_line(e)) from e
         if self.rank == src:
-            return state
+            return cast(dict, state)  # ``src`` passes its state
         return torch.load(io.BytesIO(payload.numpy().tobytes()), map_location="cpu", weights_only=False)

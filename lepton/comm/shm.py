@@ -44,7 +44,7 @@ import secrets
 import select
 import threading
 import time
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ _CHECK_TS = _Timespec(0, int(CHECK_EVERY_S * 1e9))
 def _futex(addr: int, op: int, val: int, timeout=None) -> None:
     """FUTEX_WAIT (sleep while ``*addr == val``, at most ``timeout``) or FUTEX_WAKE (``val`` sleepers)
     on a word of the shared segment (not FUTEX_PRIVATE: the waiters are other processes)."""
-    _libc.syscall(
+    cast(ctypes.CDLL, _libc).syscall(  # None off posix, where available() is False
         ctypes.c_long(_SYS_FUTEX),
         ctypes.c_void_p(addr),
         ctypes.c_int(op),
@@ -96,6 +96,8 @@ def available() -> bool:
 
 class ShmAllreduce:
     """One generation's shared segment. Build it with ``connect`` (a collective over the store)."""
+
+    buf: mmap.mmap | None  # None once closed
 
     def __init__(
         self,
@@ -195,6 +197,7 @@ class ShmAllreduce:
             if buf is not None:
                 buf.close()
             return None
+        buf = cast(mmap.mmap, buf)  # every rank answered ok: this one mapped the segment
         peers = [int(a[1]) for r, a in enumerate(answers) if r != rank]
         # polling before sleeping pays only when every rank can have a core of its own; with fewer
         # cores than ranks a poll burns the time slice a peer on the same core needs to catch up
@@ -223,7 +226,8 @@ class ShmAllreduce:
         for fd in self._pidfds:
             os.close(fd)
         self._pidfds = []
-        self._arrived = self._reduced = self._abandoned = self._wake = None
+        # drop the views of ``buf`` (mmap.close refuses while one is alive); nothing reads them once closed
+        self._arrived = self._reduced = self._abandoned = self._wake = cast(np.ndarray, None)
         self._slots = []
         try:
             self.buf.close()

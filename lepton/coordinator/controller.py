@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from ..protocol import (
     Generation,
@@ -321,10 +321,11 @@ class Controller:
         first = self.generation is None
         if first:
             self.generation = hb.generation
-            self.planner.adopt(hb.generation, hb.world)
+            # _adoptable: a member training in a generation; its heartbeats carry the generation's size
+            self.planner.adopt(cast(int, hb.generation), cast(int, hb.world))
             self.started_at, self.source_is_checkpoint = now, False
         self.generation_members = sorted(
-            self.generation_members + [m.worker_id], key=lambda w: self.members[w].rank
+            self.generation_members + [m.worker_id], key=lambda w: cast(int, self.members[w].rank)
         )
         m.share = self.planner.share_of(hb.rank) if hb.rank is not None else None
         if len(hb.shares) == self.planner.world and hb.plan_version >= self.planner.version:

@@ -29,7 +29,7 @@ import os
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, TypeGuard
 
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -125,7 +125,7 @@ def downsample(points: Iterable[tuple[float, float]], max_points: int = MAX_POIN
     return s.points()
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

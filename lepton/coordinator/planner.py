@@ -147,7 +147,8 @@ class SharePlanner:
         point = (hb.step_samples, hb.step_busy_s, hb.step_compute_s, hb.step_compute_fixed_s)
         at = (generation, hb.plan_version)
         m.measured = point if m.speed_plan != at else tuple(map(balance.smooth, m.measured, point))
-        m.cost = balance.StepCost.measured(*m.measured, previous=m.cost)
+        samples, busy, compute, compute_fixed = m.measured
+        m.cost = balance.StepCost.measured(samples, busy, compute, compute_fixed, previous=m.cost)
         m.speed, m.speed_plan = m.measured[0] / m.measured[1], at
 
     def balancing(self) -> bool:

@@ -141,7 +141,7 @@ class CoordinatorServer:
         self.lock = threading.Lock()
         self.listener = listener
         # the store listens on the socket we bound, so it is on the same interface as the API
-        self.store = dist.TCPStore(
+        self.store: dist.TCPStore | None = dist.TCPStore(
             listener.host,
             listener.store_port,
             None,

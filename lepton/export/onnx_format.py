@@ -32,7 +32,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], meta: dict
             )
     except Exception as e:  # the exporter raises many types; the user needs the first line
         raise LeptonError(f"ONNX export of the model failed: {type(e).__name__}: {first_line(e)}") from None
-    proto = program.model_proto
+    proto = cast(torch.onnx.ONNXProgram, program).model_proto  # dynamo=True always returns a program
     _strip(proto)
     set_meta(proto, meta)
     return proto

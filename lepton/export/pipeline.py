@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -139,11 +139,11 @@ def _write(
         log(f"quantizing int8 (ONNX Runtime {chosen} quantization) → {path.name}")
         q = quantize_int8(proto, artifact_meta(base_meta, "onnx", "int8", pruning, src), chosen, rows)
         write_onnx(q, path)
-        if chosen == "static":
+        if chosen == "static":  # only with calibration rows (``int8_method``; run_export checks)
             notes.append(
                 f"int8: ONNX Runtime static quantization (int8 weights, uint8 activations, one scale"
-                f" per tensor, activation ranges calibrated on {len(rows)} training rows; input and"
-                " output stay float32)"
+                f" per tensor, activation ranges calibrated on {len(cast(np.ndarray, rows))} training"
+                " rows; input and output stay float32)"
             )
         else:
             notes.append(
@@ -188,10 +188,10 @@ def run_export(
         raise LeptonError(f"{run.root}: no such run directory")
     base = RunPredictor(run.model_dir)  # LeptonError when the run has no final model
     split, x, y = _eval_split(run)
-    rows = None
+    calibration = None
     if spec.precision == "int8" and spec.int8_method != "dynamic":
-        rows = _calibration_rows(run)
-        if rows is None and spec.int8_method == "static":  # before any work
+        calibration = _calibration_rows(run)
+        if calibration is None and spec.int8_method == "static":  # before any work
             raise LeptonError(
                 f"{run.data_dir / 'train_x.npy'}: int8_method static calibrates on the run's"
                 " prepared training rows, and there are none; use int8_method dynamic"
@@ -218,7 +218,9 @@ def run_export(
     written: list[tuple[str, str, Path]] = []
     notes: list[str] = []
     for fmt in spec.formats:
-        files, more = _write(fmt, spec.precision, model, base.meta, pruning, run, log, spec.int8_method, rows)
+        files, more = _write(
+            fmt, spec.precision, model, base.meta, pruning, run, log, spec.int8_method, calibration
+        )
         written += [f for f in files if f not in written]
         notes += more
     if pruning is not None:

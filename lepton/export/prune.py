@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import cloudpickle
 from safetensors.torch import load_file, save_file
@@ -153,6 +153,7 @@ def prune_model(
     model.eval()
     after = sparsity(model)
     if after < reached:  # keep_zeros failed: never ship that as "pruned"
+        tuned = cast(dict, tuned)  # only a fine-tune changes the weights
         raise LeptonError(
             f"the fine-tune lost sparsity ({reached:.1%} → {after:.1%} zeros); its run: {tuned['run_dir']}"
         )

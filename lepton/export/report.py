@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from .. import metrics
@@ -117,7 +117,7 @@ def measure(
     return row, out
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -153,7 +153,7 @@ def report_table(report: dict) -> Table:
         ("b64 p50/p95 ms", "right"),
         ("rows/s", "right"),
     ):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=cast(JustifyMethod, just))
     for row in report["rows"]:
         v = row["metrics"].get(key)
         if v is None or base is None:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import torch
@@ -237,7 +238,10 @@ def _prepared_source(path: str | Path):
 
 def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:
     """``data_from``'s prepared data must be what ``job`` describes: its task, target and input shape."""
-    pairs = [("task", job.task, pre.task), ("data.target", job.data.target, pre.target)]
+    pairs: list[tuple[str, Any, Any]] = [
+        ("task", job.task, pre.task),
+        ("data.target", job.data.target, pre.target),
+    ]
     if job.data.shape is not None:
         pairs.append(("data.shape", list(job.data.shape), list(pre.shape or [])))
     for field, ours, theirs in pairs:

@@ -42,6 +42,7 @@ import math
 import threading
 import time
 from contextlib import contextmanager
+from typing import cast
 
 import numpy as np
 import torch
@@ -148,16 +149,16 @@ def _global_stats(x: torch.Tensor, n: int, total: int, group, tag: float, totals
         mean, sq = s[:c] / total, s[c:-1] / total
         var = np.maximum(sq - mean * mean, 0.0)
         out = torch.from_numpy(np.concatenate([mean, var, var * (total / (total - 1))])).to(x.dtype)
-    else:
-        s = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+    else:  # the same in torch (names of their own: the host branch's are numpy arrays)
+        st = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         if local is not None:
             m = torch.cat(local).double()
-            s[:c], s[c:-1] = m[:c] * n, torch.addcmul(m[c:], m[:c], m[:c]).mul_(n)
-        s[-1] = tag
-        _reduce(group, s, tag, totals)
-        mean = s[:c] / total
-        var = (s[c:-1] / total - mean * mean).clamp_min(0)
-        out = torch.cat([mean, var, var * (total / (total - 1))]).to(x.dtype)
+            st[:c], st[c:-1] = m[:c] * n, torch.addcmul(m[c:], m[:c], m[:c]).mul_(n)
+        st[-1] = tag
+        _reduce(group, st, tag, totals)
+        mean_t = st[:c] / total
+        var_t = (st[c:-1] / total - mean_t * mean_t).clamp_min(0)
+        out = torch.cat([mean_t, var_t, var_t * (total / (total - 1))]).to(x.dtype)
     return out[:c], out[c : 2 * c], out[2 * c :]
 
 
@@ -177,12 +178,12 @@ def _input_grad_terms(gb, gw, weight, mean, var, eps: float, total: int, group, 
         a = k * (s[:c] / total) - b * mean.numpy()
         out = torch.from_numpy(np.concatenate([b, a])).to(gb.dtype)
     else:
-        s = torch.cat([gb.double(), gw.double(), torch.tensor([tag], dtype=torch.float64, device=gb.device)])
-        _reduce(group, s, tag, totals)
+        st = torch.cat([gb.double(), gw.double(), torch.tensor([tag], dtype=torch.float64, device=gb.device)])
+        _reduce(group, st, tag, totals)
         invstd = (var.double() + eps).rsqrt()
         k = invstd if weight is None else weight.detach().double() * invstd
-        b = k * invstd * (s[c:-1] / total)
-        a = k * (s[:c] / total) - b * mean.double()
+        b = k * invstd * (st[c:-1] / total)
+        a = k * (st[:c] / total) - b * mean.double()
         out = torch.cat([b, a]).to(gb.dtype)
     return out[:c], out[c:]
 
@@ -276,12 +277,13 @@ def convert(model: nn.Module) -> int:
 def _swap(model: nn.Module) -> None:
     for name, child in model.named_children():
         if type(child) in _CONVERTIBLE and child.track_running_stats:
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
+            bn = cast(_BN, child)  # its type is one of _CONVERTIBLE
+            new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, True)
             # the same objects: the optimizer, the state dict and tied references all see one tensor
-            new.weight, new.bias = child.weight, child.bias
+            new.weight, new.bias = bn.weight, bn.bias
             for buf in ("running_mean", "running_var", "num_batches_tracked"):
-                setattr(new, buf, getattr(child, buf))
-            new.train(child.training)
+                setattr(new, buf, getattr(bn, buf))
+            new.train(bn.training)
             setattr(model, name, new)
         else:
             _swap(child)

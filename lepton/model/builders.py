@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from safetensors import SafetensorError
@@ -175,4 +175,4 @@ def build_optimizer(job: JobSpec, params) -> torch.optim.Optimizer:
 
 
 def num_outputs(task: str, classes: list | None) -> int:
-    return len(classes) if task == "classification" else 1
+    return len(cast(list, classes)) if task == "classification" else 1  # a classifier has its classes

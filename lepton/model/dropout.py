@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -103,7 +104,9 @@ class KeyedDropout(nn.Module):
 
     layer = 0  # its place among the model's keyed layers (``convert``): in the key
 
-    def __init__(self, p: float, kind: type = nn.Dropout, inplace: bool = False):
+    def __init__(
+        self, p: float, kind: type[nn.modules.dropout._DropoutNd] = nn.Dropout, inplace: bool = False
+    ):
         super().__init__()
         self.p, self.kind, self.inplace = p, kind, inplace
         self.channels = kind is not nn.Dropout
@@ -116,8 +119,8 @@ class KeyedDropout(nn.Module):
             return x
         rows = _pass.rows
         if rows is None or x.dim() < (3 if self.channels else 1) or x.shape[0] != len(rows):
-            if rows is not None:
-                _pass.missed.add(self.layer)
+            if rows is not None:  # inside ``keyed``: ``missed`` is a set
+                cast(set, _pass.missed).add(self.layer)
             return _TORCH[self.kind](x, self.p, True, self.inplace)  # not keyable: torch's dropout
         key = _key(_pass.seed, _pass.step, self.layer, self._call())
         shape = tuple(x.shape[:2] if self.channels else x.shape)
@@ -132,7 +135,7 @@ class KeyedDropout(nn.Module):
         checkpointing) repeats a forward call: for a layer called once per pass that is call 1; which
         call a layer called several times repeats cannot be known, and guessing would pair the
         gradient with another mask than the forward's, so that is refused."""
-        calls = _pass.calls
+        calls = cast(dict, _pass.calls)  # called inside ``keyed`` only (forward: rows is set)
         if torch._C._current_graph_task_id() == -1:  # the forward pass
             calls[self.layer] = calls.get(self.layer, 0) + 1
             return calls[self.layer]
@@ -160,7 +163,8 @@ def _swap(model: nn.Module, done: dict | None = None) -> None:
     for name, child in list(model._modules.items()):  # named_children skips a second registration
         if type(child) in _CONVERTIBLE:
             if id(child) not in done:
-                done[id(child)] = KeyedDropout(child.p, type(child), child.inplace).train(child.training)
+                drop = cast(nn.modules.dropout._DropoutNd, child)  # its type is one of _CONVERTIBLE
+                done[id(child)] = KeyedDropout(drop.p, type(drop), drop.inplace).train(drop.training)
             setattr(model, name, done[id(child)])
         elif child is not None and not isinstance(child, KeyedDropout):
             _swap(child, done)
@@ -187,7 +191,7 @@ def batch_first(model: nn.Module, input_shape: tuple[int, ...], rows: int = 3) -
     try:
         with torch.no_grad(), keyed(0, 0, list(range(rows))):
             model.train()(torch.zeros((rows,) + tuple(input_shape)))
-            missed = sorted(_pass.missed)
+            missed = sorted(cast(set, _pass.missed))  # inside ``keyed``: a set
     except Exception:  # a model that cannot run on zeros is the other checks' business
         return []
     finally:

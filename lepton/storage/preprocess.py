@@ -13,7 +13,7 @@ from datetime import time as dtime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from itertools import accumulate
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +123,10 @@ class ColumnStats:
     center: float = 0.0
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        self._index: dict | None = None  # built on first use (the categories are set after fitting)
+        self._keys: dict = {}
+
     @property
     def width(self) -> int:
         return len(self.categories) if self.kind == "categorical" else 1
@@ -136,7 +140,7 @@ class ColumnStats:
         bool (int) where the training file held some other word, and Parquet or JSON rows carry typed
         values: matching the text alone encoded such rows as unseen, all zeros, silently."""
         self._build()
-        i = self._index.get(value)
+        i = cast(dict, self._index).get(value)  # _build() set it
         if i is None:
             k = category_key(value)
             i = self._keys.get(k) if k is not None else None
@@ -158,10 +162,6 @@ class ColumnStats:
                     keys[k] = None if k in keys else i  # two spellings of one value: neither matches
             self._keys = keys
             self._index = {c: i for i, c in enumerate(self.categories)}
-
-    def __post_init__(self):
-        self._index: dict | None = None  # built on first use (the categories are set after fitting)
-        self._keys: dict = {}
 
 
 _TRUE, _FALSE = {"true", "True", "TRUE"}, {"false", "False", "FALSE"}  # pyarrow's CSV spellings
@@ -302,7 +302,8 @@ class Preprocessor:
     def encode_target(self, y: np.ndarray) -> np.ndarray:
         if self.task == "regression":
             return y.astype(np.float32)
-        index = {str(c): i for i, c in enumerate(self.classes)}
+        classes = cast(list, self.classes)  # a classification preprocessor always has its classes
+        index = {str(c): i for i, c in enumerate(classes)}
         return np.array([index[str(v)] for v in y], dtype=np.int64)
 
     def read_features(self, table: pa.Table, source: str, csv: bool) -> np.ndarray:

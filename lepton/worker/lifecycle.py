@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import torch
@@ -42,7 +43,7 @@ from ..records import (
     SkippedStepRecord,
     TrainRecord,
 )
-from ..spec import JobSpec, parse_job
+from ..spec import JobSpec, KeepBestSpec, parse_job
 from ..storage.checkpoint import (
     AsyncCheckpointer,
     CheckpointUnreadable,
@@ -171,7 +172,7 @@ class Worker:
         trainer = Trainer(job, DataCache(run), factory, _device(job))
         cluster = job.cluster
         group = GenerationGroup(
-            urlparse(url).hostname,
+            cast(str, urlparse(url).hostname),  # registering over HTTP worked: the URL names a host
             reg.store_port,
             cluster.collective_timeout_s,
             shared_memory=cluster.shared_memory and trainer.device.type == "cpu",
@@ -503,10 +504,10 @@ class Worker:
         if trainer.improved(scores) and rank == 0:
             best = {"model": trainer.model.state_dict(), "step": trainer.step}
             write_best(self.run, trainer.step, best)
+            # improved(): keep_best is on and this validation's value is the best
+            kb = cast(KeepBestSpec, self.job.policies.keep_best)
             self.reporter.push(
-                BestRecord(
-                    step=trainer.step, value=trainer.best_value, metric=self.job.policies.keep_best.metric
-                )
+                BestRecord(step=trainer.step, value=cast(float, trainer.best_value), metric=kb.metric)
             )
 
     def _log_eval(self, split: str, scores: dict, rank: int) -> None:
@@ -520,7 +521,7 @@ class Worker:
             self.checkpointer.wait()
             self.checkpointer = None
 
-    def _on_checkpoint(self, step: int, path: Path) -> None:
+    def _on_checkpoint(self, step: int, path: Path | str) -> None:
         self._send("checkpoint", {"step": step, "path": str(path)})
 
     def _write_model(self, results: dict) -> None:

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from ..comm import FlatGradients, GenerationGroup
 from ..model import batchnorm, dropout
 from ..model.builders import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
-from ..spec import JobSpec
+from ..spec import JobSpec, KeepBestSpec
 from ..storage.backend import LocalStorage
 from ..storage.prepared import DataCache
 from . import step_control
@@ -81,8 +82,9 @@ class Trainer:
         # the step's control values ride after the gradients (worker/step_control.py); train_step
         # sizes them for the generation's world
         self.grads = FlatGradients(self.model, extra_slots=step_control.FIXED_SLOTS)
-        self.compute_hook = None  # called with the sample count inside the compute window (throttle)
-        self.poison = None  # step -> bool: make this rank's loss NaN (fault injection)
+        # called with the sample count inside the compute window (throttle)
+        self.compute_hook: Callable[[int], None] | None = None
+        self.poison: Callable[[int], bool] | None = None  # make this rank's loss NaN (fault injection)
         self.lr_scale = 1.0  # lowered by the divergence guard; part of the replicated state
         self.plan_lr = 1.0  # the evaluation policies' learning-rate factor
         self.policies = policies.build(job.policies, job.train.optimizer.lr)
@@ -174,7 +176,8 @@ class Trainer:
         so every rank answers the same."""
         if not self.keep_best:
             return False
-        value = policies.metric_value(metrics, self.job.policies.keep_best.metric)
+        kb = cast(KeepBestSpec, self.job.policies.keep_best)  # the tracker exists only with keep_best
+        value = policies.metric_value(metrics, kb.metric)
         return value is not None and self.keep_best.update(self.step, value)
 
     @property
@@ -305,7 +308,7 @@ class Trainer:
         # decay scales 0), as prune's weight_orig × mask would; the weights are masked again after
         # the step so no rounding can bring one back
         for param, mask in self.masks:
-            param.grad.mul_(mask)
+            cast(torch.Tensor, param.grad).mul_(mask)  # FlatGradients gives every parameter a .grad
         self.optimizer.step()
         if self.masks:
             with torch.no_grad():
@@ -364,7 +367,7 @@ class Trainer:
         self.sync_local_batch_norm(group)
         state = list(self.model.parameters()) + [b for b in self.bn_buffers if b.is_floating_point()]
         finite = (torch.nan_to_num(p.double(), 0.0, 0.0, 0.0) for p in state)
-        c = sum(v.sum() + (v * v).sum() for v in finite).cpu()
+        c = cast(torch.Tensor, sum(v.sum() + (v * v).sum() for v in finite)).cpu()  # a model has parameters
         t = torch.stack([c, -c])
         group.allreduce(t, op="max")
         return bool(t[0] == -t[1])
