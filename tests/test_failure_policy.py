@@ -32,8 +32,8 @@ def test_a_lost_member_regroups_only_a_running_generation(tmp_path):
 
 def test_a_collective_error_from_an_old_generation_changes_nothing(tmp_path):
     p = _policy(tmp_path)
-    assert p.collective_error("w0", "peer closed", True).action == Action.REGROUP
-    assert p.collective_error("w0", "peer closed", False).action == Action.NONE
+    assert p.collective_error("w0", True).action == Action.REGROUP
+    assert p.collective_error("w0", False).action == Action.NONE
 
 
 def test_a_worker_error_fails_the_run_and_says_who(tmp_path):

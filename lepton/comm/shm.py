@@ -227,7 +227,7 @@ class ShmAllreduce:
             os.close(fd)
         self._pidfds = []
         # drop the views of ``buf`` (mmap.close refuses while one is alive); nothing reads them once closed
-        self._arrived = self._reduced = self._abandoned = self._wake = cast(np.ndarray, None)
+        del self._arrived, self._reduced, self._abandoned, self._wake
         self._slots = []
         try:
             self.buf.close()

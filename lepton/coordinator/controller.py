@@ -436,7 +436,7 @@ class Controller:
         if why == "collective_error":
             current = self.phase == Phase.RUNNING and p.get("generation") == self.generation
             error = str(p.get("error", ""))
-            decision = self.failures.collective_error(m.worker_id, error, current)
+            decision = self.failures.collective_error(m.worker_id, current)
             if decision.action == Action.REGROUP:
                 self._open_incident(f"collective error reported by {m.worker_id}: {p.get('error', '')}")
                 self._regroup(
@@ -530,7 +530,9 @@ class Controller:
             return
         if self.phase == Phase.WAITING:
             return  # already waiting (before the first generation, or since ``state.since``)
-        decision = self.failures.too_few_workers(len(alive), 0.0, 0, checkpointing=False)
+        # the wait starts now (waited 0 s): the policy's WAIT decision names why
+        checkpoint_step = (self.latest_checkpoint or {}).get("step", 0)
+        decision = self.failures.too_few_workers(len(alive), 0.0, checkpoint_step, checkpointing=False)
         self._transition(Phase.WAITING, "waiting", f"{decision.reason}: training paused")
         if behind and best is not None:
             self.checkpoint_from = best.worker_id  # keep the live state safe while waiting

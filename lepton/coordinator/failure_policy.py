@@ -49,7 +49,7 @@ class FailurePolicy:
             return FailureDecision(Action.REGROUP, f"worker {worker_id} lost")
         return FailureDecision(Action.NONE, f"{worker_id} lost outside a running generation: {how}")
 
-    def collective_error(self, worker_id: str, error: str, current_and_running: bool) -> FailureDecision:
+    def collective_error(self, worker_id: str, current_and_running: bool) -> FailureDecision:
         """A member reports that a collective of its generation failed (a peer died or hung). A report
         from an older generation, or one that arrives while a regroup is under way, changes nothing."""
         if current_and_running:
