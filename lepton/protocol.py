@@ -81,6 +81,10 @@ class Heartbeat(BaseModel):
     step_busy_s: float = 0.0
     step_compute_s: float = 0.0
     step_compute_fixed_s: float = 0.0
+    # standard errors of the busy and compute medians, from the window's spread (the balancer's
+    # confidence in them: balance.pooled)
+    step_busy_err_s: float = 0.0
+    step_compute_err_s: float = 0.0
     # metrics records queued since the last beat (metrics.jsonl lines): they ride in the heartbeat
     # instead of a request of their own (each request costs ~1 ms of processor time at both ends,
     # taken from training on a host whose cores are all busy); sent as JSON, where a NaN loss is null

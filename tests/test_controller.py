@@ -92,7 +92,7 @@ def test_machine_replans_as_soon_as_every_speed_is_in(tmp_path):
     assert r.plan.shares[0] > 0.7  # equal step ends: b's slope and both fixed costs
     # both applied v1: a measurement at the new shares replaces the old point instead of averaging it
     measure(c, a, 24, 1, 12, 1.4e-3, 1.2e-3)
-    assert c.members[a].measured == (12, 1.4e-3, 1.2e-3, 0.0)
+    assert c.members[a].measured == (12, 1.4e-3, 1.2e-3, 0.0, 0.0, 0.0)
     measure(c, a, 30, 1, 12, 1.6e-3, 1.4e-3)  # within one plan: smoothed
     assert c.members[a].measured[1] == pytest.approx(1.5e-3)
     # b's measurement of v1 completes the set: the re-plan keeps the shares, which settles the plan

@@ -25,6 +25,11 @@ HYSTERESIS = 0.03  # re-plan only when the measured costs predict a step more th
 MOVE = (0.03, 0.25)  # ... and some share moves by more than 3% of the batch or a quarter of itself
 RELIABLE = 0.3  # a per-sample cost is measured only where it is this part of the compute window
 SHRINK = 0.5  # a re-plan leaves every worker at least this part of its current share
+FLOOR = 0.25  # ... and at least this part of its capacity share (what equal speeds would give it)
+SAME = 0.1  # costs this close (relative) are one cost, whatever the measured noise says ...
+NOISE_SIGMAS = 2.0  # ... and so are costs within this many standard errors of each other
+PROBE_ERROR = 0.25  # relative error of the one-sample probe as a stand-in for a step's fixed compute
+STALE = 10.0  # relative error of a per-sample cost carried over from an earlier operating point
 
 
 def smooth(previous: Optional[float], measured: float) -> float:
@@ -37,6 +42,9 @@ class StepCost:
 
     fixed: float
     per_sample: float
+    # relative standard errors of the two (0: exact, as in made-up costs), from the window's spread
+    fixed_err: float = 0.0
+    per_sample_err: float = 0.0
 
     @classmethod
     def measured(
@@ -46,6 +54,8 @@ class StepCost:
         compute: float,
         compute_fixed: float,
         previous: Optional["StepCost"] = None,
+        busy_err: float = 0.0,
+        compute_err: float = 0.0,
     ) -> "StepCost":
         """From one operating point: a step of ``samples`` took ``busy`` seconds, ``compute`` of them in
         the compute window (forward/backward), of which ``compute_fixed`` does not grow with the share
@@ -55,12 +65,24 @@ class StepCost:
         it is mostly measurement noise, and dividing it by a few samples would make the worker look
         many times slower per sample than it is — and keep it starved (seen: a worker briefly slowed
         ended at 1 sample of 510 with 72 µs a sample against a real 10). The per-sample cost of
-        ``previous`` (a larger operating point) is kept then."""
+        ``previous`` (a larger operating point) is kept then, marked ``STALE``: it describes another
+        operating point, and the planner must not keep a worker starved on its account (``pooled``).
+
+        The errors: ``busy_err`` and ``compute_err`` are the standard errors of the window's medians
+        (worker/meter.py); the probe misses a step's own dispatch cost by up to ``PROBE_ERROR`` of
+        itself, and that error lands whole on the share-dependent part. So a share-dependent part
+        that is small next to the fixed one (a small model, a small share) is an uncertain one: on
+        two identical workers at 128 samples each of the small benchmark model, 0.2 ms of 0.45 ms,
+        the per-sample costs read 1.3 and 2.2 µs."""
         cf = min(max(compute_fixed, 0.0), compute)
+        fixed = max(busy - compute, 0.0) + cf
+        fixed_err = (busy_err + compute_err + PROBE_ERROR * cf) / max(fixed, 1e-12)
         if previous is not None and compute - cf <= RELIABLE * compute:  # <=: an empty window too
-            return cls(max(busy - compute, 0.0) + cf, previous.per_sample)
+            return cls(fixed, previous.per_sample, fixed_err, STALE)
         cf = min(cf, (1 - RELIABLE) * compute)
-        return cls(max(busy - compute, 0.0) + cf, max(compute - cf, 1e-12) / max(samples, 1.0))
+        part = max(compute - cf, 1e-12)
+        err = min((compute_err + PROBE_ERROR * cf) / part, STALE)
+        return cls(fixed, part / max(samples, 1.0), fixed_err, err)
 
 
 def normalise(weights: Sequence[float]) -> list[float]:
@@ -100,6 +122,68 @@ def target_shares(
             return normalise([max(x, lo[i]) for i, x in enumerate(n)])
         for i in low:
             floor[i] = True
+
+
+def floor_limits(capacities: Sequence[float], batch: int) -> list[float]:
+    """The fewest samples a worker gets in any balanced plan: ``FLOOR`` of its capacity share.
+
+    Why a floor: a per-sample cost is measured at the worker's own share, and the share-dependent
+    part of a small share is small next to the errors of the measurement (the probe's, the window's
+    noise), so a worker pushed down reads slower per sample than it is, and is pushed further (seen:
+    identical workers at 2.6% / 97.4% and 0.4%, the starved one reading 37–45 µs a sample against
+    0.8–0.9 µs; a worker slowed for a moment kept one sample of 256 for 6,564 steps). At a quarter
+    of its capacity share the share-dependent part is a quarter of what equal shares would give, which
+    the error estimates can still judge. The cost: a worker more than 4× slower than its peers keeps a
+    quarter of an equal share, more than the balanced plan would give it, but less than equal shares
+    do — a floored plan still never loses to equal shares."""
+    caps = normalise(capacities)
+    return [FLOOR * c * batch for c in caps]
+
+
+def pooled(values: Sequence[float], errors: Sequence[float]) -> list[float]:
+    """``values`` (one per worker) where those that cannot be told apart are replaced by one value.
+
+    Each value stands for the interval ``v ± t·v``, ``t = SAME + NOISE_SIGMAS · error`` (``errors``:
+    relative standard errors). From the most certain value on, each joins the first group whose
+    centre its interval reaches (that centre's own interval counted, at the group's best ``t``), or
+    starts one; a group's members all get its centre, the mean weighted by 1/t². So identical
+    workers whose costs differ by measurement noise get one cost, and equal shares (the issue's
+    2.6% / 97.4% came from 1.6 against 1.4 µs a sample, a difference within the noise); a cost
+    marked ``STALE`` joins the most certain group near it and is measured again at the shares that
+    gives; a real difference (the heterogeneous benchmark's 7 against 21 µs of core time a sample)
+    is far outside the noise and kept."""
+    tol = [SAME + NOISE_SIGMAS * e for e in errors]
+    groups: list[list[int]] = []
+
+    def centre(g: list[int]) -> float:
+        w = [1.0 / tol[i] ** 2 for i in g]
+        return sum(wi * values[i] for wi, i in zip(w, g)) / sum(w)
+
+    for i in sorted(range(len(values)), key=lambda j: tol[j]):
+        for g in groups:
+            c = centre(g)
+            if abs(values[i] - c) <= tol[i] * abs(values[i]) + tol[g[0]] * abs(c):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    out = list(values)
+    for g in groups:
+        c = centre(g)
+        for i in g:
+            out[i] = c
+    return out
+
+
+def comparable(costs: Sequence[StepCost], capacities: Sequence[float]) -> list[StepCost]:
+    """``costs`` with the differences within measurement noise taken out (``pooled``), compared as
+    wall time per core (cost / capacity): a worker on half a core is not the same as one on a core."""
+    fixed = pooled([c.fixed / cap for c, cap in zip(costs, capacities)], [c.fixed_err for c in costs])
+    per = pooled([c.per_sample / cap for c, cap in zip(costs, capacities)], [c.per_sample_err for c in costs])
+    return [
+        StepCost(f * cap, p * cap, c.fixed_err, c.per_sample_err)
+        for f, p, cap, c in zip(fixed, per, capacities, costs)
+    ]
 
 
 def shrink_limits(current: Sequence[float], batch: int) -> list[float]:

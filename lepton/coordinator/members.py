@@ -28,8 +28,9 @@ class Member:
     generation: Optional[int] = None
     speed: Optional[float] = None  # samples per second of processor time at its current operating point
     speed_plan: Optional[tuple[Optional[int], int]] = None  # (generation, plan version) of that measurement
-    # per step, smoothed: samples, busy s, compute s, fixed part of compute s (Heartbeat.step_*)
-    measured: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    # per step, smoothed: samples, busy s, compute s, fixed part of compute s, standard errors of busy
+    # and compute s (Heartbeat.step_*)
+    measured: tuple[float, ...] = (0.0,) * 6
     cost: Optional[balance.StepCost] = None  # from ``measured``
     capacity: float = 1.0  # cores it can count on in its generation (balance.capacities)
     plan_version: int = 0  # the share plan it has applied

@@ -12,7 +12,7 @@ it at the same step (invariant 5). Shares never change the math (invariant 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 from ..protocol import Heartbeat, StepPlan
 from ..spec import JobSpec
@@ -37,13 +37,17 @@ def initial_shares(job: JobSpec, members: list[Member]) -> list[float]:
 def balanced_shares(
     job: JobSpec, members: list[Member], current: Optional[list[float]] = None
 ) -> list[float]:
-    """Shares that equalise the members' step times; from ``current`` shares (a re-plan), none shrinks
-    by more than ``balance.SHRINK`` at once."""
+    """Shares that equalise the members' step times, from their costs with the differences within
+    measurement noise taken out (``balance.comparable``); none under ``balance.FLOOR`` of its capacity
+    share, and from ``current`` shares (a re-plan), none shrinks by more than ``balance.SHRINK`` at
+    once."""
     batch = job.train.batch_size
-    minimum = balance.shrink_limits(current, batch) if current else None
-    costs = [m.cost for m in members]
     caps = [m.capacity for m in members]
-    return [round(s, 4) for s in balance.target_shares(costs, caps, batch, minimum)]  # type: ignore[arg-type]
+    minimum = balance.floor_limits(caps, batch)
+    if current:
+        minimum = [max(a, b) for a, b in zip(minimum, balance.shrink_limits(current, batch))]
+    costs = balance.comparable([cast(balance.StepCost, m.cost) for m in members], caps)
+    return [round(s, 4) for s in balance.target_shares(costs, caps, batch, minimum)]
 
 
 def assign_capacities(job: JobSpec, members: list[Member]) -> None:
@@ -144,11 +148,20 @@ class SharePlanner:
     def measured(m: Member, hb: Heartbeat, generation: Optional[int]) -> None:
         """A full window of ``m``'s steps at its plan, smoothed within the plan; at another plan it is
         another operating point (bigger shares amortise the fixed cost), and replaces the old one."""
-        point = (hb.step_samples, hb.step_busy_s, hb.step_compute_s, hb.step_compute_fixed_s)
+        point = (
+            hb.step_samples,
+            hb.step_busy_s,
+            hb.step_compute_s,
+            hb.step_compute_fixed_s,
+            hb.step_busy_err_s,
+            hb.step_compute_err_s,
+        )
         at = (generation, hb.plan_version)
         m.measured = point if m.speed_plan != at else tuple(map(balance.smooth, m.measured, point))
-        samples, busy, compute, compute_fixed = m.measured
-        m.cost = balance.StepCost.measured(samples, busy, compute, compute_fixed, previous=m.cost)
+        samples, busy, compute, compute_fixed, busy_err, compute_err = m.measured
+        m.cost = balance.StepCost.measured(
+            samples, busy, compute, compute_fixed, m.cost, busy_err=busy_err, compute_err=compute_err
+        )
         m.speed, m.speed_plan = m.measured[0] / m.measured[1], at
 
     def balancing(self) -> bool:
@@ -175,14 +188,16 @@ class SharePlanner:
         ):
             return None
         self.considered_at = step
-        costs = [m.cost for m in members]
+        costs = [cast(balance.StepCost, m.cost) for m in members]  # every member measured
         caps = [m.capacity for m in members]
         # the first plan after shares guessed from capacities may move anywhere; every other one
         # only within balance.SHRINK of the current shares
         free = self.version == 0 and self.guessed
         current = self.step_plan.shares
         target = balanced_shares(self.job, members, None if free else current)
-        new = balance.propose(current, target, costs, caps, self.job.train.batch_size)  # type: ignore[arg-type]
+        # judged with the costs the target came from: noise taken out (balance.comparable)
+        batch = self.job.train.batch_size
+        new = balance.propose(current, target, balance.comparable(costs, caps), caps, batch)
         self.settled = new is None
         if new is None or new == current:
             return None

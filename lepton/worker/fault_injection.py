@@ -10,7 +10,8 @@ well-defined points:
   ``step`` starts), ``checkpoint`` (right after rank 0 started writing the checkpoint of ``step``),
   ``start`` (before registering: a worker that fails at start-up);
 - ``rank``: the rank in the current generation (``*``, the default, for all); ``step``: omit to
-  apply at every step; ``crash``/``kill``/``hang`` fire only in generation 0 (so the survivors that
+  apply at every step; ``until``: ``throttle`` only, before global step ``until`` only (a transient
+  slow-down); ``crash``/``kill``/``hang`` fire only in generation 0 (so the survivors that
   redo the step are not hit again) unless ``always=1``.
 Example: ``kill:rank=1:step=5;slow:rank=2:seconds=0.01``.
 """
@@ -34,6 +35,7 @@ class Fault:
     step: int | None = None
     seconds: float = 0.0
     always: bool = False
+    until: int | None = None  # throttle: only before this global step
 
     def applies(self, at: str, rank: int | None, step: int | None, generation: int | None) -> bool:
         first_only = self.action in ("crash", "kill", "hang") and not self.always
@@ -60,6 +62,7 @@ def parse(text: str) -> list[Fault]:
                 int(kw["step"]) if "step" in kw else None,
                 float(kw.get("seconds", 0)),
                 kw.get("always") == "1",
+                int(kw["until"]) if "until" in kw else None,
             )
         )
     return faults
@@ -69,10 +72,12 @@ class FaultInjector:
     def __init__(self, text: str | None = None):
         self.faults = parse(text if text is not None else os.environ.get("LEPTON_FAULTS", ""))
 
-    def throttle(self, rank: int, samples: int) -> None:
-        """The ``throttle`` rules: called by the trainer inside its compute window."""
+    def throttle(self, rank: int, samples: int, step: int | None = None) -> None:
+        """The ``throttle`` rules: called by the trainer inside its compute window of global ``step``."""
         for f in self.faults:
-            if f.action == "throttle" and (f.rank == "*" or int(f.rank) == rank):
+            if f.action != "throttle" or (f.until is not None and step is not None and step >= f.until):
+                continue
+            if f.rank == "*" or int(f.rank) == rank:
                 # busy, not asleep: a slower processor burns processor time, which speed measures
                 end = time.process_time() + f.seconds * samples
                 while time.process_time() < end:

@@ -353,7 +353,7 @@ class Worker:
         trainer, job, rank = self.trainer, self.job, gen.rank
         self.reporter.plan = None
         if self.faults.has("throttle"):
-            trainer.compute_hook = lambda samples: self.faults.throttle(rank, samples)
+            trainer.compute_hook = lambda samples: self.faults.throttle(rank, samples, trainer.step)
         if self.faults.has("nan"):
             trainer.poison = lambda step: self.faults.poisoned(rank, step)
         # the probe and the short first window serve the balancer only: not when shares are equal or fixed

@@ -31,7 +31,25 @@ from typing import Optional
 WINDOW = 10  # steps over which a worker measures itself
 FIRST_WINDOW = 4  # ... at a generation's starting shares, which are a guess (capacities) or an old plan
 # the heartbeat fields of a worker without a full window at its current plan
-NOT_MEASURED = {"step_samples": 0.0, "step_busy_s": 0.0, "step_compute_s": 0.0, "step_compute_fixed_s": 0.0}
+NOT_MEASURED = {
+    "step_samples": 0.0,
+    "step_busy_s": 0.0,
+    "step_compute_s": 0.0,
+    "step_compute_fixed_s": 0.0,
+    "step_busy_err_s": 0.0,
+    "step_compute_err_s": 0.0,
+}
+
+
+def median_error(values: list[float]) -> float:
+    """Standard error of the median of ``values``, from their spread: 1.2533 σ/√n for normal noise,
+    σ estimated robustly as 1.4826 × the median absolute deviation (one outlier step, which the
+    median leaves out, does not widen it)."""
+    if len(values) < 2:
+        return 0.0
+    mid = median(values)
+    mad = median(abs(v - mid) for v in values)
+    return 1.2533 * 1.4826 * mad / len(values) ** 0.5
 
 
 class StepMeter:
@@ -94,10 +112,15 @@ class StepMeter:
         # medians, not means: one step of a window that paid for something else (a garbage collection,
         # a page fault storm) made a 36-sample share look 31 µs a sample instead of ~10 and sent the
         # next plan to 1.6% of the batch (seen on the heterogeneous benchmark)
+        # with the medians, their standard errors: how far the balancer may trust them (a window of a
+        # step dominated by fixed costs spreads as much as its share-dependent part; balance.pooled)
+        busy_s, compute_s = [x[3] for x in self.steps], [x[2] for x in self.steps]
         return {
             **out,
             "step_samples": median(x[0] for x in self.steps),
-            "step_busy_s": median(x[3] for x in self.steps),
-            "step_compute_s": median(x[2] for x in self.steps),
+            "step_busy_s": median(busy_s),
+            "step_compute_s": median(compute_s),
             "step_compute_fixed_s": self.compute_fixed,
+            "step_busy_err_s": median_error(busy_s),
+            "step_compute_err_s": median_error(compute_s),
         }
