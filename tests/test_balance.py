@@ -298,3 +298,18 @@ def test_a_transient_slowdown_does_not_keep_a_share_down_nor_change_the_model(da
     assert abs(members[1]["share"] - 0.5) <= 0.1, (members, plans)
     diff = max_rel_diff(weights(on.run_dir), weights(off.run_dir))
     assert diff <= 1e-5, f"balanced shares changed the model by {diff:.2e}"
+
+
+def test_throttle_until_a_step_is_a_transient_slowdown(monkeypatch):
+    from lepton.worker import fault_injection
+
+    spun = []
+    inj = fault_injection.FaultInjector("throttle:rank=1:seconds=0.001:until=7")
+    assert inj.faults[0].until == 7
+    monkeypatch.setattr(fault_injection.time, "process_time", lambda: spun.append(1) or len(spun))
+    inj.throttle(1, 4, step=6)
+    assert spun  # before step 7: spins
+    spun.clear()
+    inj.throttle(1, 4, step=7)
+    inj.throttle(0, 4, step=0)
+    assert not spun  # from step 7 on, and on another rank: nothing

@@ -50,3 +50,12 @@ def test_step_meter_reports_whole_steps_over_a_full_window_only(monkeypatch):
     assert not m.full and len(m.steps) == 2  # the third step closes at the next begin()
     m.begin()
     assert m.full
+
+
+def test_median_error_follows_the_spread_and_ignores_one_outlier():
+    from lepton.worker.meter import median_error
+
+    assert median_error([1.0] * 10) == 0.0 and median_error([1.0]) == 0.0
+    steady = median_error([1.0, 1.1, 0.9, 1.0, 1.1, 0.9, 1.0, 1.1, 0.9, 1.0])
+    assert 0.02 < steady < 0.1  # ~1.25 sigma / sqrt(10), sigma ~0.08
+    assert median_error([1.0, 1.1, 0.9, 1.0, 1.1, 0.9, 1.0, 1.1, 0.9, 30.0]) == pytest.approx(steady, rel=0.5)

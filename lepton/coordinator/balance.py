@@ -12,6 +12,13 @@ end together. Processor time, not wall time: two workers pinned to one core that
 see full-speed wall times, yet together they only get one core. The policy is pure functions so the
 coordinator can call them at its decision points and tests can drive them with made-up numbers. Shares
 never change the math (invariant 1): any split of a global batch gives the same update.
+
+Measurements are noisy, and the noise is not neutral: the per-sample cost is measured at the worker's own
+share, so an error in the fixed part, divided by a smaller share, makes a worker with less look slower and
+get less still (issue 25: identical workers at 2.6% / 97.4%; a worker slowed for a moment kept one sample
+of 256 for good). So costs carry their errors, costs that noise cannot tell apart are one cost
+(``pooled``, ``comparable``), and no share falls under ``FLOOR`` of what equal speeds would give it
+(``floor_limits``), where its cost would stop being measurable.
 """
 
 from __future__ import annotations
@@ -178,15 +185,13 @@ def pooled(values: Sequence[float], errors: Sequence[float]) -> list[float]:
     return out
 
 
-def comparable(costs: Sequence[StepCost], capacities: Sequence[float]) -> list[StepCost]:
-    """``costs`` with the differences within measurement noise taken out (``pooled``), compared as
-    wall time per core (cost / capacity): a worker on half a core is not the same as one on a core."""
-    fixed = pooled([c.fixed / cap for c, cap in zip(costs, capacities)], [c.fixed_err for c in costs])
-    per = pooled([c.per_sample / cap for c, cap in zip(costs, capacities)], [c.per_sample_err for c in costs])
-    return [
-        StepCost(f * cap, p * cap, c.fixed_err, c.per_sample_err)
-        for f, p, cap, c in zip(fixed, per, capacities, costs)
-    ]
+def comparable(costs: Sequence[StepCost]) -> list[StepCost]:
+    """``costs`` with the differences within measurement noise taken out (``pooled``). Processor
+    time, not per core: identical workers pay the same processor seconds whatever core they got, and
+    ``target_shares`` turns equal costs into shares by capacity (what a generation starts from)."""
+    fixed = pooled([c.fixed for c in costs], [c.fixed_err for c in costs])
+    per = pooled([c.per_sample for c in costs], [c.per_sample_err for c in costs])
+    return [StepCost(f, p, c.fixed_err, c.per_sample_err) for f, p, c in zip(fixed, per, costs)]
 
 
 def shrink_limits(current: Sequence[float], batch: int) -> list[float]:

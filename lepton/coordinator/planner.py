@@ -46,7 +46,7 @@ def balanced_shares(
     minimum = balance.floor_limits(caps, batch)
     if current:
         minimum = [max(a, b) for a, b in zip(minimum, balance.shrink_limits(current, batch))]
-    costs = balance.comparable([cast(balance.StepCost, m.cost) for m in members], caps)
+    costs = balance.comparable([cast(balance.StepCost, m.cost) for m in members])
     return [round(s, 4) for s in balance.target_shares(costs, caps, batch, minimum)]
 
 
@@ -70,6 +70,7 @@ class PlanChange:
     fixed_ms: list[float]
     per_sample_us: list[float]
     capacities: list[float]
+    per_sample_err: list[float] = field(default_factory=list)  # relative standard errors
 
     def reason(self) -> str:
         return (
@@ -85,6 +86,7 @@ class PlanChange:
             "fixed_ms": self.fixed_ms,
             "per_sample_us": self.per_sample_us,
             "capacities": self.capacities,
+            "per_sample_err": self.per_sample_err,
             "shares": self.shares,
         }
 
@@ -197,7 +199,7 @@ class SharePlanner:
         target = balanced_shares(self.job, members, None if free else current)
         # judged with the costs the target came from: noise taken out (balance.comparable)
         batch = self.job.train.batch_size
-        new = balance.propose(current, target, balance.comparable(costs, caps), caps, batch)
+        new = balance.propose(current, target, balance.comparable(costs), caps, batch)
         self.settled = new is None
         if new is None or new == current:
             return None
@@ -208,6 +210,7 @@ class SharePlanner:
             fixed_ms=[round(m.cost.fixed * 1e3, 3) for m in members if m.cost],
             per_sample_us=[round(m.cost.per_sample * 1e6, 3) for m in members if m.cost],
             capacities=[round(m.capacity, 4) for m in members],
+            per_sample_err=[round(c.per_sample_err, 3) for c in costs],
         )
         self.version += 1
         self.step_plan = StepPlan(version=self.version, shares=new, generation=self.generation)

@@ -14,6 +14,10 @@ step for the worker alone on its core and ~0.6 ms for each of the two sharing a 
 pass ~0.2–0.35 ms, next to 0.75–1.8 ms of compute; the update and reduction work alone (all the
 balancer counted as fixed before) was ~0.4 ms.
 
+With each median goes its standard error, from the window's spread (``median_error``): a step dominated
+by fixed costs spreads by as much as its share-dependent part, and the balancer must not read that as a
+speed difference (``balance.pooled``).
+
 Processor time, not wall time: two workers pinned to one core that take turns would each see
 full-speed wall times while together they get one core; the coordinator divides by the worker's
 capacity. On a GPU the kernels' time is wall time, so there a step's busy time is its compute window
