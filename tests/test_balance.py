@@ -216,7 +216,7 @@ def true_step(shares, workers, caps, batch=256):
     return max((w["out"] + w["cf"] + s * batch * w["p"]) / c for s, w, c in zip(shares, workers, caps))
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(20))
 def test_identical_workers_keep_equal_shares_under_noise(tmp_path, seed):
     """Issue 25: identical workers drifted to 2.6% / 97.4% (and 0.4%) on a step dominated by fixed
     costs; noise must not be read as a speed difference."""
@@ -227,23 +227,30 @@ def test_identical_workers_keep_equal_shares_under_noise(tmp_path, seed):
     assert max(true_step(h, [SMALL, SMALL], [1, 1]) for h in history) <= 1.02 * equal
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_a_share_pushed_down_by_a_transient_slowdown_comes_back(tmp_path, seed):
+def test_a_share_pushed_down_by_a_transient_slowdown_comes_back(tmp_path):
     """Issue 25: a worker slowed 10x during the first window only is given a small share; once its
     speed is back, its share returns within 10 points of the undisturbed plan (equal) in a few
-    re-plans, instead of being frozen at a share too small to measure."""
+    re-plans, instead of being frozen at a share too small to measure. Over 40 seeded runs: the
+    probe is measured once per plan, so a badly misread one (half the fixed compute) can hold the
+    worker at its floor until the noise of a later window lets the costs pool (seen: 1 in 40, for 13
+    windows); the floor bounds what that costs."""
     slow = lambda window, rank: 10.0 if (window == 0 and rank == 1) else 1.0
-    history, members = simulate(tmp_path, [SMALL, SMALL], seed=seed, slow=slow)
-    assert history[0][1] < 0.3  # the disturbance was measured and acted on
-    assert history[0][1] >= balance.FLOOR * 0.5 - 1e-3  # ... but not below the floor
-    assert all(abs(h[1] - 0.5) <= 0.1 for h in history[4:]), history
+    back_at = []
+    for seed in range(40):
+        history, _ = simulate(tmp_path, [SMALL, SMALL], seed=seed, slow=slow)
+        assert history[0][1] < 0.3  # the disturbance was measured and acted on
+        assert min(h[1] for h in history) >= balance.FLOOR * 0.5 - 1e-3  # ... never below the floor
+        back = [i for i in range(len(history)) if all(abs(h[1] - 0.5) <= 0.1 for h in history[i:])]
+        assert back, history  # and it does come back, for good
+        back_at.append(back[0])
+    assert sorted(back_at)[int(0.9 * len(back_at))] <= 4, back_at  # 90%: within 4 windows
     # with a floor: even were it believed slow for ever, the worker keeps a measurable share
     big = dict(out=0.5e-3, cf=0.25e-3, p=10e-6)  # per-sample cost dominating: clearly measurable
-    history, _ = simulate(tmp_path, [big, big], seed=seed, slow=lambda w, r: 10.0 if r == 1 else 1.0)
+    history, _ = simulate(tmp_path, [big, big], slow=lambda w, r: 10.0 if r == 1 else 1.0)
     assert history[-1][1] == pytest.approx(balance.FLOOR * 0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(10))
 def test_real_speed_differences_are_still_balanced(tmp_path, seed):
     """The heterogeneous benchmark's placement (one worker alone on core 0, two sharing core 1) and a
     worker 3x slower per sample where the per-sample part dominates: far outside the noise, kept."""
@@ -263,12 +270,15 @@ def test_real_speed_differences_are_still_balanced(tmp_path, seed):
 
 
 def test_pooled_costs_join_only_what_noise_cannot_tell_apart():
-    assert balance.pooled([1.0, 1.05], [0.0, 0.0]) == pytest.approx([1.025, 1.025])  # within SAME
-    assert balance.pooled([1.0, 2.0], [0.0, 0.0]) == [1.0, 2.0]
+    assert balance.pooled([1.0, 1.02], [0.0, 0.0]) == pytest.approx([1.01, 1.01])  # within SAME
+    assert balance.pooled([1.0, 1.3], [0.0, 0.0]) == pytest.approx([1.0, 1.3])
     assert balance.pooled([1.0, 2.0], [0.5, 0.5]) == pytest.approx([1.5, 1.5])  # noise: one cost
-    # a stale cost joins the most certain group; two distinct groups stay apart
+    # the heterogeneous benchmark's plan 2 (7.4 alone on a core, ~9.8 on the shared one): apart
+    out = balance.pooled([7.35, 9.94, 9.61], [0.046, 0.066, 0.096])
+    assert out[0] == pytest.approx(7.35) and out[1] == out[2] and 9.6 < out[1] < 9.95
+    # a stale cost joins the group nearest to it; two distinct groups stay apart
     out = balance.pooled([7.0, 21.0, 22.0, 40.0], [0.02, 0.05, 0.05, balance.STALE])
-    assert out[0] == out[3] == pytest.approx(7.0, abs=1e-3) and out[1] == out[2] == pytest.approx(21.5)
+    assert out[0] == pytest.approx(7.0) and out[1] == out[2] == out[3] == pytest.approx(21.5, abs=1e-3)
 
 
 # every rank spins 0.5 ms a sample (steps long enough for plans to arrive while the run lasts);
