@@ -97,6 +97,7 @@ WEIGHTS = {
 AIM_S = 12.0  # an aimed fault waits this long for its moment, then fires at random
 TERM_GRACE_S = 30.0  # a SIGTERMed worker must be gone by then
 POLL_S = 0.01
+MIN_GAP_S = 0.3  # between two scheduled faults
 
 
 # --- the job -------------------------------------------------------------------------------------------
@@ -532,7 +533,7 @@ class Chaos:
                 time.sleep(POLL_S)  # a worker needs the token file to start
             for _ in range(cfg.workers):
                 c.start_worker()
-            last_spawn = 0.0
+            last_spawn = next_fault = 0.0
             while True:
                 now = time.monotonic()
                 self.watch.poll()
@@ -573,9 +574,11 @@ class Chaos:
                     elif now > give_up:
                         self.armed = None
                         self._fire(kind, False, _pick(self.rng, self._members()), "moment did not come")
-                elif self.schedule and now - self.t0 >= self.schedule[0][0]:
+                elif self.schedule and now - self.t0 >= self.schedule[0][0] and now >= next_fault:
                     _, kind = self.schedule.pop(0)
                     self._start_fault(kind)
+                    # faults that fell due while an aimed one waited go out spaced, not as one burst
+                    next_fault = now + MIN_GAP_S
                 time.sleep(POLL_S)
             wall = time.monotonic() - self.t0
             # the workers hear "exit"; give them a moment to go before the reaping
