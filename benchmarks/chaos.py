@@ -565,7 +565,8 @@ class Chaos:
                     break
                 if len(c.population()) < cfg.workers and now - last_spawn > 0.3:
                     last_spawn = now
-                    if self.watch.state().get("status") == "running":  # not once training is over
+                    # not once training is over (waiting and regrouping need workers too)
+                    if self.watch.state().get("status") not in ("completed", "failed", "stopped"):
                         c.start_worker()
                 if self.armed:
                     t, kind, give_up, gen = self.armed
