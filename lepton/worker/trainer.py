@@ -10,12 +10,9 @@ Contract with the worker loop (which touches the trainer only between steps):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, cast
 
 import numpy as np
@@ -27,10 +24,10 @@ from ..model import batchnorm, dropout
 from ..model.builders import build_model, build_optimizer, load_init_weights, num_outputs, zero_masks
 from ..sampler import GlobalBatchSampler, split_counts
 from ..spec import JobSpec, KeepBestSpec
-from ..storage.backend import LocalStorage
 from ..storage.prepared import DataCache
 from . import step_control
 from .step_control import ReducedControl, StepControl
+from .trace import StepTrace
 
 EVAL_CHUNK = 4096
 
@@ -97,12 +94,7 @@ class Trainer:
         self.total_steps = self.sampler.steps_per_epoch * job.train.epochs
         self.step = 0
         self.evaluated_step = -1  # step of the last completed periodic validation
-        trace = os.environ.get("LEPTON_TRACE_SAMPLES")  # test-only: which samples each step used
-        self._trace = (
-            LocalStorage(Path(trace).parent).open_append(f"{Path(trace).name}.{os.getpid()}")
-            if trace
-            else None
-        )
+        self._trace = StepTrace.from_env()  # which samples each applied step used (worker/trace.py)
 
     # --- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -228,8 +220,7 @@ class Trainer:
             )
         finite = self._update(batch, bn_before)
         if self._trace:
-            self._trace.write((json.dumps({"step": self.step, "idx": indices.tolist()}) + "\n").encode())
-            self._trace.flush()
+            self._trace.record(group.generation, rank, self.step, self.epoch, shares, indices, not finite)
         self.step += 1
         overhead = group.work_s + clock() - update_start
         return StepResult(
