@@ -219,3 +219,55 @@ def test_the_last_member_standing_reporting_an_error_fails_the_run(tmp_path):
     assert c.generation == 1 and c.generation_members == [b] and not c.phase.final
     c.report(Report(worker_id=b, kind="failed", payload={"error": "ZeroDivisionError", "generation": 1}))
     assert c.phase == Phase.FAILED and f"worker {b} failed: ZeroDivisionError" in c.reason
+
+
+# --- generated messages with valid credentials: whatever validates, the controller takes -------------
+
+
+def test_generated_messages_from_real_members_never_raise_in_the_controller(tmp_path):
+    """schemathesis, in process: every generated request speaks for a worker with that worker's own
+    credential (half of them for the generation's members), so everything that validates reaches
+    the controller, which must answer it without a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    c, _ = make_coordinator(tmp_path, 2, cluster__min_workers=1)
+    members = [ready(c, 1), ready(c, 2)]
+    creds = WorkerCredentials(c.run.worker_key())
+    app = build_app(c, "tok", threading.Lock(), 0, None, creds)
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=schema.as_strategy())
+    def run(case):
+        n = sum(seen.values())
+        speak_for = members[n // 2 % 2] if n % 2 == 0 else None
+        if isinstance(case.body, dict) and "worker_id" in case.body:
+            if speak_for:
+                case.body["worker_id"] = speak_for
+            wid = case.body["worker_id"]
+        elif case.query and "worker_id" in case.query:
+            if speak_for:
+                case.query["worker_id"] = speak_for
+            wid = case.query["worker_id"]
+        else:
+            wid = None
+        headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+        if isinstance(wid, str):
+            headers[CREDENTIAL_HEADER] = creds.issue(wid)
+        case.headers = headers
+        r = case.call(app=app, headers=TOKEN)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
+
+    run()
+    assert seen.get(200, 0) > 0
+    c.status()
