@@ -9,7 +9,15 @@ from pathlib import Path
 import httpx
 
 from .errors import LeptonError
-from .protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
+from .protocol import (
+    CREDENTIAL_HEADER,
+    AnyReport,
+    Heartbeat,
+    HeartbeatResponse,
+    PlanResponse,
+    RegisterRequest,
+    RegisterResponse,
+)
 
 
 def read_token(token_file: str | None) -> str:
@@ -38,7 +46,10 @@ class CoordinatorUnreachable(LeptonError):
 
 
 class CoordinatorClient:
-    def __init__(self, url: str, token: str, timeout_s: float = 10.0):
+    """``credential``: the worker's own (``RegisterResponse.credential``); ``register`` stores the one
+    it is issued, and every later call sends it (a heartbeat, plan or report speaks for one worker)."""
+
+    def __init__(self, url: str, token: str, timeout_s: float = 10.0, credential: str | None = None):
         self.url = url.rstrip("/")
         try:
             self._http = httpx.Client(
@@ -46,6 +57,13 @@ class CoordinatorClient:
             )
         except httpx.InvalidURL as e:
             raise LeptonError(f"{url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
+        self.credential: str | None = None
+        if credential:
+            self.use_credential(credential)
+
+    def use_credential(self, credential: str) -> None:
+        self.credential = credential
+        self._http.headers[CREDENTIAL_HEADER] = credential
 
     def _call(self, method: str, path: str, **kw) -> dict:
         try:
@@ -56,6 +74,8 @@ class CoordinatorClient:
             raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
         if r.status_code == 401:
             raise LeptonError(f"the coordinator at {self.url} refused the token (401)")
+        if r.status_code == 403:
+            raise LeptonError(f"the coordinator at {self.url} refused this worker's credential (403)")
         if r.status_code >= 400:
             raise LeptonError(f"coordinator {method} {path}: HTTP {r.status_code}: {r.text[:200]}")
         return r.json()
@@ -67,9 +87,11 @@ class CoordinatorClient:
         delay = 0.1
         while True:
             try:
-                return RegisterResponse.model_validate(
+                reg = RegisterResponse.model_validate(
                     self._call("POST", "/v1/register", json=req.model_dump())
                 )
+                self.use_credential(reg.credential)
+                return reg
             except CoordinatorUnreachable:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -84,7 +106,7 @@ class CoordinatorClient:
             self._call("POST", "/v1/heartbeat", json=hb.model_dump(mode="json"))
         )
 
-    def report(self, r: Report) -> None:
+    def report(self, r: AnyReport) -> None:
         self._call("POST", "/v1/report", json=r.model_dump(mode="json"))
 
     def status(self) -> dict:

@@ -6,9 +6,20 @@ carries any of these.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from dataclasses import fields
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .records import MetricRecord, UnknownRecord, parse_record
+
+# the header that carries a worker's own credential (``RegisterResponse.credential``) on heartbeat,
+# plan and report: a worker speaks only for itself (coordinator/auth.py, ``WorkerCredentials``)
+CREDENTIAL_HEADER = "X-Lepton-Worker-Credential"
+
+Count = Annotated[int, Field(ge=0)]
+Measure = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Share = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a fraction of the global batch
 
 
 class Resources(BaseModel):
@@ -21,13 +32,15 @@ class Resources(BaseModel):
 
 
 class RegisterRequest(BaseModel):
-    host: str
-    pid: int
+    host: str = Field(max_length=256)
+    pid: Count
     resources: Resources = Field(default_factory=Resources)
 
 
 class RegisterResponse(BaseModel):
     worker_id: str
+    # this worker's credential: sent in ``CREDENTIAL_HEADER`` with every later call
+    credential: str
     job: dict[str, Any]
     run_dir: str
     store_port: int
@@ -61,34 +74,40 @@ class PlanResponse(BaseModel):
 class Heartbeat(BaseModel):
     """Also carries who the worker is, so that a restarted coordinator can adopt a running worker."""
 
-    worker_id: str
-    state: str = "training"
-    step: int = 0
-    generation: Optional[int] = None
-    rank: Optional[int] = None
-    world: Optional[int] = None
-    host: str = ""
-    pid: int = 0
-    plan_version: int = 0  # the share plan this worker trains with
-    shares: list[float] = Field(default_factory=list)  # ... its shares, by rank
+    worker_id: str = Field(max_length=128)
+    state: str = Field(default="training", max_length=32)
+    step: Count = 0
+    generation: Optional[Count] = None
+    rank: Optional[Count] = None
+    world: Optional[Annotated[int, Field(ge=1)]] = None
+    host: str = Field(default="", max_length=256)
+    pid: Count = 0
+    plan_version: Count = 0  # the share plan this worker trains with
+    shares: list[Share] = Field(default_factory=list)  # ... its shares, by rank
     resources: Optional[Resources] = None  # as registered
-    samples_per_s: float = 0.0  # compute throughput: excludes time waiting in collectives
+    samples_per_s: Measure = 0.0  # compute throughput: excludes time waiting in collectives
     # medians over the last full window of steps at plan_version (0 until there is one; worker/meter.py):
     # samples computed per step, the step's busy time (processor seconds of the whole step; on a GPU,
     # wall time of compute and update), the part of it spent in the compute window, and the fixed part
     # of that window (a one-sample forward/backward)
-    step_samples: float = 0.0
-    step_busy_s: float = 0.0
-    step_compute_s: float = 0.0
-    step_compute_fixed_s: float = 0.0
+    step_samples: Measure = 0.0
+    step_busy_s: Measure = 0.0
+    step_compute_s: Measure = 0.0
+    step_compute_fixed_s: Measure = 0.0
     # standard errors of the busy and compute medians, from the window's spread (the balancer's
     # confidence in them: balance.pooled)
-    step_busy_err_s: float = 0.0
-    step_compute_err_s: float = 0.0
+    step_busy_err_s: Measure = 0.0
+    step_compute_err_s: Measure = 0.0
     # metrics records queued since the last beat (metrics.jsonl lines): they ride in the heartbeat
     # instead of a request of their own (each request costs ~1 ms of processor time at both ends,
     # taken from training on a host whose cores are all busy); sent as JSON, where a NaN loss is null
     records: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rank_within_world(self) -> "Heartbeat":
+        if self.rank is not None and self.world is not None and self.rank >= self.world:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world}")
+        return self
 
 
 class StepPlan(BaseModel):
@@ -111,12 +130,107 @@ class HeartbeatResponse(BaseModel):
     plan: Optional[StepPlan] = None
 
 
-class Report(BaseModel):
-    """Something a worker tells the coordinator: ``metrics`` (records for metrics.jsonl),
-    ``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``paused`` (left its generation
-    at ``step``; ``reason`` regroup | collective_error | leaving), ``failed`` (an error that is not the
-    cluster's: a bug, bad data; it fails the job)."""
+# --- reports: one typed payload per kind, so a malformed one is refused (422) before the controller ---
 
-    worker_id: str
-    kind: Literal["metrics", "checkpoint", "finished", "paused", "failed"]
-    payload: dict[str, Any] = Field(default_factory=dict)
+
+class MetricsPayload(BaseModel):
+    records: list[dict[str, Any]] = Field(default_factory=list)  # metrics.jsonl lines
+
+
+class CheckpointPayload(BaseModel):
+    step: Count  # the step whose state it holds
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class FinishedPayload(BaseModel):
+    step: Optional[Count] = None  # the last step trained
+    summary: Optional[dict[str, Any]] = None  # rank 0's final metrics (summary.json)
+    generation: Optional[Count] = None  # the generation it finished in
+
+
+class PausedPayload(BaseModel):
+    reason: Literal["regroup", "collective_error", "leaving"]
+    generation: Optional[Count] = None  # the generation it left (none: it leaves between generations)
+    step: Count
+    error: str = ""  # collective_error: what failed
+
+
+class FailedPayload(BaseModel):
+    error: str = Field(min_length=1)
+    trace: str = ""
+    generation: Optional[Count] = None  # the generation it was in, if any
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str = Field(max_length=128)
+
+
+class MetricsReport(_Report):
+    kind: Literal["metrics"]
+    payload: MetricsPayload = Field(default_factory=MetricsPayload)
+
+
+class CheckpointReport(_Report):
+    kind: Literal["checkpoint"]
+    payload: CheckpointPayload
+
+
+class FinishedReport(_Report):
+    kind: Literal["finished"]
+    payload: FinishedPayload = Field(default_factory=FinishedPayload)
+
+
+class PausedReport(_Report):
+    kind: Literal["paused"]
+    payload: PausedPayload
+
+
+class FailedReport(_Report):
+    kind: Literal["failed"]
+    payload: FailedPayload
+
+
+AnyReport = Annotated[
+    Union[MetricsReport, CheckpointReport, FinishedReport, PausedReport, FailedReport],
+    Field(discriminator="kind"),
+]
+"""Something a worker tells the coordinator: ``metrics`` (records for metrics.jsonl),
+``checkpoint`` (a saved checkpoint), ``finished`` (final metrics), ``paused`` (left its generation
+at ``step``; ``reason`` regroup | collective_error | leaving), ``failed`` (an error of its own: a
+bug, bad data, a diverged model). The payload is typed by kind (``POST /v1/report`` answers 422 to a
+malformed one)."""
+
+_REPORT: TypeAdapter[AnyReport] = TypeAdapter(AnyReport)
+
+
+def Report(worker_id: str, kind: str, payload: Optional[dict[str, Any]] = None) -> AnyReport:
+    """A report of ``kind`` with its payload validated (a ``pydantic.ValidationError`` if malformed)."""
+    doc: dict[str, Any] = {"worker_id": worker_id, "kind": kind}
+    if payload is not None:
+        doc["payload"] = payload
+    return _REPORT.validate_python(doc)
+
+
+_ADAPTERS: dict[type, Any] = {}
+
+
+def typed_record(line: Any) -> MetricRecord | None:
+    """``parse_record(line)`` whose fields also have their declared types, or None: metrics.jsonl
+    lines arrive as free-form JSON, and the coordinator acts only on well-typed ones (a line with
+    ``"step": "x"`` is journaled as sent, never acted on)."""
+    if not isinstance(line, dict):
+        return None
+    try:
+        rec = parse_record(line)
+    except (UnknownRecord, TypeError):
+        return None
+    cls = type(rec)
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    try:
+        return adapter.validate_python({f.name: getattr(rec, f.name) for f in fields(rec)})
+    except ValidationError:
+        return None

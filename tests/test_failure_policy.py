@@ -36,11 +36,25 @@ def test_a_collective_error_from_an_old_generation_changes_nothing(tmp_path):
     assert p.collective_error("w0", False).action == Action.NONE
 
 
-def test_a_worker_error_fails_the_run_and_says_who(tmp_path):
+def test_a_worker_error_fails_the_run_only_when_every_member_reports_one(tmp_path):
     p = _policy(tmp_path)
-    d = p.worker_error("w3", "ValueError: boom")
+    # the one member of its generation: the run fails, and says who
+    d = p.worker_error("w3", "ValueError: boom", {"w3": "ValueError: boom"}, ["w3"], True)
     assert d.action == Action.FAIL and d.reason == "worker w3 failed: ValueError: boom"
-    assert p.worker_error("w3", "training diverged at step 7").reason == "training diverged at step 7"
+    # one of two: a lost worker, the generation regroups without it (or nothing, if not running)
+    one = p.worker_error("w3", "ValueError: boom", {"w3": "ValueError: boom"}, ["w1", "w3"], True)
+    assert one.action == Action.REGROUP and "w3" in one.reason
+    assert p.worker_error("w3", "boom", {"w3": "boom"}, ["w1", "w3"], False).action == Action.NONE
+    # both: a deterministic bug fails the run with its error
+    both = p.worker_error(
+        "w1", "KeyError: 'x'", {"w3": "KeyError: 'x'", "w1": "KeyError: 'x'"}, ["w1", "w3"], True
+    )
+    assert both.action == Action.FAIL and "KeyError: 'x'" in both.reason and "2 of 2" in both.reason
+    # a diverged model: every member sees it; the reason is the error as it is
+    div = "training diverged at step 7"
+    assert p.worker_error("w3", div, {"w3": div}, ["w1", "w3"], True).action == Action.REGROUP
+    d = p.worker_error("w1", div, {"w3": div, "w1": div}, ["w1", "w3"], True)
+    assert d.action == Action.FAIL and d.reason == div
 
 
 def test_too_few_workers_waits_until_the_deadline_but_not_while_checkpointing(tmp_path):

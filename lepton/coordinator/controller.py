@@ -25,16 +25,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, cast
 
 from ..protocol import (
+    AnyReport,
+    CheckpointPayload,
+    FinishedPayload,
     Generation,
     Heartbeat,
     HeartbeatResponse,
+    PausedPayload,
     PlanResponse,
     RegisterRequest,
-    Report,
     Resources,
     StepPlan,
+    typed_record,
 )
-from ..records import BestRecord, DecisionRecord, EvalRecord, TrainRecord, UnknownRecord, parse_record
+from ..records import BestRecord, DecisionRecord, EvalRecord, TrainRecord
 from ..spec import JobSpec
 from ..storage.rundir import RunDir
 from . import views
@@ -47,6 +51,9 @@ from .state import ControllerState, MemberState, Phase, Transition
 # Once a generation is broken, a member still marked as training that has been silent this long is
 # taken for dead (heartbeats come every 0.5 s from a thread independent of the training loop).
 SUSPECT_SILENCE_S = 2.0
+
+# keys of an event that a decision record's details may not replace
+_EVENT_KEYS = {"time", "kind", "reason", "step"}
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Controller:
     source_is_checkpoint: bool = True  # the current generation starts from a checkpoint file
     incidents: list[Incident] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    # errors reported by members of the current generation (worker id -> error): FailurePolicy.worker_error
+    generation_errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.state = ControllerState(Phase.WAITING, "waiting for the first workers", self.clock())
@@ -188,25 +197,26 @@ class Controller:
             return PlanResponse(action="run", generation=self._generation_for(m))
         return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
-    def report(self, r: Report) -> None:
+    def report(self, r: AnyReport) -> None:
+        """A worker's report, already validated by kind (protocol.py) and known to come from the
+        worker it names (its credential, server.py). Only a current member's reports about its
+        current generation count; any other is recorded as an event (``report_ignored``)."""
         m = self.members.get(r.worker_id)
         if m is None:
             return
         if m.state.gone and r.kind in ("paused", "finished", "failed"):
             return  # it was told to exit: taking it back would count a dead worker as alive
         m.last_seen = self.clock()
-        p = r.payload
         if r.kind == "metrics":
-            self._take_metrics(p.get("records", []))
+            self._take_metrics(r.payload.records)
         elif r.kind == "checkpoint":
-            self._on_checkpoint(m, p)
+            self._on_checkpoint(m, r.payload)
         elif r.kind == "finished":
-            self._on_finished(m, p)
+            self._on_finished(m, r.payload)
         elif r.kind == "paused":
-            self._on_paused(m, p)
+            self._on_paused(m, r.payload)
         elif r.kind == "failed":
-            self._set_member_state(m, MemberState.LOST, "reported an error")
-            self._carry_out(self.failures.worker_error(r.worker_id, p.get("error", "unknown error")))
+            self._on_failed(m, r.payload.error, r.payload.generation)
 
     def tick(self) -> None:
         """Time passes: silent members are lost; a wait for workers may reach its deadline."""
@@ -294,9 +304,13 @@ class Controller:
             hb.generation is not None
             and hb.generation == self.previous_generation
             and hb.rank is not None
+            and hb.world is not None  # the protocol keeps rank < world
             and hb.state == MemberState.TRAINING
             and self.phase in (Phase.WAITING, Phase.RUNNING)
             and self.generation in (None, hb.generation)
+            # a second adoptee trains in the same generation as the first: the same world, a free rank
+            and (self.generation is None or hb.world == self.planner.world)
+            and all(self.members[w].rank != hb.rank for w in self.generation_members)
         )
 
     def _adopt(self, hb: Heartbeat) -> Member:
@@ -374,10 +388,7 @@ class Controller:
         for obs in self.observers or ():
             obs.on_records(lines)
         for line in lines:
-            try:
-                rec = parse_record(line)
-            except (UnknownRecord, TypeError):
-                continue
+            rec = typed_record(line)  # None: journaled as sent, not acted on
             if isinstance(rec, TrainRecord):
                 self.step = max(self.step, rec.step)
                 self.loss, self.samples_per_s = rec.loss, rec.samples_per_s
@@ -390,27 +401,54 @@ class Controller:
                     metric=rec.metric,
                 )
             elif isinstance(rec, DecisionRecord):  # a policy's decision, taken on every worker
-                self._event(rec.decision, rec.reason, step=rec.step, **rec.details)
+                details = {k: v for k, v in rec.details.items() if k not in _EVENT_KEYS}
+                self._event(rec.decision, rec.reason, step=rec.step, **details)
             elif isinstance(rec, EvalRecord):  # after an evaluation: a re-plan point too
                 self._maybe_replan()
         self._persist(progress=True)
 
-    def _on_checkpoint(self, m: Member, p: dict) -> None:
-        if not self.latest_checkpoint or p["step"] >= self.latest_checkpoint["step"]:
-            self.latest_checkpoint = {"step": p["step"], "path": p["path"]}
-        self._event("checkpoint", f"checkpoint at step {p['step']} by {m.worker_id}", **p)
+    def _ignored(self, m: Member, kind: str, why: str, **details: Any) -> None:
+        self._event(
+            "report_ignored", f"{kind} from {m.worker_id} ignored: {why}", worker=m.worker_id, **details
+        )
+
+    def _member_of_generation(self, m: Member, generation: Optional[int]) -> bool:
+        """``m`` is in the current generation and the report is about it (or names none)."""
+        return (
+            self.generation is not None
+            and m.worker_id in self.generation_members
+            and m.generation == self.generation
+            and generation in (None, self.generation)
+        )
+
+    def _on_checkpoint(self, m: Member, p: CheckpointPayload) -> None:
+        # written by rank 0 of the current generation, or by the worker asked for the live state
+        if not (self.checkpoint_from == m.worker_id or self._member_of_generation(m, None)):
+            self._ignored(m, "checkpoint", "not a member of the current generation", step=p.step)
+            return
+        if not self.latest_checkpoint or p.step >= self.latest_checkpoint["step"]:
+            self.latest_checkpoint = {"step": p.step, "path": p.path}
+        self._event("checkpoint", f"checkpoint at step {p.step} by {m.worker_id}", step=p.step, path=p.path)
         # a background checkpoint of an earlier step can land after the request: only one of the
         # live state (the step the worker paused at) fulfils it
-        if self.checkpoint_from == m.worker_id and p["step"] >= m.step:
+        if self.checkpoint_from == m.worker_id and p.step >= m.step:
             self.checkpoint_from = None
         self._persist()
         self._advance()
 
-    def _on_finished(self, m: Member, p: dict) -> None:
+    def _on_finished(self, m: Member, p: FinishedPayload) -> None:
+        if not self._member_of_generation(m, p.generation) or m.state not in (
+            MemberState.TRAINING,
+            MemberState.PAUSED,
+            MemberState.FINISHED,
+        ):
+            self._ignored(m, "finished", "not a member of the current generation", generation=p.generation)
+            return
         self._set_member_state(m, MemberState.FINISHED, "completed the run")
-        m.step = p.get("step", m.step)
-        if p.get("summary"):
-            self.summary = p["summary"]
+        if p.step is not None:
+            m.step = p.step
+        if p.summary:
+            self.summary = p.summary
         # rank 0's summary comes after the final evaluation, a collective every rank took part in,
         # and after the model was written: once no member is still training the job is done, even
         # if a regroup (a stop, a join, a loss) began meanwhile and made the members that had
@@ -425,27 +463,74 @@ class Controller:
         else:
             self._advance()
 
-    def _on_paused(self, m: Member, p: dict) -> None:
-        why = p.get("reason", "regroup")
-        m.step = p.get("step", m.step)
+    def _on_paused(self, m: Member, p: PausedPayload) -> None:
+        why = p.reason
+        if why == "leaving" and p.generation is None and m.state != MemberState.TRAINING:
+            pass  # it leaves between generations (standby, paused, joining): its own state only
+        elif not self._member_of_generation(m, p.generation) or m.state not in (
+            MemberState.TRAINING,
+            MemberState.PAUSED,
+        ):
+            # a pause about an older generation, or from a worker that is not in this one
+            self._ignored(m, "paused", "not about the current generation", generation=p.generation)
+            return
+        m.step = p.step
         if why == "leaving":
             self._set_member_state(m, MemberState.LEFT, "left gracefully")
             self._event("worker_left", f"{m.worker_id} left gracefully at step {m.step}", worker=m.worker_id)
         else:
             self._set_member_state(m, MemberState.PAUSED, f"paused: {why}")
         if why == "collective_error":
-            current = self.phase == Phase.RUNNING and p.get("generation") == self.generation
-            error = str(p.get("error", ""))
+            current = self.phase == Phase.RUNNING and p.generation == self.generation
+            error = p.error
             decision = self.failures.collective_error(m.worker_id, current)
             if decision.action == Action.REGROUP:
-                self._open_incident(f"collective error reported by {m.worker_id}: {p.get('error', '')}")
+                self._open_incident(f"collective error reported by {m.worker_id}: {error}")
                 self._regroup(
                     f"a collective failed in generation {self.generation}",
                     worker=m.worker_id,
                     error=error[:300],
                 )
-        elif why == "leaving" and self.phase == Phase.RUNNING:
+        elif why == "leaving" and self.phase == Phase.RUNNING and m.worker_id in self.generation_members:
             self._regroup(f"worker {m.worker_id} left")
+        self._advance()
+
+    def _on_failed(self, m: Member, error: str, generation: Optional[int]) -> None:
+        """A worker reports an error of its own and exits: it is lost. What that means for the run is
+        the policy's (``FailurePolicy.worker_error``): a member of the current generation counts
+        towards "every member failed"; anyone else's error changes nothing beyond its own loss."""
+        member = self._member_of_generation(m, generation) and m.state in (
+            MemberState.TRAINING,
+            MemberState.PAUSED,
+            MemberState.FINISHED,
+        )
+        if member:
+            self.generation_errors[m.worker_id] = error
+        running = member and self.phase == Phase.RUNNING
+        self._set_member_state(m, MemberState.LOST, "reported an error")
+        if self.checkpoint_from == m.worker_id:
+            self.checkpoint_from = None
+        self._event(
+            "worker_error", f"{m.worker_id} reported an error: {error[:300]}", worker=m.worker_id, step=m.step
+        )
+        decision = self.failures.worker_error(
+            m.worker_id,
+            error,
+            dict(self.generation_errors) if member else {m.worker_id: error},
+            # the members that could still report: a member gone for another cause (killed, silent,
+            # left) no longer counts towards "every member"
+            [
+                w
+                for w in self.generation_members
+                if w in self.generation_errors or not self.members[w].state.gone
+            ]
+            if member
+            else [m.worker_id],
+            in_running_generation=running,
+        )
+        if decision.action == Action.REGROUP:
+            self._open_incident(f"{m.worker_id}: reported an error")
+        self._carry_out(decision, worker=m.worker_id)
         self._advance()
 
     def _lose(self, m: Member, how: str) -> None:
@@ -545,6 +630,7 @@ class Controller:
         last = self.generation if self.generation is not None else self.previous_generation
         self.generation = 0 if last is None else last + 1
         self.generation_members = [m.worker_id for m in chosen]
+        self.generation_errors = {}
         # the state comes from the most advanced live replica, or from the checkpoint if none is left
         self.source_is_checkpoint = source is None
         if source is not None:
@@ -579,6 +665,7 @@ class Controller:
         summary = dict(self.summary or {})
         self.ended_at = self.clock()
         wall = self.ended_at - (self.started_at if self.started_at is not None else self.ended_at)
+        steps = summary.get("steps")
         summary.update(
             status="completed",
             workers=len(self.generation_members),
@@ -586,7 +673,8 @@ class Controller:
             members=self._member_costs(),
         )
         self.summary = summary
-        self.step = summary.get("steps", self.step)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0:
+            self.step = steps
         for obs in self.observers or ():
             obs.on_summary(summary)
         self._end(Phase.COMPLETED, f"training completed at step {self.step}")

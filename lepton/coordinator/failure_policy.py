@@ -11,7 +11,16 @@ of them is the source of the next generation's state, so a loss costs no checkpo
 
 - a member of the running generation lost (exited, silent, a collective failed) → ``REGROUP``;
   anyone else lost (standby, joining, a generation already regrouping) → ``NONE``;
-- a worker reporting an error of its own → ``FAIL`` (a diverged model fails the run by design);
+- a worker reporting an error of its own (``worker_error``): the error is the run's only when every
+  member of the generation reports one. Each member's error is counted; once every member still
+  there has reported one (a diverged model, which every member sees at the same step because the
+  loss is reduced; a deterministic bug in user code; bad data every rank reads) → ``FAIL`` with that
+  error ("training diverged ..." as it is; otherwise ``worker W failed: E``, and how many members
+  reported it). Until then the reporter is a lost worker: → ``REGROUP`` while its generation runs (the
+  others go on without it; ``lepton train`` with ``cluster.restart_failed`` may restart it), ``NONE``
+  otherwise (a regroup is under way, or it was not in the generation). A one-member generation's
+  error therefore fails the run at once, and no single member's report (a buggy or outdated worker)
+  ends a run that others are training;
 - fewer live workers than needed → ``WAIT``, until ``cluster.wait_for_workers_s`` has passed → ``FAIL``;
 - a local worker process exiting non-zero under ``cluster.restart_failed`` → ``RESTART_LOCAL`` while
   restarts remain (``cluster.max_restarts``); every local worker gone → ``FAIL``.
@@ -56,11 +65,37 @@ class FailurePolicy:
             return FailureDecision(Action.REGROUP, "a collective failed")
         return FailureDecision(Action.NONE, f"collective error from {worker_id} after its generation ended")
 
-    def worker_error(self, worker_id: str, error: str) -> FailureDecision:
-        """A worker reports an error of its own (an exception in its training loop)."""
-        if error.startswith("training diverged"):
-            return FailureDecision(Action.FAIL, error)
-        return FailureDecision(Action.FAIL, f"worker {worker_id} failed: {error}")
+    def worker_error(
+        self,
+        worker_id: str,
+        error: str,
+        errors: dict[str, str],
+        members: list[str],
+        in_running_generation: bool,
+    ) -> FailureDecision:
+        """A worker reports an error of its own (an exception in its training loop) and exits.
+        ``errors``: the errors reported so far by members of its generation, this one included
+        (worker id → error); ``members``: the generation's members that could still report (those
+        not gone for another cause); ``in_running_generation``: it was a member of the generation
+        that is running. ``FAIL`` once every member has reported an error, else the reporter is a
+        lost worker: ``REGROUP`` in a running generation, ``NONE`` otherwise."""
+        if members and all(w in errors for w in members):
+            first = errors.get(members[0], error)
+            if first.startswith("training diverged"):
+                return FailureDecision(Action.FAIL, first)
+            same = sum(1 for w in members if errors[w] == first)
+            who = members[0]
+            if len(members) == 1:
+                return FailureDecision(Action.FAIL, f"worker {who} failed: {first}")
+            return FailureDecision(
+                Action.FAIL,
+                f"every worker failed ({same} of {len(members)} with the same error); worker {who}: {first}",
+            )
+        if in_running_generation:
+            return FailureDecision(Action.REGROUP, f"worker {worker_id} lost: it reported an error: {error}")
+        return FailureDecision(
+            Action.NONE, f"worker {worker_id} reported an error outside a running generation"
+        )
 
     def too_few_workers(
         self, alive: int, waited_s: float, checkpoint_step: int, checkpointing: bool

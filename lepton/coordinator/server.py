@@ -1,6 +1,9 @@
 """The coordinator's network face: the HTTP control API (FastAPI/uvicorn) and the TCPStore.
 
-Every endpoint except ``GET /healthz`` requires ``Authorization: Bearer <token>`` (invariant 6).
+Every endpoint except ``GET /healthz`` (and ``GET /``, a redirect to the dashboard) requires
+``Authorization: Bearer <token>`` (invariant 6); heartbeat, plan and report also require the
+credential of the worker they speak for (auth.py, ``WorkerCredentials``: a 403 otherwise). Every
+message is validated by kind (protocol.py): a malformed one is a 422 and never reaches the controller.
 The TCPStore and gloo have no authentication of their own (PyTorch's security model): the store is
 bound to the same interface as the HTTP API, so bind both to the cluster's private interface.
 All calls into the controller hold one lock; the controller itself never blocks.
@@ -13,13 +16,23 @@ import logging
 import socket
 import threading
 import time
+from typing import Optional
 
 import torch.distributed as dist
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import RedirectResponse
 
-from ..protocol import Heartbeat, HeartbeatResponse, PlanResponse, RegisterRequest, RegisterResponse, Report
-from .auth import bearer_dependency
+from ..protocol import (
+    CREDENTIAL_HEADER,
+    AnyReport,
+    Heartbeat,
+    HeartbeatResponse,
+    PlanResponse,
+    RegisterRequest,
+    RegisterResponse,
+)
+from .auth import WorkerCredentials, bearer_dependency, not_this_worker
 from .controller import Controller
 from .dashboard import add_dashboard_routes
 
@@ -29,10 +42,18 @@ BEATS_PER_TIMEOUT = 8
 
 
 def build_app(
-    coord: Controller, token: str, lock: threading.Lock, store_port: int, factory_pickle: str | None
+    coord: Controller,
+    token: str,
+    lock: threading.Lock,
+    store_port: int,
+    factory_pickle: str | None,
+    credentials: WorkerCredentials | None = None,
 ) -> FastAPI:
-    # no OpenAPI schema or docs pages: they would answer without the token (and list every route)
+    """``credentials``: default, from the run directory's key (``RunDir.worker_key``)."""
+    # no OpenAPI schema or docs pages: they would answer without the token (and list every route);
+    # the tests build the schema from the app (``app.openapi()``) and fuzz the live server with it
     app = FastAPI(title="Lepton coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+    creds = credentials or WorkerCredentials(coord.run.worker_key())
 
     # async: FastAPI runs a plain ``def`` dependency or endpoint on a thread of its pool, which costs
     # ~0.3 ms of processor time per request (measured: 0.70 ms per heartbeat with threads, 0.45 without)
@@ -42,9 +63,18 @@ def build_app(
     # ones (register, status, the dashboard) stay on the pool.
     auth = bearer_dependency(token)  # async (auth.py)
 
+    def check_worker(worker_id: str, credential: Optional[str]) -> None:
+        if not creds.verify(worker_id, credential):
+            raise not_this_worker(worker_id)
+
     @app.get("/healthz")
     def healthz() -> dict:
         return {"ok": True}
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        # no secret in the redirect: the dashboard asks for the token (or has its cookie)
+        return RedirectResponse("/dashboard", status_code=307)
 
     @app.post("/v1/register", dependencies=[Depends(auth)])
     def register(req: RegisterRequest) -> RegisterResponse:
@@ -53,6 +83,7 @@ def build_app(
             job = coord.job.to_yaml_dict()
         return RegisterResponse(
             worker_id=wid,
+            credential=creds.issue(wid),
             job=job,
             run_dir=str(coord.run.root),
             store_port=store_port,
@@ -63,12 +94,19 @@ def build_app(
         )
 
     @app.post("/v1/heartbeat", dependencies=[Depends(auth)])
-    async def heartbeat(hb: Heartbeat) -> HeartbeatResponse:
+    async def heartbeat(
+        hb: Heartbeat, credential: Optional[str] = Header(default=None, alias=CREDENTIAL_HEADER)
+    ) -> HeartbeatResponse:
+        check_worker(hb.worker_id, credential)
         with lock:
             return coord.heartbeat(hb)
 
     @app.get("/v1/plan", dependencies=[Depends(auth)])
-    async def plan(worker_id: str) -> PlanResponse:
+    async def plan(
+        worker_id: str = Query(max_length=128),
+        credential: Optional[str] = Header(default=None, alias=CREDENTIAL_HEADER),
+    ) -> PlanResponse:
+        check_worker(worker_id, credential)
         with lock:
             reply = coord.plan(worker_id)
         if reply.generation is not None:
@@ -76,7 +114,10 @@ def build_app(
         return reply
 
     @app.post("/v1/report", dependencies=[Depends(auth)])
-    async def report(r: Report) -> dict:
+    async def report(
+        r: AnyReport, credential: Optional[str] = Header(default=None, alias=CREDENTIAL_HEADER)
+    ) -> dict:
+        check_worker(r.worker_id, credential)
         with lock:
             coord.report(r)
         return {"ok": True}

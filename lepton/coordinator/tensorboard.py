@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..records import EvalRecord, TrainRecord, UnknownRecord, parse_record
+from ..protocol import typed_record
+from ..records import EvalRecord, TrainRecord
 
 
 class TensorBoardSink:
@@ -22,10 +23,7 @@ class TensorBoardSink:
     def record(self, line: dict) -> None:
         if self.writer is None:
             return
-        try:
-            rec = parse_record(line)
-        except (UnknownRecord, TypeError):
-            return
+        rec = typed_record(line)
         if isinstance(rec, TrainRecord):
             prefix, values = "train", {"loss": rec.loss, "samples_per_s": rec.samples_per_s, "lr": rec.lr}
         elif isinstance(rec, EvalRecord):

@@ -45,6 +45,7 @@ EVENTS_JSONL = "events.jsonl"
 METRICS_JSONL = "metrics.jsonl"
 SUMMARY_JSON = "summary.json"
 TOKEN = "token"
+WORKER_KEY = "worker_key"  # the coordinator's key for per-worker credentials (auth.py)
 FACTORY_PICKLE = "model_factory.pkl"
 DATA_FROM = "data_from"
 INIT_WEIGHTS = "init_weights.safetensors"
@@ -317,6 +318,20 @@ class RunDir:
         token = token or new_token()
         self.storage.write(TOKEN, (token + "\n").encode(), mode=0o600)
         return token
+
+    def worker_key(self) -> bytes:
+        """The coordinator's key for per-worker credentials in ``worker_key`` (mode 0600): the
+        existing one on resume (a restarted coordinator still verifies the workers it adopts), else a
+        fresh random one. Unlike the token it never leaves the coordinator."""
+        try:
+            key = self.storage.read(WORKER_KEY).strip()
+            if key:
+                return key
+        except FileNotFoundError:
+            pass
+        key = new_token().encode()
+        self.storage.write(WORKER_KEY, key + b"\n", mode=0o600)
+        return key
 
 
 class RunLock:

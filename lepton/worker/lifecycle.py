@@ -158,7 +158,9 @@ class Worker:
         reg = client.register(request, wait_s=connect_timeout_s)
         # heartbeats start now; the coordinator counts this worker as available from its first plan
         # request, i.e. once the model and data below are ready
-        reporter = Reporter(CoordinatorClient(url, token), reg.worker_id, reg.heartbeat_interval_s)
+        reporter = Reporter(
+            CoordinatorClient(url, token, credential=reg.credential), reg.worker_id, reg.heartbeat_interval_s
+        )
         # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
         reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
         reporter.start()
@@ -210,7 +212,7 @@ class Worker:
         try:
             while not self.reporter.exit_requested.is_set():
                 if self.leaving:
-                    self._send("paused", {"reason": "leaving", "step": self.trainer.step})
+                    self._send("paused", {"reason": "leaving", "generation": None, "step": self.trainer.step})
                     break
                 plan = self._control(self.client.plan, self.worker_id)
                 if plan.action == "exit":
@@ -227,10 +229,13 @@ class Worker:
         except LeptonError:
             raise  # the coordinator is gone: nobody to tell
         except (Diverged, CheckpointUnreadable) as e:  # a clear cause: report it, no traceback
-            self._send("failed", {"error": str(e)})
+            self._send("failed", {"error": str(e) or type(e).__name__, "generation": self.generation})
             return 1
         except Exception as e:
-            self._send("failed", {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+            error = f"{type(e).__name__}: {e}"
+            self._send(
+                "failed", {"error": error, "trace": traceback.format_exc(), "generation": self.generation}
+            )
             raise
         finally:
             self.reporter.close()
@@ -277,7 +282,7 @@ class Worker:
             self._send("paused", {"reason": why, "generation": gen.id, "step": self.trainer.step})
             return GenerationOutcome.LEFT if self.leaving else GenerationOutcome.PAUSED
         self.reporter.update(state="finished", step=self.trainer.step)
-        self._send("finished", {"summary": summary, "step": self.trainer.step})
+        self._send("finished", {"summary": summary, "step": self.trainer.step, "generation": gen.id})
         return GenerationOutcome.FINISHED
 
     def _control(self, fn, *args):
