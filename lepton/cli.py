@@ -17,6 +17,7 @@ from .errors import LeptonError
 from .export.cli import add_export_commands
 from .export.report import print_report
 from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
+from .launch.run import StartNotices
 from .predict import check_output
 from .runs import add_runs_command
 from .spec import as_job
@@ -140,17 +141,16 @@ def cmd_coordinator(a) -> int:
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
-    print(
-        f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
-        f" --token-file {opened.run.token_file}",
-        flush=True,
-    )
+    notices = StartNotices(f"lepton worker --coordinator {server.url} --token-file {opened.run.token_file}")
     policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
 
         def on_poll(_status) -> None:
             with server.lock:
                 policy.apply(interrupts.count, server.coord)
+                line = notices.line(server.coord)
+            if line:
+                print(line, flush=True)
 
         server.wait(on_poll=on_poll)
     server.stop(linger_s=1.0)  # remote workers hear 'exit' on their next poll
