@@ -119,8 +119,9 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
     if status == "completed":
         out.print(summary_table(summary, str(run_dir)))
         return 0
-    console.print(f"[red]run {status}[/red]: {reason}", highlight=False)
-    console.print(f"resume with: {resume}", highlight=False)
+    # soft_wrap: the reason stays one line (a file path in it must not be cut) at any console width
+    console.print(f"[red]run {status}[/red]: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"resume with: {resume}", highlight=False, soft_wrap=True)
     return EXIT_INTERRUPTED if status == "stopped" else EXIT_FAILED
 
 

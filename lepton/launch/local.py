@@ -61,7 +61,7 @@ class LocalWorkers:
 
     def spawn(self) -> None:
         """Start one more worker (also used to restart a failed one)."""
-        env = self.env
+        env = {**self.env, "LEPTON_LOCAL_INDEX": str(len(self.procs))}  # worker-K (fault injection)
         if self.gpus:  # one GPU per local worker, round robin
             env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[len(self.procs) % len(self.gpus)]}
         p = subprocess.Popen(

@@ -11,9 +11,10 @@ well-defined points:
   ``start`` (before registering: a worker that fails at start-up), ``registered`` (right after
   registering, before the model and data load: a worker lost while it joins), ``broadcast`` (as a
   generation's state broadcast starts, with ``step`` the step it starts from);
-- ``rank``: the rank in the current generation (``*``, the default, for all); ``step``: omit to
-  apply at every step; ``crash``/``kill``/``hang`` fire only in generation 0 (so the survivors that
-  redo the step are not hit again) unless ``always=1``.
+- ``rank``: the rank in the current generation (``*``, the default, for all; at ``start`` and
+  ``registered``, before any generation, K of ``lepton train``'s worker-K, so a restart is not
+  hit); ``step``: omit to apply at every step; ``crash``/``kill``/``hang`` fire only in
+  generation 0 (so the survivors that redo the step are not hit again) unless ``always=1``.
 Example: ``kill:rank=1:step=5;slow:rank=2:seconds=0.01``.
 """
 

@@ -161,7 +161,9 @@ class Worker:
         connect_timeout_s: float = 120.0,
     ) -> Worker:
         faults = FaultInjector()
-        faults.fire("start")
+        # before a generation a worker has no rank: these points match a local worker's index K instead
+        local_index = int(os.environ.get("LEPTON_LOCAL_INDEX", "-1"))
+        faults.fire("start", local_index)
         if os.environ.get("LEPTON_LOCAL_WORKER") == "1":  # Ctrl-C is the launcher's (_install_signals)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         # until serve() installs its handlers SIGTERM (and a remote worker's SIGINT) end the process
@@ -179,7 +181,7 @@ class Worker:
         # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
         reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
         reporter.start()
-        faults.fire("registered")  # registered, not yet ready (the model and data load next)
+        faults.fire("registered", local_index)  # registered, not yet ready (the model and data load next)
         job = parse_job(reg.job, source="job from coordinator")
         run = RunDir(reg.run_dir)
         factory = None
