@@ -214,10 +214,11 @@ class LocalSupervisor:
                     self.local.spawn()
                     coord.note("worker_restarted", decision.reason, worker=f"worker-{k}")
                 elif coord.started_at is None:  # the first generation waits for no ghost
+                    why = f"; {decision.reason}" if self.policy.cluster.restart_failed else ""
                     coord.workers_left(
                         self.local.running(),
                         f"worker-{k} exited with code {code} before training started"
-                        f" (log: {self.local.log_name(k)})",
+                        f" (log: {self.local.log_name(k)}){why}",
                     )
             if self.local.all_exited() and not coord.phase.final:
                 coord.fail(self.policy.no_local_workers(self.restarts).reason)
