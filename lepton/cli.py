@@ -17,6 +17,7 @@ from .errors import LeptonError
 from .export.cli import add_export_commands
 from .export.report import print_report
 from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
+from .launch.run import StartNotices
 from .predict import check_output
 from .runs import add_runs_command
 from .spec import as_job
@@ -118,8 +119,9 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
     if status == "completed":
         out.print(summary_table(summary, str(run_dir)))
         return 0
-    console.print(f"[red]run {status}[/red]: {reason}", highlight=False)
-    console.print(f"resume with: {resume}", highlight=False)
+    # soft_wrap: the reason stays one line (a file path in it must not be cut) at any console width
+    console.print(f"[red]run {status}[/red]: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"resume with: {resume}", highlight=False, soft_wrap=True)
     return EXIT_INTERRUPTED if status == "stopped" else EXIT_FAILED
 
 
@@ -140,17 +142,16 @@ def cmd_coordinator(a) -> int:
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
-    print(
-        f"waiting for {opened.job.cluster.workers} workers: lepton worker --coordinator {server.url}"
-        f" --token-file {opened.run.token_file}",
-        flush=True,
-    )
+    notices = StartNotices(f"lepton worker --coordinator {server.url} --token-file {opened.run.token_file}")
     policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
 
         def on_poll(_status) -> None:
             with server.lock:
                 policy.apply(interrupts.count, server.coord)
+                line = notices.line(server.coord)
+            if line:
+                print(line, flush=True)
 
         server.wait(on_poll=on_poll)
     server.stop(linger_s=1.0)  # remote workers hear 'exit' on their next poll

@@ -235,6 +235,15 @@ class ClusterSpec(_Strict):
     collective_timeout_s: float = Field(30.0, gt=0, description="longest wait inside one collective")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is lost")
     wait_for_workers_s: float = Field(300.0, gt=0, description="how long to wait below min_workers")
+    start_grace_s: float = Field(
+        120.0,
+        gt=0,
+        description="after this long waiting for the first `workers`, training starts with the ready"
+        " ones if they are at least min_workers",
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="the run fails if training has not started this long after the coordinator"
+    )
     coordinator_timeout_s: float = Field(
         120.0, gt=0, description="how long workers ride out a lost coordinator"
     )

@@ -500,3 +500,63 @@ def test_machine_records_policy_decisions_and_best_as_events(tmp_path):
     ev = [e for e in c.events if e["kind"] in ("best", "lr", "early_stop")]
     assert [(e["kind"], e["step"]) for e in ev] == [("best", 14), ("lr", 28), ("early_stop", 42)]
     assert ev[1]["lr"] == 0.005 and "not improved" in ev[1]["reason"]
+
+
+def test_first_generation_waits_for_no_worker_that_died_before_registering(tmp_path):
+    """``lepton train``'s supervisor saw worker-2 exit unregistered: the first generation forms from
+    the other two at once, and says why."""
+    c, clock = make_coordinator(tmp_path, 3, cluster__workers=3, cluster__min_workers=2)
+    ready(c, 1), ready(c, 2)
+    assert c.phase == Phase.WAITING
+    c.workers_left(2, "worker-2 exited with code -9 before training started (log: L)")
+    assert c.phase == Phase.RUNNING and len(c.generation_members) == 2
+    gen = [e for e in c.events if e["kind"] == "generation"][0]
+    assert "worker-2 exited with code -9" in gen["started_because"]
+
+
+def test_first_generation_fails_with_one_line_when_too_few_can_come(tmp_path):
+    c, clock = make_coordinator(tmp_path, 3, cluster__workers=3, cluster__min_workers=3)
+    ready(c, 1), ready(c, 2)
+    lost = "worker-2 exited with code 17 before training started (log: RUN/logs/worker-2.log)"
+    c.workers_left(2, lost)
+    assert c.phase == Phase.FAILED and lost in c.reason and "\n" not in c.reason
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["status"] == "failed" and lost in state["reason"]
+
+
+def test_start_grace_then_start_timeout_on_the_fake_clock(tmp_path):
+    c, clock = make_coordinator(
+        tmp_path,
+        3,
+        cluster__workers=3,
+        cluster__start_grace_s=30,
+        cluster__start_timeout_s=100,
+        cluster__heartbeat_timeout_s=1000,  # no beats from these fake workers
+    )
+    ready(c, 1)
+    clock.t = 29.0
+    c.tick()
+    assert c.phase == Phase.WAITING
+    clock.t = 30.5
+    c.tick()  # grace over, 1 >= min_workers (1): start with the one that is there
+    assert c.phase == Phase.RUNNING and len(c.generation_members) == 1
+    assert (
+        "cluster.start_grace_s=30" in [e for e in c.events if e["kind"] == "generation"][0]["started_because"]
+    )
+
+    d, clock = make_coordinator(
+        tmp_path / "b",
+        2,
+        cluster__min_workers=2,
+        cluster__start_timeout_s=100,
+        cluster__heartbeat_timeout_s=1000,
+    )
+    ready(d, 1)
+    clock.t = 99.0
+    d.tick()
+    assert d.phase == Phase.WAITING and d.plan(next(iter(d.members))).action == "wait"
+    clock.t = 100.5
+    d.tick()
+    assert d.phase == Phase.FAILED and "cluster.start_timeout_s=100" in d.reason
+    assert [e["kind"] for e in d.events][-1] == "failed"
+    assert d.plan(next(iter(d.members))).action == "exit"

@@ -162,3 +162,31 @@ def test_the_phase_has_one_writer():
                                 if isinstance(el.value, ast.Name) and el.value.id == "self":
                                     writers.add(fn.name)
     assert writers == {"__post_init__", "_transition"}
+
+
+def test_start_up_waits_for_the_workers_that_can_still_come(tmp_path):
+    p = _policy(tmp_path, workers=3, min_workers=2, start_grace_s=60, start_timeout_s=600)
+    assert p.start_up(2, 3, 10.0).action == Action.WAIT  # any worker may still come
+    assert p.start_up(3, 3, 10.0).action == Action.START
+    lost = "worker-1 exited with code -9 before training started (log: r/logs/worker-1.log)"
+    d = p.start_up(2, 3, 10.0, can_come=2, lost=lost)
+    assert d.action == Action.START and lost in d.reason  # the dead one is not waited for
+    assert p.start_up(1, 3, 10.0, can_come=2, lost=lost).action == Action.WAIT  # the other still loads
+
+
+def test_start_up_fails_at_once_when_too_few_can_come(tmp_path):
+    p = _policy(tmp_path, workers=3, min_workers=2)
+    lost = "worker-1 exited with code 17 before training started (log: r/logs/worker-1.log)"
+    d = p.start_up(1, 3, 1.0, can_come=1, lost=lost)
+    assert d.action == Action.FAIL and "\n" not in d.reason
+    assert lost in d.reason and "cluster.min_workers=2" in d.reason
+
+
+def test_start_up_grace_period_then_deadline(tmp_path):
+    p = _policy(tmp_path, workers=3, min_workers=2, start_grace_s=60, start_timeout_s=600)
+    assert p.start_up(2, 3, 59.0).action == Action.WAIT
+    d = p.start_up(2, 3, 60.0)
+    assert d.action == Action.START and "cluster.start_grace_s=60" in d.reason
+    assert p.start_up(1, 3, 599.0).action == Action.WAIT  # below min_workers: the grace rule waits
+    d = p.start_up(1, 3, 600.0)
+    assert d.action == Action.FAIL and "cluster.start_timeout_s=600" in d.reason and "1 of 3" in d.reason

@@ -209,7 +209,7 @@ def test_a_comm_error_on_one_rank_pauses_every_rank_at_the_step_reached(tmp_path
     assert outcomes == [GenerationOutcome.PAUSED] * 2
     assert [w.trainer.step for w in workers] == [3, 3]
     paused = [r.payload for r in client.reports if r.kind == "paused"]
-    assert [(p["reason"], p["step"]) for p in paused] == [("collective_error", 3)] * 2
+    assert [(p.reason, p.step) for p in paused] == [("collective_error", 3)] * 2
 
 
 def test_a_regroup_vote_on_one_rank_pauses_every_rank_after_the_same_step(tmp_path):
@@ -221,7 +221,7 @@ def test_a_regroup_vote_on_one_rank_pauses_every_rank_after_the_same_step(tmp_pa
     outcomes = _in_threads(lambda rank: workers[rank]._run_generation(_generation(rank, 2)), 2)
     assert outcomes == [GenerationOutcome.PAUSED] * 2
     assert [w.trainer.step for w in workers] == [1, 1]
-    assert sorted(r.payload["reason"] for r in client.reports if r.kind == "paused") == ["regroup"] * 2
+    assert sorted(r.payload.reason for r in client.reports if r.kind == "paused") == ["regroup"] * 2
 
 
 def test_train_steps_returns_finished_and_rank_0_writes_typed_records(tmp_path):

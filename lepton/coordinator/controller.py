@@ -88,9 +88,14 @@ class Controller:
     events: list[dict] = field(default_factory=list)
     # errors reported by members of the current generation (worker id -> error): FailurePolicy.worker_error
     generation_errors: dict[str, str] = field(default_factory=dict)
+    # before the first generation, where a launcher knows: how many workers can still come, and why
+    # the others cannot (``workers_left``); None: any number may
+    can_come: Optional[int] = None
+    lost_at_start: str = ""
 
     def __post_init__(self) -> None:
-        self.state = ControllerState(Phase.WAITING, "waiting for the first workers", self.clock())
+        self.opened_at = self.clock()  # cluster.start_grace_s and start_timeout_s count from here
+        self.state = ControllerState(Phase.WAITING, "waiting for the first workers", self.opened_at)
         if self.observers is None:
             self.observers = run_journal(self.run, self.clock)
         self.planner = SharePlanner(self.job, self.share_policy)
@@ -248,12 +253,22 @@ class Controller:
             )
             if decision.action == Action.FAIL:
                 self._carry_out(decision)
+        elif self.phase == Phase.WAITING and self.started_at is None:
+            self._advance()  # the start-up grace period or deadline may have passed
 
     def process_exited(self, pid: int, code: int) -> None:
         """A locally supervised worker process ended."""
         for m in self.members.values():
             if m.pid == pid and not m.state.gone and m.state != MemberState.FINISHED:
                 self._lose(m, f"process exited with code {code}")
+
+    def workers_left(self, can_come: int, lost: str) -> None:
+        """Before the first generation: only ``can_come`` workers can still come (the launcher saw the
+        others exit; ``lost`` says which and how). The first generation waits for no more."""
+        if self.started_at is None and not self.phase.final:
+            self.can_come, self.lost_at_start = can_come, lost
+            self._event("start_up_loss", lost, can_come=can_come)
+            self._advance()
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary with a checkpoint of the live state, then end ``stopped``."""
@@ -609,8 +624,20 @@ class Controller:
             self._end(Phase.STOPPED, self.stop_requested)
             return
         alive = self._alive()
-        needed = self.target_workers if self.started_at is None else self.job.cluster.min_workers
-        if len(alive) >= max(1, needed):
+        if self.started_at is None:  # the first generation: the start-up rule decides
+            start = self.failures.start_up(
+                len(alive),
+                self.target_workers,
+                self.clock() - self.opened_at,
+                self.can_come,
+                self.lost_at_start,
+            )
+            if start.action == Action.START:
+                self._form_generation(alive, best, started_because=start.reason)
+            elif start.action == Action.FAIL:
+                self.fail(start.reason)
+            return
+        if len(alive) >= max(1, self.job.cluster.min_workers):
             self._form_generation(alive, best)
             return
         if self.phase == Phase.WAITING:
@@ -622,7 +649,7 @@ class Controller:
         if behind and best is not None:
             self.checkpoint_from = best.worker_id  # keep the live state safe while waiting
 
-    def _form_generation(self, alive: list[Member], source: Optional[Member]) -> None:
+    def _form_generation(self, alive: list[Member], source: Optional[Member], **details: Any) -> None:
         rest = [m for m in alive if m is not source]
         order = list(self.members)
         rest.sort(key=lambda m: (m.state != MemberState.PAUSED, -m.step, order.index(m.worker_id)))
@@ -659,6 +686,7 @@ class Controller:
             start_step=self.generation_start_step,
             backend=self._backend(),
             state_from="checkpoint" if source is None else source.worker_id,
+            **details,
         )
 
     def _complete(self) -> None:
@@ -716,7 +744,9 @@ class Controller:
     def _waiting_for(self) -> str:
         if self.phase == Phase.REGROUPING:
             return "the current generation to pause"
-        needed = self.target_workers if self.started_at is None else self.job.cluster.min_workers
+        needed = self.job.cluster.min_workers
+        if self.started_at is None:
+            needed = self.target_workers if self.can_come is None else min(self.target_workers, self.can_come)
         return f"{len(self._alive())}/{needed} workers"
 
     def status(self) -> dict:

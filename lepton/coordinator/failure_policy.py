@@ -22,6 +22,10 @@ of them is the source of the next generation's state, so a loss costs no checkpo
   error therefore fails the run at once, and no single member's report (a buggy or outdated worker)
   ends a run that others are training;
 - fewer live workers than needed → ``WAIT``, until ``cluster.wait_for_workers_s`` has passed → ``FAIL``;
+- before the first generation (``start_up``): the workers that can still come are all ready → ``START``;
+  ``cluster.start_grace_s`` passed with at least ``cluster.min_workers`` ready → ``START`` with those;
+  fewer than ``min_workers`` can still come (local workers that died before training) → ``FAIL`` at
+  once; ``cluster.start_timeout_s`` passed → ``FAIL``; else ``WAIT``;
 - a local worker process exiting non-zero under ``cluster.restart_failed`` → ``RESTART_LOCAL`` while
   restarts remain (``cluster.max_restarts``); every local worker gone → ``FAIL``.
 """
@@ -36,6 +40,7 @@ from ..spec import ClusterSpec
 
 class Action(str, Enum):
     REGROUP = "regroup"  # end the generation; its survivors pause and the next one forms from them
+    START = "start"  # form the first generation with the workers that are ready now
     WAIT = "wait"  # too few workers: training waits (the live state is checkpointed) until more come
     FAIL = "fail"  # end the run failed
     RESTART_LOCAL = "restart_local"  # start a local worker process in place of one that exited
@@ -112,6 +117,39 @@ class FailurePolicy:
             f"only {alive} worker(s) alive, fewer than cluster.min_workers={self.cluster.min_workers}, for "
             f"{limit:g} s (cluster.wait_for_workers_s); the last checkpoint is at step {checkpoint_step}",
         )
+
+    def start_up(
+        self, ready: int, target: int, waited_s: float, can_come: int | None = None, lost: str = ""
+    ) -> FailureDecision:
+        """The first generation of this coordinator is not formed yet: ``ready`` workers have loaded
+        their model, ``target`` were asked for, ``waited_s`` have passed since the coordinator started.
+        ``can_come``: how many of them can still come, where a launcher knows (``lepton train``'s local
+        workers; None: any number may), and ``lost``, why the others cannot (one line, naming them)."""
+        c = self.cluster
+        want = target if can_come is None else min(target, can_come)
+        if can_come is not None and can_come < c.min_workers:
+            return FailureDecision(
+                Action.FAIL,
+                f"{lost}; {can_come} of {target} workers left,"
+                f" fewer than cluster.min_workers={c.min_workers}",
+            )
+        if ready >= max(1, want):
+            why = f"{ready} of {target} workers ready" + (f" ({lost})" if want < target else "")
+            return FailureDecision(Action.START, why)
+        if waited_s >= c.start_grace_s and ready >= c.min_workers:
+            return FailureDecision(
+                Action.START,
+                f"{ready} of {target} workers ready after cluster.start_grace_s={c.start_grace_s:g} s,"
+                f" at least cluster.min_workers={c.min_workers}: starting with them",
+            )
+        if waited_s >= c.start_timeout_s:
+            return FailureDecision(
+                Action.FAIL,
+                f"training did not start within cluster.start_timeout_s={c.start_timeout_s:g} s:"
+                f" {ready} of {target} workers ready, cluster.min_workers is {c.min_workers}"
+                + (f" ({lost})" if lost else ""),
+            )
+        return FailureDecision(Action.WAIT, f"{ready}/{want} workers ready")
 
     def local_exit(self, code: int, restarts: int, run_final: bool) -> FailureDecision:
         """A local worker process of ``lepton train`` exited with ``code``; ``restarts`` have been made."""

@@ -61,7 +61,7 @@ class LocalWorkers:
 
     def spawn(self) -> None:
         """Start one more worker (also used to restart a failed one)."""
-        env = self.env
+        env = {**self.env, "LEPTON_LOCAL_INDEX": str(len(self.procs))}  # worker-K (fault injection)
         if self.gpus:  # one GPU per local worker, round robin
             env = {**env, "CUDA_VISIBLE_DEVICES": self.gpus[len(self.procs) % len(self.gpus)]}
         p = subprocess.Popen(
@@ -86,21 +86,30 @@ class LocalWorkers:
         for k, pump in enumerate(self.pumps):
             pump.attach(run.worker_log(k))
 
-    def newly_exited(self) -> list[tuple[int, int]]:
-        """(pid, exit code) of processes that ended since the last call."""
+    def newly_exited(self) -> list[tuple[int, int, int]]:
+        """(K, pid, exit code) of processes that ended since the last call (worker-K)."""
         out = []
-        for p in self.procs:
+        for k, p in enumerate(self.procs):
             if p.pid not in self._reported and p.poll() is not None:
                 self._reported.add(p.pid)
-                out.append((p.pid, p.returncode))
+                out.append((k, p.pid, p.returncode))
         return out
+
+    def running(self) -> int:
+        return sum(p.poll() is None for p in self.procs)
+
+    def log_name(self, k: int) -> str:
+        """Where worker-K's output goes (RUN_DIR/logs/worker-K.log), for messages."""
+        rel = RunDir.worker_log_rel(k)
+        return str(self.run.root / rel) if self.run else rel
 
     def failure_output(self, lines: int = 15) -> str:
         """The last lines of output of the first worker that failed, to show the user why."""
         for k, p in enumerate(self.procs):
             if p.poll() not in (None, 0):
                 self.pumps[k].join(timeout=2)
-                return f"worker-{k} output:\n" + "\n".join(self.pumps[k].tail(lines))
+                tail = self.pumps[k].tail(lines)
+                return f"worker-{k} output:\n" + "\n".join(tail) if tail else ""
         return ""
 
     def wait(self, timeout_s: float = 15.0) -> None:
@@ -197,13 +206,20 @@ class LocalSupervisor:
     def check(self, interrupts: int) -> None:
         coord = self.server.coord
         with self.server.lock:
-            for pid, code in self.local.newly_exited():
+            for k, pid, code in self.local.newly_exited():
                 coord.process_exited(pid, code)
                 decision = self.policy.local_exit(code, self.restarts, coord.phase.final)
                 if decision.action == Action.RESTART_LOCAL:
                     self.restarts += 1
                     self.local.spawn()
-                    coord.note("worker_restarted", decision.reason)
+                    coord.note("worker_restarted", decision.reason, worker=f"worker-{k}")
+                elif coord.started_at is None:  # the first generation waits for no ghost
+                    why = f"; {decision.reason}" if self.policy.cluster.restart_failed else ""
+                    coord.workers_left(
+                        self.local.running(),
+                        f"worker-{k} exited with code {code} before training started"
+                        f" (log: {self.local.log_name(k)}){why}",
+                    )
             if self.local.all_exited() and not coord.phase.final:
                 coord.fail(self.policy.no_local_workers(self.restarts).reason)
             self.interrupts.apply(interrupts, coord)

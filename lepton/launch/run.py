@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from ..console import console
 from ..coordinator.controller import Controller
 from ..coordinator.server import CoordinatorServer, Listener
+from ..coordinator.state import Phase
 from ..errors import LeptonError, first_line
 from ..model import batchnorm, dropout
 from ..model.builders import build_model, load_init_weights, num_outputs
@@ -287,3 +289,34 @@ def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None =
         previous_generation=opened.previous_generation,
     )
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
+
+
+START_NOTICE_S = 30.0  # how often ``lepton coordinator`` says it is still waiting for its first workers
+
+
+class StartNotices:
+    """While a coordinator waits for its first generation: a line at once and every ``START_NOTICE_S``
+    saying how many workers registered of how many, until when, and the command that starts one (a
+    user who sees nothing happen must not have to guess)."""
+
+    def __init__(self, command: str, clock=time.monotonic):
+        self.command, self.clock = command, clock
+        self.last: float | None = None
+
+    def line(self, coord: Controller) -> str | None:
+        """The next line to print, if one is due (call with the coordinator's lock held)."""
+        now = self.clock()
+        if coord.started_at is not None or coord.phase != Phase.WAITING:
+            return None
+        if self.last is not None and now - self.last < START_NOTICE_S:
+            return None
+        self.last = now
+        members = list(coord.members.values())
+        registered = sum(not m.state.gone for m in members)
+        ready = sum(m.state.alive for m in members)
+        cluster = coord.job.cluster
+        left = max(0.0, cluster.start_timeout_s - (coord.clock() - coord.opened_at))
+        return (
+            f"waiting for workers: {registered} of {coord.target_workers} registered ({ready} ready);"
+            f" the run fails in {left:.0f} s (cluster.start_timeout_s); start a worker with: {self.command}"
+        )

@@ -159,17 +159,34 @@ def read_checkpoint(path: str | Path, storage: RunStorage | None = None) -> dict
     return state
 
 
+# the longest wait for a background save (the write and the report of it): a filesystem that hangs
+# (an NFS server gone) must fail the run with a reason, not hold rank 0 and with it every rank
+CHECKPOINT_WAIT_S = 900.0
+
+
+class CheckpointStuck(Exception):
+    """A background checkpoint write did not finish within its bound."""
+
+
 class AsyncCheckpointer:
     """One save in flight at a time; ``save`` copies the state now and writes it in the background."""
 
-    def __init__(self, run: RunDir, keep: int, on_saved: Callable[[int, Path], None]):
-        self.run, self.keep, self.on_saved = run, keep, on_saved
+    def __init__(
+        self,
+        run: RunDir,
+        keep: int,
+        on_saved: Callable[[int, Path], None],
+        timeout_s: float = CHECKPOINT_WAIT_S,
+    ):
+        self.run, self.keep, self.on_saved, self.timeout_s = run, keep, on_saved, timeout_s
+        self._step: int | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def save(self, step: int, state: dict) -> None:
         self.wait()
         snapshot = _to_host(state)  # the only part that stalls training
+        self._step = step
 
         def work():
             try:
@@ -183,7 +200,12 @@ class AsyncCheckpointer:
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.timeout_s)
+            if self._thread.is_alive():
+                raise CheckpointStuck(
+                    f"the checkpoint of step {self._step} was not written within {self.timeout_s:g} s"
+                    f" (is {self.run.root} on a filesystem that hangs?)"
+                )
             self._thread = None
         if self.error is not None:
             err, self.error = self.error, None

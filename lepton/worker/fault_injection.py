@@ -8,11 +8,14 @@ well-defined points:
   ``nan`` (this rank's loss at ``step`` becomes NaN: a numerical blow-up);
 - ``at``: ``step`` (default; before running global step ``step``), ``eval`` (as a validation at
   ``step`` starts), ``checkpoint`` (right after rank 0 started writing the checkpoint of ``step``),
-  ``start`` (before registering: a worker that fails at start-up);
-- ``rank``: the rank in the current generation (``*``, the default, for all); ``step``: omit to
-  apply at every step; ``until``: ``throttle`` only, before global step ``until`` only (a transient
-  slow-down); ``crash``/``kill``/``hang`` fire only in generation 0 (so the survivors that
-  redo the step are not hit again) unless ``always=1``.
+  ``start`` (before registering: a worker that fails at start-up), ``registered`` (right after
+  registering, before the model and data load: a worker lost while it joins), ``broadcast`` (as a
+  generation's state broadcast starts, with ``step`` the step it starts from);
+- ``rank``: the rank in the current generation (``*``, the default, for all; at ``start`` and
+  ``registered``, before any generation, K of ``lepton train``'s worker-K, so a restart is not
+  hit); ``step``: omit to apply at every step; ``until``: ``throttle`` only, before global step
+  ``until`` only (a transient slow-down); ``crash``/``kill``/``hang`` fire only in generation 0
+  (so the survivors that redo the step are not hit again) unless ``always=1``.
 Example: ``kill:rank=1:step=5;slow:rank=2:seconds=0.01``.
 """
 
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 ACTIONS = ("crash", "kill", "hang", "slow", "throttle", "nan")
-POINTS = ("step", "eval", "checkpoint", "start")
+POINTS = ("step", "eval", "checkpoint", "start", "registered", "broadcast")
 
 
 @dataclass

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from ..records import (
 from ..spec import JobSpec, KeepBestSpec, parse_job
 from ..storage.checkpoint import (
     AsyncCheckpointer,
+    CheckpointStuck,
     CheckpointUnreadable,
     read_checkpoint,
     write_best,
@@ -63,6 +66,14 @@ from .trainer import Diverged, StepResult, Trainer
 PLAN_POLL_S = 0.05
 REDUCE_BYTES = 1 << 20  # smallest shared-memory reduction slot (evaluation sums fit)
 ABANDON_AFTER_S = 1.0  # in a collective this long after the coordinator asked for a regroup: give up
+# a worker still here this long after a SIGTERM/SIGINT exits anyway: what cannot be interrupted (a
+# rendezvous, a collective, the state broadcast, an HTTP call) has bounds of its own, but longer ones
+# (cluster.collective_timeout_s, the client's 10 s) than a user waits for a stop
+LEAVE_DEADLINE_S = 10.0
+
+
+class LeftUnheard(LeptonError):
+    """The worker is leaving (a signal) and the coordinator cannot be told: it goes without a word."""
 
 
 class GenerationOutcome(Enum):
@@ -134,7 +145,9 @@ class Worker:
         self.worker_id = reporter.worker_id
         self.group.should_abort = self._abandon_wait
         self.generation: int | None = None
-        self.leaving = False
+        # set by the first SIGTERM/SIGINT; every poll and retry loop waits on it instead of sleeping
+        self._leave = threading.Event()
+        self._signum = signal.SIGTERM
         self.checkpointer: AsyncCheckpointer | None = None  # rank 0's background saves in a generation
         self.steady = _Throughput()  # the last generation's steady-state throughput
 
@@ -148,7 +161,13 @@ class Worker:
         connect_timeout_s: float = 120.0,
     ) -> Worker:
         faults = FaultInjector()
-        faults.fire("start")
+        # before a generation a worker has no rank: these points match a local worker's index K instead
+        local_index = int(os.environ.get("LEPTON_LOCAL_INDEX", "-1"))
+        faults.fire("start", local_index)
+        if os.environ.get("LEPTON_LOCAL_WORKER") == "1":  # Ctrl-C is the launcher's (_install_signals)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # until serve() installs its handlers SIGTERM (and a remote worker's SIGINT) end the process
+        # at once, whatever it waits for (the coordinator, the data loading): it has nothing to save
         client = CoordinatorClient(url, token)
         resources = apply_placement(cpus, threads)
         # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
@@ -164,6 +183,7 @@ class Worker:
         # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
         reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
         reporter.start()
+        faults.fire("registered", local_index)  # registered, not yet ready (the model and data load next)
         job = parse_job(reg.job, source="job from coordinator")
         run = RunDir(reg.run_dir)
         factory = None
@@ -192,11 +212,27 @@ class Worker:
         )
 
     # --- signals -------------------------------------------------------------------------------------
+    @property
+    def leaving(self) -> bool:
+        return self._leave.is_set()
+
+    @leaving.setter
+    def leaving(self, value: bool) -> None:
+        if value:
+            self._leave.set()
+        else:
+            self._leave.clear()
+
     def _on_signal(self, signum, frame) -> None:
-        """First SIGTERM/SIGINT: leave at the next step boundary (nothing redone). Second: now."""
+        """First SIGTERM/SIGINT: leave at the next step boundary (nothing redone), or at once when not
+        training; in any case within LEAVE_DEADLINE_S. Second: now."""
         if self.leaving:
             os._exit(128 + signum)
+        self._signum = signum
         self.leaving = True
+        timer = threading.Timer(LEAVE_DEADLINE_S, _exit_late, args=(signum,))
+        timer.daemon = True
+        timer.start()
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -210,6 +246,14 @@ class Worker:
         """Run until the coordinator says exit (or this worker leaves). Returns the exit code."""
         self._install_signals()
         try:
+            return self._serve()
+        except LeftUnheard as e:
+            name = signal.Signals(self._signum).name
+            print(f"lepton worker: left on {name} without telling the coordinator ({e})", file=sys.stderr)
+            return 128 + self._signum
+
+    def _serve(self) -> int:
+        try:
             while not self.reporter.exit_requested.is_set():
                 if self.leaving:
                     self._send("paused", {"reason": "leaving", "generation": None, "step": self.trainer.step})
@@ -218,7 +262,7 @@ class Worker:
                 if plan.action == "exit":
                     break
                 if plan.action == "wait":
-                    time.sleep(PLAN_POLL_S)
+                    self._leave.wait(PLAN_POLL_S)
                 elif plan.action == "checkpoint":
                     self._checkpoints_written()
                     trainer = self.trainer
@@ -228,7 +272,7 @@ class Worker:
                     break
         except LeptonError:
             raise  # the coordinator is gone: nobody to tell
-        except (Diverged, CheckpointUnreadable) as e:  # a clear cause: report it, no traceback
+        except (Diverged, CheckpointUnreadable, CheckpointStuck) as e:  # a clear cause: no traceback
             self._send("failed", {"error": str(e) or type(e).__name__, "generation": self.generation})
             return 1
         except Exception as e:
@@ -292,12 +336,14 @@ class Worker:
             try:
                 return fn(*args)
             except CoordinatorUnreachable:
+                if self.leaving:  # riding out the outage would ignore the signal
+                    raise LeftUnheard(f"unreachable at {self.url}") from None
                 if time.monotonic() > deadline:
                     raise LeptonError(
                         f"lost the coordinator at {self.url} for more than "
                         f"{self.job.cluster.coordinator_timeout_s:g} s"
                     ) from None
-                time.sleep(0.5)
+                self._leave.wait(0.5)
 
     def _send(self, kind: str, payload: dict) -> None:
         self.reporter.flush()  # a heartbeat first: a restarted coordinator adopts us before the report
@@ -347,6 +393,7 @@ class Worker:
         trainer, rank = self.trainer, gen.rank
         if rank == 0 and gen.resume_checkpoint:
             trainer.load_state(read_checkpoint(gen.resume_checkpoint))
+        self.faults.fire("broadcast", rank, trainer.step, gen.id)
         state = self.group.broadcast_state(trainer.state() if rank == 0 else None, src=0)
         if rank != 0:
             trainer.load_state(state)
@@ -548,6 +595,17 @@ class Worker:
             "best_step": self.trainer.best_step,
         }
         write_model(MODEL_DIR, self.trainer.model.state_dict(), meta, extra, storage=self.run.storage)
+
+
+def _exit_late(signum: int) -> None:
+    """The leave deadline passed (``Worker._on_signal``): exit now, saying so."""
+    name = signal.Signals(signum).name
+    print(
+        f"lepton worker: still here {LEAVE_DEADLINE_S:g} s after {name}: exiting now",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
 
 
 def _decision_record(decision: Decision, step: int, lr: float) -> DecisionRecord:
