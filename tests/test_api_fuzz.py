@@ -7,9 +7,7 @@ coordinator training real workers through all of it completes with the members i
 The number of generated requests is bounded (``EXAMPLES``) so that each test takes seconds."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -17,13 +15,12 @@ import time
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
+import schemathesis
 import yaml
 
-from conftest import REPO, job_dict, make_classification_csv, wait_for
-
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
+from conftest import REPO, Procs, job_dict, make_classification_csv, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -33,9 +30,8 @@ EXAMPLES = 120  # generated requests per fuzz run (over every operation of the s
 # --- processes: logs to files (a server that logs a traceback per request must not block on a pipe) --
 
 
-class Started:
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+class Started(Procs):
+    """``Procs`` whose processes write their output to a log file instead of a pipe."""
 
     def lepton(self, log: Path, *args) -> subprocess.Popen:
         with open(log, "wb") as out:
@@ -48,17 +44,6 @@ class Started:
             )
         self.procs.append(p)
         return p
-
-    def reap(self) -> None:
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @pytest.fixture
