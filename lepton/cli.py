@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import socket
 import sys
 
 from . import api
 from .cli_args import cpus, positive, split_bind
-from .client import CoordinatorClient, read_token
+from .client import CoordinatorClient, read_ca, read_join, read_token
 from .console import console, out, status_table, summary_table
 from .coordinator.auth import dashboard_url
 from .coordinator.server import Listener
+from .coordinator.tls import wants_tls, write_join
 from .errors import LeptonError
 from .export.cli import add_export_commands
 from .export.report import print_report
@@ -57,10 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=positive, help="start training when this many workers joined")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument(
+        "--tls",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="serve HTTPS with the run's own CA (auto: when --bind is not loopback)",
+    )
 
     w = sub.add_parser("worker", help="run one worker that joins a coordinator")
-    w.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.1:7000")
+    w.add_argument("--coordinator", help="coordinator URL, e.g. https://10.0.0.1:7000")
     w.add_argument("--token-file", help="file holding the job token (default: $LEPTON_TOKEN)")
+    w.add_argument("--ca-file", help="the run's CA (RUN_DIR/tls/ca.pem) for an https coordinator")
+    w.add_argument("--join", help="the run's join file (RUN_DIR/join): URL, token and CA in one")
     w.add_argument("--cpus", help="CPU cores to pin this worker to, e.g. 0 or 0,1 or 0-3")
     w.add_argument("--threads", type=positive, help="torch intra-op threads")
     w.add_argument(
@@ -69,10 +80,23 @@ def _parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds to keep retrying while the coordinator is unreachable at start",
     )
+    w.add_argument(
+        "--run-files",
+        choices=("auto", "shared", "coordinator"),
+        default="auto",
+        help="reach the run directory as a folder shared with the coordinator, or through the"
+        " coordinator's API (auto: shared when this host sees the same run folder)",
+    )
+    w.add_argument(
+        "--iface",
+        help="network interface for the data plane (gloo/NCCL); default: the one that reaches"
+        " the coordinator",
+    )
 
     s = sub.add_parser("status", help="show a running job and its workers")
     s.add_argument("url")
     s.add_argument("--token-file")
+    s.add_argument("--ca-file", help="the run's CA (RUN_DIR/tls/ca.pem) for an https coordinator")
     s.add_argument("--json", action="store_true")
 
     pr = sub.add_parser("predict", help="predict raw CSV/Parquet rows with a trained run")
@@ -138,11 +162,17 @@ def cmd_coordinator(a) -> int:
     except OSError as e:
         raise LeptonError(f"--bind {a.bind}: {e.strerror or e}") from None
     opened = open_run(job, a.run_dir, a.resume, a.workers)
-    server = start_coordinator(opened, listener)
+    server = start_coordinator(opened, listener, tls=wants_tls(a.tls, host))
+    join = write_join(opened.run, server.url, opened.token, server.tls.ca_pem if server.tls else None)
     print(f"coordinator listening on {server.url}", flush=True)
     print(f"token file: {opened.run.token_file}", flush=True)
+    print(f"join file: {join} (copy it to a worker host: lepton worker --join FILE)", flush=True)
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
-    notices = StartNotices(f"lepton worker --coordinator {server.url} --token-file {opened.run.token_file}")
+    notices = StartNotices(
+        f"lepton worker --join {join}"
+        if server.tls
+        else f"lepton worker --coordinator {server.url} --token-file {opened.run.token_file}"
+    )
     policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
 
@@ -172,11 +202,27 @@ def cmd_coordinator(a) -> int:
 
 
 def cmd_worker(a) -> int:
-    return run_worker(a.coordinator, read_token(a.token_file), cpus(a.cpus), a.threads, a.connect_timeout)
+    if a.iface:  # read by gloo and NCCL when each group is made (comm/group.py, comm/net.py)
+        try:
+            socket.if_nametoindex(a.iface)
+        except OSError:
+            raise LeptonError(f"--iface {a.iface}: no network interface of that name on this host") from None
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = a.iface
+    if a.join:
+        if a.coordinator or a.token_file or a.ca_file:
+            raise LeptonError(
+                "--join holds the URL, token and CA: give it without --coordinator/--token-file/--ca-file"
+            )
+        url, token, ca = read_join(a.join)
+    elif a.coordinator:
+        url, token, ca = a.coordinator, read_token(a.token_file), read_ca(a.ca_file)
+    else:
+        raise LeptonError("lepton worker: give --coordinator URL (and a token), or --join RUN_DIR/join")
+    return run_worker(url, token, cpus(a.cpus), a.threads, a.connect_timeout, a.run_files, ca)
 
 
 def cmd_status(a) -> int:
-    st = CoordinatorClient(a.url, read_token(a.token_file)).status()
+    st = CoordinatorClient(a.url, read_token(a.token_file), ca=read_ca(a.ca_file)).status()
     if a.json:
         print(json.dumps(st, indent=2))
         return 0

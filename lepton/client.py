@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import ssl
 import time
 from pathlib import Path
 
@@ -41,6 +43,48 @@ def read_token(token_file: str | None) -> str:
     return env.strip()
 
 
+def read_join(path: str) -> tuple[str, str, str | None]:
+    """(URL, token, CA PEM or None) from a join file (``RUN_DIR/join``, coordinator/tls.py)."""
+    p = Path(path)
+    try:
+        body = json.loads(p.read_text())
+        url, token, ca = body["url"], body["token"], body.get("ca")
+        if not isinstance(url, str) or not isinstance(token, str) or not isinstance(ca, (str, type(None))):
+            raise TypeError
+    except FileNotFoundError:
+        raise LeptonError(f"{p}: join file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise LeptonError(f"{p}: not a join file (RUN_DIR/join: JSON with url, token and ca)") from None
+    return url, token, ca
+
+
+def read_ca(ca_file: str | None) -> str | None:
+    """The PEM of ``--ca-file`` (the run's CA, RUN_DIR/tls/ca.pem), or None."""
+    if not ca_file:
+        return None
+    p = Path(ca_file)
+    try:
+        pem = p.read_text()
+    except FileNotFoundError:
+        raise LeptonError(f"{p}: CA file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeptonError(f"{p}: cannot read the CA file ({e})") from None
+    if "BEGIN CERTIFICATE" not in pem:
+        raise LeptonError(f"{p}: not a PEM certificate (use RUN_DIR/tls/ca.pem)")
+    return pem
+
+
+def verify_with(ca_pem: str | None) -> ssl.SSLContext | bool:
+    """What httpx verifies an https coordinator against: the run's CA only, when given; else the
+    system's store (a coordinator behind a certificate of the user's own)."""
+    if ca_pem is None:
+        return True
+    try:
+        return ssl.create_default_context(cadata=ca_pem)
+    except ssl.SSLError as e:
+        raise LeptonError(f"the CA certificate is not usable ({e})") from None
+
+
 class CoordinatorUnreachable(LeptonError):
     """No answer from the coordinator (not started yet, restarting, or gone)."""
 
@@ -49,11 +93,21 @@ class CoordinatorClient:
     """``credential``: the worker's own (``RegisterResponse.credential``); ``register`` stores the one
     it is issued, and every later call sends it (a heartbeat, plan or report speaks for one worker)."""
 
-    def __init__(self, url: str, token: str, timeout_s: float = 10.0, credential: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout_s: float = 10.0,
+        credential: str | None = None,
+        ca: str | None = None,
+    ):
         self.url = url.rstrip("/")
         try:
             self._http = httpx.Client(
-                base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"}
+                base_url=self.url,
+                timeout=timeout_s,
+                headers={"Authorization": f"Bearer {token}"},
+                verify=verify_with(ca),
             )
         except httpx.InvalidURL as e:
             raise LeptonError(f"{url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
@@ -70,6 +124,16 @@ class CoordinatorClient:
             r = self._http.request(method, path, **kw)
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:  # before TransportError, its base
             raise LeptonError(f"{self.url}: not a coordinator URL ({e}); expected http://HOST:PORT") from None
+        except httpx.ConnectError as e:
+            if isinstance(e.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(e):
+                # a coordinator that is not the one the CA names: retrying will not change that
+                raise LeptonError(
+                    f"{self.url}: the coordinator's certificate is not signed by the run's CA ({e})"
+                ) from None
+            raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
+        except httpx.RemoteProtocolError as e:  # closed without an answer: restarting, or TLS spoken to
+            hint = " (is it an https:// coordinator?)" if self.url.startswith("http://") else ""
+            raise CoordinatorUnreachable(f"no answer from the coordinator at {self.url}{hint}: {e}") from None
         except httpx.TransportError as e:
             raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from None
         if r.status_code == 401:

@@ -159,7 +159,7 @@ def coordinator_url(proc: subprocess.Popen, timeout: float = 60) -> str:
     import re
 
     line = first_line(proc, timeout)
-    m = re.search(r"(http://\S+)", line)
+    m = re.search(r"(https?://\S+)", line)
     assert m, (line, proc.poll())
     return m.group(1)
 

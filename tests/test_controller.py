@@ -303,6 +303,20 @@ def test_reports_from_a_lost_member_do_not_bring_it_back(tmp_path):
     assert c.phase == Phase.RUNNING and c.generation_members == [a]
 
 
+def test_a_lost_member_may_no_longer_write_into_the_run(tmp_path):
+    """Fencing (the file API asks ``write_refused``): a worker whose link was cut is lost; when it comes
+    back it must not commit what it holds (a stale generation's checkpoint)."""
+    c, clock = make_coordinator(tmp_path, 2, cluster__heartbeat_timeout_s=5, cluster__min_workers=1)
+    a, b = ready(c, 1), ready(c, 2)
+    assert c.write_refused(a) is None and c.write_refused(b) is None
+    clock.t = 6.0
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=3))
+    c.tick()  # b silent for 6 s: lost
+    assert "lost or left" in (c.write_refused(b) or "") and c.write_refused(a) is None
+    assert "not a member" in (c.write_refused("w9-forged") or "")
+    assert c.heartbeat(Heartbeat(worker_id=b, generation=0, step=3)).action == "exit"
+
+
 def test_progress_goes_back_to_the_checkpoint_a_generation_restarts_from(tmp_path):
     """The only replica died at step 55, the checkpoint is at 40: progress (status, state.json) says 40."""
     c, _ = make_coordinator(tmp_path, 1, cluster__min_workers=1)

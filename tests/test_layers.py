@@ -32,6 +32,7 @@ LAYERS = {
     # 2: talking to other processes
     "lepton.comm": 2,
     "lepton.client": 2,
+    "lepton.remote": 2,
     # 3: the two roles
     "lepton.worker": 3,
     "lepton.coordinator": 3,

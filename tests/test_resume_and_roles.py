@@ -101,6 +101,26 @@ def test_separate_coordinator_and_workers(reference, procs, tmp_path):
     assert diff <= 1e-4, f"separate roles differ from lepton train by {diff:.2e}"
 
 
+def test_workers_that_reach_the_run_only_through_the_coordinator(reference, procs, tmp_path):
+    """``--run-files coordinator``: the prepared data comes down, checkpoints and the model go up
+    through the file API (tests/test_multihost.py does it from hosts that cannot see the folder)."""
+    root, ref = reference
+    run_dir = tmp_path / "api"
+    coord = procs.lepton("coordinator", root / "job.yaml", "--run-dir", run_dir, "--workers", 2)
+    url = re.search(r"(http://\S+)", coord.stdout.readline()).group(1)
+    env = {"LEPTON_TOKEN": (run_dir / "token").read_text().strip(), "LEPTON_CACHE_DIR": str(tmp_path / "c")}
+    workers = [
+        procs.lepton("worker", "--coordinator", url, "--run-files", "coordinator", env=env) for _ in range(2)
+    ]
+    assert coord.wait(timeout=120) == 0, coord.stderr.read()
+    for w in workers:
+        assert w.wait(timeout=30) == 0, w.stderr.read()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert list((tmp_path / "c" / "blobs").rglob("*"))  # the data came from the cache, not the folder
+    diff = max_rel_diff(weights(run_dir), weights(ref.run_dir))
+    assert diff <= 1e-4, f"workers over the file API differ from lepton train by {diff:.2e}"
+
+
 def test_worker_token_from_environment(reference, procs, tmp_path):
     root, _ = reference
     run_dir = tmp_path / "env"

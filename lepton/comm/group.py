@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import socket
 import time
 from typing import Callable, cast
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from ..errors import first_line
 from .errors import CommError
+from .net import interface_towards
 from .shm import ShmAllreduce
 
 
@@ -44,9 +46,19 @@ class GenerationGroup:
         self.rank = 0
         self.world = 1
         self.backend = "gloo"
-        if store_host in ("127.0.0.1", "localhost", "::1") and "GLOO_SOCKET_IFNAME" not in os.environ:
-            # all peers are on this host: keep gloo on loopback instead of the hostname's address
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        # several hosts with co-located ranks: the leaders' group, whether this rank leads its host,
+        # how many hosts (1: no hierarchy)
+        self._cross: dist.ProcessGroup | None = None
+        self._leader, self._hosts = False, 1
+        if "GLOO_SOCKET_IFNAME" not in os.environ:  # ``lepton worker --iface`` sets it
+            # all peers on this host: loopback; else the interface that reaches the coordinator, not
+            # the host name's address (net.py)
+            loopback = store_host in ("127.0.0.1", "localhost", "::1")
+            iface = "lo" if loopback else interface_towards(store_host, store_port)
+            if iface:
+                os.environ["GLOO_SOCKET_IFNAME"] = iface
+                if not loopback:  # NCCL's bootstrap and its socket transport: the same interface
+                    os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
 
     def join(self, generation: int, rank: int, world: int, store_port: int, backend: str = "gloo") -> None:
         self.leave()
@@ -57,30 +69,60 @@ class GenerationGroup:
         try:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
             if backend == "gloo" and world > 1:
-                # co-located ranks reduce through a shared segment; None unless every rank can map it
-                # and wants it (a rank whose gradients live on a GPU does not: each rank choosing for
-                # itself would leave some in the segment's barrier and the others in gloo's)
-                self.shm = ShmAllreduce.connect(
-                    store,
-                    rank,
-                    world,
-                    self.shm_capacity,
-                    self.timeout.total_seconds(),
-                    self.should_abort,
-                    usable=self.shared_memory,
-                )
+                self._connect_shared_memory(store, rank, world)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend
 
+    def _connect_shared_memory(self, store, rank: int, world: int) -> None:
+        """Co-located ranks reduce through a shared segment. One host: the segment is the whole
+        reduction. Several hosts with co-located ranks: each host's ranks share a segment and its
+        lowest rank, the leader, takes part in a gloo allreduce of the leaders (``_cross``), then shares
+        the result back (``allreduce``). Either only if every rank can map its segment and wants it (a
+        rank whose gradients live on a GPU does not: each rank choosing for itself would leave some in
+        the segment's barrier and the others in gloo's); else gloo over everyone."""
+        keys = _host_keys(store, rank, world)
+        hosts = list(dict.fromkeys(keys))  # in the order of their lowest rank
+        mine = [r for r in range(world) if keys[r] == keys[rank]]
+        leaders = [keys.index(h) for h in hosts]
+        hierarchical = 1 < len(hosts) < world
+        if hierarchical:  # every rank creates the leaders' group (a collective of the whole world)
+            self._cross = dist.new_group(leaders, timeout=self.timeout, backend="gloo")
+        if len(hosts) == 1 or (hierarchical and len(mine) > 1):
+            self.shm = ShmAllreduce.connect(
+                dist.PrefixStore(f"host-{hosts.index(keys[rank])}/", store),
+                mine.index(rank),
+                len(mine),
+                self.shm_capacity,
+                self.timeout.total_seconds(),
+                self.should_abort,
+                usable=self.shared_memory,
+            )
+        if not hierarchical:
+            return
+        # hierarchical only if every host's segment connected (a host alone on a host needs none)
+        ok = self.shm is not None or len(mine) == 1
+        store.set(f"hier/{rank}", "1" if ok else "0")
+        if all(store.get(f"hier/{r}") == b"1" for r in range(world)):
+            self._leader = rank in leaders
+            self._hosts = len(hosts)
+            return
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        self._cross = None
+
     @property
     def transport(self) -> str:
+        if self._hosts > 1:
+            return f"shm+gloo ({self._hosts} hosts)"
         return "shm" if self.shm is not None else self.backend
 
     def leave(self) -> None:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        self._cross, self._leader, self._hosts = None, False, 1
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -97,6 +139,8 @@ class GenerationGroup:
         self.work_s = 0.0
         if self.world == 1:
             return t
+        if self._hosts > 1 and self._fits_hosts(t):
+            return self._hierarchical(t, op)
         if self.shm is not None and self.shm.fits(t):
             self.shm.allreduce(t, op)
             self.work_s = self.shm.work_s
@@ -104,13 +148,40 @@ class GenerationGroup:
         c0 = time.process_time()  # gloo blocks without burning processor time while it waits
         try:
             dev = self._staged(t)
-            dist.all_reduce(dev, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            dist.all_reduce(dev, op=_OPS[op])
             if dev is not t:
                 t.copy_(dev)
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(first_line(e)) from e
         if self.backend == "gloo":
             self.work_s = time.process_time() - c0
+        return t
+
+    def _fits_hosts(self, t: torch.Tensor) -> bool:
+        """The same answer on every rank (a rank alone on its host has no segment to ask)."""
+        nbytes = t.numel() * t.element_size()
+        return t.device.type == "cpu" and t.is_contiguous() and nbytes <= self.shm_capacity
+
+    def _hierarchical(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """The host's sum (shared memory), the leaders' sum of those (gloo), shared back: every rank
+        ends with the same bits. The share-back is a second shared-memory reduction in which the other
+        ranks give the identity (0, or -inf for max), exact in float; a leader alone on its host applies
+        the same identity, so a -0.0 reads +0.0 on every host alike."""
+        c0 = time.process_time()
+        try:
+            if self.shm is not None:
+                self.shm.allreduce(t, op)
+            if self._leader:
+                dist.all_reduce(t, op=_OPS[op], group=self._cross)
+            else:
+                t.fill_(0.0 if op == "sum" else float("-inf"))
+            if self.shm is not None:
+                self.shm.allreduce(t, op)
+            elif op == "sum":
+                t.add_(0.0)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise CommError(first_line(e)) from e
+        self.work_s = time.process_time() - c0
         return t
 
     def broadcast_state(self, state: dict | None, src: int) -> dict:
@@ -137,3 +208,26 @@ class GenerationGroup:
         if self.rank == src:
             return cast(dict, state)  # ``src`` passes its state
         return torch.load(io.BytesIO(payload.numpy().tobytes()), map_location="cpu", weights_only=False)
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def _host_keys(store, rank: int, world: int) -> list[str]:
+    """Which ranks share a host, as far as shared memory is concerned: the same boot, the same /dev/shm
+    mount and the same PID namespace (a container or a namespace host has its own)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        boot = socket.gethostname()
+    try:
+        st = os.stat("/dev/shm")
+        shm = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        shm = "none"
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = "none"
+    store.set(f"host/{rank}", f"{boot}/{shm}/{pid_ns}")
+    return [store.get(f"host/{r}").decode() for r in range(world)]

@@ -202,6 +202,17 @@ class Controller:
             return PlanResponse(action="run", generation=self._generation_for(m))
         return PlanResponse(action="wait", reason=f"{self.phase.value}: {self._waiting_for()}")
 
+    def write_refused(self, worker_id: str) -> str | None:
+        """Why ``worker_id`` may not write into the run through the file API, or None if it may: a worker
+        that was declared lost (a cut link that came back) or left is fenced off, so what it still
+        holds (a checkpoint of a stale generation) never reaches the run."""
+        m = self.members.get(worker_id)
+        if m is None or m.state.gone:
+            return f"{worker_id} is not a member of this job (lost or left): its writes are refused"
+        if self.phase.final:
+            return f"the job is {self.phase.value}"
+        return None
+
     def report(self, r: AnyReport) -> None:
         """A worker's report, already validated by kind (protocol.py) and known to come from the
         worker it names (its credential, server.py). Only a current member's reports about its

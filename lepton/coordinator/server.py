@@ -35,6 +35,8 @@ from ..protocol import (
 from .auth import WorkerCredentials, bearer_dependency, not_this_worker
 from .controller import Controller
 from .dashboard import add_dashboard_routes
+from .files import add_file_routes
+from .tls import ServerTls
 
 HEARTBEAT_INTERVAL_S = 0.5
 # at least this many beats per cluster.heartbeat_timeout_s, whatever the timeout (a short one beats faster)
@@ -85,7 +87,7 @@ def build_app(
             worker_id=wid,
             credential=creds.issue(wid),
             job=job,
-            run_dir=str(coord.run.root),
+            run_dir=coord.run.where(),  # a path on this host, or a URL
             store_port=store_port,
             factory_pickle=factory_pickle,
             heartbeat_interval_s=min(
@@ -128,6 +130,13 @@ def build_app(
             return coord.status()
 
     add_dashboard_routes(app, coord, lock, token)  # /dashboard, /dashboard/api/*, /metrics
+
+    # the run directory for workers that cannot see it (files.py); the spools go with the server
+    def write_refused(worker_id: str) -> Optional[str]:
+        with lock:
+            return coord.write_refused(worker_id)
+
+    app.state.uploads = add_file_routes(app, coord.run, auth, check_worker, write_refused)
     return app
 
 
@@ -159,6 +168,7 @@ class Listener:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
+        self.scheme = "http"  # https once a CoordinatorServer serves TLS on it
         self.http = _listen_tcp(host, port)
         self.store = _listen_tcp(host, 0)
         self.port = self.http.getsockname()[1]
@@ -167,7 +177,7 @@ class Listener:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def close(self) -> None:
         self.http.close()
@@ -177,7 +187,14 @@ class Listener:
 class CoordinatorServer:
     """Serves ``coord`` on a ``Listener``: the HTTP API on a thread, the TCPStore, a ticker thread."""
 
-    def __init__(self, coord: Controller, token: str, listener: Listener, factory_pickle: str | None = None):
+    def __init__(
+        self,
+        coord: Controller,
+        token: str,
+        listener: Listener,
+        factory_pickle: str | None = None,
+        tls: ServerTls | None = None,
+    ):
         self.coord = coord
         self.lock = threading.Lock()
         self.listener = listener
@@ -194,8 +211,18 @@ class CoordinatorServer:
         # the store owns the descriptor from now on (its destructor closes it): the socket object lets
         # go of it, or closing both would close whatever file took the number in between
         listener.store.detach()
-        app = build_app(coord, token, self.lock, listener.store_port, factory_pickle)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        app = self._app = build_app(coord, token, self.lock, listener.store_port, factory_pickle)
+        self.tls = tls
+        if tls:
+            listener.scheme = "https"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=str(tls.certfile) if tls else None,
+            ssl_keyfile=str(tls.keyfile) if tls else None,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [listener.http]}, name="lepton-http", daemon=True
@@ -243,4 +270,5 @@ class CoordinatorServer:
         self._server.should_exit = True
         self._thread.join(timeout=5)
         self.listener.close()
+        self._app.state.uploads.close()
         self.store = None  # closes the store's listening socket

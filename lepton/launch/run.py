@@ -23,6 +23,7 @@ from ..console import console
 from ..coordinator.controller import Controller
 from ..coordinator.server import CoordinatorServer, Listener
 from ..coordinator.state import Phase
+from ..coordinator.tls import server_tls
 from ..errors import LeptonError, first_line
 from ..model import batchnorm, dropout
 from ..model.builders import build_model, load_init_weights, num_outputs
@@ -278,7 +279,11 @@ def _factory_path(run: RunDir) -> str | None:
     return str(run.factory_pickle) if run.factory_pickle.exists() else None
 
 
-def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None = None) -> CoordinatorServer:
+def start_coordinator(
+    opened: OpenRun, listener: Listener, workers: int | None = None, tls: bool = False
+) -> CoordinatorServer:
+    """The coordinator of ``opened`` serving on ``listener``; ``tls``: HTTPS with the run's own CA
+    (coordinator/tls.py)."""
     target = workers or opened.job.cluster.workers
     coord = Controller(
         opened.job,
@@ -288,7 +293,8 @@ def start_coordinator(opened: OpenRun, listener: Listener, workers: int | None =
         resume_checkpoint=opened.resume_checkpoint,
         previous_generation=opened.previous_generation,
     )
-    return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle).start()
+    certs = server_tls(opened.run, listener.host) if tls else None
+    return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle, certs).start()
 
 
 START_NOTICE_S = 30.0  # how often ``lepton coordinator`` says it is still waiting for its first workers

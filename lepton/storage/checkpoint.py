@@ -204,7 +204,7 @@ class AsyncCheckpointer:
             if self._thread.is_alive():
                 raise CheckpointStuck(
                     f"the checkpoint of step {self._step} was not written within {self.timeout_s:g} s"
-                    f" (is {self.run.root} on a filesystem that hangs?)"
+                    f" (is {self.run.where()} on a filesystem that hangs?)"
                 )
             self._thread = None
         if self.error is not None:

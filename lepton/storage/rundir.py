@@ -128,6 +128,15 @@ class RunDir:
         a URL otherwise."""
         return self.root / rel if self.storage.local_root is not None else self.where(rel)
 
+    def relative(self, located: str | os.PathLike) -> str:
+        """The name relative to the root of a file that ``locate`` (or the coordinator) reported."""
+        located, root = str(located), self.where()
+        if located == root:
+            return ""
+        if located.startswith(root.rstrip("/") + "/"):
+            return located[len(root.rstrip("/")) + 1 :]
+        raise LeptonError(f"{located}: not in the run directory {root}")
+
     # --- paths (local runs) -----------------------------------------------------------------
     @property
     def root(self) -> Path:

@@ -56,11 +56,12 @@ from ..storage.checkpoint import (
     write_model,
 )
 from ..storage.prepared import DataCache
-from ..storage.rundir import MODEL_DIR, RunDir
+from ..storage.rundir import FACTORY_PICKLE, MODEL_DIR, RunDir
 from .fault_injection import FaultInjector
 from .meter import FIRST_WINDOW, NOT_MEASURED, StepMeter
 from .placement import apply_placement
 from .reporter import Reporter
+from .run_files import localise, open_run_files
 from .trainer import Diverged, StepResult, Trainer
 
 PLAN_POLL_S = 0.05
@@ -159,6 +160,8 @@ class Worker:
         cpus: list[int] | None = None,
         threads: int | None = None,
         connect_timeout_s: float = 120.0,
+        run_files: str = "auto",
+        ca: str | None = None,
     ) -> Worker:
         faults = FaultInjector()
         # before a generation a worker has no rank: these points match a local worker's index K instead
@@ -168,7 +171,7 @@ class Worker:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         # until serve() installs its handlers SIGTERM (and a remote worker's SIGINT) end the process
         # at once, whatever it waits for (the coordinator, the data loading): it has nothing to save
-        client = CoordinatorClient(url, token)
+        client = CoordinatorClient(url, token, ca=ca)
         resources = apply_placement(cpus, threads)
         # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
         # registering, while a local coordinator is still preparing the data
@@ -178,19 +181,22 @@ class Worker:
         # heartbeats start now; the coordinator counts this worker as available from its first plan
         # request, i.e. once the model and data below are ready
         reporter = Reporter(
-            CoordinatorClient(url, token, credential=reg.credential), reg.worker_id, reg.heartbeat_interval_s
+            CoordinatorClient(url, token, credential=reg.credential, ca=ca),
+            reg.worker_id,
+            reg.heartbeat_interval_s,
         )
         # who it is, what it has: a restarted coordinator adopts running workers from their heartbeats
         reporter.update(host=socket.gethostname(), pid=os.getpid(), resources=resources.model_dump())
         reporter.start()
         faults.fire("registered", local_index)  # registered, not yet ready (the model and data load next)
         job = parse_job(reg.job, source="job from coordinator")
-        run = RunDir(reg.run_dir)
+        run = open_run_files(reg, url, token, run_files, ca)  # a shared folder, a URL, or the coordinator
+        localise(job, run)
         factory = None
         if reg.factory_pickle:
             import cloudpickle
 
-            factory = cloudpickle.loads(Path(reg.factory_pickle).read_bytes())
+            factory = cloudpickle.loads(cast(bytes, run.read_factory()))
         trainer = Trainer(job, DataCache(run), factory, _device(job))
         cluster = job.cluster
         group = GenerationGroup(
@@ -392,7 +398,8 @@ class Worker:
         """Every rank starts from rank 0's state (its own, or the checkpoint it resumes from)."""
         trainer, rank = self.trainer, gen.rank
         if rank == 0 and gen.resume_checkpoint:
-            trainer.load_state(read_checkpoint(gen.resume_checkpoint))
+            resume = self.run.relative(gen.resume_checkpoint)
+            trainer.load_state(read_checkpoint(resume, storage=self.run.storage))
         self.faults.fire("broadcast", rank, trainer.step, gen.id)
         state = self.group.broadcast_state(trainer.state() if rank == 0 else None, src=0)
         if rank != 0:
@@ -579,8 +586,8 @@ class Worker:
     def _write_model(self, results: dict) -> None:
         pre = self.trainer.cache.preprocessor
         extra = {}
-        if self.run.factory_pickle.exists():
-            extra["model_factory.pkl"] = self.run.factory_pickle
+        if self.run.storage.exists(FACTORY_PICKLE):
+            extra[FACTORY_PICKLE] = self.run.storage.local_path(FACTORY_PICKLE)
         meta = {
             "format": "lepton-model/1",
             "name": self.job.name,
@@ -641,5 +648,7 @@ def run_worker(
     cpus: list[int] | None = None,
     threads: int | None = None,
     connect_timeout_s: float = 120.0,
+    run_files: str = "auto",
+    ca: str | None = None,
 ) -> int:
-    return Worker.connect(url, token, cpus, threads, connect_timeout_s).serve()
+    return Worker.connect(url, token, cpus, threads, connect_timeout_s, run_files, ca).serve()

@@ -1,0 +1,190 @@
+"""Many hosts that share nothing but a network (issue 26), as namespaces on this machine (netns.py):
+each worker on a host of its own, with no view of the coordinator's run directory or data, a private
+/dev/shm and a host name that resolves nowhere. It gets everything from the coordinator's URL and the
+token (and the run's CA: off loopback the control plane is TLS), all in the join file: the job, the
+prepared data, the model and the state over the file API, its data-plane address from the route to
+the coordinator. Real processes, real gloo over veth links."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import lepton
+import netns
+from conftest import job_dict, make_classification_csv, max_rel_diff, wait_for, weights
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+PORT = 7700  # each host has its own port space
+
+
+@pytest.fixture
+def hosts():
+    netns.require()
+    made: list[netns.Hosts] = []
+
+    def make(n: int) -> netns.Hosts:
+        made.append(netns.Hosts(n))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def _start(tmp_path, h: netns.Hosts, job: dict, workers: int, env: dict | None = None, per_host: int = 1):
+    """The coordinator on host 0 (which sees tmp_path), ``workers`` workers on hosts 1.., ``per_host``
+    to a host, which do not."""
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    run = tmp_path / "run"
+    coord = h.lepton(
+        0,
+        "coordinator",
+        tmp_path / "job.yaml",
+        "--bind",
+        f"{h.address(0)}:{PORT}",
+        "--run-dir",
+        run,
+        "--workers",
+        workers * per_host,
+        log=tmp_path / "coordinator.log",
+    )
+    wait_for(lambda: (run / "join").exists() or coord.poll() is not None, 60, "the run's join file")
+    assert coord.poll() is None, _log(tmp_path, "coordinator.log")
+    # off loopback the coordinator serves TLS under the run's CA; the join file (URL, token, CA) is what
+    # a user copies to each worker host: here, a folder beside tmp_path that the hosts do see
+    join = tmp_path.parent / f"{tmp_path.name}.join"
+    join.write_bytes((run / "join").read_bytes())
+    assert json.loads(join.read_text())["url"] == f"https://{h.address(0)}:{PORT}"
+    env = {"LEPTON_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
+    if per_host == 1:
+        ws = [
+            h.lepton(k, "worker", "--join", join, hide=[tmp_path], env=env, log=tmp_path / f"worker-{k}.log")
+            for k in range(1, workers + 1)
+        ]
+    else:  # the logs are written from inside the host: beside tmp_path, which it does not see
+        logs = [
+            tmp_path.parent / f"{tmp_path.name}.worker-{k}-{j}.log"
+            for k in range(workers)
+            for j in range(per_host)
+        ]
+        ws = [
+            h.lepton_many(
+                k,
+                per_host,
+                "worker",
+                "--join",
+                join,
+                hide=[tmp_path],
+                env=env,
+                logs=logs[(k - 1) * per_host : k * per_host],
+                log=tmp_path / f"worker-{k}.log",
+            )
+            for k in range(1, workers + 1)
+        ]
+    return coord, ws, run
+
+
+def _events(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _log(tmp_path, name: str) -> str:
+    return (tmp_path / name).read_text(errors="replace")
+
+
+def test_a_host_sees_nothing_of_the_coordinator(hosts, tmp_path):
+    h = hosts(2)
+    (tmp_path / "secret").write_text("x")
+    shm = Path("/dev/shm") / f"lepton-probe-{h.tag}"
+    shm.write_text("x")
+    try:
+        checks = (
+            f"test ! -e {tmp_path}/secret && test ! -e {shm} && test $(hostname) = {h.names[1]}-nodns"
+            f" && ! getent hosts $(hostname) && ip -o addr show eth0 | grep -q {h.address(1)}; echo rc=$?"
+        )
+        probe = h.popen(1, ["sh", "-c", checks], hide=[tmp_path], log=tmp_path / "probe.log")
+        assert probe.wait(timeout=30) == 0
+    finally:
+        shm.unlink()
+    assert "rc=0" in _log(tmp_path, "probe.log"), _log(tmp_path, "probe.log")
+
+
+def test_three_hosts_train_the_model_of_one_host(hosts, tmp_path):
+    data = make_classification_csv(tmp_path / "data.csv", rows=400)
+    job = job_dict(data, train__epochs=2, cluster__workers=3)
+    ref = lepton.train(job, workers=3, run_dir=tmp_path / "ref")
+    assert ref.status == "completed", ref.reason
+    coord, ws, run = _start(tmp_path, hosts(4), job, workers=3)
+    assert coord.wait(timeout=180) == 0, _log(tmp_path, "coordinator.log")
+    for k, w in enumerate(ws, 1):
+        assert w.wait(timeout=30) == 0, _log(tmp_path, f"worker-{k}.log")
+        assert "Traceback" not in _log(tmp_path, f"worker-{k}.log")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 3 and summary["replicas_agree"]
+    hosts_seen = {e["host"] for e in _events(run) if e["kind"] == "worker_registered"}
+    assert len(hosts_seen) == 3 and all(s.endswith("-nodns") for s in hosts_seen), hosts_seen
+    # the checkpoints and the model came back through the file API into the coordinator's folder
+    assert any(p.name.startswith("step-") for p in (run / "checkpoints").iterdir())
+    diff = max_rel_diff(weights(run), weights(ref.run_dir))
+    assert diff <= 1e-4, f"three hosts differ from one by {diff:.2e}"
+
+
+def test_two_hosts_of_two_workers_reduce_hierarchically(hosts, tmp_path):
+    """Within a host the shared segment, across hosts one leader each on gloo, the result shared back:
+    the model of one host's 4 workers (within 1e-4: the summation order differs), replicas equal."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=400)
+    job = job_dict(data, train__epochs=2, cluster__workers=4)
+    ref = lepton.train(job, workers=4, run_dir=tmp_path / "ref")
+    assert ref.status == "completed", ref.reason
+    coord, ws, run = _start(tmp_path, hosts(3), job, workers=2, per_host=2)
+    assert coord.wait(timeout=240) == 0, _log(tmp_path, "coordinator.log")
+    for k, w in enumerate(ws, 1):
+        assert w.wait(timeout=30) == 0, _log(tmp_path, f"worker-{k}.log")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 4 and summary["replicas_agree"]
+    firsts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    transports = {r["transport"] for r in firsts if r.get("kind") == "generation_first_step"}
+    assert transports == {"shm+gloo (2 hosts)"}, transports
+    diff = max_rel_diff(weights(run), weights(ref.run_dir))
+    assert diff <= 1e-4, f"2 hosts x 2 workers differ from one host by {diff:.2e}"
+
+
+def test_a_cut_host_is_lost_and_the_others_finish(hosts, tmp_path):
+    data = make_classification_csv(tmp_path / "data.csv", rows=600)
+    job = job_dict(
+        data,
+        train__epochs=4,
+        cluster__workers=3,
+        cluster__min_workers=2,
+        cluster__heartbeat_timeout_s=3,
+        cluster__collective_timeout_s=8,
+    )
+    # paced (a sleep before each step, no change to the math) so that the cut lands mid-run
+    h = hosts(4)
+    coord, ws, run = _start(tmp_path, h, job, 3, env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"})
+
+    def step() -> int:
+        try:
+            return int(json.loads((run / "state.json").read_text()).get("step", 0))
+        except (OSError, ValueError):
+            return 0
+
+    wait_for(lambda: step() >= 15 or coord.poll() is not None, 120, "step 15")
+    assert coord.poll() is None, _log(tmp_path, "coordinator.log")
+    cut_at, cut_time = step(), time.monotonic()
+    h.cut(3)  # the worker of host 3 lives on; only its link goes
+    assert coord.wait(timeout=180) == 0, _log(tmp_path, "coordinator.log")
+    took = time.monotonic() - cut_time
+    lost = [e for e in _events(run) if e["kind"] == "worker_lost"]
+    assert lost, "the cut host's worker was never declared lost"
+    state = json.loads((run / "state.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert state["status"] == "completed" and summary["workers"] == 2, (state, summary)
+    assert state["step"] == state["total_steps"] == summary["steps"], (state, summary)
+    print(f"cut at step {cut_at}; the run completed {took:.1f} s later with 2 workers")
