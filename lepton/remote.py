@@ -36,6 +36,10 @@ from .protocol import CREDENTIAL_HEADER
 CHUNK = 8 << 20  # bytes per request (the server takes up to 16 MiB)
 
 
+class Fenced(LeptonError):
+    """This worker was declared lost (or left): the run no longer takes its writes, and it stops."""
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LEPTON_CACHE_DIR") or Path.home() / ".cache" / "lepton")
 
@@ -91,6 +95,8 @@ class RemoteStorage:
                 continue
             if r.status_code == 404:
                 raise FileNotFoundError(errno.ENOENT, r.json().get("detail", "not found"), path)
+            if r.status_code == 410:
+                raise Fenced(f"the coordinator at {self.url} refused a write: {r.json().get('detail', '')}")
             if r.status_code == 409:
                 raise FileExistsError(errno.EEXIST, r.json().get("detail", "exists"), path)
             if r.status_code >= 400:
@@ -218,4 +224,4 @@ def _check(f: BinaryIO, digest: str, where: str) -> None:
         raise OSError(f"{where}: the download does not match its SHA-256 (changed or corrupted in transit)")
 
 
-__all__ = ["RemoteStorage", "cache_root"]
+__all__ = ["Fenced", "RemoteStorage", "cache_root"]

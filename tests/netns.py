@@ -141,6 +141,9 @@ class Hosts:
         """Host ``k``'s link down: its packets go nowhere, its processes live on."""
         _ip("link", "set", self.links[k], "down")
 
+    def uncut(self, k: int) -> None:
+        _ip("link", "set", self.links[k], "up")
+
     def close(self) -> None:
         for p in self.procs:
             try:

@@ -12,19 +12,23 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import coordinator_url, job_dict, make_classification_csv
+from conftest import coordinator_url, job_dict, make_classification_csv, wait_for
 from lepton import remote
 from lepton.errors import LeptonError
-from lepton.remote import RemoteStorage
+from lepton.remote import Fenced, RemoteStorage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
 def served(procs, tmp_path):
+    yield from _served(procs, tmp_path)
+
+
+def _served(procs, tmp_path, **job_over):
     """A coordinator waiting for 2 workers, one fake worker registered with it over HTTP."""
     data = make_classification_csv(tmp_path / "data.csv", rows=300)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(data)))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(data, **job_over)))
     run = tmp_path / "run"
     coord = procs.lepton("coordinator", tmp_path / "job.yaml", "--run-dir", run, "--workers", 2)
     url = coordinator_url(coord)
@@ -114,3 +118,22 @@ def test_uploads_commit_whole_into_the_writable_folders(served, monkeypatch):
     bad = {"upload_id": "abcdef0123", "name": "model/weights.safetensors", "size": 3, "sha256": "0" * 64}
     r = httpx.post(f"{url}/v1/files/commit", params=q, json=bad, headers=h)
     assert r.status_code == 422 and not (run / "model").exists(), r.text
+
+
+def test_a_worker_declared_lost_may_no_longer_write(procs, tmp_path):
+    """Fencing: the fake worker never beats, so the coordinator declares it lost; its writes are then
+    refused with one clear error (remote.Fenced), and nothing reaches the run."""
+    served = _served(procs, tmp_path, cluster__heartbeat_timeout_s=1)
+    url, token, _, run, store = next(served)
+
+    def lost() -> bool:
+        st = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+        return any(w["state"] == "lost" for w in st["workers"])
+
+    try:
+        wait_for(lost, 30, "the silent worker declared lost")
+        with pytest.raises(Fenced, match="not a member of this job"):
+            store.write("checkpoints/step-000000001/state.pt", b"stale")
+        assert not (run / "checkpoints" / "step-000000001").exists()
+    finally:
+        served.close()

@@ -155,19 +155,23 @@ def test_two_hosts_of_two_workers_reduce_hierarchically(hosts, tmp_path):
     assert diff <= 1e-4, f"2 hosts x 2 workers differ from one host by {diff:.2e}"
 
 
-def test_a_cut_host_is_lost_and_the_others_finish(hosts, tmp_path):
+def test_a_cut_host_is_lost_fenced_and_a_new_host_joins(hosts, tmp_path):
+    """Host 3's link cut mid-run: its worker is lost after the heartbeat timeout and the others go on;
+    a worker on a new host 4 joins at a step boundary (fetching the data while the others train); when
+    host 3's link comes back its worker is told to exit (fenced off: lost members may not write)."""
     data = make_classification_csv(tmp_path / "data.csv", rows=600)
     job = job_dict(
         data,
-        train__epochs=4,
+        train__epochs=8,
         cluster__workers=3,
         cluster__min_workers=2,
         cluster__heartbeat_timeout_s=3,
         cluster__collective_timeout_s=8,
     )
     # paced (a sleep before each step, no change to the math) so that the cut lands mid-run
-    h = hosts(4)
-    coord, ws, run = _start(tmp_path, h, job, 3, env={"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"})
+    h = hosts(5)
+    pace = {"LEPTON_FAULTS": "slow:rank=*:seconds=0.1"}
+    coord, ws, run = _start(tmp_path, h, job, 3, env=pace)
 
     def step() -> int:
         try:
@@ -175,16 +179,29 @@ def test_a_cut_host_is_lost_and_the_others_finish(hosts, tmp_path):
         except (OSError, ValueError):
             return 0
 
+    def kinds(kind: str) -> list[dict]:
+        return [e for e in _events(run) if e["kind"] == kind]
+
     wait_for(lambda: step() >= 15 or coord.poll() is not None, 120, "step 15")
     assert coord.poll() is None, _log(tmp_path, "coordinator.log")
     cut_at, cut_time = step(), time.monotonic()
     h.cut(3)  # the worker of host 3 lives on; only its link goes
+    wait_for(lambda: kinds("worker_lost") or coord.poll() is not None, 60, "the cut worker declared lost")
+    lost_after = time.monotonic() - cut_time
+    join = tmp_path.parent / f"{tmp_path.name}.join"
+    env = {"LEPTON_CACHE_DIR": str(tmp_path / "cache4"), **pace}
+    new = h.lepton(4, "worker", "--join", join, hide=[tmp_path], env=env, log=tmp_path / "worker-4.log")
+    h.uncut(3)
     assert coord.wait(timeout=180) == 0, _log(tmp_path, "coordinator.log")
-    took = time.monotonic() - cut_time
-    lost = [e for e in _events(run) if e["kind"] == "worker_lost"]
-    assert lost, "the cut host's worker was never declared lost"
+    assert new.wait(timeout=30) == 0, _log(tmp_path, "worker-4.log")
+    assert ws[2].wait(timeout=60) is not None  # the fenced worker did not linger
+    assert "Traceback" not in _log(tmp_path, "worker-3.log"), _log(tmp_path, "worker-3.log")[-3000:]
     state = json.loads((run / "state.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert state["status"] == "completed" and summary["workers"] == 2, (state, summary)
+    assert state["status"] == "completed" and summary["workers"] == 3, (state, summary)
     assert state["step"] == state["total_steps"] == summary["steps"], (state, summary)
-    print(f"cut at step {cut_at}; the run completed {took:.1f} s later with 2 workers")
+    hosts_of = {e["worker"]: e["host"] for e in kinds("worker_registered")}
+    assert hosts_of[kinds("worker_lost")[0]["worker"]] == f"{h.names[3]}-nodns"
+    last = kinds("generation")[-1]
+    assert f"{h.names[4]}-nodns" in {hosts_of[w] for w in last["members"]}, last
+    print(f"cut at step {cut_at}, lost {lost_after:.1f} s later; host 4 joined; completed with 3 workers")

@@ -22,7 +22,7 @@ Every route needs the token and a registered worker's credential (``worker_id`` 
 worker may touch is a short allow-list (``readable``, ``writable``): it reads the job, the prepared data,
 the model factory, the initial weights, checkpoints and the model; it writes only under checkpoints/ and
 the model's folders. The token and the credential key are never served. A worker the controller has
-declared lost, or that left, may no longer write (409, ``Controller.write_refused``): a host cut off and
+declared lost, or that left, may no longer write (410, ``Controller.write_refused``): a host cut off and
 back cannot put a stale generation's checkpoint into the run (fencing).
 """
 
@@ -204,8 +204,8 @@ def add_file_routes(
 
     def writer(worker_id: str = Depends(worker)) -> str:
         why = write_refused(worker_id)
-        if why:
-            raise HTTPException(409, why)
+        if why:  # 410 Gone: the writer's membership is; 409 stays "that name exists"
+            raise HTTPException(410, why)
         return worker_id
 
     writes = [Depends(auth), Depends(writer)]
