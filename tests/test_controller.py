@@ -303,6 +303,29 @@ def test_reports_from_a_lost_member_do_not_bring_it_back(tmp_path):
     assert c.phase == Phase.RUNNING and c.generation_members == [a]
 
 
+def test_replicas_that_never_got_the_state_do_not_send_progress_back(tmp_path):
+    """Found by the chaos soak: a generation starts from the checkpoint at step 40, its rank 0 dies
+    before the state broadcast, and the survivor pauses at step 0 (its initial state). The next
+    generation must start from the checkpoint again, not from that survivor."""
+    c, _ = make_coordinator(tmp_path, 2, cluster__min_workers=2)
+    a, b = ready(c, 1), ready(c, 2)
+    c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 40, "path": "/ck40"}))
+    c.heartbeat(Heartbeat(worker_id=a, generation=0, step=44))
+    c.process_exited(1, -9)  # every replica gone: the next generation starts from the checkpoint
+    c.process_exited(2, -9)
+    x, y = ready(c, 3), ready(c, 4)
+    assert c.generation_members == [x, y] and c.generation_start_step == 40 and c.source_is_checkpoint
+    gen = c.generation
+    c.process_exited(3, -9)  # its rank 0, before the broadcast
+    paused = {"reason": "collective_error", "generation": gen, "step": 0}
+    c.report(Report(worker_id=y, kind="paused", payload=paused))
+    ready(c, 5)
+    assert c.generation == gen + 1 and y in c.generation_members
+    assert c.generation_start_step == 40 and c.source_is_checkpoint
+    rank0 = c.generation_members[0]
+    assert c.plan(rank0).generation.resume_checkpoint == "/ck40"
+
+
 def test_a_lost_member_may_no_longer_write_into_the_run(tmp_path):
     """Fencing (the file API asks ``write_refused``): a worker whose link was cut is lost; when it comes
     back it must not commit what it holds (a stale generation's checkpoint)."""

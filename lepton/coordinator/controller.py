@@ -625,6 +625,11 @@ class Controller:
             (m for m in self.members.values() if m.state == MemberState.PAUSED), key=lambda m: -m.step
         )
         best = paused[0] if paused else None
+        if best is not None and self.latest_checkpoint and best.step < self.latest_checkpoint["step"]:
+            # no live replica got as far as the checkpoint (they paused before the state broadcast
+            # of a generation that started from it, so they hold their initial state): the checkpoint
+            # is the most advanced state, and starting from a replica would lose its steps
+            best = None
         behind = best is not None and (
             not self.latest_checkpoint or self.latest_checkpoint["step"] < best.step
         )
