@@ -26,6 +26,14 @@ def _expect_error(tmp_path, job_file, *needles, extra=()):
     assert not run_dir.exists(), "a refused job must not create its run directory"
 
 
+def test_an_object_store_run_dir_is_refused_not_written_locally(tmp_path, csv_data):
+    """Until the commands take URLs, ``--run-dir s3://b/r`` is one clear line, not a folder ``s3:/b/r``."""
+    job = _write_job(tmp_path, job_dict(csv_data))
+    r = run_cli("train", job, "--run-dir", "s3://bucket/run", "--no-progress", timeout=60, cwd=tmp_path)
+    expect_cli_error(r, "s3://bucket/run", "object storage")
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_missing_data_file(tmp_path):
     job = _write_job(tmp_path, job_dict(tmp_path / "nope.csv"))
     _expect_error(tmp_path, job, "nope.csv", "not found")

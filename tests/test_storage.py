@@ -402,3 +402,104 @@ def test_a_run_dir_not_on_this_machine_has_no_local_paths():
     with pytest.raises(LeptonError, match="not a folder on this machine"):
         _ = run.state_json
     assert run.where("state.json").startswith("memory://") and run.where("state.json").endswith("/state.json")
+
+
+# --- commits by manifest on an object store (storage/manifest.py) -----------------------------------
+
+
+class _Crashing:
+    """A storage that raises ``SystemExit`` at its ``after``-th write, move or delete: a writer killed
+    at that point (an object store shows an object only once its upload completed)."""
+
+    def __init__(self, inner, after: int):
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in ("write", "open_write", "put", "delete", "move"):
+            return attr
+
+        def op(*a, **k):
+            self.calls += 1
+            if self.calls == self.after:
+                raise SystemExit(f"killed at {name} #{self.calls}")
+            return attr(*a, **k)
+
+        return op
+
+
+def _object_store_run():
+    return RunDir(FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", object_store=True))
+
+
+def test_object_store_checkpoints_commit_by_manifest_and_rotate():
+    import torch
+
+    from lepton.storage import manifest
+    from lepton.storage.checkpoint import read_checkpoint, readable_state_dir, write_checkpoint
+
+    run = _object_store_run()
+    for step in (10, 20, 30):
+        write_checkpoint(run, step, {"w": torch.full((3,), float(step))}, keep=2)
+    st = run.storage
+    assert manifest.committed(st, "checkpoints") == [
+        "checkpoints/step-000000020",
+        "checkpoints/step-000000030",
+    ]
+    names = st.list("checkpoints")
+    assert not any(n.startswith("step-000000010") for n in names), names  # manifest and objects gone
+    assert sum(".objects-" in n for n in names) == 2 and sum(".manifest-" in n for n in names) == 2
+    assert float(read_checkpoint("checkpoints/step-000000030", storage=st)["w"][0]) == 30.0
+    assert readable_state_dir("checkpoints/step-000000010", storage=st) is None
+    # a manifest that names objects which are not there (never uploaded) is skipped
+    st.write(
+        "checkpoints/step-000000030.manifest-000009.json", b'{"prefix": "nowhere", "files": ["state.pt"]}'
+    )
+    assert float(read_checkpoint("checkpoints/step-000000030", storage=st)["w"][0]) == 30.0
+
+
+def test_a_checkpoint_writer_killed_anywhere_leaves_the_old_or_the_new_one():
+    """Killed at every write, move or delete of a commit in turn: a reader finds a complete checkpoint,
+    the previous one or the new one, never a manifest naming missing objects; the next commit of the
+    same name cleans up what the killed one left."""
+    import torch
+
+    from lepton.storage import manifest
+    from lepton.storage.checkpoint import read_checkpoint, write_best
+
+    run = _object_store_run()
+    write_best(run, 5, {"w": torch.zeros(4)})
+    outcomes = set()
+    for after in range(1, 12):
+        crashing = RunDir(_Crashing(run.storage, after))
+        new = torch.full((4,), float(after))
+        try:
+            write_best(crashing, 100 + after, {"w": new})
+            outcome = "committed"
+        except SystemExit:
+            outcome = "killed"
+        outcomes.add(outcome)
+        got = read_checkpoint(run.best_rel, storage=run.storage)["w"]
+        assert torch.equal(got, new) or (outcome == "killed" and torch.equal(got, torch.zeros(4))), (
+            after,
+            got,
+        )
+        prefix = manifest.resolve(run.storage, run.best_rel)
+        assert prefix and all(run.storage.exists(f"{prefix}/{f}") for f in ("state.pt", "meta.json"))
+        write_best(run, 5, {"w": torch.zeros(4)})  # a clean commit collects the leftovers
+        names = run.storage.list("checkpoints")
+        assert sum(".objects-" in n for n in names) == 1 and sum(".manifest-" in n for n in names) == 1, names
+    assert outcomes == {"committed", "killed"}
+
+
+def test_the_model_commits_by_manifest_on_an_object_store():
+    import torch
+
+    from lepton.storage.checkpoint import read_model, write_model
+
+    run = _object_store_run()
+    for v in (1, 2):
+        write_model("model", {"w": torch.full((2,), float(v))}, {"v": v}, storage=run.storage)
+    weights, meta = read_model("model", storage=run.storage)
+    assert meta["v"] == 2 and float(weights["w"][0]) == 2.0
+    assert sum(".objects-" in n for n in run.storage.list("")) == 1

@@ -9,9 +9,9 @@ training stalls only for that copy.
 All of it goes through the run's ``RunStorage`` (backend.py). The functions that take a ``Path``
 (``write_state_dir``, ``read_checkpoint``, ``write_model`` ...) work on that folder of this machine
 unless a ``storage`` is given, in which case the path is a name relative to that storage's root.
-On an object store a folder rename is a copy: there the next step is a create-only manifest written
-after the checkpoint's objects (the object-storage stage), which
-``RunStorage.write(create_only=True)`` allows.
+On an object store (a storage with ``object_store`` set) a folder rename is a copy: there a checkpoint,
+the keep-best model and the final model are committed by a create-only manifest written after their
+objects (manifest.py), and readers resolve the newest valid manifest.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save
 
+from . import manifest
 from .backend import LocalStorage, RunStorage
 from .rundir import CHECKPOINTS_DIR, RunDir, _json_bytes
 
@@ -81,6 +82,16 @@ def write_state_dir(
 
 
 def _write_state_dir(storage: RunStorage, rel: str, step: int, state: dict) -> None:
+    if manifest.is_object_store(storage):  # no rename there: a new version and its manifest
+
+        def objects(prefix: str) -> list[str]:
+            with storage.open_write(f"{prefix}/{STATE_FILE}") as f:
+                torch.save(state, f)
+            storage.write(f"{prefix}/meta.json", _json_bytes({"step": step}))
+            return [STATE_FILE, "meta.json"]
+
+        manifest.write_versioned(storage, rel, objects, step=step)
+        return
     tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
     _quiet_delete(storage, tmp)
     with storage.open_write(f"{tmp}/{STATE_FILE}") as f:
@@ -106,6 +117,8 @@ def _aside_local(p: Path) -> Path:
 
 
 def _readable_rel(storage: RunStorage, rel: str) -> str | None:
+    if manifest.is_object_store(storage):
+        return manifest.resolve(storage, rel)
     for r in (rel, _aside_rel(rel)):
         if storage.exists(f"{r}/{STATE_FILE}"):
             return r
@@ -117,6 +130,15 @@ def write_checkpoint(run: RunDir, step: int, state: dict, keep: int) -> Path | s
     Where it is: a path on a local run (``RunDir.locate``)."""
     rel = run.checkpoint_rel(step)
     _write_state_dir(run.storage, rel, step, state)
+    if manifest.is_object_store(run.storage):  # the older ones' manifests go first, then their objects
+        steps = [
+            r
+            for r in manifest.committed(run.storage, CHECKPOINTS_DIR)
+            if r.rpartition("/")[2].startswith("step-")
+        ]
+        for old in steps[:-keep]:
+            manifest.delete(run.storage, old)
+        return run.locate(rel)
     done = sorted(n for n in run.storage.list(CHECKPOINTS_DIR) if n.startswith("step-") and n.endswith("/"))
     for old in done[:-keep]:
         _quiet_delete(run.storage, f"{CHECKPOINTS_DIR}/{old.rstrip('/')}")
@@ -221,19 +243,29 @@ def write_model(
 ) -> None:
     """``model/`` = weights (safetensors) + lepton.json, replaced as a whole."""
     storage, rel = _at(model_dir, storage)
+
+    def files(folder: str) -> list[str]:
+        # copies: safetensors refuses tensors that share memory (a user model with tied weights)
+        weights = save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
+        storage.write(f"{folder}/{MODEL_WEIGHTS}", weights, mode=0o600)  # the mode save_file gave it
+        del weights
+        for name, src in (extra_files or {}).items():
+            storage.put(Path(src), f"{folder}/{name}")
+        storage.write(f"{folder}/{MODEL_META}", _json_bytes(meta))
+        return [MODEL_WEIGHTS, *(extra_files or {}), MODEL_META]
+
+    if manifest.is_object_store(storage):
+        manifest.write_versioned(storage, rel, files)
+        return
     tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
     _quiet_delete(storage, tmp)
-    # copies: safetensors refuses tensors that share memory (a user model with tied weights)
-    weights = save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
-    storage.write(f"{tmp}/{MODEL_WEIGHTS}", weights, mode=0o600)  # the mode safetensors' save_file gave it
-    del weights
-    for name, src in (extra_files or {}).items():
-        storage.put(Path(src), f"{tmp}/{name}")
-    storage.write(f"{tmp}/{MODEL_META}", _json_bytes(meta))
+    files(tmp)
     _replace_dir(storage, tmp, rel)
 
 
 def read_model(model_dir: str | Path, storage: RunStorage | None = None) -> tuple[dict, dict]:
     storage, rel = _at(model_dir, storage)
+    if manifest.is_object_store(storage):
+        rel = manifest.resolve(storage, rel) or rel
     meta = json.loads(storage.read(f"{rel}/{MODEL_META}").decode())
     return load_file(str(storage.local_path(f"{rel}/{MODEL_WEIGHTS}"))), meta

@@ -111,6 +111,12 @@ class RunDir:
     (``RunDir(FsspecStorage("s3://bucket/run"))``)."""
 
     def __init__(self, root: str | os.PathLike | RunStorage):
+        if isinstance(root, str) and "://" in root:
+            # a path would turn s3://bucket/run into the local folder s3:/bucket/run, without a word
+            raise LeptonError(
+                f"{root}: run directories on object storage are not supported by the commands yet"
+                " (give a local folder; workers on other hosts reach it through the coordinator)"
+            )
         if isinstance(root, (str, os.PathLike)):
             self.storage: RunStorage = LocalStorage(Path(root).resolve())
         else:
