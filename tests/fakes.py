@@ -48,3 +48,24 @@ def measure(c, w, step, version, samples, busy, compute):
             step_compute_fixed_s=0.0,
         )
     )
+
+
+class Crashing:
+    """A storage that raises ``SystemExit`` at its ``after``-th write, move or delete: a writer killed
+    at that point (an object store shows an object only once its upload completed)."""
+
+    def __init__(self, inner, after: int):
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in ("write", "open_write", "put", "delete", "move"):
+            return attr
+
+        def op(*a, **k):
+            self.calls += 1
+            if self.calls == self.after:
+                raise SystemExit(f"killed at {name} #{self.calls}")
+            return attr(*a, **k)
+
+        return op

@@ -308,7 +308,7 @@ def test_replicas_that_never_got_the_state_do_not_send_progress_back(tmp_path):
     before the state broadcast, and the survivor pauses at step 0 (its initial state). The next
     generation must start from the checkpoint again, not from that survivor."""
     c, _ = make_coordinator(tmp_path, 2, cluster__min_workers=2)
-    a, b = ready(c, 1), ready(c, 2)
+    a, _ = ready(c, 1), ready(c, 2)
     c.report(Report(worker_id=a, kind="checkpoint", payload={"step": 40, "path": "/ck40"}))
     c.heartbeat(Heartbeat(worker_id=a, generation=0, step=44))
     c.process_exited(1, -9)  # every replica gone: the next generation starts from the checkpoint

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fakes import Crashing
 from lepton.storage import backend
 from lepton.storage.backend import FsspecStorage, LocalStorage, RunStorage
 from lepton.storage.rundir import RunDir, read_jsonl
@@ -407,27 +408,6 @@ def test_a_run_dir_not_on_this_machine_has_no_local_paths():
 # --- commits by manifest on an object store (storage/manifest.py) -----------------------------------
 
 
-class _Crashing:
-    """A storage that raises ``SystemExit`` at its ``after``-th write, move or delete: a writer killed
-    at that point (an object store shows an object only once its upload completed)."""
-
-    def __init__(self, inner, after: int):
-        self.inner, self.after, self.calls = inner, after, 0
-
-    def __getattr__(self, name):
-        attr = getattr(self.inner, name)
-        if name not in ("write", "open_write", "put", "delete", "move"):
-            return attr
-
-        def op(*a, **k):
-            self.calls += 1
-            if self.calls == self.after:
-                raise SystemExit(f"killed at {name} #{self.calls}")
-            return attr(*a, **k)
-
-        return op
-
-
 def _object_store_run():
     return RunDir(FsspecStorage(f"memory://lepton-test-{uuid.uuid4().hex}", object_store=True))
 
@@ -471,7 +451,7 @@ def test_a_checkpoint_writer_killed_anywhere_leaves_the_old_or_the_new_one():
     write_best(run, 5, {"w": torch.zeros(4)})
     outcomes = set()
     for after in range(1, 12):
-        crashing = RunDir(_Crashing(run.storage, after))
+        crashing = RunDir(Crashing(run.storage, after))
         new = torch.full((4,), float(after))
         try:
             write_best(crashing, 100 + after, {"w": new})
