@@ -116,3 +116,32 @@ def test_s3_checkpoints_commit_by_manifest_and_survive_a_writer_killed_anywhere(
     assert len(manifest.committed(run.storage, "checkpoints")) == 2
     names = run.storage.list("checkpoints")
     assert sum(".manifest-" in n for n in names) == 2, names
+
+
+def test_train_reads_its_data_from_s3(s3_endpoint, tmp_path):
+    """``data.path: s3://...`` read by `lepton train` through s3fs, the endpoint and credentials from the
+    usual AWS variables: the same model as from the local copy of the file."""
+    import s3fs
+    import yaml
+
+    from conftest import job_dict, make_classification_csv, max_rel_diff, run_cli, weights
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }
+    data = make_classification_csv(tmp_path / "data.csv", rows=200)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint})
+    bucket = f"lepton-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    fs.put_file(str(data), f"{bucket}/in/data.csv")
+    runs = {}
+    for name, path in (("local", str(data)), ("s3", f"s3://{bucket}/in/data.csv")):
+        job = tmp_path / f"{name}.yaml"
+        job.write_text(yaml.safe_dump(job_dict(path, train__epochs=1, cluster__shares=[0.5, 0.5])))
+        r = run_cli("train", job, "--run-dir", tmp_path / name, "--no-progress", timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        runs[name] = tmp_path / name
+    assert max_rel_diff(weights(runs["s3"]), weights(runs["local"])) == 0.0  # fixed shares: bitwise
