@@ -141,6 +141,12 @@ class CoordinatorClient:
         if r.status_code == 403:
             raise LeptonError(f"the coordinator at {self.url} refused this worker's credential (403)")
         if r.status_code >= 400:
+            try:  # a refusal with a reason (FastAPI's {"detail": "..."}): the reason, whole
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = None
+            if isinstance(detail, str):
+                raise LeptonError(f"the coordinator refused {method} {path} ({r.status_code}): {detail}")
             raise LeptonError(f"coordinator {method} {path}: HTTP {r.status_code}: {r.text[:200]}")
         return r.json()
 

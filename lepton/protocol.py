@@ -35,6 +35,9 @@ class RegisterRequest(BaseModel):
     host: str = Field(max_length=256)
     pid: Count
     resources: Resources = Field(default_factory=Resources)
+    # the address its data plane (gloo) will bind, when it knows it: the coordinator refuses a loopback
+    # one from a worker that reaches it from another host (its peers could never connect)
+    data_address: Optional[str] = Field(default=None, max_length=64)
 
 
 class RegisterResponse(BaseModel):

@@ -37,9 +37,17 @@ def hosts():
         h.close()
 
 
-def _start(tmp_path, h: netns.Hosts, job: dict, workers: int, env: dict | None = None, per_host: int = 1):
+def _start(
+    tmp_path,
+    h: netns.Hosts,
+    job: dict,
+    workers: int,
+    env: dict | None = None,
+    per_host: int = 1,
+    launch: bool = True,
+):
     """The coordinator on host 0 (which sees tmp_path), ``workers`` workers on hosts 1.., ``per_host``
-    to a host, which do not."""
+    to a host, which do not (``launch``: start them too)."""
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     run = tmp_path / "run"
     coord = h.lepton(
@@ -62,6 +70,8 @@ def _start(tmp_path, h: netns.Hosts, job: dict, workers: int, env: dict | None =
     join.write_bytes((run / "join").read_bytes())
     assert json.loads(join.read_text())["url"] == f"https://{h.address(0)}:{PORT}"
     env = {"LEPTON_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
+    if not launch:
+        return coord, [], run
     if per_host == 1:
         ws = [
             h.lepton(k, "worker", "--join", join, hide=[tmp_path], env=env, log=tmp_path / f"worker-{k}.log")
@@ -113,6 +123,21 @@ def test_a_host_sees_nothing_of_the_coordinator(hosts, tmp_path):
     finally:
         shm.unlink()
     assert "rc=0" in _log(tmp_path, "probe.log"), _log(tmp_path, "probe.log")
+
+
+def test_a_worker_that_would_bind_loopback_is_refused_with_the_reason(hosts, tmp_path):
+    """The issue's finding: a worker whose data plane binds 127.0.0.1 (here ``--iface lo``) while it
+    reaches the coordinator from another host; its peers would retry connecting to their own loopback.
+    Registration refuses it at once with one line that says what to do."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=200)
+    h = hosts(2)
+    coord, _, run = _start(tmp_path, h, job_dict(data), workers=1, launch=False)
+    join = tmp_path.parent / f"{tmp_path.name}.join"
+    w = h.lepton(1, "worker", "--join", join, "--iface", "lo", hide=[tmp_path], log=tmp_path / "w.log")
+    assert w.wait(timeout=60) == 2
+    lines = [line for line in _log(tmp_path, "w.log").splitlines() if line.strip() and "[W" not in line]
+    assert len(lines) == 1 and "127.0.0.1 (loopback)" in lines[0] and "--iface" in lines[0], lines
+    assert coord.poll() is None
 
 
 def test_three_hosts_train_the_model_of_one_host(hosts, tmp_path):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..errors import first_line
 from .errors import CommError
-from .net import interface_towards
+from .net import data_plane_interface
 from .shm import ShmAllreduce
 
 
@@ -53,11 +53,10 @@ class GenerationGroup:
         if "GLOO_SOCKET_IFNAME" not in os.environ:  # ``lepton worker --iface`` sets it
             # all peers on this host: loopback; else the interface that reaches the coordinator, not
             # the host name's address (net.py)
-            loopback = store_host in ("127.0.0.1", "localhost", "::1")
-            iface = "lo" if loopback else interface_towards(store_host, store_port)
+            iface = data_plane_interface(store_host, store_port)
             if iface:
                 os.environ["GLOO_SOCKET_IFNAME"] = iface
-                if not loopback:  # NCCL's bootstrap and its socket transport: the same interface
+                if iface != "lo":  # NCCL's bootstrap and its socket transport: the same interface
                     os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
 
     def join(self, generation: int, rank: int, world: int, store_port: int, backend: str = "gloo") -> None:
@@ -100,7 +99,7 @@ class GenerationGroup:
             )
         if not hierarchical:
             return
-        # hierarchical only if every host's segment connected (a host alone on a host needs none)
+        # hierarchical only if every host's segment connected (a rank alone on its host needs none)
         ok = self.shm is not None or len(mine) == 1
         store.set(f"hier/{rank}", "1" if ok else "0")
         if all(store.get(f"hier/{r}") == b"1" for r in range(world)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import os
 import socket
 import struct
 
@@ -32,16 +33,38 @@ def interface_of(address: str) -> str | None:
             return None
     except ValueError:
         return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                req = struct.pack("256s", name.encode()[:15])
-                got = socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24])
-            except OSError:  # down, or no IPv4 address
-                continue
-            if got == address:
-                return name
+    for _, name in socket.if_nameindex():
+        if address_of(name) == address:  # None: down, or no IPv4 address
+            return name
     return None
+
+
+def address_of(interface: str) -> str | None:
+    """The IPv4 address of ``interface``; None if it has none (or does not exist)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            req = struct.pack("256s", interface.encode()[:15])
+            return socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24])
+        except OSError:
+            return None
+
+
+def data_plane_interface(coordinator_host: str, port: int) -> str | None:
+    """The interface gloo will bind for a coordinator at ``coordinator_host``: ``GLOO_SOCKET_IFNAME``
+    when set (``lepton worker --iface``), loopback when the coordinator is on this host, else the one
+    whose route reaches it."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    if coordinator_host in ("127.0.0.1", "localhost", "::1"):
+        return "lo"
+    return interface_towards(coordinator_host, port)
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def interface_towards(host: str, port: int) -> str | None:

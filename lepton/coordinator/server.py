@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch.distributed as dist
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
 
+from ..comm.net import is_loopback
 from ..protocol import (
     CREDENTIAL_HEADER,
     AnyReport,
@@ -79,7 +80,16 @@ def build_app(
         return RedirectResponse("/dashboard", status_code=307)
 
     @app.post("/v1/register", dependencies=[Depends(auth)])
-    def register(req: RegisterRequest) -> RegisterResponse:
+    def register(req: RegisterRequest, request: Request) -> RegisterResponse:
+        peer = request.client.host if request.client else None
+        if req.data_address and is_loopback(req.data_address) and peer and not is_loopback(peer):
+            # its peers would connect to their own loopback: the generation could never form
+            raise HTTPException(
+                422,
+                f"worker on {req.host}: its data plane would bind {req.data_address} (loopback), which"
+                f" workers on other hosts cannot reach; it reaches the coordinator from {peer}: give"
+                " lepton worker --iface the interface of that address, or unset GLOO_SOCKET_IFNAME",
+            )
         with lock:
             wid = coord.register(req)
             job = coord.job.to_yaml_dict()

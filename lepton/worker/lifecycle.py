@@ -32,6 +32,7 @@ import torch
 
 from ..client import CoordinatorClient, CoordinatorUnreachable
 from ..comm import CommError, GenerationGroup
+from ..comm.net import address_of, data_plane_interface
 from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
 from ..policies import Decision
@@ -176,7 +177,14 @@ class Worker:
         # the first optimizer pulls in ~800 modules (torch._dynamo; ~0.8 s): pay that before
         # registering, while a local coordinator is still preparing the data
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        request = RegisterRequest(host=socket.gethostname(), pid=os.getpid(), resources=resources)
+        where = urlparse(url)
+        iface = data_plane_interface(cast(str, where.hostname), where.port or 0)
+        request = RegisterRequest(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            resources=resources,
+            data_address=address_of(iface) if iface else None,
+        )
         reg = client.register(request, wait_s=connect_timeout_s)
         # heartbeats start now; the coordinator counts this worker as available from its first plan
         # request, i.e. once the model and data below are ready
