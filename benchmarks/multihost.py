@@ -4,7 +4,8 @@ by ``tc netem``: Lepton against torchrun + DDP run multi-node across the same na
     .venv/bin/python benchmarks/multihost.py [--rows 100000] [--rounds 3] [--rates 1gbit,10gbit]
         [--work /tmp/lepton-multihost]   (root: it makes network namespaces)
 
-For each rate (every host's egress shaped to it, 0.1 ms one way):
+For each rate (every host's egress shaped to it, 0.1 ms one way, by netem; this kernel has no netem, and
+then the rate alone is set by tbf, with no added delay: the table says which):
 - 2 hosts and 3 hosts, one worker each (one torch thread): `lepton coordinator` on host 0 and
   `lepton worker --join` on the others, which see neither the run directory nor the data (they fetch it
   from the coordinator before training), against `torchrun --nnodes N --node-rank K` of the reference loop
@@ -139,7 +140,7 @@ def main() -> None:
     rows = []
     try:
         for rate in a.rates.split(","):
-            h.shape(rate)
+            applied = h.shape(rate)
             runs = {
                 "lepton 2 hosts": lambda: lepton(h, a.work, data, 2, 1, True),
                 "torchrun 2 hosts": lambda: torchrun(h, a.work, data, 2, a.bench_dir),
@@ -148,13 +149,13 @@ def main() -> None:
                 "lepton 2x2 hierarchical": lambda: lepton(h, a.work, data, 2, 2, True),
                 "lepton 2x2 flat gloo": lambda: lepton(h, a.work, data, 2, 2, False),
             }
-            print(f"\n== links at {rate}, 0.1 ms ==", flush=True)
+            print(f"\n== links: {applied} ==", flush=True)
             got = interleaved(runs, a.rounds)
             med = {name: median(r[0] for r in rs) for name, rs in got.items()}
 
             rows.append(
                 (
-                    rate,
+                    applied,
                     med,
                     _paired(got, "lepton 2 hosts", "torchrun 2 hosts"),
                     _paired(got, "lepton 3 hosts", "torchrun 3 hosts"),
