@@ -187,3 +187,37 @@ def test_sigterm_ends_a_worker_whose_coordinator_is_gone(procs, job_file, tmp_pa
     err = w.stderr.read()
     assert w.returncode == 128 + signal.SIGTERM, err
     assert "left on SIGTERM without telling the coordinator" in err and "Traceback" not in err, err
+
+
+def test_sigterm_ends_a_worker_blocked_inside_a_gloo_collective(procs, tmp_path):
+    """A peer hangs (SIGSTOP) mid-run, so the other worker waits inside gloo's allreduce, where Python
+    runs no signal handler until the call returns (``collective_timeout_s``, 60 s here). SIGTERM must
+    still end it within the leave deadline (10 s) of its arrival: the deadline is armed by a thread
+    that sees the signal through the wakeup fd, not by the handler."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=2000)
+    job = job_dict(data, train__epochs=50, checkpoint__every_steps=0)
+    job["cluster"].update(
+        workers=2, shared_memory=False, heartbeat_timeout_s=120, collective_timeout_s=60, balance="off"
+    )
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "run"
+    c = procs.lepton("coordinator", tmp_path / "job.yaml", "--run-dir", run_dir, "--workers", 2)
+    url = coordinator_url(c)
+    a, b = (procs.lepton("worker", "--coordinator", url, "--token-file", run_dir / "token") for _ in range(2))
+    with _client(url, run_dir) as http:
+        wait_for(lambda: http.get("/v1/status").json()["step"] >= 20, 90, "training under way")
+    os.kill(b.pid, signal.SIGSTOP)  # a is now inside an allreduce that waits for b
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    a.send_signal(signal.SIGTERM)
+    try:
+        a.wait(timeout=30)  # well before the collective timeout (60 s) would have let a handler run
+    except Exception:
+        pytest.fail("the worker in a gloo call ignored SIGTERM until the collective timeout")
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    took = time.monotonic() - t0
+    err = a.stderr.read()
+    assert a.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err, err
+    print(f"left {took:.1f} s after SIGTERM, from inside a gloo allreduce")

@@ -149,7 +149,7 @@ class Worker:
         self.generation: int | None = None
         # set by the first SIGTERM/SIGINT; every poll and retry loop waits on it instead of sleeping
         self._leave = threading.Event()
-        self._signum = signal.SIGTERM
+        self._signum: int = signal.SIGTERM
         self.checkpointer: AsyncCheckpointer | None = None  # rank 0's background saves in a generation
         self.steady = _Throughput()  # the last generation's steady-state throughput
 
@@ -238,12 +238,20 @@ class Worker:
             self._leave.clear()
 
     def _on_signal(self, signum, frame) -> None:
-        """First SIGTERM/SIGINT: leave at the next step boundary (nothing redone), or at once when not
-        training; in any case within LEAVE_DEADLINE_S. Second: now."""
-        if self.leaving:
-            os._exit(128 + signum)
+        """The Python-level handler: it must exist (the default action would kill the worker at once),
+        but it runs only between bytecodes, so it may come late (while the main thread is inside a
+        gloo call). ``_signal_arrived`` has acted already."""
         self._signum = signum
         self.leaving = True
+
+    def _signal_arrived(self, signum: int, count: int) -> None:
+        """Seen by the watcher thread as the signal arrives (``_watch_signals``). First SIGTERM/SIGINT:
+        leave at the next step boundary (nothing redone), or at once when not training; in any case
+        within LEAVE_DEADLINE_S of its arrival. Second: now."""
+        if count > 1:
+            os._exit(128 + signum)
+        self._signum = signum
+        self.leaving = True  # wakes every poll and retry loop that waits on the event
         timer = threading.Timer(LEAVE_DEADLINE_S, _exit_late, args=(signum,))
         timer.daemon = True
         timer.start()
@@ -254,6 +262,25 @@ class Worker:
         # launcher's to handle (checkpoint and stop the whole job), not a reason to leave
         local = os.environ.get("LEPTON_LOCAL_WORKER") == "1"
         signal.signal(signal.SIGINT, signal.SIG_IGN if local else self._on_signal)
+        self._watch_signals({signal.SIGTERM} if local else {signal.SIGTERM, signal.SIGINT})
+
+    def _watch_signals(self, leave_on: set[int]) -> None:
+        """Python's C-level handler writes each signal's number to the wakeup fd the moment it arrives,
+        whatever the main thread is doing; a thread reading it starts the leave deadline then, not when
+        the Python handler gets to run."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+        def watch() -> None:
+            seen = 0
+            while True:
+                for signum in os.read(r, 64):
+                    if signum in leave_on:
+                        seen += 1
+                        self._signal_arrived(signum, seen)
+
+        threading.Thread(target=watch, name="lepton-signals", daemon=True).start()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def serve(self) -> int:
