@@ -47,7 +47,9 @@ class RegisterResponse(BaseModel):
     job: dict[str, Any]
     run_dir: str
     store_port: int
-    factory_pickle: Optional[str] = None  # path of a cloudpickled model factory (Python API)
+    # set when the run has a cloudpickled model factory (Python API): its path on the coordinator's host;
+    # workers read it through their run storage (RunDir.read_factory), wherever they are
+    factory_pickle: Optional[str] = None
     heartbeat_interval_s: float
 
 

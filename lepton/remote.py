@@ -164,7 +164,8 @@ class RemoteStorage:
         return blob
 
     def exists(self, rel: str) -> bool:
-        return bool(self._stat(rel)["exists"])
+        r = self._request("GET", "/v1/files/stat", params={"name": rel, "digest": "false"})
+        return bool(r.json()["exists"])
 
     def list(self, rel: str = "") -> list[str]:
         return list(self._request("GET", "/v1/files/list", params={"name": rel}).json()["names"])

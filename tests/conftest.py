@@ -76,6 +76,20 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
 
 
+def kill_session(p: subprocess.Popen) -> None:
+    """SIGKILL ``p``'s whole session and wait for ``p`` (10 s at most). The whole session, even when its
+    leader has exited: a launcher that died leaves its workers running in its process group
+    (start_new_session makes the group id its pid)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class Procs:
     """Starts CLI subprocesses in their own session and kills every one of them at teardown."""
 
@@ -98,16 +112,7 @@ class Procs:
 
     def reap(self) -> None:
         for p in self.procs:
-            # the whole session, even when its leader has exited: a launcher that died leaves its
-            # workers running in its process group (start_new_session makes the group id its pid)
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            kill_session(p)
             for stream in (p.stdout, p.stderr):
                 if stream:
                     stream.close()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_session
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -164,14 +166,7 @@ class Hosts:
 
     def close(self) -> None:
         for p in self.procs:
-            try:
-                os.killpg(p.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            kill_session(p)
         for ns in self.names:
             _ip("netns", "del", ns, check=False)  # takes its end of the veth, and so the pair
         _ip("link", "del", self.bridge, check=False)

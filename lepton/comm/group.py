@@ -14,6 +14,7 @@ import io
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Callable, cast
 
 import torch
@@ -216,7 +217,7 @@ def _host_keys(store, rank: int, world: int) -> list[str]:
     """Which ranks share a host, as far as shared memory is concerned: the same boot, the same /dev/shm
     mount and the same PID namespace (a container or a namespace host has its own)."""
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = socket.gethostname()
     try:

@@ -5,9 +5,10 @@ not on its host's disk (another host, another mount namespace, a container) it r
 through these routes, behind a ``RunStorage`` of its own (``lepton/remote.py``: ``RemoteStorage``), so
 the worker code that reads the prepared data and writes checkpoints is the same in both cases.
 
-- ``GET /v1/files/stat?name=REL``: whether ``REL`` is there, a file or a folder; a file's size and the
-  SHA-256 of its content (computed once per version of the file: files of a run are only ever replaced
-  whole, so (path, size, mtime) names a version). The worker caches downloads by that hash, so a
+- ``GET /v1/files/stat?name=REL[&digest=false]``: whether ``REL`` is there, a file or a folder; a file's
+  size and the SHA-256 of its content (``digest=false``: existence alone, nothing read). The hash is
+  computed once per version of the file: files of a run are only ever replaced whole, so (path, size,
+  mtime) names a version. The worker caches downloads by that hash, so a
   restarted worker on the same host fetches nothing again.
 - ``GET /v1/files/read?name=REL&offset=O&length=L``: up to ``CHUNK_MAX`` bytes of a file, so a large
   file travels in chunks, each request bounded in time, and a broken transfer resumes at its offset.
@@ -221,15 +222,17 @@ def add_file_routes(
 
     # plain ``def`` (or the thread pool): file I/O never holds the event loop that answers heartbeats
     @app.get("/v1/files/stat", dependencies=guards)
-    def stat(name: str = Query(max_length=1024)) -> FileStat:
+    def stat(name: str = Query(max_length=1024), digest: bool = Query(default=True)) -> FileStat:
         rel = checked(name, readable)
         if not storage.exists(rel):
             return FileStat(exists=False)
+        if not digest:  # only whether it is there (a checkpoint's rotation): no file read to hash it
+            return FileStat(exists=True)
         try:
-            size, digest = hashes.of(storage.local_path(rel))
+            size, sha = hashes.of(storage.local_path(rel))
         except (FileNotFoundError, IsADirectoryError):
             return FileStat(exists=True, is_dir=True)
-        return FileStat(exists=True, size=size, sha256=digest)
+        return FileStat(exists=True, size=size, sha256=sha)
 
     @app.get("/v1/files/read", dependencies=guards)
     def read(

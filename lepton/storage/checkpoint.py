@@ -82,21 +82,18 @@ def write_state_dir(
 
 
 def _write_state_dir(storage: RunStorage, rel: str, step: int, state: dict) -> None:
+    def files(folder: str) -> list[str]:
+        with storage.open_write(f"{folder}/{STATE_FILE}") as f:
+            torch.save(state, f)
+        storage.write(f"{folder}/meta.json", _json_bytes({"step": step}))
+        return [STATE_FILE, "meta.json"]
+
     if manifest.is_object_store(storage):  # no rename there: a new version and its manifest
-
-        def objects(prefix: str) -> list[str]:
-            with storage.open_write(f"{prefix}/{STATE_FILE}") as f:
-                torch.save(state, f)
-            storage.write(f"{prefix}/meta.json", _json_bytes({"step": step}))
-            return [STATE_FILE, "meta.json"]
-
-        manifest.write_versioned(storage, rel, objects, step=step)
+        manifest.write_versioned(storage, rel, files, step=step)
         return
     tmp = _sibling(rel, f".{rel.rpartition('/')[2]}.tmp")
     _quiet_delete(storage, tmp)
-    with storage.open_write(f"{tmp}/{STATE_FILE}") as f:
-        torch.save(state, f)
-    storage.write(f"{tmp}/meta.json", _json_bytes({"step": step}))
+    files(tmp)
     _replace_dir(storage, tmp, rel)
 
 
