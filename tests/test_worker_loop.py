@@ -163,11 +163,14 @@ def test_two_fake_ranks_make_the_update_of_one_rank_over_the_same_batch():
     alone = Trainer(job, _Cache())
     alone.train_step(FakeGroup(), [1.0], 0)
     cluster = FakeCluster()
+    # built here, one after the other: model init seeds and draws from torch's global generator, and two
+    # threads building at once interleave their draws (different initial weights, a flaky test)
+    trainers = [Trainer(job, _Cache()) for _ in range(2)]
 
     def rank_step(rank):
         group = cluster.group()
         group.join(0, rank, 2, 0)
-        trainer = Trainer(job, _Cache())
+        trainer = trainers[rank]
         result = trainer.train_step(group, [0.5, 0.5], rank)
         return trainer, result
 
