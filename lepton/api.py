@@ -11,6 +11,9 @@ it (it must be importable or picklable by value, as cloudpickle allows).
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from .export.pipeline import run_export
 from .launch import open_local, run_local
 from .predict import Predictor, RunPredictor, run_model_dir
 from .spec import as_job
+from .storage.backend import is_url, open_storage
+from .storage.mirror import copy_model, model_version
+from .storage.rundir import RunDir
 
 # a resumed run continues with the spec it started with (its job.yaml): a changed field would change
 # what the checkpoint is continued with, and the data order; only the worker count may differ
@@ -33,7 +39,7 @@ RESUME_KEEPS_THE_SPEC = (
 @dataclass
 class TrainResult:
     status: str
-    run_dir: Path
+    run_dir: Path | str  # a folder, or a URL (a run on object storage)
     summary: dict | None
     reason: str = ""
     export: dict | None = None  # the export report when the job has an ``export:`` section
@@ -73,7 +79,7 @@ def train(
         if outcome.status == "completed" and opened.job.export is not None:  # while the run is held
             try:
                 report = run_export(
-                    opened.run.root,
+                    opened.run.location,
                     opened.job.export,
                     progress=progress,
                     log=lambda m: console.print(m, markup=False, highlight=False),
@@ -81,7 +87,9 @@ def train(
             except LeptonError as e:  # raising would lose the result of the training that did complete
                 export_error = str(e)
             except KeyboardInterrupt:  # Ctrl-C while exporting: the training result still stands
-                export_error = f"interrupted; export the trained model with: lepton export {opened.run.root}"
+                export_error = (
+                    f"interrupted; export the trained model with: lepton export {opened.run.where()}"
+                )
     return TrainResult(outcome.status, outcome.run_dir, outcome.summary, outcome.reason, report, export_error)
 
 
@@ -89,10 +97,26 @@ def load(path: str | Path) -> Predictor:
     """A predictor from a run directory (its ``model/``), a model directory (``RunPredictor``), or an
     exported artifact file (``ArtifactPredictor``: ONNX through onnxruntime, TorchScript, safetensors)
     with the same interface. The one entry point of ``lepton.load``, ``lepton predict`` and
-    ``lepton serve``."""
+    ``lepton serve``. A URL (``s3://bucket/run``) names a run, or an artifact, on object storage: the
+    files are fetched into a download cache and a copy of this machine's (storage/mirror.py)."""
+    if is_url(path):
+        return _load_remote(str(path))
     p = Path(path)
     if not p.exists():
         raise LeptonError(f"{p}: no such run or model directory")
     if p.is_file():  # an exported artifact (lepton export)
         return load_artifact(p)
     return RunPredictor(run_model_dir(p))
+
+
+def _load_remote(url: str) -> Predictor:
+    run = RunDir(url)
+    if model_version(run) is None and not run.holds_run():  # not a run: an artifact file, or nothing
+        parent, _, name = url.rstrip("/").rpartition("/")
+        try:
+            return load_artifact(open_storage(parent).local_path(name))
+        except FileNotFoundError:
+            raise LeptonError(f"{url}: no such run, model or artifact") from None
+    folder = Path(tempfile.mkdtemp(prefix="lepton-model-"))
+    atexit.register(shutil.rmtree, folder, True)  # links into the download cache: nothing is lost
+    return RunPredictor(copy_model(run, folder))

@@ -11,11 +11,11 @@ import sys
 
 from . import api
 from .cli_args import cpus, positive, split_bind
-from .client import CoordinatorClient, read_ca, read_join, read_token
+from .client import CoordinatorClient, CoordinatorUnreachable, read_ca, read_join, read_token
 from .console import console, out, status_table, summary_table
 from .coordinator.auth import dashboard_url
 from .coordinator.server import Listener
-from .coordinator.tls import wants_tls, write_join
+from .coordinator.tls import JOIN, wants_tls, write_join
 from .errors import LeptonError
 from .export.cli import add_export_commands
 from .export.report import print_report
@@ -24,6 +24,7 @@ from .launch.run import StartNotices
 from .predict import check_output
 from .runs import add_runs_command
 from .spec import as_job
+from .storage.rundir import TOKEN, RunDir
 from .worker.lifecycle import run_worker
 
 EXIT_USER_ERROR = 2
@@ -94,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser("status", help="show a running job and its workers")
-    s.add_argument("url")
+    s.add_argument("url", nargs="?", help="the coordinator's URL (or give --run-dir)")
+    s.add_argument(
+        "--run-dir",
+        help="the run (a folder or a URL such as s3://bucket/run): its join file names the coordinator;"
+        " when none answers, the run's state.json is shown",
+    )
     s.add_argument("--token-file")
     s.add_argument("--ca-file", help="the run's CA (RUN_DIR/tls/ca.pem) for an https coordinator")
     s.add_argument("--json", action="store_true")
@@ -165,13 +171,15 @@ def cmd_coordinator(a) -> int:
     server = start_coordinator(opened, listener, tls=wants_tls(a.tls, host))
     join = write_join(opened.run, server.url, opened.token, server.tls.ca_pem if server.tls else None)
     print(f"coordinator listening on {server.url}", flush=True)
-    print(f"token file: {opened.run.token_file}", flush=True)
-    print(f"join file: {join} (copy it to a worker host: lepton worker --join FILE)", flush=True)
+    token_file = opened.run.locate(TOKEN)
+    print(f"token file: {token_file}", flush=True)
+    how = "a worker host reads it with" if "://" in str(join) else "copy it to a worker host:"
+    print(f"join file: {join} ({how} lepton worker --join FILE)", flush=True)
     print(f"dashboard: {dashboard_url(server.url, opened.token)}", flush=True)
     notices = StartNotices(
         f"lepton worker --join {join}"
         if server.tls
-        else f"lepton worker --coordinator {server.url} --token-file {opened.run.token_file}"
+        else f"lepton worker --coordinator {server.url} --token-file {token_file}"
     )
     policy = InterruptPolicy()
     with InterruptCounter() as interrupts:
@@ -193,11 +201,11 @@ def cmd_coordinator(a) -> int:
         c.phase.value,
         c.reason,
         c.summary,
-        opened.run.root,
+        opened.run.where(),
         console,
         out,
         summary_table,
-        f"lepton coordinator --resume --run-dir {opened.run.root} --bind {bind}",
+        f"lepton coordinator --resume --run-dir {opened.run.where()} --bind {bind}",
     )
 
 
@@ -222,7 +230,19 @@ def cmd_worker(a) -> int:
 
 
 def cmd_status(a) -> int:
-    st = CoordinatorClient(a.url, read_token(a.token_file), ca=read_ca(a.ca_file)).status()
+    if a.run_dir:
+        if a.url or a.token_file or a.ca_file:
+            raise LeptonError(
+                "--run-dir reads the URL, token and CA from the run's join file: give it without a URL,"
+                " --token-file or --ca-file"
+            )
+        st = _status_from_run(a.run_dir)
+        if st is None:
+            return 0
+    elif a.url:
+        st = CoordinatorClient(a.url, read_token(a.token_file), ca=read_ca(a.ca_file)).status()
+    else:
+        raise LeptonError("lepton status: give the coordinator's URL (and a token), or --run-dir DIR")
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -230,6 +250,32 @@ def cmd_status(a) -> int:
     for ev in st["events"][-5:]:
         out.print(f"  {ev['kind']}: {ev['reason']}", highlight=False)
     return 0
+
+
+def _status_from_run(where: str) -> dict | None:
+    """The live status of the run's coordinator, named by its join file; when there is none or it does
+    not answer, the run's state.json printed instead (and None returned)."""
+    run = RunDir(where)
+    if not run.holds_run():
+        raise LeptonError(f"{run.where()}: no run here (no job.yaml / state.json)")
+    why = "the run has no join file (`lepton train` runs keep their coordinator to themselves)"
+    if run.storage.exists(JOIN):
+        url, token, ca = read_join(str(run.locate(JOIN)))
+        try:
+            return CoordinatorClient(url, token, timeout_s=5.0, ca=ca).status()
+        except CoordinatorUnreachable as e:
+            why = str(e)
+    state = run.read_state()
+    step, total = state.get("step", "-"), state.get("total_steps")
+    reason = f": {state['reason']}" if state.get("reason") else ""
+    out.print(
+        f"{run.where()}: {state.get('status', 'unknown')} at step {step}{f'/{total}' if total else ''}"
+        f" (generation {state.get('generation', '-')}){reason}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(f"no live coordinator: {why}", highlight=False, soft_wrap=True)
+    return None
 
 
 def cmd_predict(a) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import LeptonError
+from .errors import LeptonError, first_line
 from .protocol import (
     CREDENTIAL_HEADER,
     AnyReport,
@@ -20,18 +20,19 @@ from .protocol import (
     RegisterRequest,
     RegisterResponse,
 )
+from .storage.backend import is_url
 
 
 def read_token(token_file: str | None) -> str:
     """The bearer token from ``--token-file`` or ``LEPTON_TOKEN``."""
     if token_file:
-        p = Path(token_file)
-        if p.is_dir():
+        p = token_file if is_url(token_file) else Path(token_file)
+        if isinstance(p, Path) and p.is_dir():
             raise LeptonError(f"{p}: is a folder; --token-file names the run's token file (RUN_DIR/token)")
-        if not p.exists():
-            raise LeptonError(f"{p}: token file not found")
         try:
-            token = p.read_text().strip()
+            token = _read_text(p).strip()
+        except FileNotFoundError:
+            raise LeptonError(f"{p}: token file not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise LeptonError(f"{p}: cannot read the token file ({e})") from None
         if not token or any(c.isspace() or not c.isprintable() for c in token):
@@ -43,11 +44,25 @@ def read_token(token_file: str | None) -> str:
     return env.strip()
 
 
-def read_join(path: str) -> tuple[str, str, str | None]:
-    """(URL, token, CA PEM or None) from a join file (``RUN_DIR/join``, coordinator/tls.py)."""
-    p = Path(path)
+def _read_text(p: str | Path) -> str:
+    """A local file's text, or an fsspec URL's (the run directory on object storage)."""
+    if isinstance(p, Path):
+        return p.read_text()
+    import fsspec
+
     try:
-        body = json.loads(p.read_text())
+        with fsspec.open(p, "rb") as f:
+            return f.read().decode()
+    except ImportError as e:
+        raise OSError(first_line(e)) from None
+
+
+def read_join(path: str) -> tuple[str, str, str | None]:
+    """(URL, token, CA PEM or None) from a join file (``RUN_DIR/join``, coordinator/tls.py): a local
+    file, or the run's own on object storage (``s3://bucket/run/join``)."""
+    p = path if is_url(path) else Path(path)
+    try:
+        body = json.loads(_read_text(p))
         url, token, ca = body["url"], body["token"], body.get("ca")
         if not isinstance(url, str) or not isinstance(token, str) or not isinstance(ca, (str, type(None))):
             raise TypeError
@@ -62,9 +77,9 @@ def read_ca(ca_file: str | None) -> str | None:
     """The PEM of ``--ca-file`` (the run's CA, RUN_DIR/tls/ca.pem), or None."""
     if not ca_file:
         return None
-    p = Path(ca_file)
+    p = ca_file if is_url(ca_file) else Path(ca_file)
     try:
-        pem = p.read_text()
+        pem = _read_text(p)
     except FileNotFoundError:
         raise LeptonError(f"{p}: CA file not found") from None
     except (OSError, UnicodeDecodeError) as e:

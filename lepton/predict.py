@@ -291,7 +291,7 @@ def check_output(
                 f"{label}{path}: is the input file; the predictions would overwrite the data,"
                 " write them to another file"
             )
-    if model_path is not None:
+    if model_path is not None and "://" not in str(model_path):  # a run on object storage: nothing here
         target = p.resolve()
         for kept in _model_files(Path(model_path)):
             if target == kept or kept in target.parents:

@@ -170,6 +170,9 @@ class RemoteStorage:
     def list(self, rel: str = "") -> list[str]:
         return list(self._request("GET", "/v1/files/list", params={"name": rel}).json()["names"])
 
+    def modified(self, rel: str = "") -> float:
+        raise OSError(f"{self.describe(rel)}: the coordinator's file API gives no modification times")
+
     # --- writes --------------------------------------------------------------------------------------
     def _upload(self, src: BinaryIO, rel: str, create_only: bool = False) -> None:
         src.seek(0)

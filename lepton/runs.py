@@ -18,8 +18,9 @@ import yaml
 from rich.table import Table
 
 from .console import out
-from .errors import LeptonError
-from .storage.rundir import RunDir
+from .errors import LeptonError, first_line
+from .storage.backend import is_url
+from .storage.rundir import EVENTS_JSONL, JOB_YAML, METRICS_JSONL, STATE_JSON, SUMMARY_JSON, RunDir
 
 # (metric, mode) tried in order: the first one the validation records carry is the one reported
 BEST = {
@@ -29,19 +30,19 @@ BEST = {
 TEST = {"classification": ["accuracy", "loss"], "regression": ["mse", "loss"]}
 
 
-def _json(path: Path) -> dict:
+def _json(run: RunDir, rel: str) -> dict:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(run.storage.read(rel).decode())
         return obj if isinstance(obj, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _yaml(path: Path) -> dict:
+def _yaml(run: RunDir, rel: str) -> dict:
     try:
-        obj = yaml.safe_load(path.read_text())
+        obj = yaml.safe_load(run.storage.read(rel).decode())
         return obj if isinstance(obj, dict) else {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
 
 
@@ -49,11 +50,11 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _val_records(path: Path) -> list[dict]:
+def _val_records(run: RunDir) -> list[dict]:
     """The validation records of ``metrics.jsonl`` (torn or foreign lines are skipped)."""
     out: list[dict] = []
     try:
-        f = open(path, "rb")
+        f = run.storage.open_read(METRICS_JSONL)
     except OSError:
         return out
     with f:
@@ -92,8 +93,8 @@ def _task(job: dict, records: list[dict], summary: dict) -> str:
 def run_info(path: str | Path) -> dict:
     """What ``lepton runs`` shows about one run directory."""
     run = RunDir(path)
-    state, summary, job = _json(run.state_json), _json(run.summary_json), _yaml(run.job_yaml)
-    records = _val_records(run.metrics_jsonl)
+    state, summary, job = _json(run, STATE_JSON), _json(run, SUMMARY_JSON), _yaml(run, JOB_YAML)
+    records = _val_records(run)
     task = _task(job, records, summary)
     status = state.get("status") or summary.get("status") or "unknown"
     test = None
@@ -106,14 +107,14 @@ def run_info(path: str | Path) -> dict:
                 test = {"metric": metric, "value": float(split[metric])}
                 break
     mtimes = []
-    for p in (run.root, run.state_json, run.metrics_jsonl, run.events_jsonl, run.summary_json, run.job_yaml):
+    for rel in ("", STATE_JSON, METRICS_JSONL, EVENTS_JSONL, SUMMARY_JSON, JOB_YAML):
         try:
-            mtimes.append(p.stat().st_mtime)
+            mtimes.append(run.storage.modified(rel))
         except OSError:
             pass
     return {
-        "name": run.root.name,
-        "path": str(run.root),
+        "name": run.where().rstrip("/").rpartition("/")[2],
+        "path": run.where(),
         "job": state.get("name") or job.get("name"),
         "task": task,
         "status": status,
@@ -127,25 +128,36 @@ def run_info(path: str | Path) -> dict:
     }
 
 
-def _is_run(d: Path) -> bool:
+def _is_run(d: str | Path) -> bool:
     try:
-        return d.is_dir() and RunDir(d).holds_run()
+        return (is_url(d) or Path(d).is_dir()) and RunDir(d).holds_run()
     except OSError:  # e.g. another user's folder we may not look into: not ours to list
         return False
 
 
 def list_runs(root: str | Path = "runs") -> list[dict]:
-    """The runs under ``root`` (or ``root`` itself when it is one), most recently modified first."""
-    root = Path(root)
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "no such folder"
-        raise LeptonError(
-            f"{root}: {what} (give the folder that holds the run directories, or a run directory)"
-        )
-    if RunDir(root).holds_run():
-        dirs = [root]
+    """The runs under ``root`` (or ``root`` itself when it is one), most recently modified first.
+    ``root`` may be a URL (``s3://bucket/runs``): the runs on object storage."""
+    if is_url(root):
+        url = str(root).rstrip("/")
+        try:
+            top = RunDir(url)
+            dirs: list[str | Path] = (
+                [url]
+                if top.holds_run()
+                else [f"{url}/{n.rstrip('/')}" for n in top.storage.list("") if n.endswith("/")]
+            )
+        except OSError as e:
+            raise LeptonError(f"{url}: cannot list the runs there: {first_line(e)}") from None
+        dirs = [d for d in dirs if _is_run(d)]
     else:
-        dirs = [d for d in root.iterdir() if _is_run(d)]
+        root = Path(root)
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "no such folder"
+            raise LeptonError(
+                f"{root}: {what} (give the folder that holds the run directories, or a run directory)"
+            )
+        dirs = [root] if RunDir(root).holds_run() else [d for d in root.iterdir() if _is_run(d)]
     rows = [run_info(d) for d in dirs]
     rows.sort(key=lambda r: (r["modified"] or 0, r["name"]), reverse=True)
     return rows

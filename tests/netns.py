@@ -79,6 +79,23 @@ class Hosts:
     def address(self, k: int) -> str:
         return f"10.213.{self.subnet}.{k + 1}"
 
+    def add_interface(self, k: int, name: str, address: str) -> None:
+        """A second interface on host ``k`` holding ``address``, which no other host routes to: a worker
+        told to bind it (``--iface``) is unreachable on the data plane. A veth pair whose both ends stay
+        in the host (this kernel may have no ``dummy`` driver)."""
+        ns = self.names[k]
+        _ip("-n", ns, "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+        _ip("-n", ns, "addr", "add", f"{address}/24", "dev", name)
+        _ip("-n", ns, "link", "set", f"{name}p", "up")
+        _ip("-n", ns, "link", "set", name, "up")
+
+    def attach_this_machine(self) -> str:
+        """An address for the root namespace on the bridge (``.254``), so a service run by the test
+        itself (the S3 server) is one more host on the hosts' network; returns it."""
+        address = f"10.213.{self.subnet}.254"
+        _ip("addr", "add", f"{address}/24", "dev", self.bridge)
+        return address
+
     def popen(
         self,
         k: int,

@@ -26,12 +26,13 @@ def _expect_error(tmp_path, job_file, *needles, extra=()):
     assert not run_dir.exists(), "a refused job must not create its run directory"
 
 
-def test_an_object_store_run_dir_is_refused_not_written_locally(tmp_path, csv_data):
-    """Until the commands take URLs, ``--run-dir s3://b/r`` is one clear line, not a folder ``s3:/b/r``."""
+def test_a_run_dir_url_of_an_unknown_storage_is_one_line_not_a_local_folder(tmp_path, csv_data):
+    """A URL is never a local folder (``s3://b/r`` must not become ``./s3:/b/r``): one whose fsspec
+    filesystem is unknown is one clear line (a missing bucket: test_s3.py)."""
     job = _write_job(tmp_path, job_dict(csv_data))
-    r = run_cli("train", job, "--run-dir", "s3://bucket/run", "--no-progress", timeout=60, cwd=tmp_path)
-    expect_cli_error(r, "s3://bucket/run", "object storage")
-    assert not (tmp_path / "s3:").exists()
+    r = run_cli("train", job, "--run-dir", "nosuchfs://bucket/run", "--no-progress", timeout=60, cwd=tmp_path)
+    expect_cli_error(r, "nosuchfs://bucket/run", "cannot open this storage URL")
+    assert not (tmp_path / "nosuchfs:").exists()
 
 
 def test_missing_data_file(tmp_path):

@@ -90,7 +90,7 @@ def test_series_drops_a_rewound_trajectory_and_non_finite_values():
 
 def test_history_reads_only_whole_lines_incrementally(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    h = MetricsHistory(path, max_points=100)
+    h = MetricsHistory(RunDir(tmp_path), max_points=100)
     assert h.snapshot()["series"] == {}  # no file yet
     rec = {"kind": "train", "step": 1, "loss": 0.5, "samples_per_s": 100.0, "lr": 0.01}
     torn = json.dumps({"kind": "eval", "split": "val", "step": 2, "loss": 0.4, "accuracy": 0.75, "count": 9})
@@ -108,6 +108,26 @@ def test_history_reads_only_whole_lines_incrementally(tmp_path):
     snap = h.snapshot()
     assert snap["series"]["val/accuracy"] == [[2.0, 0.75]] and "val/count" not in snap["series"]
     assert "test/accuracy" not in snap["series"] and snap["last_eval"]["test"]["accuracy"] == 0.5
+
+
+def test_history_of_a_run_on_an_object_store_follows_its_appended_segments():
+    """metrics.jsonl on an object store is segments (storage/backend.py); the history reads what they
+    gained, at most every REMOTE_REFRESH_S."""
+    import uuid
+
+    from lepton.storage.backend import FsspecStorage
+
+    now = [0.0]
+    run = RunDir(FsspecStorage(f"memory://hist-{uuid.uuid4().hex}", object_store=True))
+    h = MetricsHistory(run, max_points=100, clock=lambda: now[0])
+    assert h.snapshot()["series"] == {}
+    run.append_metric({"kind": "train", "step": 1, "loss": 0.5})
+    now[0] += 10
+    assert h.snapshot()["series"]["train/loss"] == [[1.0, 0.5]]
+    run.append_metric({"kind": "train", "step": 2, "loss": 0.25})
+    assert h.snapshot()["series"]["train/loss"] == [[1.0, 0.5]]  # not read again yet
+    now[0] += 10
+    assert h.snapshot()["series"]["train/loss"] == [[1.0, 0.5], [2.0, 0.25]]
 
 
 # --- the routes, in process ------------------------------------------------------------------------------

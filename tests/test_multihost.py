@@ -236,3 +236,118 @@ def test_a_cut_host_is_lost_fenced_and_a_new_host_joins(hosts, tmp_path):
         f"cut at step {cut_at}, lost {lost_after:.1f} s later, steps lost {lost_steps};"
         " host 4 joined; completed with 3 workers"
     )
+
+
+def test_the_coordinator_killed_and_restarted_on_another_host_resumes_from_s3(hosts, tmp_path):
+    """The run directory and the data on S3 (moto's server, on this machine's address on the hosts'
+    bridge): the coordinator of host 0 is SIGKILLed mid-run with its workers, and one started on host 1,
+    which sees nothing of tmp_path, resumes from the bucket alone (`--resume --run-dir s3://...`);
+    workers restarted on hosts 2 and 3 find it through the join file it rewrote in the bucket. The run
+    ends with the model of the uninterrupted run on one host."""
+    pytest.importorskip("s3fs")
+    from conftest import kill_session
+    from s3server import S3Server
+
+    h = hosts(4)
+    s3 = S3Server(h.attach_this_machine())
+    try:
+        data = make_classification_csv(tmp_path / "data.csv", rows=400)
+        bucket = s3.bucket()
+        s3.fs().put_file(str(data), f"{bucket}/in/data.csv")
+        over = dict(train__epochs=4, checkpoint__every_steps=5, cluster__shares=[0.5, 0.5])
+        ref = lepton.train(job_dict(data, **over), workers=2, run_dir=tmp_path / "ref")
+        assert ref.status == "completed", ref.reason
+
+        url = f"s3://{bucket}/run"
+        store = s3.storage(url)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(f"s3://{bucket}/in/data.csv", **over)))
+        env = {**s3.env, "LEPTON_CACHE_DIR": str(tmp_path.parent / f"{tmp_path.name}.cache")}
+        pace = {**env, "LEPTON_FAULTS": "slow:rank=*:seconds=0.05"}  # so that the kill lands mid-run
+
+        def coordinator(k: int, *args, name: str, **kw):
+            return h.lepton(
+                k, "coordinator", *args, "--bind", f"{h.address(k)}:{PORT}", "--run-dir", url,
+                env=env, log=tmp_path / name, **kw,
+            )  # fmt: skip
+
+        def joined(k: int) -> bool:
+            try:
+                return json.loads(store.read("join"))["url"] == f"https://{h.address(k)}:{PORT}"
+            except (OSError, ValueError):
+                return False
+
+        def workers(tag: str):
+            return [
+                h.lepton(k, "worker", "--join", f"{url}/join", hide=[tmp_path], env=pace,
+                         log=tmp_path / f"worker-{k}-{tag}.log")
+                for k in (2, 3)
+            ]  # fmt: skip
+
+        def state() -> dict:
+            try:
+                return json.loads(store.read("state.json"))
+            except (OSError, ValueError):
+                return {}
+
+        first = coordinator(0, tmp_path / "job.yaml", name="coordinator-0.log")
+        wait_for(lambda: joined(0) or first.poll() is not None, 90, "host 0's join file in the bucket")
+        assert first.poll() is None, _log(tmp_path, "coordinator-0.log")
+        old = workers("a")
+        ckpt = lambda: (state().get("latest_checkpoint") or {}).get("step", 0)  # noqa: E731
+        wait_for(lambda: ckpt() >= 10 or first.poll() is not None, 120, "a checkpoint at step >= 10")
+        for p in [first, *old]:  # host 0 and every process of the run gone at once
+            kill_session(p)
+        assert state()["status"] == "running" and state()["step"] < state()["total_steps"], state()
+
+        second = coordinator(1, "--resume", name="coordinator-1.log", hide=[tmp_path])
+        wait_for(lambda: joined(1) or second.poll() is not None, 90, "host 1's join file in the bucket")
+        new = workers("b")
+        assert second.wait(timeout=180) == 0, _log(tmp_path, "coordinator-1.log")
+        assert all(w.wait(timeout=30) == 0 for w in new), _log(tmp_path, "worker-2-b.log")
+        assert state()["status"] == "completed", state()
+        events = [json.loads(line) for line in store.read("events.jsonl").splitlines()]
+        starts = [e["start_step"] for e in events if e["kind"] == "generation"]
+        assert starts[0] == 0 and starts[-1] >= 10, starts
+        from lepton.storage.checkpoint import read_model
+
+        got = read_model("model", storage=store)[0]
+        assert max_rel_diff(got, weights(ref.run_dir)) <= 1e-4
+        print(f"killed after the checkpoint of step {ckpt()}; host 1 resumed from {starts[-1]} and completed")
+    finally:
+        s3.close()
+
+
+def test_a_worker_whose_data_plane_address_is_unreachable_is_named_and_left_out(hosts, tmp_path):
+    """Host 3's worker binds its data plane on an interface no other host routes to (`--iface` naming
+    the wrong one): the probe before gloo's connect names it and its address within seconds, it stops
+    with that line, and the others form the generation again without it and complete."""
+    data = make_classification_csv(tmp_path / "data.csv", rows=300)
+    job = job_dict(data, train__epochs=2, cluster__workers=3, cluster__min_workers=2)
+    h = hosts(4)
+    h.add_interface(3, "side0", "192.168.213.3")
+    coord, _, run = _start(tmp_path, h, job, 3, launch=False)  # waits for three: the first has all
+    join = tmp_path.parent / f"{tmp_path.name}.join"
+    t0 = time.monotonic()
+    ws = [
+        h.lepton(k, "worker", "--join", join, *(["--iface", "side0"] if k == 3 else []), hide=[tmp_path],
+                 env={"LEPTON_CACHE_DIR": str(tmp_path / f"cache{k}")}, log=tmp_path / f"worker-{k}.log")
+        for k in (1, 2, 3)
+    ]  # fmt: skip
+    bad = ws.pop()
+    assert bad.wait(timeout=120) == 1, _log(tmp_path, "worker-3.log")
+    named_after = time.monotonic() - t0
+    log = _log(tmp_path, "worker-3.log")
+    assert (
+        "data-plane address 192.168.213.3 (interface side0) cannot be reached from 2 of its 2 peers" in log
+    ), log
+    assert "Traceback" not in log, log
+    assert coord.wait(timeout=180) == 0, _log(tmp_path, "coordinator.log")
+    assert all(w.wait(timeout=30) == 0 for w in ws)
+    events = _events(run)
+    errors = [e for e in events if e["kind"] == "worker_error"]
+    assert len(errors) == 1 and "192.168.213.3" in errors[0]["reason"], errors
+    paused = [e for e in events if e["kind"] == "regroup" and "192.168.213.3" in str(e)]
+    assert paused, [e for e in events if e["kind"] == "regroup"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 2 and json.loads((run / "state.json").read_text())["status"] == "completed"
+    print(f"the unreachable worker named and stopped {named_after:.1f} s after it started")

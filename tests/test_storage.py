@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fakes import Crashing
-from lepton.storage import backend
+from lepton.storage import backend, segments
 from lepton.storage.backend import FsspecStorage, LocalStorage, RunStorage
 from lepton.storage.rundir import RunDir, read_jsonl
 
@@ -483,3 +483,46 @@ def test_the_model_commits_by_manifest_on_an_object_store():
     weights, meta = read_model("model", storage=run.storage)
     assert meta["v"] == 2 and float(weights["w"][0]) == 2.0
     assert sum(".objects-" in n for n in run.storage.list("")) == 1
+
+
+# --- appends on an object store: segments (backend.py) ----------------------------------------------
+def test_appends_on_an_object_store_go_into_segments_that_read_as_one_file(monkeypatch):
+    monkeypatch.setattr(backend, "SEGMENT_BYTES", 20)  # as backend.py imported it
+    url = f"memory://lepton-test-{uuid.uuid4().hex}"
+    s = FsspecStorage(url, object_store=True)
+    s.write("state.json", b"{}")
+    for i in range(5):
+        s.append("events.jsonl", f'{{"i": {i}}}\n'.encode())  # 9 bytes: two to a segment
+    s.flush()
+    parts = s.fs.ls(f"{s.base}/events.jsonl{segments.PARTS}")
+    assert len(parts) == 3  # each object was uploaded whole: no append on the store
+    assert s.read("events.jsonl") == b"".join(f'{{"i": {i}}}\n'.encode() for i in range(5))
+    assert s.exists("events.jsonl") and s.list() == ["events.jsonl", "state.json"]
+    assert [r["i"] for r in RunDir(s).events()] == [0, 1, 2, 3, 4]
+    # another process (a coordinator restarted elsewhere) appends after them, never over them
+    again = FsspecStorage(url, object_store=True)
+    again.append("events.jsonl", b'{"i": 5}\n')
+    again.flush()
+    assert [r["i"] for r in RunDir(FsspecStorage(url, object_store=True)).events()] == [0, 1, 2, 3, 4, 5]
+    with again.open_append("logs/worker-0.log") as f:  # a log pumped line by line
+        f.write(b"one\n")
+        f.writelines([b"two\n", b"three\n"])
+    assert s.read("logs/worker-0.log") == b"one\ntwo\nthree\n"
+    again.delete("events.jsonl")
+    assert not again.exists("events.jsonl") and again.list() == ["logs/", "state.json"]
+
+
+def test_an_appended_line_is_uploaded_in_the_background_within_the_flush_interval(monkeypatch):
+    import time
+
+    monkeypatch.setattr(segments, "APPEND_FLUSH_S", 0.05)
+    url = f"memory://lepton-test-{uuid.uuid4().hex}"
+    s = FsspecStorage(url, object_store=True)
+    s.append("metrics.jsonl", b'{"step": 1}\n')
+    reader = FsspecStorage(url, object_store=True)
+    deadline = time.monotonic() + 10
+    while not reader.exists("metrics.jsonl"):  # no flush() called: the flusher thread uploads it
+        assert time.monotonic() < deadline, "the appended line was never uploaded"
+        time.sleep(0.02)
+    assert reader.read("metrics.jsonl") == b'{"step": 1}\n'
+    s.close()

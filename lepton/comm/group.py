@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import first_line
-from .errors import CommError
-from .net import data_plane_interface
+from .errors import CommError, Unreachable
+from .net import address_of, data_plane_interface, local_address_towards
+from .probe import probe_peers
 from .shm import ShmAllreduce
 
 
@@ -67,12 +68,29 @@ class GenerationGroup:
             self.store_port = store_port
         store = dist.PrefixStore(f"gen-{generation}/", self._client)
         try:
+            if backend == "gloo" and world > 1:
+                address, describe = self._data_plane_address()
+                if address is not None:
+                    probe_peers(store, rank, world, address, describe, self.timeout.total_seconds())
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=self.timeout)
             if backend == "gloo" and world > 1:
                 self._connect_shared_memory(store, rank, world)
+        except (CommError, Unreachable):
+            raise  # the probe's verdict, already in words
         except (RuntimeError, dist.DistBackendError) as e:
             raise CommError(f"joining generation {generation} failed: {e}") from e
         self.generation, self.rank, self.world, self.backend = generation, rank, world, backend
+
+    def _data_plane_address(self) -> tuple[str | None, str]:
+        """The address gloo binds and how to name it: ``GLOO_SOCKET_IFNAME``'s, else (gloo taking the
+        host name's) the one this host's packets to the coordinator leave from."""
+        iface = os.environ.get("GLOO_SOCKET_IFNAME")
+        if iface:
+            return address_of(iface), f"interface {iface}"
+        try:
+            return local_address_towards(self.store_host, self.store_port), "the route to the coordinator"
+        except OSError:
+            return None, ""
 
     def _connect_shared_memory(self, store, rank: int, world: int) -> None:
         """Co-located ranks reduce through a shared segment. One host: the segment is the whole

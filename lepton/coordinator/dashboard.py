@@ -27,6 +27,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, TypeGuard
@@ -38,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..storage.rundir import METRICS_JSONL, RunDir
 from .auth import cookie_name, request_authorized, same_secret, token_or_cookie_dependency
 from .state import MEMBER_STATES as WORKER_STATES
 from .state import PHASES
@@ -45,6 +47,7 @@ from .state import PHASES
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 MAX_POINTS = 500  # per series sent to the page
+REMOTE_REFRESH_S = 5.0  # a run on object storage: how often its metrics.jsonl is read again
 EVENTS_SHOWN = 200  # most recent events sent to the page
 _NOT_METRICS = {"kind", "split", "time", "step", "epoch", "count", "generation", "workers", "total_steps"}
 
@@ -136,10 +139,12 @@ class MetricsHistory:
     for every scalar of the validation records. ``last_eval[split]`` is the latest eval record of each
     split."""
 
-    def __init__(self, path: Path, max_points: int = MAX_POINTS):
-        self.path = Path(path)
+    def __init__(self, run: RunDir, max_points: int = MAX_POINTS, clock=time.monotonic):
+        self.run = run
         self.max_points = max_points
+        self.clock = clock
         self._lock = threading.Lock()
+        self._read_at: Optional[float] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -149,19 +154,39 @@ class MetricsHistory:
         self.last_eval: dict[str, dict] = {}
         self.last_train: Optional[dict] = None
 
+    def _new_bytes(self) -> bytes:
+        """What metrics.jsonl gained since the last read: the tail of the local file; on other storage
+        the whole object read again (at most every ``REMOTE_REFRESH_S``: its segments only grow)."""
+        if not self.run.is_local:
+            now = self.clock()
+            if self._read_at is not None and now - self._read_at < REMOTE_REFRESH_S:
+                return b""
+            self._read_at = now
+            try:
+                data = self.run.storage.read(METRICS_JSONL)
+            except FileNotFoundError:
+                return b""
+            if len(data) < self._offset:
+                self._reset()
+            return data[self._offset :]
+        try:
+            f = open(self.run.metrics_jsonl, "rb")
+        except FileNotFoundError:
+            return b""
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self._ident or st.st_size < self._offset:
+                self._reset()  # a new file (or a truncated one): start over
+                self._ident = (st.st_dev, st.st_ino)
+            f.seek(self._offset)
+            return f.read()
+
     def refresh(self) -> None:
         with self._lock:
             try:
-                f = open(self.path, "rb")
-            except FileNotFoundError:
-                return
-            with f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino) != self._ident or st.st_size < self._offset:
-                    self._reset()  # a new file (or a truncated one): start over
-                    self._ident = (st.st_dev, st.st_ino)
-                f.seek(self._offset)
-                data = f.read()
+                data = self._new_bytes()
+            except OSError:
+                return  # a store that does not answer now: the series stay as they are
             end = data.rfind(b"\n")
             if end < 0:
                 return  # only a line still being written
@@ -353,7 +378,7 @@ def add_dashboard_routes(
 ) -> MetricsHistory:
     """Add the dashboard, its data and ``/metrics`` to ``app``; all need ``token``."""
     cookie = cookie_name(token)
-    history = MetricsHistory(coord.run.metrics_jsonl, max_points)
+    history = MetricsHistory(coord.run, max_points)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LeptonCollector(coord, lock, history))
     job_text: list[str] = []

@@ -9,10 +9,13 @@ tests of the controller can run with no sink at all.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
-from ..storage.rundir import RunDir
+from ..storage.rundir import TENSORBOARD_DIR, RunDir
 from .tensorboard import TensorBoardSink
 
 # state.json for progress alone (the step of a metrics report) is written at most this often
@@ -47,6 +50,9 @@ class EventsFile(Observer):
     def on_event(self, event: dict) -> None:
         self.run.append_event(event)
 
+    def close(self) -> None:
+        self.run.flush()  # an object store's queued segments (storage/backend.py)
+
 
 class MetricsFile(Observer):
     def __init__(self, run: RunDir):
@@ -56,10 +62,18 @@ class MetricsFile(Observer):
         for rec in records:
             self.run.append_metric(rec)
 
+    def close(self) -> None:
+        self.run.flush()
+
 
 class TensorBoardFiles(Observer):
+    """TensorBoard's writer needs a local folder: on a run elsewhere (an object store) it writes into a
+    temporary one whose files are copied into the run's ``tensorboard/`` when the run ends."""
+
     def __init__(self, run: RunDir):
-        self.sink = TensorBoardSink(run.tensorboard_dir)
+        self.run = run
+        self.local = None if run.is_local else Path(tempfile.mkdtemp(prefix="lepton-tensorboard-"))
+        self.sink = TensorBoardSink(self.local or run.tensorboard_dir)
 
     def on_records(self, records: list[dict]) -> None:
         for rec in records:
@@ -67,6 +81,11 @@ class TensorBoardFiles(Observer):
 
     def close(self) -> None:
         self.sink.close()
+        if self.local is not None:
+            for f in sorted(self.local.rglob("*")):
+                if f.is_file():
+                    self.run.copy_in(f, f"{TENSORBOARD_DIR}/{f.relative_to(self.local).as_posix()}")
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class StateFile(Observer):

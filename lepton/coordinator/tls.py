@@ -19,9 +19,11 @@ import datetime
 import ipaddress
 import json
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..storage.backend import LocalStorage
 from ..storage.rundir import RunDir
 
 TLS_DIR = "tls"
@@ -145,11 +147,18 @@ def server_tls(run: RunDir, host: str) -> ServerTls:
         cert = _certificate(host or "lepton", key, "Lepton run CA", ca_key, ca=False, names=names)
         st.write(SERVER_KEY, _pem_key(key), mode=0o600)
         st.write(SERVER_PEM, cert.public_bytes(serialization.Encoding.PEM))
-    return ServerTls(run.root / SERVER_PEM, run.root / SERVER_KEY, st.read(CA_PEM).decode())
+    if run.is_local:
+        return ServerTls(run.root / SERVER_PEM, run.root / SERVER_KEY, st.read(CA_PEM).decode())
+    # uvicorn reads files: on object storage, copies in a folder only this user can read (the key)
+    local = Path(tempfile.mkdtemp(prefix="lepton-tls-"))
+    for rel in (SERVER_PEM, SERVER_KEY):
+        LocalStorage(local).write(rel.rpartition("/")[2], st.read(rel), mode=0o600)
+    return ServerTls(local / "server.pem", local / "server.key", st.read(CA_PEM).decode())
 
 
-def write_join(run: RunDir, url: str, token: str, ca_pem: str | None) -> Path:
-    """``RUN_DIR/join``: what a worker needs, in one file to copy to its host (mode 0600: the token)."""
+def write_join(run: RunDir, url: str, token: str, ca_pem: str | None) -> Path | str:
+    """``RUN_DIR/join``: what a worker needs, in one file to copy to its host (mode 0600: the token);
+    where it is (a URL on object storage: ``lepton worker --join`` reads it there too)."""
     body = {"url": url, "token": token, **({"ca": ca_pem} if ca_pem else {})}
     run.storage.write(JOIN, (json.dumps(body, indent=2) + "\n").encode(), mode=0o600)
-    return run.root / JOIN
+    return run.locate(JOIN)

@@ -57,7 +57,7 @@ def status(ctrl: Controller) -> dict:
         "samples_per_s": ctrl.samples_per_s,
         "target_workers": ctrl.target_workers,
         "latest_checkpoint": ctrl.latest_checkpoint,
-        "run_dir": str(ctrl.run.root),
+        "run_dir": ctrl.run.where(),
         "summary": ctrl.summary,
         "workers": [_worker(ctrl, m, m in planned, total, now) for m in ctrl.members.values()],
         "events": ctrl.events[-20:],

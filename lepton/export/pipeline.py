@@ -20,6 +20,7 @@ Contract of ``run_export(run_dir, spec)``:
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, cast
@@ -31,8 +32,10 @@ from pydantic import ValidationError
 from ..errors import LeptonError, SpecError
 from ..predict import RunPredictor
 from ..spec import ExportSpec, format_validation_error
+from ..storage.backend import is_url
 from ..storage.checkpoint import MODEL_WEIGHTS
-from ..storage.rundir import RunDir, atomic_write_json
+from ..storage.mirror import copy_run
+from ..storage.rundir import EXPORTS_DIR, RunDir, atomic_write_json
 from .artifacts import (
     TorchRunner,
     artifact_name,
@@ -177,6 +180,8 @@ def run_export(
     """Run the export phase on a completed run (see module doc); returns the report."""
     spec = as_spec(spec)
     log = log or (lambda msg: None)
+    if is_url(run_dir):
+        return _export_elsewhere(RunDir(str(run_dir)), spec, log, progress)
     run = RunDir(run_dir)
     if run.root.is_file():
         run_of = run.root.parent.parent if run.root.parent.name == "exports" else None
@@ -276,3 +281,27 @@ def run_export(
     }
     atomic_write_json(run.exports_dir / REPORT_NAME, report)
     return report
+
+
+def _export_elsewhere(run: RunDir, spec: ExportSpec, log: Log, progress: bool) -> dict:
+    """``run_export`` of a run on object storage: on a local copy of what it reads (storage/mirror.py),
+    its ``exports/`` then uploaded into the run, file by file; the report names the run's URLs."""
+    with tempfile.TemporaryDirectory(prefix="lepton-export-") as tmp:
+        local = copy_run(run, Path(tmp) / "run")
+        report = run_export(local.root, spec, log, progress)
+        where = {str(local.root / rel): run.where(rel) for rel in _tree(local, EXPORTS_DIR)}
+        report = {
+            **report,
+            "run_dir": run.where(),
+            "artifacts": [where.get(a, a) for a in report["artifacts"]],
+        }
+        atomic_write_json(local.exports_dir / REPORT_NAME, report)
+        log(f"uploading exports/ to {run.where(EXPORTS_DIR)}")
+        for rel in _tree(local, EXPORTS_DIR):
+            run.copy_in(local.root / rel, rel)
+    return report
+
+
+def _tree(run: RunDir, rel: str) -> list[str]:
+    """The files under ``rel`` of a local run, as names relative to its root."""
+    return sorted(p.relative_to(run.root).as_posix() for p in (run.root / rel).rglob("*") if p.is_file())

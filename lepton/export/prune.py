@@ -112,7 +112,7 @@ def finetune(
         raise LeptonError(
             f"the fine-tune of the pruned model {res.status}: {res.reason} (its run: {res.run_dir})"
         )
-    model.load_state_dict(load_file(str(res.run_dir / "model" / MODEL_WEIGHTS)))
+    model.load_state_dict(load_file(str(Path(res.run_dir) / "model" / MODEL_WEIGHTS)))  # a local run
     model.eval()
     s = res.summary or {}
     evals = [parse_record(line) for line in RunDir(res.run_dir).metrics() if line.get("kind") == "eval"]

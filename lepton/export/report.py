@@ -204,4 +204,5 @@ def print_report(report: dict, console=None) -> None:
         con.print(line, markup=False, highlight=False)
     for note in report.get("notes", []):
         con.print(f"note: {note}", markup=False, highlight=False)
-    con.print(f"report: {Path(report['run_dir']) / 'exports' / 'report.json'}", markup=False, highlight=False)
+    where = f"{str(report['run_dir']).rstrip('/')}/exports/report.json"  # a folder or a URL
+    con.print(f"report: {where}", markup=False, highlight=False)

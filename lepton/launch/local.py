@@ -101,7 +101,7 @@ class LocalWorkers:
     def log_name(self, k: int) -> str:
         """Where worker-K's output goes (RUN_DIR/logs/worker-K.log), for messages."""
         rel = RunDir.worker_log_rel(k)
-        return str(self.run.root / rel) if self.run else rel
+        return str(self.run.locate(rel)) if self.run else rel
 
     def failure_output(self, lines: int = 15) -> str:
         """The last lines of output of the first worker that failed, to show the user why."""
@@ -246,7 +246,7 @@ class LocalOutcome:
     """How a local run ended: its status (``completed``, ``stopped``, ``failed``), why, and its summary."""
 
     status: str
-    run_dir: Path
+    run_dir: Path | str  # a folder, or a URL (a run on object storage)
     summary: dict | None
     reason: str = ""
 
@@ -316,6 +316,7 @@ def run_local(
         else:
             local.wait()  # they hear 'exit' on their next poll and leave on their own
         server.stop()
+        opened.run.flush()  # the logs' last lines, on an object store
     if coord.phase.value == "failed" and local.failure_output():
         console.print(local.failure_output(), markup=False, highlight=False)
-    return LocalOutcome(coord.phase.value, opened.run.root, coord.summary, coord.reason)
+    return LocalOutcome(coord.phase.value, opened.run.location, coord.summary, coord.reason)

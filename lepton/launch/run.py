@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from ..model import batchnorm, dropout
 from ..model.builders import build_model, load_init_weights, num_outputs
 from ..spec import JobSpec, parse_job, read_yaml
 from ..storage.checkpoint import readable_state_dir
+from ..storage.prepared import MANIFEST as DATA_MANIFEST
 from ..storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare, share_prepared
-from ..storage.rundir import RunDir, RunLock
+from ..storage.rundir import CHECKPOINTS_DIR, DATA_DIR, FACTORY_PICKLE, JOB_YAML, RunDir, RunLock
 
 
 @dataclass
@@ -42,7 +44,8 @@ class OpenRun:
     resume_checkpoint: dict | None
     factory_pickle: str | None
     previous_generation: int | None = None
-    lock: RunLock | None = None  # held while this process runs the run (``release`` when done)
+    lock: RunLock | None = None  # held while this process runs the run (``release`` when done; none
+    # on an object store)
 
     def release(self) -> None:
         if self.lock:
@@ -69,35 +72,22 @@ def open_run(
         if run_dir is None:
             raise LeptonError("--resume needs --run-dir DIR (the run to continue)")
         run = RunDir(run_dir)
-        if not run.holds_run():
-            raise LeptonError(f"{run.root}: no run to resume here (no job.yaml / state.json)")
+        if not _holds_run(run):
+            raise LeptonError(f"{run.where()}: no run to resume here (no job.yaml / state.json)")
         state = run.read_state()
         if state.get("status") == "completed":
-            raise LeptonError(f"{run.root}: this run already completed; nothing to resume")
+            raise LeptonError(f"{run.where()}: this run already completed; nothing to resume")
         lock = run.lock()
         try:
             return _reopen(run, state, workers, lock)
         except BaseException:
-            lock.release()
+            if lock:
+                lock.release()
             raise
 
     assert job is not None
     run = RunDir(run_dir or default_run_dir(job))
-    if run.holds_run():
-        raise LeptonError(
-            f"{run.root} already holds a run; pass --resume to continue it or choose another --run-dir"
-        )
-    if run.root.exists() and not run.root.is_dir():
-        raise LeptonError(f"{run.root}: cannot create the run directory: a file of that name exists")
-    # hidden files (.gitkeep, a lock left by a start that failed) and a fresh volume's lost+found
-    # are no one's data
-    if run.root.is_dir() and any(
-        not p.name.startswith(".") and p.name != "lost+found" for p in run.root.iterdir()
-    ):
-        raise LeptonError(
-            f"{run.root}: this folder is not empty and holds no run; a new run goes into a new or"
-            " empty folder (its files would be overwritten)"
-        )
+    _check_new_run_dir(run)
     if data_from is None:
         prepared = prepare(job)  # every data error surfaces here, before any write
         pre, train_rows = prepared.preprocessor, prepared.report["train_rows"]
@@ -105,10 +95,11 @@ def open_run(
         source, train_rows, pre = _prepared_source(data_from)
         _check_same_data(job, pre, source)
     _check_model(job, pre, train_rows)
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LeptonError(f"{run.root}: cannot create the run directory: {e.strerror or e}") from None
+    if run.is_local:
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LeptonError(f"{run.root}: cannot create the run directory: {e.strerror or e}") from None
     lock = run.lock()
     try:
         factory = job.model.factory
@@ -119,7 +110,7 @@ def open_run(
             # masks from it), whatever happens to the original afterwards
             job.model.init_weights = str(run.copy_init_weights(Path(job.model.init_weights)))
         if data_from is not None:  # before job.yaml: a resume of a run interrupted while linking links again
-            run.write_data_from(str(source.root.resolve()))
+            run.write_data_from(str(source.root.resolve()) if source.is_local else source.where())
         run.write_job(job.to_yaml_dict())
         if data_from is None:
             prepared.write(run, fingerprint(job))
@@ -127,14 +118,60 @@ def open_run(
             share_prepared(source, run)
         return OpenRun(job, run, run.create_token(token), train_rows, None, _factory_path(run), lock=lock)
     except BaseException:
-        lock.release()
+        if lock:
+            lock.release()
         raise
 
 
-def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> OpenRun:
+def _holds_run(run: RunDir) -> bool:
+    try:
+        return run.holds_run()
+    except OSError as e:  # a bucket that does not exist, credentials refused, a store that is down
+        raise LeptonError(f"{run.where()}: cannot read the run directory: {first_line(e)}") from None
+
+
+def _check_new_run_dir(run: RunDir) -> None:
+    """A new run goes into a new or empty folder (or prefix, on an object store): never over a run, nor
+    over someone's files."""
+    if _holds_run(run):
+        raise LeptonError(
+            f"{run.where()} already holds a run; pass --resume to continue it or choose another --run-dir"
+        )
+    if run.is_local and run.root.exists() and not run.root.is_dir():
+        raise LeptonError(f"{run.root}: cannot create the run directory: a file of that name exists")
+    # hidden files (.gitkeep, a lock left by a start that failed) and a fresh volume's lost+found
+    # are no one's data
+    try:
+        names = run.storage.list("")
+    except OSError as e:
+        raise LeptonError(f"{run.where()}: cannot read the run directory: {first_line(e)}") from None
+    if any(not n.startswith(".") and n != "lost+found/" for n in names):
+        raise LeptonError(
+            f"{run.where()}: this folder is not empty and holds no run; a new run goes into a new or"
+            " empty folder (its files would be overwritten)"
+        )
+    if not run.is_local:  # a bucket that is missing or read-only: now, not after preparing the data
+        probe = f".lepton-probe-{secrets.token_hex(4)}"
+        try:
+            run.storage.write(probe, b"")
+            run.storage.delete(probe)
+        except OSError as e:
+            raise LeptonError(f"{run.where()}: cannot write the run directory: {first_line(e)}") from None
+
+
+def _read_job(run: RunDir) -> dict:
+    if run.is_local:
+        return read_yaml(run.job_yaml)  # its errors name the file, line and column
+    try:
+        return run.read_job_dict()
+    except (OSError, ValueError) as e:
+        raise LeptonError(f"{run.where(JOB_YAML)}: unreadable job ({first_line(e)})") from None
+
+
+def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock | None) -> OpenRun:
     """``open_run`` for ``--resume``, with the run's lock held."""
     overrides = [f"cluster.workers={workers}"] if workers else []
-    job = parse_job(read_yaml(run.job_yaml), source=str(run.job_yaml), overrides=overrides)
+    job = parse_job(_read_job(run), source=run.where(JOB_YAML), overrides=overrides)
     blob = run.read_factory()
     if blob is not None:
         job.model.factory = cloudpickle.loads(blob)
@@ -149,7 +186,7 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
         # re-read would change the split, the steps per epoch and the samples left in this epoch
         print(
             f"lepton: note: {job.data.path} changed (or moved) since this run prepared it; resuming"
-            f" with the run's prepared data in {run.data_dir}",
+            f" with the run's prepared data in {run.where(DATA_DIR)}",
             file=sys.stderr,
         )
     manifest, cache = _readable_data(run)
@@ -158,9 +195,10 @@ def _reopen(run: RunDir, state: dict, workers: int | None, lock: RunLock) -> Ope
     if ckpt:
         # this run's own checkpoint of that name: state.json keeps absolute paths, and a run that was
         # moved or copied must not resume from the original's folder
-        ckpt = {**ckpt, "path": str(run.checkpoints_dir / Path(ckpt["path"]).name)}
-        if readable_state_dir(ckpt["path"]) is None:
-            raise LeptonError(f"{run.root}: state.json points at a missing checkpoint {ckpt['path']}")
+        rel = f"{CHECKPOINTS_DIR}/{str(ckpt['path']).rstrip('/').rpartition('/')[2]}"
+        ckpt = {**ckpt, "path": str(run.locate(rel))}
+        if readable_state_dir(rel, storage=run.storage) is None:
+            raise LeptonError(f"{run.where()}: state.json points at a missing checkpoint {ckpt['path']}")
     return OpenRun(
         job,
         run,
@@ -235,7 +273,7 @@ def _prepared_source(path: str | Path):
     try:
         manifest, cache = _readable_data(source)
     except LeptonError:
-        raise LeptonError(f"{source.data_dir}: no complete prepared data to train on") from None
+        raise LeptonError(f"{source.where(DATA_DIR)}: no complete prepared data to train on") from None
     return source, manifest["train_rows"], cache.preprocessor
 
 
@@ -250,7 +288,7 @@ def _check_same_data(job: JobSpec, pre, source: RunDir) -> None:
     for field, ours, theirs in pairs:
         if ours != theirs:
             raise LeptonError(
-                f"{source.root}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
+                f"{source.where()}: its prepared data has {field} {theirs!r}, this job's is {ours!r};"
                 " data_from takes a run prepared for the same task and data"
             )
 
@@ -266,17 +304,20 @@ def _readable_data(run: RunDir):
         return manifest, cache
     except (OSError, ValueError, KeyError) as e:
         raise LeptonError(
-            f"{run.data_dir}: the prepared data is damaged ({e}); start a new run (or delete"
-            f" {run.data_dir / 'manifest.json'} to prepare it again from data.path)"
+            f"{run.where(DATA_DIR)}: the prepared data is damaged ({e}); start a new run (or delete"
+            f" {run.where(DATA_MANIFEST)} to prepare it again from data.path)"
         ) from None
 
 
 def _manifest(run: RunDir) -> dict:
-    return json.loads((run.data_dir / "manifest.json").read_text())
+    return json.loads(run.storage.read(DATA_MANIFEST).decode())
 
 
 def _factory_path(run: RunDir) -> str | None:
-    return str(run.factory_pickle) if run.factory_pickle.exists() else None
+    """The pickled model factory as a local file (the coordinator serves it to workers that register)."""
+    if not run.storage.exists(FACTORY_PICKLE):
+        return None
+    return str(run.storage.local_path(FACTORY_PICKLE))
 
 
 def start_coordinator(

@@ -13,7 +13,11 @@ relative to the run's root, to a ``RunStorage`` that does the I/O. Two implement
   name and is moved over the target, as above, without the fsyncs (the filesystem's own durability).
   On an object store (s3, gs, azure: ``OBJECT_STORES``) a write is one upload of the whole object,
   which the store makes visible only once complete (a rename there is a copy and a delete, no more
-  atomic than the upload itself).
+  atomic than the upload itself). An object cannot be appended to either: there an append goes into
+  segments (``NAME.parts/<time>-<writer>``, each rewritten whole while it grows, a new one from
+  every process and every ``SEGMENT_BYTES``), uploaded at most ``APPEND_FLUSH_S`` after it was
+  appended (a crash loses at most that much of events.jsonl, metrics.jsonl or a log), and a read of
+  ``NAME`` is the segments' concatenation in order.
 
 The narrow part is the protocol: write (whole bytes, or streamed through ``open_write``), ``put`` (a
 local file), read (whole, streamed with ``open_read``, or through ``local_path``), ``list``, ``exists``,
@@ -34,12 +38,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol, runtime_checkable
+
+from ..errors import LeptonError, first_line
+from .segments import PARTS, SEGMENT_BYTES, Segment, SegmentFile, flush_loop
 
 
 @runtime_checkable
@@ -109,6 +119,10 @@ class RunStorage(Protocol):
     def move(self, src: str, dst: str) -> None:
         """``src`` (a file or a folder) renamed to ``dst``, which must not exist; durable on return
         where the storage syncs. Atomic locally; on an object store a copy then a delete."""
+        ...
+
+    def modified(self, rel: str = "") -> float:
+        """When ``rel`` last changed (seconds since the epoch; for ``lepton runs``); OSError if unknown."""
         ...
 
 
@@ -245,6 +259,9 @@ class LocalStorage:
     def exists(self, rel: str) -> bool:
         return self._path(rel).exists()
 
+    def modified(self, rel: str = "") -> float:
+        return self._path(rel).stat().st_mtime
+
     def list(self, rel: str = "") -> list[str]:
         try:
             entries = list(os.scandir(self._path(rel)))
@@ -255,6 +272,25 @@ class LocalStorage:
 
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 """fsspec protocols whose rename is a copy and a delete: there a write is one upload (see the module)."""
+
+
+def is_url(where: str | os.PathLike) -> bool:
+    return isinstance(where, str) and "://" in where
+
+
+def open_storage(where: str | os.PathLike, **storage_options) -> "RunStorage":
+    """The storage of a run directory given as a user gives it: a URL (``s3://bucket/run``,
+    ``memory://run``: ``FsspecStorage``) or a local path (``LocalStorage``). A URL whose filesystem
+    is not installed (s3fs for s3://) is one line that names the package."""
+    if not is_url(where):
+        return LocalStorage(Path(where).resolve())
+    try:
+        return FsspecStorage(str(where), **storage_options)
+    except ImportError as e:
+        hint = " (pip install 'lepton[s3]')" if str(where).startswith(("s3://", "s3a://")) else ""
+        raise LeptonError(f"{where}: cannot open this storage URL: {first_line(e)}{hint}") from None
+    except ValueError as e:  # an unknown protocol
+        raise LeptonError(f"{where}: cannot open this storage URL: {first_line(e)}") from None
 
 
 class FsspecStorage:
@@ -276,6 +312,10 @@ class FsspecStorage:
         import fsspec
 
         self.url = url.rstrip("/")
+        if self.url.partition("://")[0] in OBJECT_STORES:
+            # another process's writes (a checkpoint by rank 0, a worker's log) must be listed as they
+            # come: s3fs would otherwise answer a listing from its cache for the life of the process
+            storage_options.setdefault("use_listings_cache", False)
         self.fs, path = fsspec.core.url_to_fs(self.url, **storage_options)
         self.base = path.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -286,6 +326,10 @@ class FsspecStorage:
             Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lepton-storage-cache"
         )
         self.local_root: Path | None = None
+        self._segments: dict[str, Segment] = {}
+        self._append_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.url!r})"
@@ -365,15 +409,64 @@ class FsspecStorage:
             raise
 
     def append(self, rel: str, data: bytes) -> None:
-        with self.open_append(rel) as f:
-            f.write(data)
+        if not self.object_store:
+            with self.open_append(rel) as f:
+                f.write(data)
+            return
+        _check_rel(rel)
+        with self._append_lock:
+            seg = self._segments.get(rel)
+            if seg is not None and seg.data and len(seg.data) + len(data) > SEGMENT_BYTES:
+                self._upload(seg)
+                seg = None
+            if seg is None:
+                seg = self._segments[rel] = Segment(rel)
+            seg.data += data
+            seg.dirty = True
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=flush_loop,
+                    args=(weakref.ref(self), self._stop),
+                    name="lepton-append-flush",
+                    daemon=True,
+                )
+                self._flusher.start()
+
+    def _upload(self, seg: Segment) -> None:
+        self.fs.pipe_file(self._path(seg.rel), bytes(seg.data))
+        seg.dirty = False
+
+    def flush(self) -> None:
+        """Every appended line uploaded now (the journal calls it when the run ends)."""
+        with self._append_lock:
+            for seg in self._segments.values():
+                if seg.dirty:
+                    self._upload(seg)
+
+    def close(self) -> None:
+        """``flush``, and the background flusher stopped."""
+        self.flush()
+        self._stop.set()
 
     def open_append(self, rel: str) -> BinaryIO:
-        """Mode ``ab`` as the filesystem implements it: a true append locally and in memory; s3fs
-        rewrites the object at close; a filesystem without it raises."""
+        """A file to append to. On an object store, segments (``append``); elsewhere mode ``ab`` as
+        the filesystem implements it (a true append locally and in memory)."""
+        if self.object_store:
+            return SegmentFile(self, rel)  # type: ignore[return-value]
         path = self._path(rel)
         self._parent(path)
         return self.fs.open(path, "ab")
+
+    def _parts(self, rel: str) -> list[str]:
+        """The segments of ``rel`` on an object store, in order (this process's pending ones flushed)."""
+        if not self.object_store:
+            return []
+        if rel in self._segments:
+            self.flush()
+        folder = self._path(f"{rel}{PARTS}")
+        if not self.fs.isdir(folder):
+            return []
+        return sorted(i["name"] for i in self.fs.ls(folder, detail=True) if i["type"] == "file")
 
     def move(self, src: str, dst: str) -> None:
         s, d = self._path(src), self._path(dst)
@@ -386,17 +479,26 @@ class FsspecStorage:
             self.fs.rm(path, recursive=True)
         elif self.fs.exists(path):
             self.fs.rm_file(path)
+        if self.object_store and rel and self.fs.isdir(self._path(f"{rel}{PARTS}")):
+            with self._append_lock:
+                self._segments.pop(rel, None)
+            self.fs.rm(self._path(f"{rel}{PARTS}"), recursive=True)
 
     # --- reads -------------------------------------------------------------------------------------
     def read(self, rel: str) -> bytes:
         path = self._path(rel)
         if not self.fs.isfile(path):
+            parts = self._parts(rel)
+            if parts:
+                return b"".join(self.fs.cat_file(p) for p in parts)
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.describe(rel))
         return self.fs.cat_file(path)
 
     def open_read(self, rel: str) -> BinaryIO:
         path = self._path(rel)
         if not self.fs.isfile(path):
+            if self._parts(rel):
+                return io.BytesIO(self.read(rel))
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.describe(rel))
         return self.fs.open(path, "rb")
 
@@ -417,15 +519,37 @@ class FsspecStorage:
         return local
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._path(rel))
+        return self.fs.exists(self._path(rel)) or bool(self.object_store and self._parts(rel))
+
+    def modified(self, rel: str = "") -> float:
+        paths = self._parts(rel) or [self._path(rel)]
+        times = []
+        for path in paths[-1:]:  # an appended file: its newest segment
+            info = self.fs.info(path)
+            t = (
+                info.get("LastModified")
+                or info.get("mtime")
+                or info.get("created")
+                or info.get("last_modified")
+            )
+            if t is None:
+                raise OSError(f"{self.describe(rel)}: the store gives no modification time")
+            times.append(t.timestamp() if hasattr(t, "timestamp") else float(t))
+        return max(times)
 
     def list(self, rel: str = "") -> list[str]:
+        """As ``RunStorage.list``; on an object store an appended file (its ``NAME.parts/``) is listed
+        as the file ``NAME``."""
         path = self._path(rel)
         if not self.fs.isdir(path):
             return []
-        names = []
+        names = set()
         for info in self.fs.ls(path, detail=True):
             name = info["name"].rstrip("/").rpartition("/")[2]
-            if name:
-                names.append(name + "/" if info["type"] == "directory" else name)
+            if not name:
+                continue
+            if self.object_store and info["type"] == "directory" and name.endswith(PARTS):
+                names.add(name[: -len(PARTS)])
+            else:
+                names.add(name + "/" if info["type"] == "directory" else name)
         return sorted(names)

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Iterator
 import yaml
 
 from ..errors import LeptonError
-from .backend import LocalStorage, RunStorage, fsync_dir
+from .backend import LocalStorage, RunStorage, fsync_dir, open_storage
 
 __all__ = [
     "RunDir",
@@ -107,20 +107,32 @@ def new_token() -> str:
 class RunDir:
     """Names and small-file I/O of one run. The layout is a public contract (the README lists it).
 
-    ``RunDir(path)`` is a run in a local folder; ``RunDir(storage)`` one on any ``RunStorage``
-    (``RunDir(FsspecStorage("s3://bucket/run"))``)."""
+    ``RunDir(path)`` is a run in a local folder; ``RunDir(url)`` one on any fsspec filesystem
+    (``RunDir("s3://bucket/run")``: ``FsspecStorage``; never a local folder named ``s3:``);
+    ``RunDir(storage)`` one on any ``RunStorage``."""
 
     def __init__(self, root: str | os.PathLike | RunStorage):
-        if isinstance(root, str) and "://" in root:
-            # a path would turn s3://bucket/run into the local folder s3:/bucket/run, without a word
-            raise LeptonError(
-                f"{root}: run directories on object storage are not supported by the commands yet"
-                " (give a local folder; workers on other hosts reach it through the coordinator)"
-            )
         if isinstance(root, (str, os.PathLike)):
-            self.storage: RunStorage = LocalStorage(Path(root).resolve())
+            self.storage: RunStorage = open_storage(root)
         else:
             self.storage = root
+
+    @property
+    def is_local(self) -> bool:
+        """The run is a folder of this machine (else: an object store, another host's folder)."""
+        return self.storage.local_root is not None
+
+    @property
+    def location(self) -> Path | str:
+        """The run as it is reported to the user: its folder, or its URL."""
+        return self.root if self.is_local else self.where()
+
+    def flush(self) -> None:
+        """Appended lines (events, metrics, logs) uploaded now where the storage queues them (an
+        object store's segments); nothing to do on a local folder."""
+        flush = getattr(self.storage, "flush", None)
+        if flush is not None:
+            flush()
 
     def __repr__(self) -> str:
         return f"RunDir({self.storage!r})"
@@ -309,7 +321,10 @@ class RunDir:
         self.storage.append(rel, (json.dumps(record, default=_json_default) + "\n").encode())
 
     def append_event(self, record: dict) -> None:
+        """One event, durable on return as state.json is: where appends are queued (an object store's
+        segments) it is uploaded now; events are few, and a resume reads them."""
         self.append_jsonl(EVENTS_JSONL, record)
+        self.flush()
 
     def append_metric(self, record: dict) -> None:
         self.append_jsonl(METRICS_JSONL, record)
@@ -318,10 +333,12 @@ class RunDir:
         """``logs/worker-K.log`` opened for appending (binary; the caller writes, flushes and closes it)."""
         return self.storage.open_append(self.worker_log_rel(k))
 
-    def lock(self) -> "RunLock":
+    def lock(self) -> "RunLock | None":
         """Hold the run for this process: while it lives, another coordinator on this directory is
-        refused (two would write the same state, events and checkpoints). A local run only."""
-        return RunLock(self.root / LOCK)
+        refused (two would write the same state, events and checkpoints). A local run only: an object
+        store has no lock that a crash releases, so there None (docs/architecture.md, "Storage": one
+        coordinator per run on object storage is the user's to ensure)."""
+        return RunLock(self.root / LOCK) if self.is_local else None
 
     def create_token(self, token: str | None = None) -> str:
         """The run's bearer token in ``token`` (mode 0600): the existing one on resume, else ``token``

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..client import CoordinatorClient, CoordinatorUnreachable
-from ..comm import CommError, GenerationGroup
+from ..comm import CommError, GenerationGroup, Unreachable
 from ..comm.net import address_of, data_plane_interface
 from ..comm.shm import MAX_WORLD
 from ..errors import LeptonError
@@ -313,8 +313,14 @@ class Worker:
                     break
         except LeptonError:
             raise  # the coordinator is gone: nobody to tell
-        except (Diverged, CheckpointUnreadable, CheckpointStuck) as e:  # a clear cause: no traceback
+        except (
+            Diverged,
+            CheckpointUnreadable,
+            CheckpointStuck,
+            Unreachable,
+        ) as e:  # a clear cause: no traceback
             self._send("failed", {"error": str(e) or type(e).__name__, "generation": self.generation})
+            print(f"lepton worker: {e}", file=sys.stderr)
             return 1
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
