@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 from . import api
 from .cli_args import cpus, positive, split_bind
@@ -20,6 +21,7 @@ from .errors import LeptonError
 from .export.cli import add_export_commands
 from .export.report import print_report
 from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
+from .launch.k8s import add_k8s_command
 from .launch.run import StartNotices
 from .predict import check_output
 from .runs import add_runs_command
@@ -60,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir")
     c.add_argument("--workers", type=positive, help="start training when this many workers joined")
     c.add_argument("--resume", action="store_true")
+    c.add_argument(
+        "--resume-existing",
+        action="store_true",
+        help="resume the run in --run-dir if there is one, else start it from the job (a coordinator"
+        " that its engine restarts: a Kubernetes Deployment, a requeued SLURM job)",
+    )
+    c.add_argument(
+        "--store-port", type=int, default=0, help="the rendezvous store's port (default: any free one)"
+    )
+    c.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="the name workers reach this coordinator by (a Service's DNS name), in its URL and certificate",
+    )
+    c.add_argument("--token-file", help="a new run's token (default: a fresh random one)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument(
         "--tls",
@@ -112,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_export_commands(sub)  # export, serve (lepton/export/cli.py)
     add_runs_command(sub)  # runs (lepton/runs.py)
+    add_k8s_command(sub)  # k8s (lepton/launch/k8s.py)
     return p
 
 
@@ -157,17 +175,26 @@ def _finish(status, reason, summary, run_dir, console, out, summary_table, resum
 
 def cmd_coordinator(a) -> int:
     host, port = split_bind(a.bind)
+    if a.resume_existing:
+        if not a.run_dir:
+            raise LeptonError("--resume-existing needs --run-dir DIR (the run to continue or start)")
+        run = RunDir(a.run_dir)
+        if run.holds_run():
+            if run.read_state().get("status") == "completed":
+                return _hold_completed(run)
+            a.resume, a.overrides = True, []  # the run keeps its own job
     if not a.job and not a.resume:
         raise LeptonError("lepton coordinator: give a job file (or --resume --run-dir DIR)")
     if a.resume and a.overrides:
         raise LeptonError(api.RESUME_KEEPS_THE_SPEC)
     overrides = list(a.overrides) + ([f"cluster.workers={a.workers}"] if a.workers and not a.resume else [])
     job = None if a.resume else as_job(a.job, overrides)
+    token = read_token(a.token_file) if a.token_file else None
     try:
-        listener = Listener(host, port)
+        listener = Listener(host, port, store_port=a.store_port, advertise=a.advertise)
     except OSError as e:
-        raise LeptonError(f"--bind {a.bind}: {e.strerror or e}") from None
-    opened = open_run(job, a.run_dir, a.resume, a.workers)
+        raise LeptonError(f"--bind {a.bind} (--store-port {a.store_port}): {e.strerror or e}") from None
+    opened = open_run(job, a.run_dir, a.resume, a.workers, token=token)
     server = start_coordinator(opened, listener, tls=wants_tls(a.tls, host))
     join = write_join(opened.run, server.url, opened.token, server.tls.ca_pem if server.tls else None)
     print(f"coordinator listening on {server.url}", flush=True)
@@ -209,6 +236,16 @@ def cmd_coordinator(a) -> int:
     )
 
 
+def _hold_completed(run: RunDir) -> int:
+    """``--resume-existing`` on a run that completed: nothing to do, and an engine that restarts every
+    exit (a Deployment) must not restart this one in a loop, so it waits for its stop signal."""
+    print(f"{run.where()}: the run completed; nothing to resume (waiting for SIGTERM)", flush=True)
+    with InterruptCounter() as interrupts:
+        while not interrupts.count:
+            time.sleep(1.0)
+    return 0
+
+
 def cmd_worker(a) -> int:
     if a.iface:  # read by gloo and NCCL when each group is made (comm/group.py, comm/net.py)
         try:
@@ -221,7 +258,7 @@ def cmd_worker(a) -> int:
             raise LeptonError(
                 "--join holds the URL, token and CA: give it without --coordinator/--token-file/--ca-file"
             )
-        url, token, ca = read_join(a.join)
+        url, token, ca = read_join(a.join, wait_s=a.connect_timeout)
     elif a.coordinator:
         url, token, ca = a.coordinator, read_token(a.token_file), read_ca(a.ca_file)
     else:

@@ -57,10 +57,25 @@ def _read_text(p: str | Path) -> str:
         raise OSError(first_line(e)) from None
 
 
-def read_join(path: str) -> tuple[str, str, str | None]:
+def read_join(path: str, wait_s: float = 0.0) -> tuple[str, str, str | None]:
     """(URL, token, CA PEM or None) from a join file (``RUN_DIR/join``, coordinator/tls.py): a local
-    file, or the run's own on object storage (``s3://bucket/run/join``)."""
+    file, or the run's own on object storage (``s3://bucket/run/join``). ``wait_s``: how long to wait
+    for it to appear (a worker its engine starts together with the coordinator, which writes it)."""
     p = path if is_url(path) else Path(path)
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            _read_text(p)
+            break
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                break  # the error below, with its message
+            if not said:
+                print(f"lepton worker: waiting up to {wait_s:g} s for the join file {p}", flush=True)
+                said = True
+            time.sleep(1.0)
+        except (OSError, UnicodeDecodeError):
+            break
     try:
         body = json.loads(_read_text(p))
         url, token, ca = body["url"], body["token"], body.get("ca")

@@ -44,6 +44,7 @@ class GenerationGroup:
         self.work_s = 0.0  # processor time the last allreduce cost this process, waits excluded
         self.store_host, self.store_port = store_host, store_port
         self._client = dist.TCPStore(store_host, store_port, None, False, self.timeout)
+        self._used = False  # the client has served a generation: the next one connects again
         self.generation: int | None = None
         self.rank = 0
         self.world = 1
@@ -63,11 +64,14 @@ class GenerationGroup:
 
     def join(self, generation: int, rank: int, world: int, store_port: int, backend: str = "gloo") -> None:
         self.leave()
-        if store_port != self.store_port:  # a restarted coordinator hosts a new store
-            self._client = dist.TCPStore(self.store_host, store_port, None, False, self.timeout)
-            self.store_port = store_port
-        store = dist.PrefixStore(f"gen-{generation}/", self._client)
         try:
+            if self._used or store_port != self.store_port:
+                # a new connection for each generation after the first: a restarted coordinator hosts
+                # a new store, on the same port when it is fixed (``--store-port``, a Kubernetes Service)
+                self._client = dist.TCPStore(self.store_host, store_port, None, False, self.timeout)
+                self.store_port = store_port
+            self._used = True
+            store = dist.PrefixStore(f"gen-{generation}/", self._client)
             if backend == "gloo" and world > 1:
                 address, describe = self._data_plane_address()
                 if address is not None:

@@ -176,17 +176,30 @@ class Listener:
     a second or more importing torch) while the data is still being prepared: their connections wait
     in the listen backlog until the server starts answering."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, store_port: int = 0, advertise: str | None = None
+    ):
         self.host = host
+        self.advertise = advertise  # the name workers use (a Service's DNS name), if not ``host``
         self.scheme = "http"  # https once a CoordinatorServer serves TLS on it
         self.http = _listen_tcp(host, port)
-        self.store = _listen_tcp(host, 0)
+        try:
+            self.store = _listen_tcp(host, store_port)
+        except OSError:
+            self.http.close()
+            raise
         self.port = self.http.getsockname()[1]
         self.store_port = self.store.getsockname()[1]
 
     @property
+    def public_host(self) -> str:
+        """The host in the URL and the server certificate: ``advertise``, else the bound address."""
+        return self.advertise or self.host
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = self.public_host
+        host = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{host}:{self.port}"
 
     def close(self) -> None:

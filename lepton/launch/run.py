@@ -334,7 +334,7 @@ def start_coordinator(
         resume_checkpoint=opened.resume_checkpoint,
         previous_generation=opened.previous_generation,
     )
-    certs = server_tls(opened.run, listener.host) if tls else None
+    certs = server_tls(opened.run, listener.public_host) if tls else None
     return CoordinatorServer(coord, opened.token, listener, opened.factory_pickle, certs).start()
 
 
