@@ -23,6 +23,7 @@ from .export.report import print_report
 from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
 from .launch.k8s import add_k8s_command
 from .launch.run import StartNotices
+from .launch.slurm import add_slurm_command
 from .predict import check_output
 from .runs import add_runs_command
 from .spec import as_job
@@ -130,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     add_export_commands(sub)  # export, serve (lepton/export/cli.py)
     add_runs_command(sub)  # runs (lepton/runs.py)
     add_k8s_command(sub)  # k8s (lepton/launch/k8s.py)
+    add_slurm_command(sub)  # slurm (lepton/launch/slurm.py)
     return p
 
 
