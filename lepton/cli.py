@@ -22,6 +22,7 @@ from .export.cli import add_export_commands
 from .export.report import print_report
 from .launch import InterruptCounter, InterruptPolicy, open_run, start_coordinator
 from .launch.k8s import add_k8s_command
+from .launch.ray_engine import add_ray_command
 from .launch.run import StartNotices
 from .launch.slurm import add_slurm_command
 from .predict import check_output
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     add_runs_command(sub)  # runs (lepton/runs.py)
     add_k8s_command(sub)  # k8s (lepton/launch/k8s.py)
     add_slurm_command(sub)  # slurm (lepton/launch/slurm.py)
+    add_ray_command(sub)  # ray (lepton/launch/ray_engine.py)
     return p
 
 
