@@ -1,7 +1,9 @@
 """Cluster engines: time from submission to the first completed step, and recovery when one of 3 workers
 is killed at ~40% of the run, Lepton against the engine's usual way of training (issue 27).
 
-    .venv/bin/python benchmarks/engines.py [--rows 60000] [--kill-at 0.4] [--engines ray,slurm]
+    .venv/bin/python benchmarks/engines.py [--rows 300000] [--kill-at 0.4] [--engines ray,slurm]
+
+Needs Ray Train for its baseline (`pip install 'ray[train]'`) and, for SLURM, Debian's slurm-wlm and munge.
 
 Workload of benchmarks/throughput.py (64 → 256 → 256 → 10, Adam, global batch 512, one epoch), 3
 workers with one torch thread each, all on this machine. Every run is started, killed and timed here.
@@ -292,7 +294,7 @@ def _fmt(v) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=60_000)
+    ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--kill-at", type=float, default=0.4)
     ap.add_argument("--engines", default="ray,slurm")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lepton-bench"))
