@@ -241,10 +241,14 @@ def cmd_coordinator(a) -> int:
 
 
 def _hold_completed(run: RunDir) -> int:
-    """``--resume-existing`` on a run that completed: nothing to do, and an engine that restarts every
-    exit (a Deployment) must not restart this one in a loop, so it waits for its stop signal."""
-    print(f"{run.where()}: the run completed; nothing to resume (waiting for SIGTERM)", flush=True)
-    with InterruptCounter() as interrupts:
+    """``--resume-existing`` on a run that completed: nothing to do. In a Kubernetes pod (a Deployment
+    restarts every exit, which would loop) it waits for its stop signal; elsewhere (a requeued SLURM
+    job) it exits at once."""
+    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        print(f"{run.where()}: the run completed; nothing to resume", flush=True)
+        return 0
+    with InterruptCounter() as interrupts:  # before the line: whoever reads it may signal at once
+        print(f"{run.where()}: the run completed; nothing to resume (waiting for SIGTERM)", flush=True)
         while not interrupts.count:
             time.sleep(1.0)
     return 0

@@ -132,11 +132,11 @@ def test_the_pods_commands_run_a_job_that_survives_a_coordinator_restart(procs, 
             for _ in range(2)
         ]
 
-        def coordinator():
+        def coordinator(**env):
             return procs.lepton(
                 "coordinator", tmp_path / "job.yaml", "--run-dir", url, "--resume-existing",
                 "--bind", f"127.0.0.1:{port}", "--store-port", store_port, "--advertise", "localhost",
-                "--tls", "on", "--token-file", tmp_path / "token", "--workers", 2, env=s3.env,
+                "--tls", "on", "--token-file", tmp_path / "token", "--workers", 2, env={**s3.env, **env},
             )  # fmt: skip
 
         def state() -> dict:
@@ -159,7 +159,7 @@ def test_the_pods_commands_run_a_job_that_survives_a_coordinator_restart(procs, 
         assert adopted, sorted({e["kind"] for e in events})  # the same two workers, not new ones
         assert max_rel_diff(read_model("model", storage=store)[0], weights(ref.run_dir)) <= 1e-4
 
-        third = coordinator()
+        third = coordinator(KUBERNETES_SERVICE_HOST="10.0.0.1")  # as in a pod
         wait_for(lambda: "nothing to resume" in (third.stdout.readline() or ""), 60, "the completed notice")
         third.send_signal(signal.SIGTERM)
         assert third.wait(timeout=30) == 0
