@@ -1,6 +1,6 @@
 # Two entry points: `make demo` trains the bundled example, `make test` checks and tests everything.
 # Both create/refresh the virtualenv in .venv and install what they need.
-#   make test       lint + typecheck, then the whole suite (about 20 minutes on 2 cores)
+#   make test       lint + typecheck, then the whole suite (about 27 minutes on 2 cores)
 #   make test-fast  the tests that start no process (conftest.py marks the others e2e): under a minute
 #   make lint       ruff check and ruff format --check on $(LINT_PATHS)
 #   make typecheck  mypy on lepton/ (configured in pyproject.toml)
