@@ -128,11 +128,8 @@ def ray_train_loop(config: dict) -> None:
     if rank == 0:
         with open(progress, "a") as f:
             f.write(json.dumps({"event": "start", "resumed_at": start, "time": time.time()}) + "\n")
-        with open(progress.with_suffix(".pids"), "a") as f:
-            f.write(json.dumps({"rank": rank, "pid": os.getpid()}) + "\n")
-    else:
-        with open(progress.with_suffix(".pids"), "a") as f:
-            f.write(json.dumps({"rank": rank, "pid": os.getpid()}) + "\n")
+    with open(progress.with_suffix(".pids"), "a") as f:  # the killer picks rank 1's process from here
+        f.write(json.dumps({"rank": rank, "pid": os.getpid()}) + "\n")
     loss_fn = torch.nn.CrossEntropyLoss()
     for step, (xb, yb) in enumerate(loader):
         if step < start:

@@ -65,25 +65,24 @@ def read_join(path: str, wait_s: float = 0.0) -> tuple[str, str, str | None]:
     deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
-            _read_text(p)
+            text = _read_text(p)
             break
         except FileNotFoundError:
             if time.monotonic() >= deadline:
-                break  # the error below, with its message
+                raise LeptonError(f"{p}: join file not found") from None
             if not said:
                 print(f"lepton worker: waiting up to {wait_s:g} s for the join file {p}", flush=True)
                 said = True
             time.sleep(1.0)
         except (OSError, UnicodeDecodeError):
+            text = ""  # unreadable: the error below
             break
     try:
-        body = json.loads(_read_text(p))
+        body = json.loads(text)
         url, token, ca = body["url"], body["token"], body.get("ca")
         if not isinstance(url, str) or not isinstance(token, str) or not isinstance(ca, (str, type(None))):
             raise TypeError
-    except FileNotFoundError:
-        raise LeptonError(f"{p}: join file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise LeptonError(f"{p}: not a join file (RUN_DIR/join: JSON with url, token and ca)") from None
     return url, token, ca
 

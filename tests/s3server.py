@@ -67,3 +67,17 @@ class S3Server:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def data_and_reference(s3: S3Server, tmp_path: Path, **over):
+    """A 400-row CSV in a new bucket, and the reference: ``lepton.train`` of 2 workers on its local copy
+    with the job fields ``over``. Returns (bucket, the data's URL, the reference's result)."""
+    import lepton
+    from conftest import job_dict, make_classification_csv
+
+    data = make_classification_csv(tmp_path / "data.csv", rows=400)
+    bucket = s3.bucket()
+    s3.fs().put_file(str(data), f"{bucket}/in/data.csv")
+    ref = lepton.train(job_dict(data, **over), workers=2, run_dir=tmp_path / "ref")
+    assert ref.status == "completed", ref.reason
+    return bucket, f"s3://{bucket}/in/data.csv", ref

@@ -108,20 +108,15 @@ def test_the_pods_commands_run_a_job_that_survives_a_coordinator_restart(procs, 
     import signal
 
     pytest.importorskip("s3fs")
-    import lepton
     from conftest import free_port, kill_session, max_rel_diff, wait_for, weights
     from lepton.storage.checkpoint import read_model
-    from s3server import S3Server
+    from s3server import S3Server, data_and_reference
 
     s3 = S3Server()
     try:
-        data = make_classification_csv(tmp_path / "data.csv", rows=400)
-        bucket = s3.bucket()
-        s3.fs().put_file(str(data), f"{bucket}/in/data.csv")
         over = dict(train__epochs=4, checkpoint__every_steps=5, cluster__shares=[0.5, 0.5])
-        ref = lepton.train(job_dict(data, **over), workers=2, run_dir=tmp_path / "ref")
-        assert ref.status == "completed", ref.reason
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(f"s3://{bucket}/in/data.csv", **over)))
+        bucket, data_url, ref = data_and_reference(s3, tmp_path, **over)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(data_url, **over)))
         (tmp_path / "token").write_text("k8s-secret-token-0123456789abcdefghijklmnop\n")
         url = f"s3://{bucket}/runs/t"
         store = s3.storage(url)

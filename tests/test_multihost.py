@@ -246,21 +246,17 @@ def test_the_coordinator_killed_and_restarted_on_another_host_resumes_from_s3(ho
     ends with the model of the uninterrupted run on one host."""
     pytest.importorskip("s3fs")
     from conftest import kill_session
-    from s3server import S3Server
+    from s3server import S3Server, data_and_reference
 
     h = hosts(4)
     s3 = S3Server(h.attach_this_machine())
     try:
-        data = make_classification_csv(tmp_path / "data.csv", rows=400)
-        bucket = s3.bucket()
-        s3.fs().put_file(str(data), f"{bucket}/in/data.csv")
         over = dict(train__epochs=4, checkpoint__every_steps=5, cluster__shares=[0.5, 0.5])
-        ref = lepton.train(job_dict(data, **over), workers=2, run_dir=tmp_path / "ref")
-        assert ref.status == "completed", ref.reason
+        bucket, data_url, ref = data_and_reference(s3, tmp_path, **over)
 
         url = f"s3://{bucket}/run"
         store = s3.storage(url)
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(f"s3://{bucket}/in/data.csv", **over)))
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(data_url, **over)))
         env = {**s3.env, "LEPTON_CACHE_DIR": str(tmp_path.parent / f"{tmp_path.name}.cache")}
         pace = {**env, "LEPTON_FAULTS": "slow:rank=*:seconds=0.05"}  # so that the kill lands mid-run
 

@@ -238,13 +238,9 @@ def add_k8s_command(sub) -> None:
 def cmd_k8s(a) -> int:
     import sys
 
-    from ..spec import as_job
+    from .run import placed_job
 
-    job = as_job(
-        a.job, list(a.overrides) + [f"cluster.workers={a.workers}"] if a.workers > 0 else a.overrides
-    )
-    if callable(job.model.factory):
-        raise LeptonError("model.factory: the pods import it by name: give it as pkg.module:name")
+    job = placed_job(a.job, a.overrides, max(1, a.workers), "the pods")  # --workers < 1: _check's line
     text = yaml.safe_dump(job.to_yaml_dict(), sort_keys=False)
     objects = manifests(
         job,

@@ -87,7 +87,11 @@ def train(
             ray.init()
     ip = node_ip or ray.util.get_node_ip_address()
     listener = Listener(ip, 0)
-    opened = open_run(spec, run_dir, False)
+    try:
+        opened = open_run(spec, run_dir, False)
+    except BaseException:
+        listener.close()
+        raise
     actors: list = []
     pg = None
     server = None

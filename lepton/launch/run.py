@@ -28,7 +28,7 @@ from ..coordinator.tls import server_tls
 from ..errors import LeptonError, first_line
 from ..model import batchnorm, dropout
 from ..model.builders import build_model, load_init_weights, num_outputs
-from ..spec import JobSpec, parse_job, read_yaml
+from ..spec import JobSpec, as_job, parse_job, read_yaml
 from ..storage.checkpoint import readable_state_dir
 from ..storage.prepared import MANIFEST as DATA_MANIFEST
 from ..storage.prepared import SPLITS, DataCache, cache_state, fingerprint, prepare, share_prepared
@@ -50,6 +50,15 @@ class OpenRun:
     def release(self) -> None:
         if self.lock:
             self.lock.release()
+
+
+def placed_job(path: str, overrides: list[str], workers: int, where: str) -> JobSpec:
+    """The job a cluster engine runs (``lepton slurm``, ``lepton k8s``): validated with its worker count,
+    and a model factory given by name, since ``where`` (the nodes, the pods) import it themselves."""
+    job = as_job(path, [*overrides, f"cluster.workers={workers}"])
+    if callable(job.model.factory):
+        raise LeptonError(f"model.factory: {where} import it by name: give it as pkg.module:name")
+    return job
 
 
 def default_run_dir(job: JobSpec) -> Path:

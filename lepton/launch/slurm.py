@@ -27,9 +27,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import LeptonError
-from ..spec import JobSpec, as_job
+from ..spec import JobSpec
 from ..storage.rundir import RunDir
-from .run import default_run_dir
+from .run import default_run_dir, placed_job
 
 SCRIPT = ".slurm/lepton.sbatch"
 PORT = 7000  # the coordinator's API on the first node; its store port is the next one
@@ -126,9 +126,7 @@ def add_slurm_command(sub) -> None:
 def cmd_slurm(a) -> int:
     if a.nodes < 1 or a.workers_per_node < 1:
         raise LeptonError(f"--nodes {a.nodes} --workers-per-node {a.workers_per_node}: both must be >= 1")
-    job = as_job(a.job, [*a.overrides, f"cluster.workers={a.nodes * a.workers_per_node}"])
-    if callable(job.model.factory):
-        raise LeptonError("model.factory: the nodes import it by name: give it as pkg.module:name")
+    job = placed_job(a.job, a.overrides, a.nodes * a.workers_per_node, "the nodes")
     run = RunDir(a.run_dir or str(default_run_dir(job)))
     if not run.is_local:
         raise LeptonError(f"{run.where()}: lepton slurm needs a --run-dir folder that every node sees")

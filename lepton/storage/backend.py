@@ -522,20 +522,14 @@ class FsspecStorage:
         return self.fs.exists(self._path(rel)) or bool(self.object_store and self._parts(rel))
 
     def modified(self, rel: str = "") -> float:
-        paths = self._parts(rel) or [self._path(rel)]
-        times = []
-        for path in paths[-1:]:  # an appended file: its newest segment
-            info = self.fs.info(path)
-            t = (
-                info.get("LastModified")
-                or info.get("mtime")
-                or info.get("created")
-                or info.get("last_modified")
-            )
-            if t is None:
-                raise OSError(f"{self.describe(rel)}: the store gives no modification time")
-            times.append(t.timestamp() if hasattr(t, "timestamp") else float(t))
-        return max(times)
+        parts = self._parts(rel)
+        info = self.fs.info(parts[-1] if parts else self._path(rel))  # an appended file: its newest segment
+        t = next(
+            (info[k] for k in ("LastModified", "mtime", "last_modified", "created") if info.get(k)), None
+        )
+        if t is None:
+            raise OSError(f"{self.describe(rel)}: the store gives no modification time")
+        return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
     def list(self, rel: str = "") -> list[str]:
         """As ``RunStorage.list``; on an object store an appended file (its ``NAME.parts/``) is listed
